@@ -1,0 +1,81 @@
+"""The ``switchyard`` command line."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from orchestrator.errors import UsageError
+
+
+def _cluster(args):
+    from orchestrator.cluster_config import load_cluster_config
+
+    return load_cluster_config(args.cluster)
+
+
+def cmd_run(args) -> int:
+    from orchestrator.runner import resume_spec, run_job, storage_of
+    from orchestrator.spec import load_spec
+
+    cluster = _cluster(args)
+    if args.resume:
+        spec = resume_spec(storage_of(cluster), args.resume, args.set)
+    elif args.spec:
+        spec = load_spec(args.spec, args.set)
+    else:
+        raise UsageError("run: give a SPEC file, or --resume RUN_DIR")
+    log = (lambda *a, **k: print(*a, file=sys.stderr, **k)) if args.json else print
+    result = run_job(spec, cluster, resume_dir=args.resume, log=log)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        loss = result.get("final_loss")
+        print(f"{result['state']}: {result['id']} steps={result['steps']} "
+              f"loss {result.get('first_loss') or float('nan'):.4f} -> {loss if loss is not None else float('nan'):.4f} "
+              f"run_dir={result['run_dir']}")
+    return 0 if result["state"] == "SUCCEEDED" else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="switchyard", description="Train transformer LMs on Ray + DeepSpeed.")
+    parser.add_argument("--cluster", default=None, help="cluster.yaml to use (default: ./cluster.yaml or $SWITCHYARD_CLUSTER)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("run", help="run one job to completion, blocking, with progress")
+    p.add_argument("spec", nargs="?", help="job spec YAML")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a spec field, e.g. train.steps=50")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its latest complete checkpoint")
+    p.add_argument("--json", action="store_true", help="print the result as one JSON object on the last line")
+    p.set_defaults(func=cmd_run)
+
+    for register in _extra_commands():
+        register(sub)
+    return parser
+
+
+def _extra_commands():
+    """Subcommands owned by other modules register themselves here."""
+    out = []
+    try:
+        from orchestrator.fit_report import add_fit_command
+
+        out.append(add_fit_command)
+    except ImportError:
+        pass
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except UsageError as err:
+        print(f"switchyard: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

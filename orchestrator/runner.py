@@ -1,0 +1,192 @@
+"""Run one job to completion, blocking: what ``switchyard run`` does.
+
+spec -> run directory -> placement group + rank actors -> token cache ->
+torch.distributed -> training (progress bar) -> result. The controller
+(``orchestrator.controller``) drives the same ``JobRun`` steps without blocking.
+"""
+from __future__ import annotations
+
+import math
+import os
+import secrets
+import sys
+import time
+from dataclasses import dataclass
+
+import ray
+
+from data.corpus import BUILTIN_STDLIB, resolve_files
+from data.shards import TokenSource
+from data.storage import Storage
+from orchestrator.errors import UsageError
+from orchestrator.spec import JobSpec, validate_spec
+from workers.train_loop import RunContext
+from workers.worker_group import WorkerGroup, WorkerResources
+
+
+def new_job_id() -> str:
+    return f"sy-{time.strftime('%Y%m%d')}-{secrets.token_hex(3)}"
+
+
+def storage_of(cluster) -> Storage:
+    return Storage(cluster.storage, dict(cluster.storage_options))
+
+
+def worker_resources(spec: JobSpec, cluster) -> WorkerResources:
+    r = spec.resources
+    cpus = r.cpus_per_worker if r.cpus_per_worker is not None else cluster.workers.cpus
+    gpus = r.gpus_per_worker if r.gpus_per_worker is not None else cluster.workers.gpus
+    threads = r.torch_threads or max(1, int(math.floor(cpus)))
+    return WorkerResources(r.workers, cpus, gpus, threads)
+
+
+def preflight(spec: JobSpec, storage: Storage) -> None:
+    """Checks that need the storage but no workers: a missing corpus fails before anything starts."""
+    if spec.data.corpus != BUILTIN_STDLIB and not spec.data.corpus.startswith("builtin:"):
+        resolve_files(spec.data.corpus, storage.options)
+
+
+def feasible(res: WorkerResources) -> str | None:
+    """None if the cluster could ever hold the job's bundles, else why not."""
+    from orchestrator.ray_cluster import cluster_resources
+
+    nodes = cluster_resources()
+    per_node = sorted((n["total"]["CPU"], n["total"]["GPU"]) for n in nodes.values())
+    # Greedy count of how many bundles fit on an empty cluster.
+    fit = sum(int(min(c // res.cpus if res.cpus else 1 << 30, g // res.gpus if res.gpus else 1 << 30))
+              for c, g in per_node)
+    if fit >= res.workers:
+        return None
+    total_cpu = sum(c for c, _ in per_node)
+    total_gpu = sum(g for _, g in per_node)
+    return (f"resources: the job needs {res.workers} workers x {res.cpus:g} CPU"
+            + (f" + {res.gpus:g} GPU" if res.gpus else "")
+            + f" but the cluster has {total_cpu:g} CPUs and {total_gpu:g} GPUs on {len(per_node)} node(s); "
+              "lower resources.workers or resources.cpus_per_worker")
+
+
+def unwrap_remote_error(err: Exception) -> Exception:
+    cause = getattr(err, "cause", None)
+    return cause if isinstance(cause, UsageError) else err
+
+
+@dataclass
+class JobRun:
+    """One attempt of a job on a worker group."""
+
+    spec: JobSpec
+    storage: Storage
+    run_dir: str
+    resources: WorkerResources
+    peak_flops: float | None = None
+    group: WorkerGroup | None = None
+    refs: list | None = None
+    workers: list | None = None
+
+    def start(self, resume: bool, reserve_timeout_s: float | None = 120.0) -> None:
+        self.group = WorkerGroup(self.resources, self.run_dir, self.storage, name=self.spec.name)
+        if not self.group.reserve(reserve_timeout_s):
+            self.group.shutdown()
+            raise UsageError(f"resources: could not place {self.resources.workers} workers within "
+                             f"{reserve_timeout_s:g}s; is another job holding the cluster?")
+        self.workers = self.group.start()
+        try:
+            cache = ray.get(self.group.actors[0].prepare_data.remote(TokenSource.from_spec(self.spec.data),
+                                                                     self.storage))
+        except ray.exceptions.RayTaskError as err:
+            raise unwrap_remote_error(err) from None
+        self.group.init_distributed(self.workers[0]["ip"])
+        ctx = RunContext(self.spec, self.storage, self.run_dir, cache, resume, self.peak_flops)
+        self.refs = self.group.train_async(ctx)
+
+    def done(self, timeout_s: float = 0.0) -> bool:
+        ready, _ = ray.wait(self.refs, num_returns=len(self.refs), timeout=timeout_s)
+        return len(ready) == len(self.refs)
+
+    def result(self) -> dict:
+        results = ray.get(self.refs)
+        for r in results:
+            if "error" in r:
+                return r
+        return results[0]
+
+    def shutdown(self) -> None:
+        if self.group is not None:
+            self.group.shutdown()
+
+
+def _progress_bar(total: int, desc: str):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="step", file=sys.stderr, dynamic_ncols=True,
+                disable=not sys.stderr.isatty() and os.environ.get("SWITCHYARD_PROGRESS") != "1")
+
+
+def run_job(spec: JobSpec, cluster, resume_dir: str | None = None, log=print) -> dict:
+    """Run to completion; returns the summary that ``--json`` prints."""
+    from orchestrator.ray_cluster import connect
+
+    storage = storage_of(cluster)
+    res = worker_resources(spec, cluster)
+    preflight(spec, storage)
+    connect(cluster)
+    why = feasible(res)
+    if why:
+        raise UsageError(why)
+    if resume_dir:
+        run_dir = resume_dir.rstrip("/")
+        job_id = run_dir.rsplit("/", 1)[-1]
+    else:
+        job_id = new_job_id()
+        run_dir = storage.path(f"{spec.name}-{job_id}")
+        storage.makedirs(run_dir)
+        storage.write_json(f"{run_dir}/spec.json", spec.to_dict())
+    log(f"job {job_id}: {spec.model.family}/{spec.model.preset or 'custom'} on {res.workers} worker(s), "
+        f"ZeRO-{spec.parallel.zero_stage}, {spec.total_steps} steps -> {run_dir}")
+    job = JobRun(spec, storage, run_dir, res, cluster.workers.peak_flops)
+    state = "FAILED"
+    summary: dict = {}
+    bar = _progress_bar(spec.total_steps, spec.name)
+    try:
+        job.start(resume=resume_dir is not None)
+        while not job.done(timeout_s=0.5):
+            p = job.group.progress(timeout_s=2.0)
+            if p.get("step") is not None:
+                bar.n = p["step"]
+                if p.get("loss") is not None:
+                    bar.set_postfix(loss=f"{p['loss']:.4f}", tok_s=f"{p.get('tokens_per_s') or 0:.0f}")
+                bar.refresh()
+        summary = job.result()
+        if "error" in summary:
+            raise UsageError(summary["error"])
+        bar.n = summary["steps"]
+        bar.refresh()
+        state = "SUCCEEDED" if not summary["stopped"] else "CANCELLED"
+    except KeyboardInterrupt:
+        log("\ninterrupted: stopping the workers; the last complete checkpoint stays usable "
+            f"(resume with: switchyard run --resume {run_dir})")
+        if job.group is not None:
+            job.group.stop()
+            try:
+                job.done(timeout_s=20)
+            except Exception:
+                pass
+        state = "CANCELLED"
+    except ray.exceptions.RayActorError as err:
+        log(f"a worker died: {str(err).splitlines()[0]}")
+        state = "FAILED"
+    finally:
+        bar.close()
+        job.shutdown()
+    return {"id": job_id, "state": state, "run_dir": run_dir, "steps": summary.get("steps"),
+            "first_loss": summary.get("first_loss"), "final_loss": summary.get("final_loss"),
+            "tokens_per_s": summary.get("tokens_per_s"), "final_eval": summary.get("final_eval")}
+
+
+def resume_spec(storage: Storage, run_dir: str, overrides: list[str]) -> JobSpec:
+    from orchestrator.spec import apply_overrides
+
+    uri = f"{run_dir.rstrip('/')}/spec.json"
+    if not storage.exists(uri):
+        raise UsageError(f"--resume {run_dir}: not a run directory (no spec.json)")
+    return validate_spec(apply_overrides(storage.read_json(uri), overrides), source=uri)

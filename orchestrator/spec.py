@@ -1,0 +1,348 @@
+"""Job specs: YAML validated into frozen, typed objects at the edge.
+
+A spec is data, never code: it is read with ``yaml.safe_load`` and every
+field is checked here, including the combinations DeepSpeed would refuse deep
+in a stack trace. Nothing past this module sees a raw dict, except the
+``deepspeed:`` pass-through block, which is merged over our defaults.
+
+Errors are raised as ``SpecError`` with one line naming the field.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from orchestrator.errors import UsageError
+
+NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+DECODER_FAMILIES = ("gpt2", "llama", "palm")
+ENCODER_FAMILIES = ("bert", "roberta", "albert")
+
+
+class SpecError(UsageError):
+    """A spec that cannot run: one line naming the field and what is allowed."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class MoESpec(_Section):
+    num_experts: int = Field(4, ge=2)
+    """Experts per Switch layer."""
+    every: int = Field(2, ge=1, le=2)
+    """1 = every block is a Switch layer, 2 = every other block."""
+    capacity_factor_train: float = Field(1.25, gt=0)
+    """Expert capacity factor while training."""
+    capacity_factor_eval: float = Field(2.0, gt=0)
+    """Expert capacity factor at evaluation."""
+    min_capacity: int = Field(4, ge=0)
+    """Lower bound on expert capacity (tokens)."""
+    alpha: float = Field(0.01, ge=0)
+    """Load-balancing loss weight."""
+    z_loss: float = Field(0.0, ge=0)
+    """Router z-loss weight (0 = off)."""
+    jitter: float = Field(0.0, ge=0)
+    """Multiplicative input jitter on the router input (0 = off)."""
+    expert_dropout: float = Field(0.0, ge=0, lt=1)
+    """Dropout inside the experts."""
+
+
+class ModelSpec(_Section):
+    family: Literal["gpt2", "llama", "palm", "bert", "roberta", "albert"] = "llama"
+    """Model family: decoders gpt2/llama/palm, encoders bert/roberta/albert."""
+    preset: str | None = "tiny"
+    """Size preset (tiny, mini, small, medium, base, large); explicit sizes override it."""
+    d_model: int | None = Field(None, ge=8)
+    """Residual width (overrides the preset)."""
+    n_layers: int | None = Field(None, ge=1)
+    """Number of blocks (overrides the preset)."""
+    n_heads: int | None = Field(None, ge=1)
+    """Attention heads (overrides the preset)."""
+    n_kv_heads: int | None = Field(None, ge=1)
+    """Key/value heads: 1 = multi-query, between 1 and n_heads = grouped-query."""
+    d_ff: int | None = Field(None, ge=1)
+    """MLP hidden width (overrides the default for the MLP kind)."""
+    parallel_block: bool | None = None
+    """PaLM's parallel attention + MLP block (overrides the family default)."""
+    tie_embeddings: bool | None = None
+    """Tie input and output embeddings (overrides the family default)."""
+    dropout: float = Field(0.0, ge=0, lt=1)
+    """Dropout probability."""
+    moe: MoESpec | None = None
+    """Switch Transformer layers in place of some MLPs."""
+    init_from: str | None = None
+    """Start from these weights: a run directory, a checkpoint folder, or a Hugging Face folder."""
+
+    @property
+    def is_decoder(self) -> bool:
+        return self.family in DECODER_FAMILIES
+
+
+class DataSpec(_Section):
+    corpus: str = "builtin:stdlib"
+    """Text source: 'builtin:stdlib' or an fsspec URI/glob of .txt, .jsonl (a 'text' field) or .parquet files."""
+    format: Literal["auto", "text", "jsonl", "parquet"] = "auto"
+    """Input format; 'auto' decides by file extension."""
+    text_field: str = "text"
+    """Field/column holding the text in JSONL and Parquet inputs."""
+    tokenizer: Literal["byte", "bpe"] = "byte"
+    """'byte' (256 byte symbols + specials) or 'bpe' trained locally on the corpus."""
+    vocab_size: int = Field(2048, ge=300, le=200_000)
+    """Vocabulary size when training a BPE tokenizer."""
+    seq_len: int = Field(128, ge=8)
+    """Tokens per training sample."""
+    max_docs: int | None = Field(None, ge=1)
+    """Use at most this many documents of the corpus (handy for quick tests)."""
+
+
+class TrainSpec(_Section):
+    steps: int | None = Field(None, ge=1)
+    """Optimizer steps; give either steps or tokens."""
+    tokens: int | None = Field(None, ge=1)
+    """Token budget; steps = ceil(tokens / tokens per step)."""
+    micro_batch: int = Field(8, ge=1)
+    """Samples per rank per forward/backward."""
+    grad_accum: int = Field(1, ge=1)
+    """Micro-batches accumulated per optimizer step."""
+    optimizer: Literal["adamw", "adam", "sgd"] = "adamw"
+    """Optimizer."""
+    lr: float = Field(3e-3, gt=0)
+    """Peak learning rate."""
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    """Final learning rate as a fraction of the peak."""
+    warmup_steps: int = Field(10, ge=0)
+    """Linear warm-up steps."""
+    decay: Literal["cosine", "linear", "constant"] = "cosine"
+    """Decay after warm-up, to min_lr_ratio * lr at the last step."""
+    weight_decay: float = Field(0.1, ge=0)
+    """Decoupled weight decay (AdamW)."""
+    betas: tuple[float, float] = (0.9, 0.95)
+    """Adam betas."""
+    grad_clip: float = Field(1.0, ge=0)
+    """Global gradient-norm clip (0 = off)."""
+    seed: int = Field(0, ge=0)
+    """Seed for initialisation and data order."""
+    precision: Literal["fp32", "bf16"] = "fp32"
+    """Training precision (fp16 is not offered: it does not run on CPU)."""
+    log_every: int = Field(1, ge=1)
+    """Write a metrics row every this many steps."""
+
+    @model_validator(mode="after")
+    def _steps_or_tokens(self) -> "TrainSpec":
+        if (self.steps is None) == (self.tokens is None):
+            raise ValueError("train: give exactly one of train.steps or train.tokens")
+        return self
+
+
+class ResourcesSpec(_Section):
+    workers: int = Field(2, ge=1, le=4096)
+    """Ranks (Ray actors), all started together in one placement group."""
+    cpus_per_worker: float | None = Field(None, gt=0)
+    """CPUs reserved per rank (default from cluster.yaml)."""
+    gpus_per_worker: float | None = Field(None, ge=0)
+    """GPUs per rank (default from cluster.yaml); > 0 uses NCCL and the GPU."""
+    torch_threads: int | None = Field(None, ge=1)
+    """torch intra-op threads per rank (default: the rank's CPUs, at least 1)."""
+
+
+class ParallelSpec(_Section):
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    """DeepSpeed ZeRO stage."""
+    offload_optimizer: bool = False
+    """Keep optimizer state on the CPU (ZeRO-Offload); needs ZeRO >= 1."""
+    pp: int = Field(1, ge=1)
+    """Pipeline stages (decoders only)."""
+    ep: int = Field(1, ge=1)
+    """Expert-parallel degree for Switch layers (divides the data-parallel size)."""
+
+
+class CheckpointSpec(_Section):
+    every: int = Field(50, ge=1)
+    """Save a checkpoint every N optimizer steps (and at the end)."""
+    keep: int = Field(3, ge=1)
+    """Keep the K newest complete checkpoints (the best by eval loss is always kept)."""
+    consolidated: bool = True
+    """Also write consolidated fp32 weights (model.safetensors) with each checkpoint."""
+
+
+class EvalSpec(_Section):
+    held_out_tokens: int = Field(16384, ge=0)
+    """Tokens at the end of the corpus that training never sees."""
+    batches: int = Field(8, ge=1)
+    """Batches of held-out samples per evaluation."""
+
+
+class JobSpec(_Section):
+    name: str = "job"
+    """Job name (lower-case letters, digits, '.', '_' and '-')."""
+    kind: Literal["pretrain"] = "pretrain"
+    """What the job trains."""
+    model: ModelSpec = ModelSpec()
+    data: DataSpec = DataSpec()
+    train: TrainSpec = TrainSpec(steps=200)
+    resources: ResourcesSpec = ResourcesSpec()
+    parallel: ParallelSpec = ParallelSpec()
+    deepspeed: dict[str, Any] = Field(default_factory=dict)
+    """Passed to DeepSpeed's config, merged over Switchyard's defaults."""
+    checkpoint: CheckpointSpec = CheckpointSpec()
+    eval: EvalSpec = EvalSpec()
+    max_restarts: int = Field(3, ge=0)
+    """Restarts after infrastructure faults before the job is FAILED."""
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        v = v.lower()
+        if not NAME_RE.match(v):
+            raise ValueError("must be 1-64 of a-z 0-9 . _ - and start with a letter or digit")
+        return v
+
+    @model_validator(mode="after")
+    def _combinations(self) -> "JobSpec":
+        p, r, m = self.parallel, self.resources, self.model
+        if r.workers % p.pp:
+            raise ValueError(f"parallel.pp: {p.pp} stages must divide resources.workers ({r.workers})")
+        dp = r.workers // p.pp
+        if p.pp > 1 and p.zero_stage > 1:
+            raise ValueError(f"parallel.zero_stage: pipeline parallelism (pp={p.pp}) works with ZeRO 0 or 1 only, "
+                             f"got {p.zero_stage}")
+        if p.pp > 1 and not m.is_decoder:
+            raise ValueError(f"parallel.pp: pipeline parallelism is for decoder families, not {m.family}")
+        if p.pp > 1 and m.moe is not None:
+            raise ValueError("parallel.pp: pipeline parallelism with Switch (MoE) layers is not supported")
+        if m.moe is not None and p.zero_stage == 3:
+            raise ValueError("parallel.zero_stage: Switch (MoE) layers do not work with ZeRO-3; use 0, 1 or 2")
+        if p.ep > 1 and m.moe is None:
+            raise ValueError("parallel.ep: expert parallelism needs model.moe")
+        if m.moe is not None and dp % p.ep:
+            raise ValueError(f"parallel.ep: {p.ep} must divide the data-parallel size ({dp})")
+        if m.moe is not None and m.moe.num_experts % p.ep:
+            raise ValueError(f"parallel.ep: {p.ep} must divide model.moe.num_experts ({m.moe.num_experts})")
+        if p.offload_optimizer and p.zero_stage == 0:
+            raise ValueError("parallel.offload_optimizer: needs parallel.zero_stage >= 1")
+        if p.pp > 1 and self.train.grad_accum < p.pp:
+            raise ValueError(f"train.grad_accum: a {p.pp}-stage pipeline needs at least {p.pp} micro-batches "
+                             f"per step, got {self.train.grad_accum}")
+        if m.preset is None and (m.d_model is None or m.n_layers is None or m.n_heads is None):
+            raise ValueError("model.preset: with no preset, give model.d_model, model.n_layers and model.n_heads")
+        if "train_batch_size" in self.deepspeed or "train_micro_batch_size_per_gpu" in self.deepspeed:
+            raise ValueError("deepspeed: set batch sizes with train.micro_batch and train.grad_accum, "
+                             "not in the deepspeed block")
+        return self
+
+    # ------------------------------------------------------------------ derived values, computed here only
+
+    @property
+    def dp(self) -> int:
+        """Data-parallel degree."""
+        return self.resources.workers // self.parallel.pp
+
+    @property
+    def samples_per_step(self) -> int:
+        """Global batch in samples: micro_batch x grad_accum x dp."""
+        return self.train.micro_batch * self.train.grad_accum * self.dp
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.samples_per_step * self.data.seq_len
+
+    @property
+    def total_steps(self) -> int:
+        if self.train.steps is not None:
+            return self.train.steps
+        return max(1, math.ceil(self.train.tokens / self.tokens_per_step))
+
+    def to_dict(self) -> dict:
+        return self.model_dump(mode="json")
+
+    def spec_hash(self) -> str:
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------- loading
+
+
+def _format_error(err: ValidationError) -> str:
+    e = err.errors()[0]
+    loc = ".".join(str(x) for x in e["loc"] if not str(x).startswith("function-after"))
+    msg = e["msg"].removeprefix("Value error, ")
+    if e["type"] == "extra_forbidden":
+        return f"{loc}: unknown field; check the spelling (see README 'Spec format')"
+    if e["type"] == "literal_error":
+        return f"{loc}: {msg} (got {e.get('input')!r})"
+    if msg.startswith(("train:", "parallel.", "model.", "deepspeed:", "train.")):
+        return msg
+    got = e.get("input")
+    suffix = f" (got {got!r})" if got is not None and not isinstance(got, dict) and len(repr(got)) < 60 else ""
+    return f"{loc or 'spec'}: {msg}{suffix}"
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """'a.b=value' -> (['a', 'b'], value parsed as YAML so numbers and booleans keep their type)."""
+    if "=" not in item:
+        raise SpecError(f"--set {item!r}: expected KEY=VALUE, e.g. --set train.steps=100")
+    key, raw = item.split("=", 1)
+    path = key.strip().split(".")
+    if not all(path):
+        raise SpecError(f"--set {item!r}: empty key segment")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return path, value
+
+
+def apply_overrides(raw: dict, overrides: list[str] | dict[str, Any]) -> dict:
+    """Set dotted keys in a copy of the raw spec dict."""
+    out = json.loads(json.dumps(raw))
+    items = overrides.items() if isinstance(overrides, dict) else (parse_override(o) for o in overrides)
+    for key, value in items:
+        path = key.split(".") if isinstance(key, str) else key
+        node = out
+        for part in path[:-1]:
+            if node.get(part) is None:
+                node[part] = {}
+            if not isinstance(node[part], dict):
+                raise SpecError(f"--set {'.'.join(path)}: {part} is not a section")
+            node = node[part]
+        node[path[-1]] = value
+    return out
+
+
+def validate_spec(raw: Any, source: str = "spec") -> JobSpec:
+    if not isinstance(raw, dict):
+        raise SpecError(f"{source}: expected a mapping of sections (model, data, train, ...), got {type(raw).__name__}")
+    try:
+        return JobSpec.model_validate(raw)
+    except ValidationError as err:
+        raise SpecError(f"{source}: {_format_error(err)}") from None
+
+
+def read_yaml(path: str) -> Any:
+    import fsspec
+
+    try:
+        with fsspec.open(path, "r") as f:
+            return yaml.safe_load(f)
+    except FileNotFoundError:
+        raise SpecError(f"{path}: no such spec file") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise SpecError(f"{path}:{where} is not valid YAML ({getattr(err, 'problem', err)})") from None
+
+
+def load_spec(path: str, overrides: list[str] | None = None) -> JobSpec:
+    raw = read_yaml(path)
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise SpecError(f"{path}: expected a mapping of sections (model, data, train, ...)")
+    return validate_spec(apply_overrides(raw, overrides or []), source=path)

@@ -1,0 +1,186 @@
+"""Checkpoints: every rank's DeepSpeed shards, a manifest written last, retention.
+
+Layout under ``<run_dir>/checkpoints/step_00000100/``::
+
+    ds/...               DeepSpeed's files (model states, each rank's ZeRO shards)
+    model.safetensors    consolidated fp32 weights (optional, written by rank 0)
+    manifest.json        written last, by rank 0, after every rank has uploaded
+
+A checkpoint is complete only when its manifest exists and every file it lists
+is present with the listed size. Nothing else is ever loaded. Retention deletes
+the manifest first, so a half-deleted checkpoint is already invisible.
+"""
+from __future__ import annotations
+
+import os
+import posixpath
+import re
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+
+import torch
+
+from data.storage import Storage
+
+STEP_RE = re.compile(r"step_(\d{8})$")
+DS_TAG = "ds"
+
+
+def checkpoint_dir(run_dir: str, step: int) -> str:
+    return posixpath.join(run_dir, "checkpoints", f"step_{step:08d}")
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    step: int
+    path: str
+    manifest: dict
+
+
+def _is_complete(storage: Storage, path: str) -> dict | None:
+    fs = storage.fs
+    manifest_uri = f"{path}/manifest.json"
+    if not fs.exists(manifest_uri):
+        return None
+    try:
+        manifest = storage.read_json(manifest_uri)
+    except (ValueError, OSError):
+        return None
+    for rel, size in manifest.get("files", {}).items():
+        uri = f"{path}/{rel}"
+        try:
+            if fs.size(uri) != size:
+                return None
+        except (FileNotFoundError, OSError):
+            return None
+    return manifest
+
+
+def list_checkpoints(storage: Storage, run_dir: str, complete_only: bool = True) -> list[CheckpointInfo]:
+    """Checkpoints of a run, oldest first."""
+    root = posixpath.join(run_dir, "checkpoints")
+    fs = storage.fs
+    if not fs.exists(root):
+        return []
+    out = []
+    for entry in fs.ls(root, detail=False):
+        m = STEP_RE.search(entry.rstrip("/"))
+        if not m:
+            continue
+        path = checkpoint_dir(run_dir, int(m.group(1)))
+        manifest = _is_complete(storage, path) if complete_only else {}
+        if manifest is not None:
+            out.append(CheckpointInfo(int(m.group(1)), path, manifest))
+    return sorted(out, key=lambda c: c.step)
+
+
+def latest_checkpoint(storage: Storage, run_dir: str) -> CheckpointInfo | None:
+    done = list_checkpoints(storage, run_dir)
+    return done[-1] if done else None
+
+
+def consolidated_state_dict(engine) -> dict[str, torch.Tensor] | None:
+    """Full fp32 weights on rank 0 (None elsewhere); a collective under ZeRO-3."""
+    import deepspeed
+    import torch.distributed as dist
+
+    module = engine.module
+    if engine.zero_optimization_stage() == 3:
+        params = list(module.parameters())
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+            sd = {k: v.detach().float().clone() for k, v in module.state_dict().items()} if dist.get_rank() == 0 else None
+        return sd
+    if dist.get_rank() != 0:
+        return None
+    return {k: v.detach().float().clone() for k, v in module.state_dict().items()}
+
+
+def save_safetensors(state: dict[str, torch.Tensor], path: str) -> None:
+    """safetensors refuses shared storage: keep one copy of tied tensors."""
+    from safetensors.torch import save_file
+
+    seen: dict[int, str] = {}
+    out = {}
+    for k, v in state.items():
+        ptr = v.data_ptr()
+        if ptr in seen:
+            continue
+        seen[ptr] = k
+        out[k] = v.contiguous()
+    save_file(out, path)
+
+
+def save_checkpoint(engine, storage: Storage, run_dir: str, step: int, extra: dict, consolidated: bool = True) -> str:
+    """Collective: every rank calls it. Returns the checkpoint URI."""
+    import torch.distributed as dist
+
+    rank = dist.get_rank()
+    path = checkpoint_dir(run_dir, step)
+    staging = tempfile.mkdtemp(prefix=f"sy-ckpt-r{rank}-")
+    try:
+        engine.save_checkpoint(staging, tag=DS_TAG, save_latest=False)
+        state = consolidated_state_dict(engine) if consolidated else None
+        if state is not None:
+            save_safetensors(state, os.path.join(staging, "model.safetensors"))
+        storage.put_dir(staging, path)
+        dist.barrier()
+        if rank == 0:
+            files = {rel: storage.fs.size(f"{path}/{rel}") for rel in _list_rel(storage, path)}
+            manifest = dict(extra, step=step, files=files, world_size=dist.get_world_size(),
+                            zero_stage=engine.zero_optimization_stage(), time=time.time())
+            storage.write_json(f"{path}/manifest.json", manifest)
+        dist.barrier()
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return path
+
+
+def _list_rel(storage: Storage, path: str) -> list[str]:
+    fs = storage.fs
+    base = fs._strip_protocol(path).rstrip("/")
+    return sorted(p[len(base):].lstrip("/") for p in fs.find(path) if not p.endswith("manifest.json"))
+
+
+def load_checkpoint(engine, storage: Storage, ckpt: CheckpointInfo) -> None:
+    """Every rank loads the same complete checkpoint (downloaded first when remote)."""
+    if storage.is_local:
+        engine.load_checkpoint(storage.local_path(ckpt.path), tag=DS_TAG, **_load_kwargs(engine, ckpt))
+        return
+    staging = tempfile.mkdtemp(prefix="sy-load-")
+    try:
+        storage.get_dir(f"{ckpt.path}/{DS_TAG}", os.path.join(staging, DS_TAG))
+        engine.load_checkpoint(staging, tag=DS_TAG, **_load_kwargs(engine, ckpt))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _load_kwargs(engine, ckpt: CheckpointInfo) -> dict:
+    import torch.distributed as dist
+
+    same_layout = ckpt.manifest.get("world_size") == dist.get_world_size()
+    if same_layout or engine.zero_optimization_stage() == 0:
+        return {}
+    # ZeRO shards are laid out per data-parallel rank; a different world size
+    # needs DeepSpeed's universal checkpoint, made by convert_to_universal().
+    return {"load_optimizer_states": True, "load_lr_scheduler_states": True}
+
+
+def load_consolidated(storage: Storage, ckpt_path: str) -> dict[str, torch.Tensor]:
+    """Tensors only (safetensors): no code is run from a checkpoint."""
+    from safetensors.torch import load as load_bytes
+
+    with storage.fs.open(f"{ckpt_path}/model.safetensors", "rb") as f:
+        return load_bytes(f.read())
+
+
+def apply_retention(storage: Storage, run_dir: str, keep: int, protect: set[str] = frozenset()) -> list[str]:
+    """Delete all but the newest ``keep`` complete checkpoints, never one in ``protect``; return deleted paths."""
+    done = list_checkpoints(storage, run_dir)
+    victims = [c for c in done[:-keep] if c.path not in protect] if keep > 0 else []
+    fs = storage.fs
+    for c in victims:
+        fs.rm(f"{c.path}/manifest.json")  # invisible first, then gone
+        fs.rm(c.path, recursive=True)
+    return [c.path for c in victims]

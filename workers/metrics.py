@@ -1,0 +1,75 @@
+"""Per-step metrics: ``metrics.jsonl`` in the run directory and TensorBoard event files.
+
+Rank 0 writes. With local storage the files are written in place; with remote
+storage they are written to a local folder and uploaded by ``sync()`` (at every
+checkpoint and at the end), because object stores cannot append.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+
+from data.storage import Storage
+
+# Dense bf16 peak FLOP/s per device, for MFU when cluster.yaml gives none.
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10G": 125e12}
+
+
+def detect_peak_flops(configured: float | None) -> float | None:
+    if configured:
+        return configured
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name(0)
+    for key, flops in PEAK_FLOPS.items():
+        if key in name:
+            return flops
+    return None
+
+
+class MetricsWriter:
+    def __init__(self, storage: Storage, run_dir: str, enabled: bool):
+        self.storage, self.run_dir, self.enabled = storage, run_dir, enabled
+        self.local_dir = storage.local_path(run_dir) if storage.is_local else tempfile.mkdtemp(prefix="sy-metrics-")
+        self._file = None
+        self._tb = None
+        if enabled:
+            os.makedirs(self.local_dir, exist_ok=True)
+            if not storage.is_local and storage.exists(f"{run_dir}/metrics.jsonl"):
+                # Resumed on remote storage: continue the uploaded file.
+                with open(os.path.join(self.local_dir, "metrics.jsonl"), "w") as f:
+                    f.write(storage.read_text(f"{run_dir}/metrics.jsonl"))
+            self._file = open(os.path.join(self.local_dir, "metrics.jsonl"), "a", buffering=1)
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tb = SummaryWriter(os.path.join(self.local_dir, "tb"))
+            except ImportError:  # tensorboard is optional at run time
+                self._tb = None
+
+    def log(self, row: dict) -> None:
+        if not self.enabled:
+            return
+        self._file.write(json.dumps(row) + "\n")
+        if self._tb is not None:
+            for key, value in row.items():
+                if isinstance(value, (int, float)) and key != "step":
+                    self._tb.add_scalar(f"train/{key}", value, row["step"])
+
+    def sync(self) -> None:
+        if not self.enabled:
+            return
+        if self._tb is not None:
+            self._tb.flush()
+        if not self.storage.is_local:
+            self.storage.put_dir(self.local_dir, self.run_dir)
+
+    def close(self) -> None:
+        if self.enabled:
+            self.sync()
+            self._file.close()
+            if self._tb is not None:
+                self._tb.close()

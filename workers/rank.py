@@ -1,0 +1,128 @@
+"""One rank of a job: a plain class that ``worker_group`` turns into a Ray actor.
+
+It captures its own stdout/stderr into ``<run_dir>/logs/rank_<r>.log``, joins
+torch.distributed (gloo on CPU, nccl on GPU) and runs the training loop in an
+actor thread, so ``progress()`` and ``stop()`` answer while it trains.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import tempfile
+import threading
+import traceback
+
+
+class RankWorker:
+    def __init__(self, rank: int, world_size: int, run_dir: str, storage, threads: int = 1):
+        self.rank, self.world_size = rank, world_size
+        self.run_dir, self.storage = run_dir, storage
+        os.environ.setdefault("DS_ACCELERATOR", "cpu" if not _has_cuda_env() else "cuda")
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        import torch
+
+        torch.set_num_threads(threads)
+        self._ctx = None
+        self._stop_early = False
+        self._log_local = None
+        self._capture_output()
+
+    # ------------------------------------------------------------------ plumbing
+
+    def _capture_output(self) -> None:
+        if self.storage.is_local:
+            log_dir = os.path.join(self.storage.local_path(self.run_dir), "logs")
+        else:
+            log_dir = tempfile.mkdtemp(prefix=f"sy-logs-r{self.rank}-")
+        os.makedirs(log_dir, exist_ok=True)
+        self._log_local = os.path.join(log_dir, f"rank_{self.rank}.log")
+        fd = os.open(self._log_local, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        os.close(fd)
+        sys.stdout = open(1, "w", buffering=1, closefd=False)
+        sys.stderr = open(2, "w", buffering=1, closefd=False)
+        print(f"[switchyard] rank {self.rank}/{self.world_size} pid {os.getpid()} on {socket.gethostname()}",
+              flush=True)
+
+    def _upload_log(self) -> None:
+        if not self.storage.is_local and self._log_local:
+            sys.stdout.flush()
+            self.storage.fs.put_file(self._log_local, f"{self.run_dir}/logs/rank_{self.rank}.log")
+
+    def info(self) -> dict:
+        import ray
+
+        return {"rank": self.rank, "node": ray.get_runtime_context().get_node_id(),
+                "ip": ray.util.get_node_ip_address(), "pid": os.getpid()}
+
+    def free_port(self) -> int:
+        with socket.socket() as s:
+            s.bind(("", 0))
+            return s.getsockname()[1]
+
+    def prepare_data(self, source, storage) -> str:
+        """Rank 0 builds (or finds) the token cache before the others read it."""
+        from data.shards import build_token_cache
+
+        return build_token_cache(source, storage)
+
+    def setup(self, master_addr: str, master_port: int) -> None:
+        import deepspeed
+        import torch
+
+        os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(self.rank),
+                          WORLD_SIZE=str(self.world_size), LOCAL_RANK="0")
+        if torch.cuda.is_available():
+            torch.cuda.set_device(0)  # Ray gives each GPU actor its own CUDA_VISIBLE_DEVICES
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        deepspeed.init_distributed(dist_backend=backend, verbose=False)
+        import logging
+
+        logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+
+    # ------------------------------------------------------------------ training
+
+    def train(self, ctx) -> dict:
+        from workers.train_loop import UserError, train
+
+        ctx.stop, ctx.progress = threading.Event(), {}
+        if self._stop_early:
+            ctx.stop.set()
+        self._ctx = ctx
+        try:
+            return train(ctx)
+        except UserError as err:
+            print(f"[switchyard] user error: {err}", flush=True)
+            return {"error": str(err), "error_kind": "user"}
+        except Exception:
+            traceback.print_exc()
+            raise
+        finally:
+            self._upload_log()
+
+    def progress(self) -> dict:
+        return dict(self._ctx.progress) if self._ctx is not None else {}
+
+    def stop(self) -> None:
+        self._stop_early = True
+        if self._ctx is not None:
+            self._ctx.stop.set()
+
+    def shutdown(self) -> None:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _has_cuda_env() -> bool:
+    try:
+        import ray
+
+        return bool(ray.get_gpu_ids())
+    except Exception:
+        return False

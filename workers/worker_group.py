@@ -1,0 +1,92 @@
+"""A job's gang of rank actors in one placement group: all start together or none do."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import ray
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from workers.rank import RankWorker
+
+
+@dataclass(frozen=True)
+class WorkerResources:
+    workers: int
+    cpus: float
+    gpus: float
+    threads: int
+
+    def bundles(self) -> list[dict]:
+        b = {"CPU": self.cpus}
+        if self.gpus:
+            b["GPU"] = self.gpus
+        return [dict(b) for _ in range(self.workers)]
+
+
+class PlacementTimeout(Exception):
+    """The cluster could not place every worker of the job in time."""
+
+
+class WorkerGroup:
+    def __init__(self, resources: WorkerResources, run_dir: str, storage, name: str = "job"):
+        self.resources, self.run_dir, self.storage, self.name = resources, run_dir, storage, name
+        self.pg = None
+        self.actors: list = []
+
+    def reserve(self, timeout_s: float | None) -> bool:
+        """Create the placement group; True once every bundle is placed (PACK may span nodes)."""
+        self.pg = placement_group(self.resources.bundles(), strategy="PACK", name=f"sy-{self.name}")
+        try:
+            ray.get(self.pg.ready(), timeout=timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            return False
+        return True
+
+    def start(self) -> list[dict]:
+        """Start one actor per rank inside the placement group; returns their {rank, node, ip, pid}."""
+        r = self.resources
+        cls = ray.remote(RankWorker)
+        self.actors = [
+            cls.options(
+                num_cpus=r.cpus, num_gpus=r.gpus, max_concurrency=4, max_restarts=0,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=i),
+            ).remote(i, r.workers, self.run_dir, self.storage, r.threads)
+            for i in range(r.workers)
+        ]
+        return ray.get([a.info.remote() for a in self.actors])
+
+    def init_distributed(self, master_ip: str) -> None:
+        port = ray.get(self.actors[0].free_port.remote())
+        ray.get([a.setup.remote(master_ip, port) for a in self.actors])
+
+    def train_async(self, ctx) -> list:
+        return [a.train.remote(ctx) for a in self.actors]
+
+    def progress(self, timeout_s: float = 5.0) -> dict:
+        try:
+            return ray.get(self.actors[0].progress.remote(), timeout=timeout_s)
+        except Exception:
+            return {}
+
+    def stop(self) -> None:
+        for a in self.actors:
+            try:
+                a.stop.remote()
+            except Exception:
+                pass
+
+    def shutdown(self) -> None:
+        for a in self.actors:
+            try:
+                ray.kill(a, no_restart=True)
+            except Exception:
+                pass
+        self.actors = []
+        if self.pg is not None:
+            try:
+                remove_placement_group(self.pg)
+            except Exception:
+                pass
+            self.pg = None
