@@ -274,7 +274,7 @@ def comparisons(n: int, k: int = 4, split: str = "train", cfg: TaskConfig = Task
     prompts = make_prompts(n, split, cfg)
     rng = random.Random(f"{cfg.seed}:{seed}:comparisons:{split}")
     n_model = int(round(k * model_share)) if sampler is not None else 0
-    samples = sampler(prompts, 2 * n_model) if n_model else [[] for _ in prompts]
+    samples = sampler(prompts, n_model + 1) if n_model else [[] for _ in prompts]
     out: list[Comparison] = []
     for prompt, model_texts in zip(prompts, samples):
         family, gold = parse(prompt)[0], gold_answer(prompt)

@@ -175,12 +175,23 @@ def run_job(spec: JobSpec, cluster, resume_dir: str | None = None, log=print) ->
     except ray.exceptions.RayActorError as err:
         log(f"a worker died: {str(err).splitlines()[0]}")
         state = "FAILED"
+    except ray.exceptions.RayTaskError as err:
+        cause = unwrap_remote_error(err)
+        if isinstance(cause, UsageError):
+            raise cause from None
+        log(f"a worker failed: {_last_line(err)} (see {run_dir}/logs/)")
+        state = "FAILED"
     finally:
         bar.close()
         job.shutdown()
     return {"id": job_id, "state": state, "run_dir": run_dir, "steps": summary.get("steps"),
             "first_loss": summary.get("first_loss"), "final_loss": summary.get("final_loss"),
             "tokens_per_s": summary.get("tokens_per_s"), "final_eval": summary.get("final_eval")}
+
+
+def _last_line(err: Exception) -> str:
+    lines = [ln for ln in str(err).strip().splitlines() if ln.strip()]
+    return lines[-1].strip() if lines else type(err).__name__
 
 
 def resume_spec(storage: Storage, run_dir: str, overrides: list[str]) -> JobSpec:

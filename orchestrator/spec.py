@@ -100,6 +100,8 @@ class DataSpec(_Section):
     """Tokens per training sample."""
     max_docs: int | None = Field(None, ge=1)
     """Use at most this many documents of the corpus (handy for quick tests)."""
+    trace: bool = False
+    """Record the global sample positions each rank reads, per step, in data_trace/ (for auditing resumes)."""
 
 
 class TrainSpec(_Section):

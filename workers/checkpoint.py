@@ -26,6 +26,7 @@ from data.storage import Storage
 
 STEP_RE = re.compile(r"step_(\d{8})$")
 DS_TAG = "ds"
+UNIVERSAL_TAG = "ds_universal"
 
 
 def checkpoint_dir(run_dir: str, step: int) -> str:
@@ -140,31 +141,56 @@ def save_checkpoint(engine, storage: Storage, run_dir: str, step: int, extra: di
 def _list_rel(storage: Storage, path: str) -> list[str]:
     fs = storage.fs
     base = fs._strip_protocol(path).rstrip("/")
-    return sorted(p[len(base):].lstrip("/") for p in fs.find(path) if not p.endswith("manifest.json"))
+    return sorted(p[len(base):].lstrip("/") for p in fs.find(path)
+                  if not p.endswith("manifest.json") and f"/{UNIVERSAL_TAG}/" not in p)
 
 
-def load_checkpoint(engine, storage: Storage, ckpt: CheckpointInfo) -> None:
+def needs_universal(ckpt: CheckpointInfo, world_size: int) -> bool:
+    """ZeRO-1/2/3 shards are laid out per data-parallel rank: another world size needs a universal checkpoint."""
+    return ckpt.manifest.get("world_size") != world_size and ckpt.manifest.get("zero_stage", 0) > 0
+
+
+def convert_to_universal(storage: Storage, ckpt: CheckpointInfo) -> None:
+    """Rank 0 only: DeepSpeed's ds_to_universal, written next to the checkpoint's ds/ folder.
+
+    The converted folder counts once its ``.complete`` marker exists, like a manifest.
+    """
+    import argparse
+
+    from deepspeed.checkpoint import ds_to_universal
+
+    marker = f"{ckpt.path}/{UNIVERSAL_TAG}/.complete"
+    if storage.exists(marker):
+        return
+    work = tempfile.mkdtemp(prefix="sy-universal-")
+    try:
+        src = os.path.join(work, DS_TAG)
+        if storage.is_local:
+            src = os.path.join(storage.local_path(ckpt.path), DS_TAG)
+        else:
+            storage.get_dir(f"{ckpt.path}/{DS_TAG}", src)
+        out = os.path.join(work, UNIVERSAL_TAG)
+        args = argparse.Namespace(input_folder=src, output_folder=out, num_extract_workers=1, num_merge_workers=1,
+                                  keep_temp_folder=False, strict=True, inject_missing_state=True)
+        ds_to_universal.main(args)
+        storage.put_dir(out, f"{ckpt.path}/{UNIVERSAL_TAG}")
+        storage.write_text(marker, "ok")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def load_checkpoint(engine, storage: Storage, ckpt: CheckpointInfo, universal: bool = False) -> None:
     """Every rank loads the same complete checkpoint (downloaded first when remote)."""
+    tag = UNIVERSAL_TAG if universal else DS_TAG
     if storage.is_local:
-        engine.load_checkpoint(storage.local_path(ckpt.path), tag=DS_TAG, **_load_kwargs(engine, ckpt))
+        engine.load_checkpoint(storage.local_path(ckpt.path), tag=tag)
         return
     staging = tempfile.mkdtemp(prefix="sy-load-")
     try:
-        storage.get_dir(f"{ckpt.path}/{DS_TAG}", os.path.join(staging, DS_TAG))
-        engine.load_checkpoint(staging, tag=DS_TAG, **_load_kwargs(engine, ckpt))
+        storage.get_dir(f"{ckpt.path}/{tag}", os.path.join(staging, tag))
+        engine.load_checkpoint(staging, tag=tag)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-
-
-def _load_kwargs(engine, ckpt: CheckpointInfo) -> dict:
-    import torch.distributed as dist
-
-    same_layout = ckpt.manifest.get("world_size") == dist.get_world_size()
-    if same_layout or engine.zero_optimization_stage() == 0:
-        return {}
-    # ZeRO shards are laid out per data-parallel rank; a different world size
-    # needs DeepSpeed's universal checkpoint, made by convert_to_universal().
-    return {"load_optimizer_states": True, "load_lr_scheduler_states": True}
 
 
 def load_consolidated(storage: Storage, ckpt_path: str) -> dict[str, torch.Tensor]:

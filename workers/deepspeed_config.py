@@ -15,7 +15,7 @@ def deep_merge(base: dict, override: dict) -> dict:
     return out
 
 
-def deepspeed_config(spec) -> dict[str, Any]:
+def deepspeed_config(spec, load_universal: bool = False) -> dict[str, Any]:
     """``spec`` is an orchestrator.spec.JobSpec; batch sizes are derived from it only."""
     t, p = spec.train, spec.parallel
     zero: dict[str, Any] = {"stage": p.zero_stage}
@@ -36,4 +36,6 @@ def deepspeed_config(spec) -> dict[str, Any]:
         "zero_allow_untested_optimizer": True,
         "zero_force_ds_cpu_optimizer": False,
     }
+    if load_universal:
+        base["checkpoint"] = {"load_universal": True}
     return deep_merge(base, spec.deepspeed)

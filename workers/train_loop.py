@@ -92,7 +92,7 @@ def make_optimizer(model: torch.nn.Module, spec) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=t.lr, betas=t.betas)
 
 
-def build_engine(model: torch.nn.Module, spec):
+def build_engine(model: torch.nn.Module, spec, load_universal: bool = False):
     import deepspeed
 
     if spec.parallel.pp > 1:
@@ -100,7 +100,7 @@ def build_engine(model: torch.nn.Module, spec):
     optimizer = make_optimizer(model, spec)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(spec))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                           config=deepspeed_config(spec))
+                                           config=deepspeed_config(spec, load_universal))
     return engine
 
 
@@ -147,16 +147,21 @@ def train(ctx: RunContext) -> dict:
     cfg = model_config(spec, cache.tokenizer.padded_vocab_size)
     torch.manual_seed(spec.train.seed)
     model = Decoder(cfg)
-    engine = build_engine(model, spec)
+    latest = ckpt_lib.latest_checkpoint(storage, ctx.run_dir) if ctx.resume else None
+    universal = latest is not None and ckpt_lib.needs_universal(latest, world)
+    if universal:
+        # Resuming on another number of ranks: re-partition ZeRO state through a universal checkpoint.
+        if rank == 0:
+            ckpt_lib.convert_to_universal(storage, latest)
+        dist.barrier()
+    engine = build_engine(model, spec, load_universal=universal)
 
     step, position = 0, 0
-    if ctx.resume:
-        latest = ckpt_lib.latest_checkpoint(storage, ctx.run_dir)
-        if latest is not None:
-            ckpt_lib.load_checkpoint(engine, storage, latest)
-            state = DataState.from_dict(latest.manifest["data"])
-            plan.check_resume(state)
-            step, position = latest.step, state.position
+    if latest is not None:
+        ckpt_lib.load_checkpoint(engine, storage, latest, universal=universal)
+        state = DataState.from_dict(latest.manifest["data"])
+        plan.check_resume(state)
+        step, position = latest.step, state.position
 
     total = spec.total_steps
     G, micro = spec.samples_per_step, spec.train.micro_batch
@@ -173,9 +178,14 @@ def train(ctx: RunContext) -> dict:
     t_start = time.time()
     last_saved = step if ctx.resume and step > 0 else -1
 
+    trace: list[list[int]] = []
+    trace_uri = f"{ctx.run_dir}/data_trace/rank_{rank}_from_{step:08d}.json"
+
     def save(at_step: int) -> None:
         nonlocal last_saved
         writer.sync()
+        if spec.data.trace:
+            storage.write_json(trace_uri, {"rank": rank, "world_size": world, "steps": trace})
         extra = {"data": plan.state(position).to_dict(), "spec_hash": spec.spec_hash(),
                  "samples_per_step": G, "loss": last_loss}
         ckpt_lib.save_checkpoint(engine, storage, ctx.run_dir, at_step, extra, spec.checkpoint.consolidated)
@@ -191,6 +201,8 @@ def train(ctx: RunContext) -> dict:
     while step < total:
         t0 = time.time()
         positions = plan.rank_positions(position, G, rank, dp)
+        if spec.data.trace:
+            trace.append([step + 1, positions.start, positions.stop])
         losses = []
         lr = engine.get_lr()[0]
         for m in range(spec.train.grad_accum):
@@ -227,6 +239,8 @@ def train(ctx: RunContext) -> dict:
             save(step)
     if step == total and last_saved != step:
         save(step)
+    if spec.data.trace:
+        storage.write_json(trace_uri, {"rank": rank, "world_size": world, "steps": trace})
     final_eval = evaluate_held_out(engine, plan, spec, device) if step == total else None
     writer.close()
     steady = tokens_per_s_hist[len(tokens_per_s_hist) // 5:] or tokens_per_s_hist

@@ -1,0 +1,58 @@
+"""Shared fixtures: one local Ray cluster per test session, tiny job specs, temporary storage."""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A ray.cluster_utils.Cluster with one head node; multi-node tests add and remove nodes."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    import torch
+
+    torch.set_num_threads(1)
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 4, "include_dashboard": False})
+    ray.init(address=cluster.address, namespace="switchyard-tests", log_to_driver=False)
+    yield cluster
+    ray.shutdown()
+    cluster.shutdown()
+
+
+@pytest.fixture(scope="session")
+def storage_root(tmp_path_factory):
+    """One storage root for the session so the token cache is built once."""
+    return str(tmp_path_factory.mktemp("storage"))
+
+
+@pytest.fixture
+def cluster_cfg(storage_root, tmp_path):
+    from orchestrator.cluster_config import ClusterConfig
+
+    return ClusterConfig.model_validate({"storage": storage_root, "job_store": str(tmp_path / "jobs.db")})
+
+
+def tiny_spec(**overrides):
+    """A job that trains in seconds: tiny LLaMA, short sequences, a small slice of the built-in corpus."""
+    from orchestrator.spec import apply_overrides, validate_spec
+
+    raw = {
+        "name": "t",
+        "model": {"family": "llama", "preset": "tiny"},
+        "data": {"corpus": "builtin:stdlib", "seq_len": 64, "max_docs": 400},
+        "train": {"steps": 8, "micro_batch": 4, "lr": 3e-3, "warmup_steps": 2},
+        "resources": {"workers": 2, "cpus_per_worker": 1},
+        "parallel": {"zero_stage": 1},
+        "checkpoint": {"every": 4, "keep": 5},
+        "eval": {"held_out_tokens": 2048, "batches": 2},
+    }
+    return validate_spec(apply_overrides(raw, overrides))

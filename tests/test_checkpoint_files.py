@@ -1,0 +1,42 @@
+"""Checkpoint completeness and retention, on plain files (no Ray)."""
+import json
+
+from data.storage import Storage
+from workers.checkpoint import apply_retention, checkpoint_dir, latest_checkpoint, list_checkpoints
+
+
+def _fake(storage, run_dir, step, manifest=True, corrupt=False):
+    path = checkpoint_dir(run_dir, step)
+    storage.makedirs(f"{path}/ds")
+    storage.write_text(f"{path}/ds/shard.pt", "x" * 10)
+    if manifest:
+        files = {"ds/shard.pt": 11 if corrupt else 10}
+        storage.write_text(f"{path}/manifest.json", json.dumps({"step": step, "files": files}))
+    return path
+
+
+def test_only_complete_checkpoints_are_listed(tmp_path):
+    st = Storage(str(tmp_path))
+    run = str(tmp_path / "run")
+    _fake(st, run, 10)
+    _fake(st, run, 20, manifest=False)   # crashed before the manifest
+    _fake(st, run, 30, corrupt=True)     # a listed file has the wrong size
+    assert [c.step for c in list_checkpoints(st, run)] == [10]
+    assert latest_checkpoint(st, run).step == 10
+
+
+def test_retention_keeps_newest_and_protected(tmp_path):
+    st = Storage(str(tmp_path))
+    run = str(tmp_path / "run")
+    paths = [_fake(st, run, s) for s in (10, 20, 30, 40)]
+    deleted = apply_retention(st, run, keep=2, protect={paths[0]})
+    assert deleted == [paths[1]]
+    assert [c.step for c in list_checkpoints(st, run)] == [10, 30, 40]
+
+
+def test_atomic_write_never_leaves_temp_files(tmp_path):
+    st = Storage(str(tmp_path))
+    st.write_json(str(tmp_path / "a" / "m.json"), {"x": 1})
+    st.write_json(str(tmp_path / "a" / "m.json"), {"x": 2})
+    assert st.read_json(str(tmp_path / "a" / "m.json")) == {"x": 2}
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["m.json"]
