@@ -57,7 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _extra_commands():
     """Subcommands owned by other modules register themselves here."""
-    out = []
+    from orchestrator.cli_jobs import register as register_jobs
+
+    out = [register_jobs]
     try:
         from orchestrator.fit_report import add_fit_command
 

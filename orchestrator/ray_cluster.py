@@ -38,7 +38,7 @@ def connect(cluster, *, allow_embedded: bool = True) -> str:
     if ray.is_initialized():
         return ray.get_runtime_context().gcs_address
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    common = dict(namespace=cluster.ray.namespace, log_to_driver=False, logging_level=logging.WARNING,
+    common = dict(namespace=cluster.ray.namespace, log_to_driver=False, logging_level=logging.ERROR,
                   configure_logging=True)
     address = cluster.ray.address
     try:

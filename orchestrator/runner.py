@@ -95,6 +95,7 @@ class JobRun:
                                                                      self.storage))
         except ray.exceptions.RayTaskError as err:
             raise unwrap_remote_error(err) from None
+        self.storage.write_json(f"{self.run_dir}/data.json", {"token_cache": cache})
         self.group.init_distributed(self.workers[0]["ip"])
         ctx = RunContext(self.spec, self.storage, self.run_dir, cache, resume, self.peak_flops)
         self.refs = self.group.train_async(ctx)

@@ -1,0 +1,297 @@
+"""CLI commands that talk to the controller and the job store: up, down, submit, list, status, logs, cancel, wait.
+
+``submit``, ``list``, ``status JOB``, ``logs``, ``cancel`` and ``wait`` read and
+write the SQLite job store directly (the store is the source of truth; the
+controller picks new jobs up within a tick), so they are quick and work even
+while the controller restarts. ``up``/``down`` and the cluster view of
+``status`` connect to Ray.
+"""
+from __future__ import annotations
+
+import json
+import os
+import posixpath
+import subprocess
+import sys
+import time
+
+from orchestrator.errors import UsageError
+
+HEARTBEAT_STALE_S = 15.0
+
+
+def _cluster(args):
+    from orchestrator.cluster_config import load_cluster_config
+
+    return load_cluster_config(args.cluster)
+
+
+def _store(cluster):
+    from orchestrator.job_store import JobStore
+
+    return JobStore(cluster.job_store)
+
+
+def _ray_bin() -> str:
+    return os.path.join(os.path.dirname(sys.executable), "ray")
+
+
+# ---------------------------------------------------------------------- up / down
+
+
+def cmd_up(args) -> int:
+    import ray
+
+    from orchestrator.controller import start_controller
+    from orchestrator.ray_cluster import connect, local_head_running
+
+    cluster = _cluster(args)
+    if cluster.ray.address == "local" and not local_head_running():
+        cmd = [_ray_bin(), "start", "--head", "--disable-usage-stats", "--include-dashboard=false"]
+        if cluster.ray.num_cpus:
+            cmd.append(f"--num-cpus={cluster.ray.num_cpus}")
+        out = subprocess.run(cmd, capture_output=True, text=True)
+        if out.returncode != 0:
+            raise UsageError(f"could not start a local Ray head: {out.stderr.strip().splitlines()[-1:]}")
+    address = connect(cluster, allow_embedded=False)
+    handle = start_controller(cluster)
+    info = ray.get(handle.ping.remote())
+    print(f"switchyard is up: Ray at {address}, controller pid {info['pid']}, storage {cluster.storage}, "
+          f"job store {cluster.job_store}")
+    return 0
+
+
+def cmd_down(args) -> int:
+    import ray
+
+    from orchestrator.controller import get_controller
+    from orchestrator.ray_cluster import connect, local_head_running
+
+    cluster = _cluster(args)
+    if cluster.ray.address == "local" and not local_head_running():
+        print("switchyard is not running")
+        return 0
+    connect(cluster, allow_embedded=False)
+    handle = get_controller(cluster.ray.namespace)
+    if handle is not None:
+        try:
+            ray.get(handle.shutdown.remote(), timeout=30)
+        except Exception:
+            pass
+        ray.kill(handle, no_restart=True)
+    ray.shutdown()
+    if cluster.ray.address == "local":
+        subprocess.run([_ray_bin(), "stop"], capture_output=True, text=True)
+    unfinished = [r for r in _store(cluster).list() if not r.terminal]
+    note = f"; {len(unfinished)} unfinished job(s) resume at the next `switchyard up`" if unfinished else ""
+    print(f"switchyard is down{note}")
+    return 0
+
+
+# ---------------------------------------------------------------------- submit
+
+
+def submit_spec(cluster, spec, priority: int, kind: str = "train", parent_id: str | None = None) -> str:
+    from data.storage import Storage
+    from orchestrator.job_store import safe_join
+    from orchestrator.runner import preflight, worker_resources
+
+    storage = Storage(cluster.storage, dict(cluster.storage_options))
+    preflight(spec, storage)
+    res = worker_resources(spec, cluster)
+    rec = _store(cluster).submit(
+        spec.name, kind, spec.to_dict(), priority,
+        {"workers": res.workers, "cpus_per_worker": res.cpus, "gpus_per_worker": res.gpus},
+        spec.max_restarts, run_dir_for=lambda job_id: safe_join(cluster.storage, f"{spec.name}-{job_id}"),
+        parent_id=parent_id)
+    return rec.id
+
+
+def _controller_alive(store) -> bool:
+    info = store.controller()
+    return info is not None and time.time() - info.heartbeat < HEARTBEAT_STALE_S
+
+
+def cmd_submit(args) -> int:
+    from orchestrator.spec import load_spec
+
+    cluster = _cluster(args)
+    spec = load_spec(args.spec, args.set)
+    job_id = submit_spec(cluster, spec, args.priority)
+    print(job_id)
+    if not _controller_alive(_store(cluster)):
+        print("note: no controller is running; the job waits in the queue until `switchyard up`", file=sys.stderr)
+    return 0
+
+
+# ---------------------------------------------------------------------- list / status
+
+
+def _age(ts: float | None) -> str:
+    if not ts:
+        return "-"
+    s = time.time() - ts
+    return f"{s:.0f}s" if s < 120 else f"{s / 60:.0f}m" if s < 7200 else f"{s / 3600:.1f}h"
+
+
+def cmd_list(args) -> int:
+    recs = _store(_cluster(args)).list()
+    if args.json:
+        print(json.dumps([r.to_status_dict() for r in recs]))
+        return 0
+    print(f"{'ID':<20} {'NAME':<24} {'STATE':<11} {'PRIO':>4} {'STEP':>7} {'RESTARTS':>8} {'AGE':>6}")
+    for r in sorted(recs, key=lambda r: r.submitted_at):
+        print(f"{r.id:<20} {r.name[:24]:<24} {r.state.value:<11} {r.priority:>4} {r.step or 0:>7} "
+              f"{r.restarts:>8} {_age(r.submitted_at):>6}")
+    return 0
+
+
+def job_status(store, job_id: str) -> dict:
+    rec = store.get(job_id)
+    out = rec.to_status_dict()
+    children = store.list(parent_id=rec.id)
+    if children:
+        out["stages"] = [{"id": c.id, "name": c.name, "state": c.state.value, "step": c.step} for c in children]
+    return out
+
+
+def cluster_status(cluster, store) -> dict:
+    import ray
+
+    from orchestrator.ray_cluster import cluster_resources, connect
+
+    info = store.controller()
+    out = {"controller": {"pid": info.pid if info else None, "alive": _controller_alive(store),
+                          "heartbeat": info.heartbeat if info else None}}
+    try:
+        out["address"] = connect(cluster, allow_embedded=False)
+        out["nodes"] = [{"node": nid, **n} for nid, n in cluster_resources().items()]
+        ray.shutdown()
+    except UsageError as err:
+        out["address"], out["nodes"], out["error"] = None, [], str(err)
+    from orchestrator.job_store import JobState
+
+    brief = lambda r: {"id": r.id, "name": r.name, "state": r.state.value, "priority": r.priority, "step": r.step}
+    out["queued"] = [brief(r) for r in store.list([JobState.QUEUED])]
+    out["running"] = [brief(r) for r in store.list([JobState.STARTING, JobState.RUNNING, JobState.RESTARTING])]
+    return out
+
+
+def cmd_status(args) -> int:
+    cluster = _cluster(args)
+    store = _store(cluster)
+    out = job_status(store, args.job) if args.job else cluster_status(cluster, store)
+    if args.json:
+        print(json.dumps(out, default=str))
+        return 0
+    if args.job:
+        m = out.get("metrics") or {}
+        print(f"{out['id']}  {out['name']}  {out['state']}  priority {out['priority']}  step {out['step']}  "
+              f"restarts {out['restarts']}")
+        print(f"run_dir: {out['run_dir']}")
+        if m:
+            print("metrics: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in m.items()))
+        for e in out.get("evals", []):
+            mark = " (best)" if e["checkpoint"] == out.get("best_checkpoint") else ""
+            print(f"eval step {e['step']}: loss {e['loss']:.4f} ppl {e['perplexity']:.2f}{mark}")
+        for w in out.get("workers") or []:
+            print(f"rank {w['rank']}: node {str(w['node'])[:12]} pid {w['pid']}")
+        for s in out.get("stages", []):
+            print(f"stage {s['name']}: {s['state']} (step {s['step']})")
+        for h in out.get("history", []):
+            print(f"  {time.strftime('%H:%M:%S', time.localtime(h['ts']))} {h['from'] or '-'} -> {h['to']}: {h['reason']}")
+        if out.get("reason") and out["state"] in ("FAILED", "CANCELLED"):
+            print(f"reason: {out['reason']}")
+    else:
+        c = out["controller"]
+        print(f"Ray: {out.get('address') or 'not running'}   controller: "
+              f"{'pid ' + str(c['pid']) if c['alive'] else 'not running'}")
+        for n in out.get("nodes", []):
+            print(f"node {n['node'][:12]} {n['address']}: CPU {n['free']['CPU']:g}/{n['total']['CPU']:g} free, "
+                  f"GPU {n['free']['GPU']:g}/{n['total']['GPU']:g} free")
+        print(f"running: {len(out['running'])}  queued: {len(out['queued'])}")
+        for r in out["running"] + out["queued"]:
+            print(f"  {r['id']} {r['name']} {r['state']} prio {r['priority']} step {r['step']}")
+    return 0
+
+
+# ---------------------------------------------------------------------- logs / cancel / wait
+
+
+def cmd_logs(args) -> int:
+    from data.storage import Storage
+
+    cluster = _cluster(args)
+    rec = _store(cluster).get(args.job)
+    storage = Storage(cluster.storage, dict(cluster.storage_options))
+    log_dir = posixpath.join(rec.run_dir, "logs")
+    offsets: dict[str, int] = {}
+    while True:
+        files = sorted(storage.fs.glob(f"{log_dir}/rank_*.log")) if storage.exists(log_dir) else []
+        files = [f for f in files if args.rank is None or f.endswith(f"rank_{args.rank}.log")]
+        for f in files:
+            with storage.fs.open(f, "rb") as fh:
+                fh.seek(offsets.get(f, 0))
+                data = fh.read()
+            offsets[f] = offsets.get(f, 0) + len(data)
+            if data:
+                prefix = f"[{posixpath.basename(f)[:-4]}] " if len(files) > 1 else ""
+                for line in data.decode(errors="replace").splitlines():
+                    print(prefix + line)
+        sys.stdout.flush()
+        if not args.follow or _store(cluster).get(rec.id).terminal:
+            if not files and not args.follow:
+                print(f"no logs yet in {log_dir}", file=sys.stderr)
+            return 0
+        time.sleep(1.0)
+
+
+def cmd_cancel(args) -> int:
+    rec = _store(_cluster(args)).request_cancel(args.job)
+    print(f"{rec.id}: {rec.state.value}" + (" (stopping)" if not rec.terminal else ""))
+    return 0
+
+
+def cmd_wait(args) -> int:
+    store = _store(_cluster(args))
+    deadline = time.time() + args.timeout if args.timeout else None
+    rec = store.get(args.job)
+    while not rec.terminal:
+        if deadline and time.time() > deadline:
+            print(f"{rec.id}: still {rec.state.value} after {args.timeout:g}s", file=sys.stderr)
+            return 3
+        time.sleep(0.5)
+        rec = store.get(rec.id)
+    print(f"{rec.id}: {rec.state.value}" + (f" ({rec.reason})" if rec.reason and rec.state.value != "SUCCEEDED" else ""))
+    return 0 if rec.state.value == "SUCCEEDED" else 1
+
+
+def register(sub) -> None:
+    p = sub.add_parser("up", help="start (or attach to) the cluster from cluster.yaml and the controller")
+    p.set_defaults(func=cmd_up)
+    p = sub.add_parser("down", help="stop the controller (and the local Ray head); unfinished jobs resume at `up`")
+    p.set_defaults(func=cmd_down)
+    p = sub.add_parser("submit", help="queue a job; prints its id")
+    p.add_argument("spec")
+    p.add_argument("--priority", type=int, default=0, help="higher runs first (default 0)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.set_defaults(func=cmd_submit)
+    p = sub.add_parser("list", help="all jobs")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_list)
+    p = sub.add_parser("status", help="one job, or the cluster")
+    p.add_argument("job", nargs="?")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_status)
+    p = sub.add_parser("logs", help="the output of a job's ranks")
+    p.add_argument("job")
+    p.add_argument("--follow", "-f", action="store_true")
+    p.add_argument("--rank", type=int, default=None)
+    p.set_defaults(func=cmd_logs)
+    p = sub.add_parser("cancel", help="cancel a queued or running job")
+    p.add_argument("job")
+    p.set_defaults(func=cmd_cancel)
+    p = sub.add_parser("wait", help="block until a job ends; exit 0 on SUCCEEDED")
+    p.add_argument("job")
+    p.add_argument("--timeout", type=float, default=None)
+    p.set_defaults(func=cmd_wait)

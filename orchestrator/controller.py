@@ -1,0 +1,319 @@
+"""The cluster controller: a detached, named Ray actor that Ray restarts if it dies.
+
+Every half second it ``tick()``s:
+
+1. reconcile cancel requests of running jobs (stop, free the placement group);
+2. watch running jobs: progress into the store, results, faults;
+3. ask ``scheduler.schedule`` what to start, and start it (in a thread: placing
+   a gang and starting its ranks takes seconds);
+4. give each new complete checkpoint an evaluation task (below training
+   priority: no reserved CPUs, a niced process) and mark the best one.
+
+The SQLite job store is the source of truth. A restarted controller finds
+jobs the store says are STARTING/RUNNING/RESTARTING; their rank actors died
+with the old controller, so it requeues them to resume from their latest
+complete checkpoint with their exact data position.
+"""
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+import traceback
+from dataclasses import dataclass, field
+
+import ray
+
+from data.storage import Storage
+from orchestrator import scheduler as sched
+from orchestrator.errors import UsageError
+from orchestrator.job_store import JobState, JobStore
+from orchestrator.spec import validate_spec
+
+CONTROLLER_NAME = "switchyard-controller"
+TICK_S = 0.5
+
+
+@dataclass
+class Active:
+    """A job the controller is running right now."""
+
+    job_id: str
+    run: object                       # orchestrator.runner.JobRun
+    starter: threading.Thread | None = None
+    start_error: BaseException | None = None
+    started: bool = False
+
+
+class Controller:
+    def __init__(self, cluster: dict, tick_s: float = TICK_S, backfill_window_s: float = 120.0):
+        from orchestrator.cluster_config import ClusterConfig
+
+        self.cluster = ClusterConfig.model_validate(cluster)
+        self.store = JobStore(self.cluster.job_store)
+        self.storage = Storage(self.cluster.storage, dict(self.cluster.storage_options))
+        self.tick_s, self.backfill_window_s = tick_s, backfill_window_s
+        self.active: dict[str, Active] = {}
+        self._skipped: set[str] = set()
+        self.eval_jobs: dict[str, dict] = {}  # job_id -> {checkpoint path: ObjectRef}; jobs whose checkpoints need evals
+        self._lock = threading.RLock()
+        self._stop = threading.Event()
+        self.pid = os.getpid()
+        self.store.set_controller(self.pid, ray.get_runtime_context().gcs_address)
+        self._reconcile()
+        self._thread = threading.Thread(target=self._loop, name="controller-loop", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------------ public (actor methods)
+
+    def ping(self) -> dict:
+        return {"pid": self.pid, "address": ray.get_runtime_context().gcs_address,
+                "node": ray.get_runtime_context().get_node_id(), "active": sorted(self.active)}
+
+    def shutdown(self) -> None:
+        self._stop.set()
+        with self._lock:
+            for act in list(self.active.values()):
+                act.run.shutdown()
+
+    # ------------------------------------------------------------------ loop
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.tick()
+                self.store.heartbeat(self.pid)
+            except Exception:  # the loop must survive anything one job does
+                traceback.print_exc()
+            self._stop.wait(self.tick_s)
+
+    def tick(self) -> None:
+        with self._lock:
+            self._handle_cancels()
+            self._watch_running()
+            self._schedule()
+            self._evaluate_checkpoints()
+
+    # ------------------------------------------------------------------ reconcile
+
+    def _reconcile(self) -> None:
+        for rec in self.store.list([JobState.STARTING, JobState.RUNNING, JobState.RESTARTING]):
+            if rec.cancel_requested:
+                self.store.transition(rec.id, JobState.CANCELLED, "cancelled while the controller was down")
+                continue
+            if rec.state != JobState.RESTARTING:
+                self.store.transition(rec.id, JobState.RESTARTING, "controller restarted; resuming from checkpoint")
+            self.store.transition(rec.id, JobState.QUEUED, "requeued after controller restart")
+
+    # ------------------------------------------------------------------ cancel
+
+    def _handle_cancels(self) -> None:
+        for job_id, act in list(self.active.items()):
+            rec = self.store.get(job_id)
+            if rec.cancel_requested and not rec.terminal:
+                act.run.shutdown()
+                self.active.pop(job_id)
+                self.store.transition(job_id, JobState.CANCELLED, "cancelled by user")
+
+    # ------------------------------------------------------------------ running jobs
+
+    def _watch_running(self) -> None:
+        for job_id, act in list(self.active.items()):
+            if act.starter is not None and act.starter.is_alive():
+                continue
+            if act.start_error is not None:
+                self._on_fault(job_id, act, act.start_error)
+                continue
+            if not act.started:
+                act.started = True
+                self.eval_jobs.setdefault(job_id, {})
+                workers = [{"rank": w["rank"], "node": w["node"], "ip": w["ip"], "pid": w["pid"]}
+                           for w in act.run.workers]
+                self.store.transition(job_id, JobState.RUNNING, "all workers started", workers=workers)
+            refs = act.run.refs
+            ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
+            failure = None
+            results = []
+            for ref in ready:
+                try:
+                    results.append(ray.get(ref))
+                except ray.exceptions.RayActorError as err:  # the root cause: a rank's process is gone
+                    failure = err
+                    break
+                except Exception as err:  # a rank raised (often a peer's death seen through gloo)
+                    failure = failure or err
+            if failure is not None:
+                self._on_fault(job_id, act, failure)
+                continue
+            progress = act.run.group.progress(timeout_s=1.0)
+            if progress.get("step") is not None:
+                metrics = {k: progress.get(k) for k in ("loss", "tokens_per_s", "last_checkpoint") if progress.get(k) is not None}
+                self.store.update(job_id, step=int(progress["step"]), metrics=metrics)
+            if len(ready) < len(refs):
+                continue
+            act.run.shutdown()
+            self.active.pop(job_id)
+            errors = [r for r in results if "error" in r]
+            if errors:
+                self.store.transition(job_id, JobState.FAILED, errors[0]["error"])
+                continue
+            r = results[0]
+            metrics = {"loss": r["final_loss"], "first_loss": r["first_loss"], "tokens_per_s": r["tokens_per_s"]}
+            if r.get("final_eval"):
+                metrics.update(r["final_eval"])
+            if r["stopped"]:
+                self.store.transition(job_id, JobState.CANCELLED, "stopped", step=r["steps"], metrics=metrics)
+            else:
+                self.store.transition(job_id, JobState.SUCCEEDED, "finished", step=r["steps"], metrics=metrics)
+
+    def _on_fault(self, job_id: str, act: Active, err: BaseException) -> None:
+        from orchestrator.runner import unwrap_remote_error
+
+        act.run.shutdown()
+        self.active.pop(job_id, None)
+        cause = unwrap_remote_error(err) if isinstance(err, Exception) else err
+        user = isinstance(cause, UsageError)
+        message = str(cause).strip().splitlines()[-1] if str(cause).strip() else type(cause).__name__
+        message = message[:300]
+        if isinstance(err, ray.exceptions.RayActorError):
+            message = "a rank's process died or its node was lost"
+        rec = self.store.get(job_id)
+        decision = sched.on_failure(rec.restarts, rec.max_restarts, "user" if user else "infra", message,
+                                    job_id=job_id)
+        if isinstance(decision, sched.Restart):
+            self.store.transition(job_id, JobState.RESTARTING, decision.reason)
+            self.store.transition(job_id, JobState.QUEUED, "waiting to restart from the latest checkpoint")
+        else:
+            self.store.transition(job_id, JobState.FAILED, decision.reason)
+
+    # ------------------------------------------------------------------ scheduling
+
+    def _free_and_total(self) -> tuple[dict, dict]:
+        from orchestrator.ray_cluster import cluster_resources
+
+        nodes = cluster_resources()
+        free = {nid: n["free"] for nid, n in nodes.items()}
+        total = {nid: n["total"] for nid, n in nodes.items()}
+        # Jobs being started hold resources Ray may not show yet: subtract nothing here; the
+        # placement group wait in JobRun.start covers the race.
+        return free, total
+
+    def _schedule(self) -> None:
+        queued = self.store.list([JobState.QUEUED])
+        if not queued:
+            return
+        if any(a.starter is not None and a.starter.is_alive() for a in self.active.values()):
+            return  # one gang at a time: free resources are only known once it is placed
+        free, total = self._free_and_total()
+        now = time.time()
+        jobs = [sched.QueuedJob.from_record(r) for r in queued if r.kind in ("train", "pretrain")]
+        for decision in sched.schedule(jobs, free, total, now=now, backfill_window_s=self.backfill_window_s):
+            if isinstance(decision, sched.Start):
+                self._start(decision.job_id)
+                return  # re-read free resources before starting another
+            if isinstance(decision, sched.Wait):
+                rec = self.store.get(decision.job_id)
+                if rec.blocked_since is None:
+                    self.store.update(decision.job_id, blocked_since=now)
+            elif isinstance(decision, sched.Fail):
+                self.store.transition(decision.job_id, JobState.FAILED, decision.reason)
+            elif isinstance(decision, sched.Cancel):
+                self.store.transition(decision.job_id, JobState.CANCELLED, "cancelled by user")
+
+    def _start(self, job_id: str) -> None:
+        from orchestrator.runner import JobRun, worker_resources
+
+        rec = self.store.get(job_id)
+        try:
+            spec = validate_spec(rec.spec, source=f"job {job_id}")
+        except UsageError as err:
+            self.store.transition(job_id, JobState.FAILED, str(err))
+            return
+        resume = rec.restarts > 0 or bool(rec.history and any(t.to_state == JobState.RUNNING for t in rec.history))
+        self.store.transition(job_id, JobState.STARTING, "resources available" + (" (resuming)" if resume else ""))
+        run = JobRun(spec, self.storage, rec.run_dir, worker_resources(spec, self.cluster),
+                     self.cluster.workers.peak_flops)
+        act = Active(job_id, run)
+
+        def start() -> None:
+            try:
+                self.storage.makedirs(rec.run_dir)
+                if not self.storage.exists(f"{rec.run_dir}/spec.json"):
+                    self.storage.write_json(f"{rec.run_dir}/spec.json", spec.to_dict())
+                run.start(resume=True, reserve_timeout_s=60.0)
+            except BaseException as err:  # reported by _watch_running on the loop thread
+                act.start_error = err
+
+        act.starter = threading.Thread(target=start, name=f"start-{job_id}", daemon=True)
+        self.active[job_id] = act
+        act.starter.start()
+
+    # ------------------------------------------------------------------ checkpoint evaluation
+
+    def _evaluate_checkpoints(self) -> None:
+        """One evaluation in flight per job; a job leaves the list once every checkpoint it kept is evaluated."""
+        from workers.checkpoint import list_checkpoints
+        from workers.evaluator import evaluate_checkpoint
+
+        for job_id, inflight in list(self.eval_jobs.items()):
+            for path, ref in list(inflight.items()):
+                ready, _ = ray.wait([ref], timeout=0)
+                if ready:
+                    inflight.pop(path)
+                    try:
+                        self._record_eval(job_id, ray.get(ref))
+                    except Exception as err:  # e.g. retention removed the checkpoint first
+                        print(f"evaluation of {path} skipped: {str(err).strip().splitlines()[-1]}", flush=True)
+                        self._skipped.add(path)
+            if inflight:
+                continue
+            rec = self.store.get(job_id)
+            done = {e.checkpoint for e in rec.evals} | self._skipped
+            todo = [c for c in list_checkpoints(self.storage, rec.run_dir)
+                    if c.path not in done and "model.safetensors" in c.manifest.get("files", {})]
+            if not todo:
+                if job_id not in self.active:
+                    self.eval_jobs.pop(job_id)
+                continue
+            ckpt = todo[0]
+            task = ray.remote(evaluate_checkpoint).options(num_cpus=0, max_retries=1)
+            inflight[ckpt.path] = task.remote(self.storage, rec.run_dir, ckpt.path, ckpt.step,
+                                              rec.spec.get("eval", {}).get("batches", 8),
+                                              rec.spec.get("train", {}).get("micro_batch", 8))
+
+    def _record_eval(self, job_id: str, result: dict) -> None:
+        self.store.add_eval(job_id, result["checkpoint"], result["step"], result["loss"], result["perplexity"],
+                            extra={"tokens": result["tokens"]})
+        rec = self.store.get(job_id)
+        with self.storage.fs.open(f"{rec.run_dir}/evals.jsonl.tmp", "w") as f:
+            for e in rec.evals:
+                f.write(json.dumps(e.to_dict()) + "\n")
+        self.storage.fs.mv(f"{rec.run_dir}/evals.jsonl.tmp", f"{rec.run_dir}/evals.jsonl")
+        best = min(rec.evals, key=lambda e: e.loss)
+        if rec.best_checkpoint != best.checkpoint:
+            self.storage.write_json(f"{rec.run_dir}/best_checkpoint.json",
+                                    {"path": best.checkpoint, "step": best.step, "loss": best.loss})
+            self.store.update(job_id, best_checkpoint=best.checkpoint)
+
+
+# ---------------------------------------------------------------------- handles
+
+
+def get_controller(namespace: str):
+    try:
+        return ray.get_actor(CONTROLLER_NAME, namespace=namespace)
+    except ValueError:
+        return None
+
+
+def start_controller(cluster, tick_s: float = TICK_S, backfill_window_s: float = 120.0):
+    """Start (or find) the detached controller actor; returns its handle once it answers."""
+    handle = get_controller(cluster.ray.namespace)
+    if handle is None:
+        cls = ray.remote(Controller)
+        handle = cls.options(name=CONTROLLER_NAME, namespace=cluster.ray.namespace, lifetime="detached",
+                             max_restarts=-1, max_task_retries=-1, num_cpus=0, max_concurrency=8,
+                             get_if_exists=True).remote(cluster.model_dump(), tick_s, backfill_window_s)
+    ray.get(handle.ping.remote(), timeout=120)
+    return handle

@@ -1,0 +1,52 @@
+"""Checkpoint evaluation: held-out loss and perplexity of one complete checkpoint.
+
+Runs as a Ray task the controller schedules below training priority: it
+reserves no CPUs and lowers its own OS priority, so training ranks keep their
+cores. It reads only tensors (the consolidated safetensors) and the held-out
+slice of the token stream that training never sees.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+
+def evaluate_checkpoint(storage, run_dir: str, ckpt_path: str, step: int, batches: int, micro_batch: int) -> dict:
+    try:
+        os.nice(10)
+    except OSError:
+        pass
+    import torch
+
+    torch.set_num_threads(1)
+    from data.sampler import DataPlan
+    from data.shards import TokenCache
+    from models.transformer import Decoder, DecoderConfig
+    from workers.checkpoint import load_consolidated
+
+    info = storage.read_json(f"{run_dir}/data.json")
+    spec = storage.read_json(f"{run_dir}/spec.json")
+    cfg = DecoderConfig.from_dict(storage.read_json(f"{run_dir}/model_config.json")["model"])
+    model = Decoder(cfg)
+    state = load_consolidated(storage, ckpt_path)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or [k for k in missing if k != "lm_head.weight"]:
+        raise RuntimeError(f"checkpoint {ckpt_path} does not match the model: missing {missing}, unexpected {unexpected}")
+    model.eval()
+    cache = TokenCache.load(info["token_cache"], storage)
+    plan = DataPlan(cache.tokens, spec["data"]["seq_len"], spec["eval"]["held_out_tokens"], spec["train"]["seed"])
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for i in range(batches):
+            batch = plan.held_out_batch(i, micro_batch)
+            if batch is None:
+                break
+            x, y = (torch.from_numpy(a) for a in batch)
+            _, loss = model(x, y)
+            total += float(loss) * x.numel()
+            count += x.numel()
+    if count == 0:
+        raise RuntimeError("eval.held_out_tokens is too small for one held-out sample")
+    loss = total / count
+    return {"checkpoint": ckpt_path, "step": step, "loss": loss, "perplexity": math.exp(min(loss, 50)),
+            "tokens": count}
