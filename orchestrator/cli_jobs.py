@@ -112,12 +112,23 @@ def _controller_alive(store) -> bool:
     return info is not None and time.time() - info.heartbeat < HEARTBEAT_STALE_S
 
 
+def submit_raw(cluster, raw, priority: int = 0, overrides: list[str] | None = None, source: str = "spec") -> str:
+    """Validate a raw spec (as read from YAML) and queue it; nothing is stored unless it is valid."""
+    from orchestrator.spec import SpecError, apply_overrides, validate_spec
+
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise SpecError(f"{source}: expected a mapping of sections (model, data, train, ...)")
+    spec = validate_spec(apply_overrides(raw, overrides or []), source=source)
+    return submit_spec(cluster, spec, priority)
+
+
 def cmd_submit(args) -> int:
-    from orchestrator.spec import load_spec
+    from orchestrator.spec import read_yaml
 
     cluster = _cluster(args)
-    spec = load_spec(args.spec, args.set)
-    job_id = submit_spec(cluster, spec, args.priority)
+    job_id = submit_raw(cluster, read_yaml(args.spec), args.priority, args.set, source=args.spec)
     print(job_id)
     if not _controller_alive(_store(cluster)):
         print("note: no controller is running; the job waits in the queue until `switchyard up`", file=sys.stderr)

@@ -217,7 +217,15 @@ class Controller:
                 if rec.blocked_since is None:
                     self.store.update(decision.job_id, blocked_since=now)
             elif isinstance(decision, sched.Fail):
-                self.store.transition(decision.job_id, JobState.FAILED, decision.reason)
+                rec = self.store.get(decision.job_id)
+                if any(h.to_state == JobState.RUNNING for h in rec.history):
+                    # It ran before and lost a node: wait for capacity to come back instead of failing.
+                    if rec.blocked_since is None:
+                        self.store.update(decision.job_id, blocked_since=now)
+                    if rec.reason != f"waiting for capacity: {decision.reason}":
+                        self.store.update(decision.job_id, reason=f"waiting for capacity: {decision.reason}")
+                else:
+                    self.store.transition(decision.job_id, JobState.FAILED, decision.reason)
             elif isinstance(decision, sched.Cancel):
                 self.store.transition(decision.job_id, JobState.CANCELLED, "cancelled by user")
 

@@ -1,0 +1,523 @@
+"""`switchyard fit`: read a results table, run the three Chinchilla fits, write the report.
+
+Input is a sweep directory (its ``results/*.parquet`` rows, see
+``orchestrator.sweep_table``) or any CSV/Parquet table with a column for the
+model size N, one for tokens D or compute C (D = C / (6N) when only C is
+given) and one for the loss; column names are matched case-insensitively
+against common aliases. If the table names per-run loss curves
+(``curve_path`` to a metrics.jsonl), approach 1 uses them; otherwise it uses
+the final losses.
+
+Outputs, in ``--out`` (any fsspec URI): ``fit.json`` and ``fit.md`` with every
+parameter unrounded, and three PNG plots: IsoFLOP profiles with their
+parabolas, loss against compute with the frontier, and N_opt(C) with the runs.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import math
+import posixpath
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import fsspec
+import numpy as np
+
+from orchestrator.errors import UsageError
+from orchestrator.fit import (Approach1Result, Approach2Result, Approach3Result, BootstrapResult, Curve,
+                              FitError, bootstrap, fit_approach1, fit_approach2, fit_approach3)
+
+N_ALIASES = ("n", "params", "n_params", "num_params", "parameters", "model_size")
+D_ALIASES = ("d", "tokens", "n_tokens", "num_tokens", "train_tokens", "data")
+C_ALIASES = ("c", "flops", "compute", "flops_6nd", "c_6nd")
+# Held-out loss before training loss: on a small corpus runs can repeat data, and held-out is the honest one.
+LOSS_ALIASES = ("loss", "held_out_loss", "final_loss", "eval_loss", "val_loss", "validation_loss", "train_loss")
+RUN_ALIASES = ("run_id", "run", "name")
+MIN_POINTS = 6
+"""Approach 3 has 5 parameters: fewer than 6 runs cannot constrain it."""
+
+PLOTS = ("isoflops.png", "loss_vs_compute.png", "n_opt.png")
+
+
+@dataclass(frozen=True)
+class FitTable:
+    """Runs ready to fit: one row per run."""
+
+    source: str
+    """Where the table came from."""
+    n: np.ndarray
+    """Total parameters N per run."""
+    d: np.ndarray
+    """Training tokens D per run."""
+    loss: np.ndarray
+    """Final loss per run."""
+    run_id: tuple[str, ...]
+    """Run names (row numbers if the table has none)."""
+    columns: dict[str, str]
+    """Role (n, d, c, loss) -> the column used."""
+    curves: tuple[Curve, ...] | None = None
+    """Per-run training curves, when every run's curve could be read."""
+    notes: tuple[str, ...] = ()
+    """What was dropped or assumed while reading."""
+
+    @property
+    def c(self) -> np.ndarray:
+        return 6.0 * self.n * self.d
+
+
+@dataclass(frozen=True)
+class FitReport:
+    table: FitTable
+    """The input."""
+    approach1: Approach1Result | None
+    """Frontier fit, or None with approach1_skipped saying why."""
+    approach1_skipped: str
+    approach2: Approach2Result | None
+    """IsoFLOP fit, or None with approach2_skipped saying why."""
+    approach2_skipped: str
+    approach3: Approach3Result
+    """Parametric fit."""
+    bootstrap: BootstrapResult | None
+    """Intervals, or None when --bootstrap 0."""
+    timing_s: dict[str, float]
+    """Wall seconds per stage."""
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def _fail(path: str, what: str) -> UsageError:
+    return UsageError(f"fit: {path}: {what}")
+
+
+def _read_arrow(path: str):
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    from orchestrator.sweep_table import read_results
+
+    fs, p = fsspec.core.url_to_fs(path)
+    if not fs.exists(p):
+        raise _fail(path, "no such file or directory; give a sweep directory or a .csv/.parquet table")
+    if fs.isdir(p):
+        table = read_results(path)
+        if table.num_rows == 0:
+            raise _fail(path, "no results/*.parquet rows in this directory; run the sweep first or give a table file")
+        return table
+    lower = p.lower()
+    try:
+        with fs.open(p, "rb") as f:
+            if lower.endswith((".csv", ".tsv", ".txt")):
+                opts = pacsv.ParseOptions(delimiter="\t" if lower.endswith(".tsv") else ",")
+                return pacsv.read_csv(f, parse_options=opts)
+            if lower.endswith((".parquet", ".pq")):
+                return pq.read_table(f)
+    except Exception as err:  # pyarrow raises several types for malformed files
+        raise _fail(path, f"could not be read as a table ({type(err).__name__}: {str(err).splitlines()[0]})") from None
+    raise _fail(path, "unknown format; give a .csv, .tsv or .parquet file or a sweep directory")
+
+
+def _find(names: list[str], aliases: tuple[str, ...]) -> str | None:
+    lower = {n.lower(): n for n in names}
+    return next((lower[a] for a in aliases if a in lower), None)
+
+
+def _numeric(table, column: str, path: str) -> np.ndarray:
+    import pyarrow as pa
+
+    try:
+        return np.asarray(table.column(column).cast(pa.float64()).to_numpy(zero_copy_only=False), dtype=float)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        raise _fail(path, f"column {column!r} is not numeric") from None
+
+
+def _read_curve(uri: str) -> tuple[np.ndarray, np.ndarray] | None:
+    """(tokens, loss) from a metrics.jsonl; rows without both fields (eval rows, ...) are skipped."""
+    tokens, losses = [], []
+    try:
+        with fsspec.open(uri, "r") as f:
+            for line in f:
+                if not line.strip():
+                    continue
+                row = json.loads(line)
+                t = next((row[k] for k in ("tokens", "tokens_seen", "train_tokens") if k in row), None)
+                y = next((row[k] for k in ("loss", "train_loss") if k in row), None)
+                if t is not None and y is not None:
+                    tokens.append(float(t))
+                    losses.append(float(y))
+    except (OSError, ValueError):
+        return None
+    return (np.array(tokens), np.array(losses)) if tokens else None
+
+
+def load_table(path: str, loss_column: str | None = None) -> FitTable:
+    """Read a sweep directory or a CSV/Parquet table into runs to fit; UsageError on bad input."""
+    table = _read_arrow(path)
+    names = list(table.column_names)
+    found = ", ".join(names) or "none"
+    n_col = _find(names, N_ALIASES)
+    if n_col is None:
+        raise _fail(path, f"no model-size column (looked for {', '.join(N_ALIASES)}; found {found}); rename one")
+    d_col, c_col = _find(names, D_ALIASES), _find(names, C_ALIASES)
+    if d_col is None and c_col is None:
+        raise _fail(path, f"no tokens or compute column (looked for {', '.join(D_ALIASES + C_ALIASES)}; "
+                          f"found {found}); rename one")
+    if loss_column is not None:
+        loss_col = _find(names, (loss_column.lower(),))
+        if loss_col is None:
+            raise _fail(path, f"no column {loss_column!r} (found {found}); check --loss-column")
+    else:
+        # The first alias present with at least one value (held_out_loss may be empty if never evaluated).
+        loss_col = next((c for a in LOSS_ALIASES if (c := _find(names, (a,))) is not None
+                         and table.column(c).null_count < table.num_rows), None)
+        if loss_col is None:
+            raise _fail(path, f"no loss column with values (looked for {', '.join(LOSS_ALIASES)}; found {found}); "
+                              "rename one or pass --loss-column")
+    n = _numeric(table, n_col, path)
+    loss = _numeric(table, loss_col, path)
+    columns = {"n": n_col, "loss": loss_col}
+    if d_col is not None:
+        d = _numeric(table, d_col, path)
+        columns["d"] = d_col
+    else:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            d = _numeric(table, c_col, path) / (6.0 * n)
+        columns["c"] = c_col
+    run_col = _find(names, RUN_ALIASES)
+    run_ids = ([str(v) for v in table.column(run_col).to_pylist()] if run_col
+               else [f"row{i}" for i in range(table.num_rows)])
+    good = np.isfinite(n) & np.isfinite(d) & np.isfinite(loss) & (n > 0) & (d > 0) & (loss > 0)
+    notes = []
+    if d_col is None:
+        notes.append(f"tokens derived as D = {c_col} / (6 * {n_col})")
+    if (~good).any():
+        notes.append(f"dropped {int((~good).sum())} rows with a missing or non-positive N, D or loss")
+    if good.sum() < MIN_POINTS:
+        raise _fail(path, f"{int(good.sum())} usable runs, need at least {MIN_POINTS} "
+                          "(L(N, D) has 5 parameters); add runs to the sweep")
+    keep = np.flatnonzero(good)
+    curves = None
+    curve_col = _find(names, ("curve_path",))
+    if curve_col is not None:
+        uris = table.column(curve_col).to_pylist()
+        read = [(_read_curve(uris[i]) if uris[i] else None) for i in keep]
+        if all(r is not None for r in read):
+            curves = tuple(Curve(float(n[i]), r[0], r[1], run_ids[i]) for i, r in zip(keep, read))
+        else:
+            notes.append(f"{sum(r is None for r in read)} loss curves missing or unreadable: "
+                         "approach 1 uses final losses")
+    return FitTable(path, n[keep], d[keep], loss[keep], tuple(run_ids[i] for i in keep), columns, curves,
+                    tuple(notes))
+
+
+# ----------------------------------------------------------------------------- fitting
+
+
+def run_fits(table: FitTable, *, n_bootstrap: int = 100, seed: int = 0) -> FitReport:
+    """All three approaches and the bootstrap on one table."""
+    timing = {}
+    t0 = time.perf_counter()
+    a1, a1_skip = None, ""
+    curves = table.curves or tuple(Curve(float(n), np.array([d]), np.array([y]), r)
+                                   for n, d, y, r in zip(table.n, table.d, table.loss, table.run_id))
+    try:
+        a1 = fit_approach1(curves)
+    except FitError as err:
+        a1_skip = str(err)
+    a2, a2_skip = None, ""
+    try:
+        a2 = fit_approach2(table.n, table.d, table.loss)
+    except FitError as err:
+        a2_skip = str(err)
+    timing["approaches_1_2"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    try:
+        a3 = fit_approach3(table.n, table.d, table.loss)
+    except FitError as err:
+        raise UsageError(f"fit: {table.source}: {err}") from None
+    timing["approach3"] = time.perf_counter() - t0
+    boot = None
+    if n_bootstrap:
+        t0 = time.perf_counter()
+        boot = bootstrap(table.n, table.d, table.loss, n_resamples=n_bootstrap, seed=seed, base=a3)
+        timing["bootstrap"] = time.perf_counter() - t0
+    return FitReport(table, a1, a1_skip, a2, a2_skip, a3, boot, timing)
+
+
+# ----------------------------------------------------------------------------- the report as data
+
+
+def _clean(obj: Any) -> Any:
+    """JSON-safe copy: numpy scalars to Python, NaN/inf to null (json would write invalid NaN)."""
+    if isinstance(obj, dict):
+        return {str(k): _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, np.ndarray)):
+        return [_clean(v) for v in obj]
+    if isinstance(obj, (np.floating, float)):
+        return float(obj) if math.isfinite(obj) else None
+    if isinstance(obj, np.integer):
+        return int(obj)
+    if isinstance(obj, np.bool_):
+        return bool(obj)
+    return obj
+
+
+def report_dict(rep: FitReport) -> dict[str, Any]:
+    """Everything the JSON report holds; floats unrounded."""
+    t = rep.table
+    out: dict[str, Any] = {"table": t.source, "n_runs": int(t.n.size), "columns": t.columns, "notes": list(t.notes)}
+    if rep.approach1 is not None:
+        a1 = rep.approach1
+        out["approach1"] = {"a": a1.a, "b": a1.b, "n_opt": a1.n_opt.to_dict(), "d_opt": a1.d_opt.to_dict(),
+                            "source": a1.source, "frontier_points": int(a1.flops.size)}
+    else:
+        out["approach1"] = {"skipped": rep.approach1_skipped}
+    if rep.approach2 is not None:
+        a2 = rep.approach2
+        out["approach2"] = {
+            "a": a2.a, "b": a2.b, "n_opt": a2.n_opt.to_dict(), "d_opt": a2.d_opt.to_dict(),
+            "budgets": [{"C": p.budget, "n_opt": p.n_opt, "d_opt": p.d_opt, "loss_opt": p.loss_opt,
+                         "n_runs": int(p.n.size), "coeffs_ln_n": list(p.coeffs), "used": p.used, "reason": p.reason}
+                        for p in a2.profiles],
+            "skipped": list(a2.skipped)}
+    else:
+        out["approach2"] = {"skipped": rep.approach2_skipped}
+    a3 = rep.approach3
+    out["approach3"] = {**a3.params.to_dict(), "objective": a3.objective, "converged": a3.converged,
+                        "message": a3.message, "n_starts": a3.n_starts, "n_converged_starts": a3.n_converged,
+                        "n_near_best": a3.n_near_best, "huber_delta": a3.delta, "start": list(a3.start)}
+    if rep.bootstrap is not None:
+        b = rep.bootstrap
+        out["bootstrap"] = {"n_resamples": b.n_resamples, "level": b.level, "seed": b.seed, "note": b.note,
+                            "n_ok_approach3": b.n_ok3, "n_unconverged_approach3": b.n_unconverged3,
+                            "n_ok_approach2": b.n_ok2,
+                            "approach3": {k: v.to_dict() for k, v in b.approach3.items()},
+                            "approach2": {k: v.to_dict() for k, v in b.approach2.items()}}
+    else:
+        out["bootstrap"] = None
+    out["timing_s"] = rep.timing_s
+    return _clean(out)
+
+
+def _interval_text(rep: FitReport, group: str, name: str) -> str:
+    b = rep.bootstrap
+    iv = None if b is None else getattr(b, group).get(name)
+    return "" if iv is None else f"[{iv.low!r}, {iv.high!r}]"
+
+
+def render_markdown(rep: FitReport) -> str:
+    """The Markdown report: parameters unrounded, intervals, the IsoFLOP table and the plots."""
+    t, a3 = rep.table, rep.approach3
+    level = f"{100 * rep.bootstrap.level:g}%" if rep.bootstrap else "-"
+    lines = [f"# Scaling-law fit: {t.source}", "",
+             f"{t.n.size} runs; N from `{t.columns['n']}`, D from `{t.columns.get('d', t.columns.get('c'))}`"
+             f"{' (D = C / 6N)' if 'c' in t.columns else ''}, loss from `{t.columns['loss']}`.", ""]
+    lines += [f"- {note}" for note in t.notes] + ([""] if t.notes else [])
+    lines += ["## Approach 3: L(N, D) = E + A / N^alpha + B / D^beta", "",
+              f"Huber loss (delta {a3.delta!r}) on log loss, summed over runs; L-BFGS from {a3.n_starts} starts, "
+              f"{a3.n_converged} converged, {a3.n_near_best} reached the best objective. "
+              f"Converged (scipy L-BFGS-B): **{a3.converged}** ({a3.message}). Objective {a3.objective!r}.", "",
+              f"| parameter | value | {level} bootstrap interval |", "|---|---|---|"]
+    for name, value in a3.params.to_dict().items():
+        lines.append(f"| {name} | {value!r} | {_interval_text(rep, 'approach3', name)} |")
+    lines += ["", "## Compute-optimal exponents: N_opt ~ C^a, D_opt ~ C^b", "",
+              f"| approach | a | {level} interval | b | {level} interval |", "|---|---|---|---|---|"]
+    if rep.approach1 is not None:
+        lines.append(f"| 1 (frontier of {rep.approach1.source}) | {rep.approach1.a!r} |  | {rep.approach1.b!r} |  |")
+    else:
+        lines.append(f"| 1 | skipped: {rep.approach1_skipped} | | | |")
+    if rep.approach2 is not None:
+        lines.append(f"| 2 (IsoFLOP) | {rep.approach2.a!r} | {_interval_text(rep, 'approach2', 'a')} | "
+                     f"{rep.approach2.b!r} | {_interval_text(rep, 'approach2', 'b')} |")
+    else:
+        lines.append(f"| 2 | skipped: {rep.approach2_skipped} | | | |")
+    lines.append(f"| 3 (parametric) | {a3.params.a!r} | {_interval_text(rep, 'approach3', 'a')} | "
+                 f"{a3.params.b!r} | {_interval_text(rep, 'approach3', 'b')} |")
+    lines += ["", f"Approach 3: N_opt(C) = G (C/6)^a with G = {a3.params.G!r}; D_opt(C) = (C/6)^b / G.", ""]
+    if rep.approach2 is not None:
+        lines += ["## IsoFLOP profiles", "", "| C | runs | N_opt | D_opt | loss at N_opt | used |", "|---|---|---|---|---|---|"]
+        for p in rep.approach2.profiles:
+            used = "yes" if p.used else f"no: {p.reason}"
+            lines.append(f"| {p.budget!r} | {p.n.size} | {p.n_opt!r} | {p.d_opt!r} | {p.loss_opt!r} | {used} |")
+        lines += [f"- skipped {s}" for s in rep.approach2.skipped]
+        lines.append("")
+    if rep.bootstrap is not None:
+        b = rep.bootstrap
+        lines += ["## Bootstrap", "",
+                  f"{b.n_resamples} resamples of the runs with replacement (seed {b.seed}); intervals are the "
+                  f"{100 * (1 - b.level) / 2:g}th and {100 - 100 * (1 - b.level) / 2:g}th percentiles. {b.note}. "
+                  f"Approach 3 refitted {b.n_ok3} times ({b.n_unconverged3} not converged, kept); approach 2 "
+                  f"fitted {b.n_ok2} times.", ""]
+    lines += ["## Plots", "", "![IsoFLOP profiles](isoflops.png)", "", "![Loss against compute](loss_vs_compute.png)",
+              "", "![N_opt against compute](n_opt.png)", ""]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- plots
+
+
+def _figure():
+    from matplotlib.figure import Figure  # no pyplot: no global state, Agg canvas by default
+
+    fig = Figure(figsize=(7.0, 4.8), layout="constrained")
+    return fig, fig.subplots()
+
+
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    return buf.getvalue()
+
+
+def plot_isoflops(rep: FitReport) -> bytes:
+    """Final loss against N per budget, with each budget's fitted parabola and its vertex."""
+    fig, ax = _figure()
+    from matplotlib import colormaps
+
+    cmap = colormaps["viridis"]
+    profiles = rep.approach2.profiles if rep.approach2 is not None else ()
+    if profiles:
+        for i, p in enumerate(profiles):
+            color = cmap(i / max(1, len(profiles) - 1))
+            ax.scatter(p.n, p.loss, color=color, s=18, label=f"C={p.budget:.3g}")
+            grid = np.geomspace(p.n.min() / 1.2, p.n.max() * 1.2, 100)
+            ax.plot(grid, p.predict(grid), color=color, lw=1)
+            ax.scatter([p.n_opt], [p.loss_opt], color=color, marker="*", s=120 if p.used else 60,
+                       edgecolors="black", linewidths=0.6, zorder=3)
+        ax.legend(fontsize=7, ncol=2)
+    else:
+        ax.scatter(rep.table.n, rep.table.loss, s=12, color="grey")
+        ax.set_title(f"no IsoFLOP parabolas: {rep.approach2_skipped}", fontsize=8)
+    ax.set_xscale("log")
+    ax.set_xlabel("parameters N")
+    ax.set_ylabel("final loss")
+    if profiles:
+        ax.set_title("IsoFLOP profiles (stars: parabola vertices)")
+    return _png(fig)
+
+
+def plot_loss_vs_compute(rep: FitReport) -> bytes:
+    """Every run's final loss against C, the approach-1 frontier and approach 3's compute-optimal loss."""
+    fig, ax = _figure()
+    t = rep.table
+    sc = ax.scatter(t.c, t.loss, c=np.log10(t.n), s=14, cmap="viridis")
+    fig.colorbar(sc, ax=ax, label="log10 N")
+    if rep.approach1 is not None:
+        order = np.argsort(rep.approach1.flops)
+        ax.plot(rep.approach1.flops[order], rep.approach1.frontier_loss[order], color="black", lw=1.2,
+                label=f"frontier ({rep.approach1.source})")
+    c = np.geomspace(t.c.min() / 1.5, t.c.max() * 1.5, 100)
+    p = rep.approach3.params
+    ax.plot(c, p.loss(p.n_opt(c), p.d_opt(c)), color="tab:red", lw=1.2, ls="--",
+            label="approach 3: L(N_opt, D_opt)")
+    ax.set_xscale("log")
+    ax.set_xlabel("compute C = 6ND (FLOPs)")
+    ax.set_ylabel("final loss")
+    ax.legend(fontsize=8)
+    return _png(fig)
+
+
+def plot_n_opt(rep: FitReport) -> bytes:
+    """The runs in (C, N), the IsoFLOP vertices and the fitted N_opt(C) lines of all approaches."""
+    fig, ax = _figure()
+    t = rep.table
+    ax.scatter(t.c, t.n, s=10, color="lightgrey", label="runs")
+    c = np.geomspace(t.c.min() / 1.5, t.c.max() * 1.5, 100)
+    if rep.approach1 is not None:
+        a1 = rep.approach1
+        ax.scatter(a1.flops, a1.frontier_n, s=6, color="tab:blue", alpha=0.5)
+        ax.plot(c, a1.n_opt(c), color="tab:blue", label=f"approach 1: a={a1.a:.3f}")
+    if rep.approach2 is not None:
+        a2 = rep.approach2
+        used = [p for p in a2.profiles if p.used]
+        ax.scatter([p.budget for p in used], [p.n_opt for p in used], marker="*", s=80, color="tab:green")
+        ax.plot(c, a2.n_opt(c), color="tab:green", label=f"approach 2: a={a2.a:.3f}")
+    p = rep.approach3.params
+    ax.plot(c, p.n_opt(c), color="tab:red", ls="--", label=f"approach 3: a={p.a:.3f}")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("compute C = 6ND (FLOPs)")
+    ax.set_ylabel("compute-optimal N")
+    ax.legend(fontsize=8)
+    return _png(fig)
+
+
+# ----------------------------------------------------------------------------- writing and the command
+
+
+def default_out_dir(path: str) -> str:
+    """<sweep_dir>/fit for a directory, <dir>/<stem>_fit beside a table file."""
+    fs, p = fsspec.core.url_to_fs(path)
+    if fs.isdir(p):
+        return posixpath.join(path.rstrip("/"), "fit")
+    stem, _ = posixpath.splitext(path.rstrip("/"))
+    return f"{stem}_fit"
+
+
+def write_report(rep: FitReport, out_dir: str) -> dict[str, Any]:
+    """Write fit.json, fit.md and the three plots under out_dir; return the report dict (with 'outputs')."""
+    fs, root = fsspec.core.url_to_fs(out_dir)
+    fs.makedirs(root, exist_ok=True)
+    join = lambda name: posixpath.join(out_dir.rstrip("/"), name)  # noqa: E731
+    plots = {"isoflops.png": plot_isoflops(rep), "loss_vs_compute.png": plot_loss_vs_compute(rep),
+             "n_opt.png": plot_n_opt(rep)}
+    data = report_dict(rep)
+    data["outputs"] = {"json": join("fit.json"), "markdown": join("fit.md"), "plots": [join(n) for n in PLOTS]}
+    for name, png in plots.items():
+        with fsspec.open(join(name), "wb") as f:
+            f.write(png)
+    with fsspec.open(join("fit.md"), "w") as f:
+        f.write(render_markdown(rep))
+    with fsspec.open(join("fit.json"), "w") as f:
+        json.dump(data, f, indent=2)
+        f.write("\n")
+    return data
+
+
+def add_fit_command(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Register `fit TABLE [--out DIR] [--json] [--bootstrap N] [--seed S] [--loss-column NAME]`."""
+    p = subparsers.add_parser(
+        "fit", help="fit Chinchilla scaling laws (approaches 1-3) to a sweep's results",
+        description="Fit approaches 1, 2 and 3 of the Chinchilla paper to a results table and write "
+                    "fit.json, fit.md and plots. TABLE is a sweep directory or a CSV/Parquet file with "
+                    "columns for N (N/params/n_params), D (D/tokens) or C (C/flops/compute) and the loss "
+                    "(loss/held_out_loss/final_loss).")
+    p.add_argument("table", help="sweep directory, or a .csv/.parquet table (any fsspec URI)")
+    p.add_argument("--out", metavar="DIR", default=None,
+                   help="output directory (default: <sweep>/fit or <table stem>_fit)")
+    p.add_argument("--json", action="store_true", help="print the report as one JSON object on the last line")
+    p.add_argument("--bootstrap", metavar="N", type=int, default=100,
+                   help="bootstrap resamples for the intervals (0 = none; default 100)")
+    p.add_argument("--seed", metavar="S", type=int, default=0, help="seed of the bootstrap resampling")
+    p.add_argument("--loss-column", metavar="NAME", default=None,
+                   help="which column holds the loss (default: the first of loss, held_out_loss, final_loss, ...)")
+    p.set_defaults(func=fit_command)
+    return p
+
+
+def fit_command(args: argparse.Namespace) -> int:
+    """Handler of `fit`: UsageError (exit code 2 in the CLI) on bad input, else 0."""
+    if args.bootstrap < 0 or args.bootstrap == 1:
+        raise UsageError(f"fit: --bootstrap {args.bootstrap}: give 0 (no intervals) or at least 2 resamples")
+    table = load_table(args.table, loss_column=args.loss_column)
+    out_dir = args.out or default_out_dir(args.table)
+    if not args.json:
+        print(f"fitting {table.n.size} runs from {args.table} ...", file=sys.stderr)
+    rep = run_fits(table, n_bootstrap=args.bootstrap, seed=args.seed)
+    data = write_report(rep, out_dir)
+    if args.json:
+        print(json.dumps(data))
+        return 0
+    a3 = rep.approach3.params
+    print(f"approach 3: E={a3.E!r} A={a3.A!r} B={a3.B!r} alpha={a3.alpha!r} beta={a3.beta!r} "
+          f"(converged: {rep.approach3.converged})")
+    for label, res, skip in (("approach 1", rep.approach1, rep.approach1_skipped),
+                             ("approach 2", rep.approach2, rep.approach2_skipped)):
+        print(f"{label}: a={res.a!r} b={res.b!r}" if res is not None else f"{label}: skipped ({skip})")
+    print(f"approach 3: a={a3.a!r} b={a3.b!r} G={a3.G!r}")
+    print(f"wrote {data['outputs']['json']}, {data['outputs']['markdown']} and {len(PLOTS)} plots")
+    return 0

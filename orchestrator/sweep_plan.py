@@ -1,0 +1,510 @@
+"""Scaling-law sweeps: the sweep YAML and the planner that turns it into runs.
+
+A sweep fixes a list of compute budgets C and, per budget, trains
+``sizes_per_budget`` models whose sizes N are spread evenly in log N around
+Chinchilla's rule of thumb N ~ sqrt(C / (6 * 20)) (about 20 tokens per
+parameter), each for D = C / (6 N) tokens: the IsoFLOP design of Chinchilla's
+approach 2, which ``orchestrator.fit`` then fits three ways.
+
+The planner is pure: no Ray, no files. It walks a ladder of model shapes
+(wider, deeper, or both), counts every shape's parameters exactly with
+``models.transformer.param_counts`` using the vocabulary and sequence length
+the jobs will use, picks the shapes nearest each target N, and returns one
+``PlannedRun`` per job with the dotted job-spec overrides to apply to the
+sweep's ``base``. Every run's job spec is validated here, so a bad base fails
+before anything is submitted.
+
+N*D*6 meets the budget to within rounding D to whole tokens:
+|6 N D - C| <= 3 N, i.e. a relative error of at most 1 / (2 D).
+"""
+from __future__ import annotations
+
+import copy
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from models.transformer import decoder_config, flops_per_token, param_counts
+from orchestrator.errors import UsageError
+from orchestrator.spec import DataSpec, ModelSpec, SpecError, apply_overrides, read_yaml, validate_spec
+
+SWEEP_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,31}$")
+
+# Keys of ``base`` the planner sets per run, with what to do instead.
+_PLANNER_KEYS = {
+    "name": "the planner names every job <sweep name>-<run>",
+    "model.preset": "the planner sizes every model",
+    "model.d_model": "widths come from the sweep's vary/width_step/d_model/aspect_ratio",
+    "model.n_layers": "depths come from the sweep's vary/n_layers/aspect_ratio",
+    "model.n_heads": "heads come from the sweep's head_dim",
+    "model.d_ff": "the MLP width follows d_model",
+    "model.moe": "sweeps of Switch (MoE) models are not planned (6N would need active parameters)",
+    "train.steps": "each run trains for its own train.tokens = C / (6N)",
+    "train.tokens": "each run trains for its own train.tokens = C / (6N)",
+    "train.warmup_steps": "give base.train.warmup_fraction; the planner converts it per run",
+}
+
+
+class SweepError(UsageError):
+    """A sweep that cannot be planned: one line naming the field and what to do."""
+
+
+class SweepSpec(BaseModel):
+    """A sweep YAML, validated at the edge."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    """Sweep name; every job is named <name>-<run> (a-z 0-9 . _ -, at most 32 characters)."""
+    family: Literal["gpt2", "llama", "palm"] = "llama"
+    """Decoder family of every model in the sweep."""
+    vary: Literal["width", "depth", "both"] = "both"
+    """How sizes grow: d_model at fixed n_layers, n_layers at fixed d_model, or both near aspect_ratio."""
+    budgets: list[float] | None = None
+    """Compute budgets C in FLOPs (6ND); give these or total_budget + n_budgets."""
+    total_budget: float | None = Field(None, gt=0)
+    """Total FLOPs of the whole sweep, spread over n_budgets geometric budgets."""
+    n_budgets: int | None = Field(None, ge=2)
+    """Number of budgets to spread total_budget over."""
+    budget_ratio: float = Field(4.0, ge=1.1)
+    """Ratio between consecutive budgets when they come from total_budget."""
+    sizes_per_budget: int = Field(5, ge=3)
+    """Models per budget (3 or more, so a parabola in log N has a vertex)."""
+    size_range: float = Field(8.0, gt=1)
+    """Largest over smallest target N at one budget; targets are evenly spaced in log N."""
+    tokens_per_param: float = Field(20.0, gt=0)
+    """D/N at the centre of each budget's sizes (Chinchilla found about 20)."""
+    head_dim: int = Field(32, ge=2)
+    """Width of one attention head; n_heads = d_model / head_dim."""
+    width_step: int = Field(32, ge=1)
+    """d_model takes multiples of this (must be a multiple of head_dim)."""
+    n_layers: int = Field(4, ge=1)
+    """Depth kept fixed when vary is 'width'."""
+    d_model: int = Field(128, ge=2)
+    """Width kept fixed when vary is 'depth' (a multiple of head_dim)."""
+    aspect_ratio: float = Field(64.0, gt=0)
+    """Target d_model / n_layers when vary is 'both'; shapes stay within a factor 2 of it."""
+    vocab_size: int | None = Field(None, ge=1)
+    """Embedding rows for counting N; default from base.data (320 for the byte tokenizer)."""
+    priority: int = 0
+    """Scheduling priority of every run (higher runs first)."""
+    base: dict[str, Any] = Field(default_factory=dict)
+    """Partial job spec shared by every run (data, train recipe, resources, ...); may hold
+    train.warmup_fraction, which the planner turns into each run's train.warmup_steps."""
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not SWEEP_NAME_RE.match(v):
+            raise ValueError("must be 1-32 of a-z 0-9 . _ - and start with a letter or digit")
+        return v
+
+    @field_validator("budgets")
+    @classmethod
+    def _budgets(cls, v: list[float] | None) -> list[float] | None:
+        if v is None:
+            return v
+        if not v:
+            raise ValueError("give at least one budget")
+        if any(not (math.isfinite(c) and c > 0) for c in v):
+            raise ValueError("every budget must be a positive number of FLOPs")
+        labels = [budget_label(c) for c in v]
+        if len(set(labels)) != len(labels):
+            raise ValueError("budgets must differ in their first 3 significant digits")
+        return sorted(float(c) for c in v)
+
+    @model_validator(mode="after")
+    def _combinations(self) -> "SweepSpec":
+        if (self.budgets is None) == (self.total_budget is None):
+            raise ValueError("budgets: give either budgets or total_budget with n_budgets")
+        if self.total_budget is not None and self.n_budgets is None:
+            raise ValueError("n_budgets: needed with total_budget")
+        if self.budgets is not None and self.n_budgets is not None:
+            raise ValueError("n_budgets: goes with total_budget, not with budgets")
+        if self.family in ("llama", "palm") and self.head_dim % 2:
+            raise ValueError(f"head_dim: rotary embeddings need an even head_dim, got {self.head_dim}")
+        if self.vary != "depth" and self.width_step % self.head_dim:
+            raise ValueError(f"width_step: {self.width_step} must be a multiple of head_dim ({self.head_dim})")
+        if self.vary == "depth" and self.d_model % self.head_dim:
+            raise ValueError(f"d_model: {self.d_model} must be a multiple of head_dim ({self.head_dim})")
+        _check_base(self.base, self.family)
+        return self
+
+    def budget_list(self) -> list[float]:
+        """The budgets, ascending."""
+        if self.budgets is not None:
+            return list(self.budgets)
+        return budgets_from_total(self.total_budget, self.n_budgets, self.budget_ratio, self.sizes_per_budget)
+
+    def job_base(self) -> dict[str, Any]:
+        """``base`` as a job spec: a copy without the planner's train.warmup_fraction."""
+        out = copy.deepcopy(self.base)
+        out.get("train", {}).pop("warmup_fraction", None)
+        return out
+
+    @property
+    def warmup_fraction(self) -> float:
+        """base.train.warmup_fraction, default 0.05."""
+        return float(self.base.get("train", {}).get("warmup_fraction", 0.05))
+
+
+def _check_base(base: dict[str, Any], family: str) -> None:
+    for key, why in _PLANNER_KEYS.items():
+        node: Any = base
+        for part in key.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        if node is not None:
+            raise ValueError(f"base.{key}: set by the planner ({why}); remove it")
+    for section in ("model", "data", "train", "resources"):
+        if section in base and not isinstance(base[section], dict):
+            raise ValueError(f"base.{section}: expected a mapping")
+    fam = base.get("model", {}).get("family")
+    if fam is not None and fam != family:
+        raise ValueError(f"base.model.family: {fam!r} contradicts the sweep's family {family!r}; remove it")
+    frac = base.get("train", {}).get("warmup_fraction", 0.05)
+    if not isinstance(frac, (int, float)) or not 0 <= frac < 1:
+        raise ValueError(f"base.train.warmup_fraction: must be a number in [0, 1), got {frac!r}")
+
+
+def budgets_from_total(total: float, n_budgets: int, ratio: float, sizes_per_budget: int) -> list[float]:
+    """Geometric budgets C0 * ratio^i whose runs (sizes_per_budget each) add up to ``total``."""
+    c0 = total / (sizes_per_budget * sum(ratio ** i for i in range(n_budgets)))
+    return [c0 * ratio ** i for i in range(n_budgets)]
+
+
+def budget_label(c: float) -> str:
+    """'1e12', '3.16e12', '250': three significant digits, no '+' (names must be filesystem-safe)."""
+    return f"{c:.3g}".replace("e+", "e").replace("e0", "e")
+
+
+def run_name(budget: float, n_params: int) -> str:
+    """Deterministic, filesystem-safe run name, e.g. c1e12-n123456."""
+    return f"c{budget_label(budget)}-n{n_params}"
+
+
+# ----------------------------------------------------------------------------- shapes and counts
+
+
+@dataclass(frozen=True)
+class ShapeCount:
+    """One model shape with its exact sizes."""
+
+    d_model: int
+    """Residual width."""
+    n_layers: int
+    """Blocks."""
+    n_heads: int
+    """Query heads (d_model / head_dim)."""
+    n_params: int
+    """All parameters (Chinchilla's N)."""
+    n_params_non_embedding: int
+    """Without vocabulary-sized matrices and the position table (Kaplan's N)."""
+    flops_per_token_6n: float
+    """6 N: training FLOPs per token by Chinchilla's count."""
+    flops_per_token_with_attention: float
+    """6 N plus attention scores and values: 12 * n_layers * n_heads * head_dim * seq_len."""
+
+
+def count_shape(family: str, d_model: int, n_layers: int, n_heads: int, *, vocab_size: int, seq_len: int,
+                model: ModelSpec | None = None) -> ShapeCount:
+    """Exact counts for one shape, honouring base model switches (n_kv_heads, parallel_block, tie_embeddings)."""
+    m = model or ModelSpec(family=family)
+    cfg = decoder_config(family, None, d_model=d_model, n_layers=n_layers, n_heads=n_heads,
+                         vocab_size=vocab_size, seq_len=seq_len, n_kv_heads=m.n_kv_heads,
+                         parallel_block=m.parallel_block, tie_embeddings=m.tie_embeddings)
+    counts, fpt = param_counts(cfg), flops_per_token(cfg)
+    return ShapeCount(d_model, n_layers, n_heads, counts["total"], counts["non_embedding"],
+                      fpt["6N"], fpt["with_attention"])
+
+
+def job_vocab_size(data: DataSpec) -> int:
+    """Embedding rows the job's model will have: the tokenizer's vocabulary padded to 64.
+
+    For BPE this assumes training reaches data.vocab_size; on a small corpus it
+    may stop short (the results table records the built model's real N).
+    """
+    from data.tokenizer import SPECIAL_TOKENS, VOCAB_MULTIPLE
+
+    used = 256 + len(SPECIAL_TOKENS) if data.tokenizer == "byte" else data.vocab_size
+    return -(-used // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+
+
+def shape_ladder(spec: SweepSpec, max_params: float, *, vocab_size: int, seq_len: int,
+                 model: ModelSpec | None = None) -> list[ShapeCount]:
+    """Candidate shapes of the sweep's kind, smallest first, up to just past ``max_params``."""
+    out: list[ShapeCount] = []
+
+    def add(d: int, layers: int) -> ShapeCount | None:
+        try:
+            sc = count_shape(spec.family, d, layers, d // spec.head_dim, vocab_size=vocab_size,
+                             seq_len=seq_len, model=model)
+        except ValueError:               # e.g. base n_kv_heads does not divide this n_heads
+            return None
+        out.append(sc)
+        return sc
+
+    if spec.vary == "width":
+        for k in range(1, 4097):
+            sc = add(k * spec.width_step, spec.n_layers)
+            if sc is not None and sc.n_params > max_params:
+                break
+    elif spec.vary == "depth":
+        for layers in range(1, 1025):
+            sc = add(spec.d_model, layers)
+            if sc is not None and sc.n_params > max_params:
+                break
+    else:
+        step = spec.width_step
+        for layers in range(1, 1025):
+            lo = max(step, step * math.ceil(spec.aspect_ratio * layers / 2 / step))
+            hi = step * math.floor(spec.aspect_ratio * layers * 2 / step)
+            sizes = [sc for d in range(lo, hi + 1, step) if (sc := add(d, layers)) is not None]
+            if sizes and min(sc.n_params for sc in sizes) > max_params:
+                break
+    return sorted(out, key=lambda sc: (sc.n_params, sc.n_layers))
+
+
+# ----------------------------------------------------------------------------- the plan
+
+
+@dataclass(frozen=True)
+class PlannedRun:
+    """One job of the sweep."""
+
+    name: str
+    """Run id within the sweep, e.g. c1e12-n123456 (also its results file name)."""
+    job_name: str
+    """Job name: <sweep name>-<run id>."""
+    budget: float
+    """Requested compute budget C."""
+    target_n: float
+    """The N this slot aimed for (the chosen shape's N is the nearest on the ladder)."""
+    shape: ShapeCount
+    """Model shape and its exact sizes."""
+    tokens: int
+    """D = round(C / (6N)) tokens."""
+    steps: int
+    """Optimizer steps: ceil(D / tokens per step)."""
+    warmup_steps: int
+    """round(warmup_fraction * steps)."""
+    overrides: dict[str, Any] = field(hash=False)
+    """Dotted job-spec keys to set on the sweep's job base."""
+
+    @property
+    def n_params(self) -> int:
+        return self.shape.n_params
+
+    @property
+    def n_params_non_embedding(self) -> int:
+        return self.shape.n_params_non_embedding
+
+    @property
+    def flops_6nd(self) -> float:
+        return 6.0 * self.shape.n_params * self.tokens
+
+    @property
+    def flops_6nd_non_embedding(self) -> float:
+        return 6.0 * self.shape.n_params_non_embedding * self.tokens
+
+    @property
+    def flops_with_attention(self) -> float:
+        return self.shape.flops_per_token_with_attention * self.tokens
+
+
+@dataclass(frozen=True)
+class SweepPlan:
+    spec: SweepSpec
+    """The sweep this plans."""
+    budgets: tuple[float, ...]
+    """Budgets, ascending."""
+    runs: tuple[PlannedRun, ...]
+    """Runs by budget, then by N."""
+    vocab_size: int
+    """Embedding rows used for counting."""
+    seq_len: int
+    """Sequence length used for counting attention FLOPs."""
+    tokens_per_step: int
+    """micro_batch x grad_accum x data-parallel workers x seq_len."""
+
+    @property
+    def total_flops(self) -> float:
+        return sum(r.flops_6nd for r in self.runs)
+
+    def job_spec(self, run: PlannedRun) -> dict[str, Any]:
+        """The run's full raw job spec: the sweep's job base with the run's overrides."""
+        return apply_overrides(self.spec.job_base(), run.overrides)
+
+
+def _pick(ladder: list[ShapeCount], targets: np.ndarray, spec: SweepSpec, budget: float) -> list[ShapeCount]:
+    """Distinct-N shapes for the sorted targets, minimising the summed |ln N - ln target| (dynamic programme).
+
+    A greedy nearest pick fails on coarse ladders when two targets want the
+    same shape; assigning all targets at once keeps the spread. Each pick must
+    land within one spacing of its target, or the ladder cannot serve the budget.
+    """
+    n = np.array([sc.n_params for sc in ladder], dtype=float)          # ascending
+    miss = np.abs(np.log(n)[None, :] - np.log(targets)[:, None])         # (k, M)
+    # With vary=both many shapes have similar N: prefer the one nearest the target aspect ratio.
+    tilt = np.array([abs(math.log(sc.d_model / sc.n_layers / spec.aspect_ratio)) for sc in ladder])
+    cost = miss + (0.05 * tilt if spec.vary == "both" else 0.0)
+    first_same = np.searchsorted(n, n, side="left")                      # picks need strictly larger N
+    k, m = cost.shape
+    total = cost[0].copy()
+    back = np.zeros((k, m), dtype=int)
+    for j in range(1, k):
+        run_min = np.minimum.accumulate(total)
+        run_arg = np.zeros(m, dtype=int)
+        for i in range(1, m):                                            # argmin of the running minimum
+            run_arg[i] = i if total[i] < run_min[i - 1] else run_arg[i - 1]
+        prev = first_same - 1                                            # best among strictly smaller N
+        ok = prev >= 0
+        new = np.full(m, np.inf)
+        new[ok] = cost[j, ok] + run_min[prev[ok]]
+        back[j, ok] = run_arg[prev[ok]]
+        total = new
+    if not np.isfinite(total).any():
+        raise SweepError(f"budgets: the {spec.vary} ladder has fewer than {k} distinct sizes; extend the ladder")
+    picks = [int(np.argmin(total))]
+    for j in range(k - 1, 0, -1):
+        picks.append(int(back[j, picks[-1]]))
+    picks.reverse()
+    spacing = math.log(spec.size_range) / (k - 1)
+    for j, i in enumerate(picks):
+        if miss[j, i] > spacing:
+            raise SweepError(f"budgets: the {spec.vary} ladder has no free shape near N={targets[j]:,.0f} for "
+                             f"C={budget:.4g} (best N={ladder[i].n_params:,}); change the budgets, size_range "
+                             f"or the ladder (head_dim, width_step, n_layers, d_model, aspect_ratio)")
+    return [ladder[i] for i in picks]
+
+
+def _section(cls: type[BaseModel], raw: dict[str, Any], name: str) -> Any:
+    try:
+        return cls.model_validate(raw)
+    except ValidationError as err:
+        e = err.errors()[0]
+        loc = ".".join(str(x) for x in e["loc"])
+        raise SweepError(f"base.{name}.{loc}: {e['msg'].removeprefix('Value error, ')}") from None
+
+
+def plan_sweep(spec: SweepSpec) -> SweepPlan:
+    """Pick sizes_per_budget shapes per budget and give each run its tokens and job overrides."""
+    job_base = spec.job_base()
+    data = _section(DataSpec, job_base.get("data", {}), "data")
+    model = _section(ModelSpec, {**job_base.get("model", {}), "family": spec.family, "preset": None}, "model")
+    vocab = spec.vocab_size or job_vocab_size(data)
+    budgets = spec.budget_list()
+    k = spec.sizes_per_budget
+    offsets = spec.size_range ** np.linspace(-0.5, 0.5, k)
+    centres = [math.sqrt(c / (6.0 * spec.tokens_per_param)) for c in budgets]
+    max_target = max(centres) * offsets[-1]
+    ladder = shape_ladder(spec, max_target * spec.size_range ** (1.0 / (k - 1)) * 1.5, vocab_size=vocab,
+                          seq_len=data.seq_len, model=model)
+    if not ladder:
+        raise SweepError("the shape ladder is empty; check head_dim, width_step and base.model.n_kv_heads")
+
+    runs: list[PlannedRun] = []
+    names: set[str] = set()
+    tokens_per_step = 0
+    for budget, centre in zip(budgets, centres):
+        for sc in _pick(ladder, centre * offsets, spec, budget):
+            name = run_name(budget, sc.n_params)
+            if name in names:
+                name = f"{name}-l{sc.n_layers}d{sc.d_model}"
+            names.add(name)
+            tokens = max(1, round(budget / (6.0 * sc.n_params)))
+            overrides: dict[str, Any] = {
+                "name": f"{spec.name}-{name}",
+                "model.family": spec.family,
+                "model.preset": None,
+                "model.d_model": sc.d_model,
+                "model.n_layers": sc.n_layers,
+                "model.n_heads": sc.n_heads,
+                "train.tokens": tokens,
+            }
+            source = f"sweep {spec.name}, run {name}"
+            try:
+                # Validate once to learn the step count the trainer will use, then again with the warm-up.
+                job = validate_spec(apply_overrides(job_base, overrides), source=source)
+                steps = job.total_steps
+                overrides["train.warmup_steps"] = round(spec.warmup_fraction * steps)
+                validate_spec(apply_overrides(job_base, overrides), source=source)
+            except SpecError as err:
+                raise SweepError(f"base does not make a valid job spec: {err}") from None
+            tokens_per_step = job.tokens_per_step
+            runs.append(PlannedRun(name, overrides["name"], budget, float(centre), sc, tokens, steps,
+                                   overrides["train.warmup_steps"], overrides))
+    return SweepPlan(spec, tuple(budgets), tuple(runs), vocab, data.seq_len, tokens_per_step)
+
+
+# ----------------------------------------------------------------------------- loading and printing
+
+
+def validate_sweep(raw: Any, source: str = "sweep") -> SweepSpec:
+    """A raw mapping (e.g. from YAML) -> SweepSpec, or SweepError with one line naming the field."""
+    if not isinstance(raw, dict):
+        raise SweepError(f"{source}: expected a mapping with name, family, budgets, ...")
+    try:
+        return SweepSpec.model_validate(raw)
+    except ValidationError as err:
+        e = err.errors()[0]
+        loc = ".".join(str(x) for x in e["loc"])
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown field; check the spelling"
+        head = f"{loc}: " if loc and not msg.startswith(("base.", "budgets:", "n_budgets:", "head_dim:",
+                                                         "width_step:", "d_model:")) else ""
+        raise SweepError(f"{source}: {head}{msg}") from None
+
+
+def load_sweep(path: str) -> SweepSpec:
+    """Read and validate a sweep YAML from any fsspec path."""
+    try:
+        raw = read_yaml(path)
+    except SpecError as err:
+        raise SweepError(str(err).replace("spec file", "sweep file")) from None
+    return validate_sweep(raw, source=path)
+
+
+def _duration(seconds: float) -> str:
+    s = int(round(seconds))
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+def format_plan(plan: SweepPlan, tokens_per_second: float | None = None,
+                flops_per_second: float | None = None) -> str:
+    """The plan as a text table; with a throughput, an estimated time per run and in total.
+
+    ``flops_per_second`` (attention-inclusive FLOPs) scales with model size and
+    is the better estimate; ``tokens_per_second`` assumes every size runs at
+    the same token rate, which only holds for a narrow range of sizes.
+    """
+    s = plan.spec
+    lines = [f"sweep {s.name}: {s.family}, vary {s.vary}, {len(plan.budgets)} budgets x "
+             f"{s.sizes_per_budget} sizes = {len(plan.runs)} runs; vocab {plan.vocab_size}, "
+             f"seq_len {plan.seq_len}, {plan.tokens_per_step} tokens/step, priority {s.priority}"]
+    header = (f"{'run':<28} {'L':>3} {'d':>5} {'h':>3} {'N':>13} {'N non-emb':>13} {'D tokens':>15} "
+              f"{'D/N':>6} {'C=6ND':>9} {'C attn':>9} {'steps':>8} {'warmup':>6}")
+    timed = tokens_per_second is not None or flops_per_second is not None
+    if timed:
+        header += f" {'est. time':>10}"
+    lines.append(header)
+    total_time = 0.0
+    for r in plan.runs:
+        row = (f"{r.name:<28} {r.shape.n_layers:>3} {r.shape.d_model:>5} {r.shape.n_heads:>3} "
+               f"{r.n_params:>13,} {r.n_params_non_embedding:>13,} {r.tokens:>15,} {r.tokens / r.n_params:>6.1f} "
+               f"{r.flops_6nd:>9.3g} {r.flops_with_attention:>9.3g} {r.steps:>8,} {r.warmup_steps:>6,}")
+        if timed:
+            t = (r.flops_with_attention / flops_per_second if flops_per_second is not None
+                 else r.tokens / tokens_per_second)
+            total_time += t
+            row += f" {_duration(t):>10}"
+        lines.append(row)
+    total = f"total: C=6ND {plan.total_flops:.4g} FLOPs, with attention {sum(r.flops_with_attention for r in plan.runs):.4g}"
+    if timed:
+        total += f"; estimated {_duration(total_time)} run one after another"
+    lines.append(total)
+    return "\n".join(lines)

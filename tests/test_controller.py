@@ -1,0 +1,153 @@
+"""The controller on a real (simulated multi-node) Ray cluster: queue, gang admission, faults, evals."""
+import json
+import os
+import time
+
+import pytest
+import ray
+
+from orchestrator.cli_jobs import submit_spec
+from orchestrator.cluster_config import ClusterConfig
+from orchestrator.controller import get_controller, start_controller
+from orchestrator.job_store import JobState, JobStore
+from orchestrator.runner import run_job
+from tests.conftest import tiny_spec
+
+pytestmark = pytest.mark.ray
+
+
+def wait_for(cond, timeout=240, every=0.3, what="condition"):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = cond()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.fixture
+def controller(ray_cluster, storage_root, tmp_path):
+    cfg = ClusterConfig.model_validate({"storage": storage_root, "job_store": str(tmp_path / "jobs.db"),
+                                        "ray": {"namespace": f"ctl-{tmp_path.name}"}})
+    handle = start_controller(cfg, tick_s=0.3, backfill_window_s=120)
+    yield cfg, handle
+    handle = get_controller(cfg.ray.namespace)
+    if handle is not None:
+        try:
+            ray.get(handle.shutdown.remote(), timeout=30)
+        except Exception:
+            pass
+        ray.kill(handle, no_restart=True)
+
+
+def _state(store, job_id):
+    return store.get(job_id).state
+
+
+def _losses(run_dir):
+    by_step = {}
+    for line in open(os.path.join(run_dir, "metrics.jsonl")):
+        row = json.loads(line)
+        by_step[row["step"]] = row["loss"]
+    return [by_step[s] for s in sorted(by_step)]
+
+
+def test_node_loss_restarts_from_checkpoint_with_the_same_losses(ray_cluster, controller):
+    cfg, _ = controller
+    store = JobStore(cfg.job_store)
+    # 3 ranks x 2 CPUs: the 4-CPU head holds two, the third must go to another node.
+    node_b = ray_cluster.add_node(num_cpus=2)
+    ray_cluster.wait_for_nodes()
+    spec = tiny_spec(**{"resources.workers": 3, "resources.cpus_per_worker": 2, "resources.torch_threads": 1,
+                        "train.steps": 12, "train.micro_batch": 2, "checkpoint.every": 4, "max_restarts": 2})
+    job = submit_spec(cfg, spec, priority=0)
+    wait_for(lambda: _state(store, job) == JobState.RUNNING, what="RUNNING")
+    nodes = {w["node"] for w in store.get(job).workers}
+    assert len(nodes) == 2, "the job's workers span two nodes"
+    wait_for(lambda: (store.get(job).step or 0) >= 6, what="step 6")
+    ray_cluster.remove_node(node_b)
+    node_c = ray_cluster.add_node(num_cpus=2)  # a replacement joins
+    wait_for(lambda: store.get(job).terminal, timeout=300, what="job end")
+    rec = store.get(job)
+    assert rec.state == JobState.SUCCEEDED, rec.reason
+    assert rec.restarts == 1
+    assert [h.to_state for h in rec.history].count(JobState.RESTARTING) == 1
+    resumed = _losses(rec.run_dir)
+    reference = run_job(spec, cfg, log=lambda *a, **k: None)
+    assert reference["state"] == "SUCCEEDED"
+    assert resumed == pytest.approx(_losses(reference["run_dir"]), rel=1e-4, abs=1e-4)
+    # Every kept checkpoint gets evaluated; the best is marked and survives retention.
+    wait_for(lambda: len(store.get(job).evals) >= 2, what="evals")
+    rec = store.get(job)
+    best = min(rec.evals, key=lambda e: e.loss)
+    wait_for(lambda: store.get(job).best_checkpoint == best.checkpoint, what="best checkpoint")
+    assert os.path.exists(os.path.join(rec.run_dir, "evals.jsonl"))
+    ray_cluster.remove_node(node_c)
+
+
+def test_priority_then_fifo_with_gang_admission(controller):
+    cfg, _ = controller
+    store = JobStore(cfg.job_store)
+    big = {"resources.workers": 2, "resources.cpus_per_worker": 2, "resources.torch_threads": 1}
+    first = submit_spec(cfg, tiny_spec(name="first", **big, **{"train.steps": 10}), priority=0)
+    wait_for(lambda: _state(store, first) == JobState.RUNNING, what="first RUNNING")
+    low = submit_spec(cfg, tiny_spec(name="low", **big, **{"train.steps": 4}), priority=0)
+    high = submit_spec(cfg, tiny_spec(name="high", **{"resources.workers": 1, "resources.cpus_per_worker": 2,
+                                                      "train.steps": 4}), priority=5)
+    for j in (first, low, high):
+        wait_for(lambda: store.get(j).terminal, timeout=300, what=f"{j} end")
+        assert store.get(j).state == JobState.SUCCEEDED, store.get(j).reason
+    recs = {j: store.get(j) for j in (first, low, high)}
+    # RUNNING = every worker of the gang placed and started.
+    starts = {j: next(h.ts for h in r.history if h.to_state == JobState.RUNNING) for j, r in recs.items()}
+    # Nothing started while "first" held all 4 CPUs; then the higher priority went first.
+    assert starts[high] >= recs[first].finished_at - 1.0
+    assert starts[high] < starts[low]
+    # Gang: "low" needs both 2-CPU bundles, so it waited for "high" to free its CPUs: never a partial start.
+    assert starts[low] >= recs[high].finished_at - 1.0
+
+
+def test_cancel_frees_resources_promptly(controller):
+    cfg, _ = controller
+    store = JobStore(cfg.job_store)
+    free_before = ray.available_resources().get("CPU", 0)
+    job = submit_spec(cfg, tiny_spec(name="long", **{"train.steps": 5000, "checkpoint.every": 1000}), priority=0)
+    wait_for(lambda: (store.get(job).step or 0) >= 2, what="training")
+    assert ray.available_resources().get("CPU", 0) <= free_before - 2
+    t0 = time.time()
+    store.request_cancel(job)
+    wait_for(lambda: _state(store, job) == JobState.CANCELLED, timeout=30, what="CANCELLED")
+    wait_for(lambda: ray.available_resources().get("CPU", 0) >= free_before, timeout=30, what="CPUs back")
+    assert time.time() - t0 < 30
+    queued = submit_spec(cfg, tiny_spec(name="never", **{"resources.workers": 64}), priority=0)
+    wait_for(lambda: store.get(queued).terminal, timeout=30, what="impossible job fails")
+    assert "needs 64 workers" in store.get(queued).reason
+
+
+def test_killed_controller_comes_back_and_loses_no_job(controller):
+    cfg, handle = controller
+    store = JobStore(cfg.job_store)
+    job = submit_spec(cfg, tiny_spec(name="survivor", **{"train.steps": 16, "checkpoint.every": 4}), priority=0)
+    wait_for(lambda: (store.get(job).step or 0) >= 5, what="step 5")
+    old_pid = store.controller().pid
+    ray.kill(handle, no_restart=False)  # Ray restarts the detached actor
+    queued_meanwhile = submit_spec(cfg, tiny_spec(name="meanwhile", **{"train.steps": 3}), priority=0)
+    wait_for(lambda: store.controller().pid != old_pid, timeout=60, what="new controller")
+    for j in (job, queued_meanwhile):
+        wait_for(lambda: store.get(j).terminal, timeout=300, what=f"{j} end")
+        assert store.get(j).state == JobState.SUCCEEDED, store.get(j).reason
+    assert store.get(job).step == 16
+    assert any("controller restarted" in h.reason for h in store.get(job).history)
+
+
+def test_user_errors_fail_at_once_without_restarts(controller, tmp_path):
+    cfg, _ = controller
+    store = JobStore(cfg.job_store)
+    spec = tiny_spec(name="badmodel", **{"model.preset": None, "model.d_model": 30, "model.n_layers": 1,
+                                         "model.n_heads": 4})
+    job = submit_spec(cfg, spec, priority=0)
+    wait_for(lambda: store.get(job).terminal, timeout=120, what="failure")
+    rec = store.get(job)
+    assert rec.state == JobState.FAILED and rec.restarts == 0
+    assert "d_model" in rec.reason
