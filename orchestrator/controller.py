@@ -33,6 +33,8 @@ from orchestrator.spec import validate_spec
 
 CONTROLLER_NAME = "switchyard-controller"
 TICK_S = 0.5
+WARM_IDLE_S = 30.0   # a finished job's gang stays warm this long for the next job of the same shape
+WARM_MAX = 4         # at most this many warm gangs
 
 
 @dataclass
@@ -56,6 +58,7 @@ class Controller:
         self.tick_s, self.backfill_window_s = tick_s, backfill_window_s
         self.active: dict[str, Active] = {}
         self._skipped: set[str] = set()
+        self.warm: list[tuple[float, object]] = []  # (parked at, WorkerGroup) of finished healthy jobs
         self.eval_jobs: dict[str, dict] = {}  # job_id -> {checkpoint path: ObjectRef}; jobs whose checkpoints need evals
         self._lock = threading.RLock()
         self._stop = threading.Event()
@@ -74,6 +77,7 @@ class Controller:
     def shutdown(self) -> None:
         self._stop.set()
         with self._lock:
+            self._release_warm()
             for act in list(self.active.values()):
                 act.run.shutdown()
 
@@ -123,7 +127,14 @@ class Controller:
             if act.starter is not None and act.starter.is_alive():
                 continue
             if act.start_error is not None:
-                self._on_fault(job_id, act, act.start_error)
+                from workers.worker_group import PlacementTimeout
+
+                if isinstance(act.start_error, PlacementTimeout):  # someone else took the room: queue again
+                    act.run.shutdown()
+                    self.active.pop(job_id)
+                    self.store.transition(job_id, JobState.QUEUED, str(act.start_error))
+                else:
+                    self._on_fault(job_id, act, act.start_error)
                 continue
             if not act.started:
                 act.started = True
@@ -131,6 +142,7 @@ class Controller:
                 workers = [{"rank": w["rank"], "node": w["node"], "ip": w["ip"], "pid": w["pid"]}
                            for w in act.run.workers]
                 self.store.transition(job_id, JobState.RUNNING, "all workers started", workers=workers)
+                self.storage.write_json(f"{self.store.get(job_id).run_dir}/workers.json", workers)
             refs = act.run.refs
             ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
             failure = None
@@ -152,9 +164,12 @@ class Controller:
                 self.store.update(job_id, step=int(progress["step"]), metrics=metrics)
             if len(ready) < len(refs):
                 continue
-            act.run.shutdown()
             self.active.pop(job_id)
             errors = [r for r in results if "error" in r]
+            if errors or len(self.warm) >= WARM_MAX:
+                act.run.shutdown()
+            else:
+                self.warm.append((time.time(), act.run.release_group()))
             if errors:
                 self.store.transition(job_id, JobState.FAILED, errors[0]["error"])
                 continue
@@ -190,28 +205,50 @@ class Controller:
     # ------------------------------------------------------------------ scheduling
 
     def _free_and_total(self) -> tuple[dict, dict]:
+        """Free resources per node: Ray's view, but never more than the total minus what our own gangs hold.
+
+        Ray's available-resources view lags placement by a moment; the controller knows exactly which
+        nodes its running and warm gangs occupy, so it trusts whichever view is tighter.
+        """
         from orchestrator.ray_cluster import cluster_resources
 
         nodes = cluster_resources()
-        free = {nid: n["free"] for nid, n in nodes.items()}
         total = {nid: n["total"] for nid, n in nodes.items()}
-        # Jobs being started hold resources Ray may not show yet: subtract nothing here; the
-        # placement group wait in JobRun.start covers the race.
+        held: dict[str, dict[str, float]] = {nid: {"CPU": 0.0, "GPU": 0.0} for nid in nodes}
+        groups = [a.run.group for a in self.active.values() if a.run.group is not None] + [g for _, g in self.warm]
+        for group in groups:
+            for info in group.infos:
+                if info["node"] in held:
+                    held[info["node"]]["CPU"] += group.resources.cpus
+                    held[info["node"]]["GPU"] += group.resources.gpus
+        free = {nid: {k: max(0.0, min(n["free"][k], total[nid][k] - held[nid][k])) for k in ("CPU", "GPU")}
+                for nid, n in nodes.items()}
         return free, total
 
     def _schedule(self) -> None:
+        self._expire_warm()
         queued = self.store.list([JobState.QUEUED])
         if not queued:
             return
         if any(a.starter is not None and a.starter.is_alive() for a in self.active.values()):
             return  # one gang at a time: free resources are only known once it is placed
-        free, total = self._free_and_total()
         now = time.time()
         jobs = [sched.QueuedJob.from_record(r) for r in queued if r.kind in ("train", "pretrain")]
+        if not jobs:
+            return
+        head = sched.queue_order(jobs)[0]
+        if not head.cancel_requested:
+            warm = self._take_warm(self.store.get(head.job_id))
+            if warm is not None:
+                self._start(head.job_id, warm)
+                return
+        free, total = self._free_and_total()
+        started = False
         for decision in sched.schedule(jobs, free, total, now=now, backfill_window_s=self.backfill_window_s):
             if isinstance(decision, sched.Start):
                 self._start(decision.job_id)
-                return  # re-read free resources before starting another
+                started = True
+                break  # re-read free resources before starting another
             if isinstance(decision, sched.Wait):
                 rec = self.store.get(decision.job_id)
                 if rec.blocked_since is None:
@@ -228,8 +265,40 @@ class Controller:
                     self.store.transition(decision.job_id, JobState.FAILED, decision.reason)
             elif isinstance(decision, sched.Cancel):
                 self.store.transition(decision.job_id, JobState.CANCELLED, "cancelled by user")
+        if not started and self.warm:
+            self._release_warm()  # warm gangs of another shape hold what the queue needs
 
-    def _start(self, job_id: str) -> None:
+    # ------------------------------------------------------------------ warm gangs
+
+    def _shape(self, spec) -> tuple:
+        from orchestrator.runner import worker_resources
+
+        r = worker_resources(spec, self.cluster)
+        return (r.workers, r.cpus, r.gpus, r.threads)
+
+    def _take_warm(self, rec):
+        try:
+            shape = self._shape(validate_spec(rec.spec))
+        except UsageError:
+            return None
+        for i, (_, group) in enumerate(self.warm):
+            r = group.resources
+            if (r.workers, r.cpus, r.gpus, r.threads) == shape:
+                return self.warm.pop(i)[1]
+        return None
+
+    def _expire_warm(self) -> None:
+        now = time.time()
+        for parked, group in [w for w in self.warm if now - w[0] > WARM_IDLE_S]:
+            group.shutdown()
+        self.warm = [w for w in self.warm if now - w[0] <= WARM_IDLE_S]
+
+    def _release_warm(self) -> None:
+        for _, group in self.warm:
+            group.shutdown()
+        self.warm = []
+
+    def _start(self, job_id: str, warm=None) -> None:
         from orchestrator.runner import JobRun, worker_resources
 
         rec = self.store.get(job_id)
@@ -239,7 +308,8 @@ class Controller:
             self.store.transition(job_id, JobState.FAILED, str(err))
             return
         resume = rec.restarts > 0 or bool(rec.history and any(t.to_state == JobState.RUNNING for t in rec.history))
-        self.store.transition(job_id, JobState.STARTING, "resources available" + (" (resuming)" if resume else ""))
+        how = "warm workers reused" if warm is not None else "resources available"
+        self.store.transition(job_id, JobState.STARTING, how + (" (resuming)" if resume else ""))
         run = JobRun(spec, self.storage, rec.run_dir, worker_resources(spec, self.cluster),
                      self.cluster.workers.peak_flops)
         act = Active(job_id, run)
@@ -249,7 +319,7 @@ class Controller:
                 self.storage.makedirs(rec.run_dir)
                 if not self.storage.exists(f"{rec.run_dir}/spec.json"):
                     self.storage.write_json(f"{rec.run_dir}/spec.json", spec.to_dict())
-                run.start(resume=True, reserve_timeout_s=60.0)
+                run.start(resume=True, reserve_timeout_s=60.0, warm=warm)
             except BaseException as err:  # reported by _watch_running on the loop thread
                 act.start_error = err
 

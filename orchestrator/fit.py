@@ -23,17 +23,20 @@ intervals were implausibly narrow, so this module checks convergence
 (scipy's L-BFGS-B has the last word on the chosen optimum), reports bootstrap
 percentile intervals over resampled runs, and never rounds a parameter.
 
-Why the grid runs in a vectorised L-BFGS of our own: scipy's L-BFGS-B spends
-about 50 us per iteration in its driver whatever the problem size, which
-makes 4500 independent starts take ~40 s on a few hundred points here. The
-batched optimiser below runs every start at once with the analytic gradient
-(the same quasi-Newton method, backtracking Armijo line search), and the best
-converged endpoints are then polished and certified by scipy's L-BFGS-B.
-``fit_approach3(..., method="scipy")`` runs scipy from every start instead,
-as the reference.
+Why the grid runs in a vectorised L-BFGS of our own: scipy's L-BFGS-B costs
+about 7 ms per start on 300 runs here (some 60 iterations, most of it
+per-iteration driver overhead, and 20x more when OpenBLAS's thread pool is
+awake, scipy issue #22438), so 4500 starts take half a minute or more. The
+batched optimiser below advances every start at once with the analytic
+gradient (the same quasi-Newton method, with a backtracking/expanding Armijo
+line search) in a few seconds, and the best converged endpoints are then
+polished and certified by scipy's L-BFGS-B. ``fit_approach3(...,
+method="scipy")`` runs scipy from every start instead, as the reference; a
+test checks the two agree.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -43,9 +46,6 @@ from scipy.optimize import minimize
 
 HUBER_DELTA = 1e-3
 """Chinchilla's Huber threshold on log-loss residuals."""
-
-PARAM_ORDER = ("log_A", "log_B", "log_E", "alpha", "beta")
-"""Column order of the internal parameter vectors (Chinchilla's a, b, e, alpha, beta)."""
 
 
 class FitError(ValueError):
@@ -157,16 +157,19 @@ def smooth(loss: np.ndarray, window: int) -> np.ndarray:
     return (csum[hi] - csum[lo]) / (hi - lo)
 
 
-def fit_approach1(curves: Sequence[Curve], n_grid: int = 60, window: int = 5,
-                  rtol: float = 0.05) -> Approach1Result:
+def fit_approach1(curves: Sequence[Curve], n_grid: int = 60, window: int = 5, rtol: float = 0.05,
+                  interior_only: bool = True) -> Approach1Result:
     """Frontier of the smoothed training curves on a log FLOP grid, then power laws through it.
 
     A grid value counts only where two or more runs have curves covering it,
-    so that "the lowest loss" is a choice. With one point per run (final
-    losses only), the grid is the set of budgets (grouped with ``rtol``).
-    Caveat from Chinchilla: a cosine schedule's mid-run loss is worse than a
-    run trained to that length, which biases N_opt low; the frontier is only
-    as good as the curves.
+    so that "the lowest loss" is a choice; with ``interior_only`` the winner
+    must also be neither the smallest nor the largest model covering it (else
+    the true optimum may lie outside the sizes trained, which biases the
+    exponent at the ends of the grid). With one point per run (final losses
+    only) the grid is the set of budgets, grouped with ``rtol``.
+    Caveat from Chinchilla: a cosine schedule's mid-run loss is worse than that
+    of a run trained to that length, which biases N_opt low; the frontier is
+    only as good as the curves.
     """
     prepared = []
     for cv in curves:
@@ -180,22 +183,17 @@ def fit_approach1(curves: Sequence[Curve], n_grid: int = 60, window: int = 5,
         prepared.append((float(cv.n_params), np.log(6.0 * cv.n_params * t), y))
     if len(prepared) < 2:
         raise FitError("approach 1 needs curves from at least two runs")
+    sizes = np.array([p[0] for p in prepared])
 
     if all(logc.size == 1 for _, logc, _ in prepared):
         source = "final"
-        c_all = np.exp([logc[0] for _, logc, _ in prepared])
-        labels = group_budgets(c_all, rtol)
-        grid, rows = [], []
-        for lab in np.unique(labels):
-            members = np.flatnonzero(labels == lab)
-            if members.size < 2:
-                continue
-            best = members[np.argmin([prepared[i][2][0] for i in members])]
-            grid.append(float(np.exp(np.log(c_all[members]).mean())))
-            rows.append((prepared[best][0], prepared[best][2][0]))
-        flops = np.array(grid)
-        fr_n = np.array([r[0] for r in rows])
-        fr_loss = np.array([r[1] for r in rows])
+        log_c = np.array([logc[0] for _, logc, _ in prepared])
+        labels = group_budgets(np.exp(log_c), rtol)
+        log_grid = np.array([log_c[labels == lab].mean() for lab in np.unique(labels)])
+        # (runs, grid) final loss where the run belongs to the budget, inf elsewhere.
+        table = np.full((len(prepared), log_grid.size), np.inf)
+        for i, (_, _, y) in enumerate(prepared):
+            table[i, labels[i]] = y[0]
     else:
         source = "curves"
         lo = min(logc[0] for _, logc, _ in prepared)
@@ -206,14 +204,19 @@ def fit_approach1(curves: Sequence[Curve], n_grid: int = 60, window: int = 5,
         for i, (_, logc, y) in enumerate(prepared):
             inside = (log_grid >= logc[0]) & (log_grid <= logc[-1])
             table[i, inside] = np.interp(log_grid[inside], logc, y)
-        covered = np.isfinite(table).sum(axis=0) >= 2
-        best = np.argmin(table, axis=0)
-        flops = np.exp(log_grid[covered])
-        fr_n = np.array([prepared[j][0] for j in best[covered]])
-        fr_loss = table[best[covered], np.flatnonzero(covered)]
+    covers = np.isfinite(table)
+    best = np.argmin(table, axis=0)
+    keep = covers.sum(axis=0) >= 2
+    if interior_only:
+        smallest = np.where(covers, sizes[:, None], np.inf).min(axis=0)
+        largest = np.where(covers, sizes[:, None], -np.inf).max(axis=0)
+        keep &= (sizes[best] > smallest) & (sizes[best] < largest)
+    flops = np.exp(log_grid[keep])
+    fr_n = sizes[best[keep]]
+    fr_loss = table[best[keep], np.flatnonzero(keep)]
     if flops.size < 2 or np.unique(fr_n).size < 2:
-        raise FitError("approach 1: the frontier has fewer than two distinct model sizes; "
-                       "runs must overlap in FLOPs")
+        raise FitError("approach 1: the frontier has fewer than two distinct model sizes inside the sampled "
+                       "range; runs must overlap in FLOPs, with sizes on both sides of the optimum")
     fr_d = flops / (6.0 * fr_n)
     return Approach1Result(flops, fr_loss, fr_n, fr_d, fit_power_law(flops, fr_n),
                            fit_power_law(flops, fr_d), source)
@@ -417,54 +420,91 @@ def bootstrap_starts(best: LossParams) -> np.ndarray:
     return np.vstack([best.vector()[None, :], grid])
 
 
-def huber_objective(p: np.ndarray, log_n: np.ndarray, log_d: np.ndarray, log_loss: np.ndarray,
-                    delta: float = HUBER_DELTA) -> tuple[np.ndarray, np.ndarray]:
-    """Summed Huber loss / delta and its gradient, for K parameter rows at once.
+class HuberObjective:
+    """Approach 3's objective on fixed runs: summed Huber loss of log-loss residuals, and its gradient.
 
-    p: (K, 5) rows (log_A, log_B, log_E, alpha, beta); log_n, log_d, log_loss: (n,).
-    Returns f (K,) and grad (K, 5). Dividing by delta keeps f of order
-    sum |residual| / delta so relative stopping tests stay meaningful; it does
-    not move the minimum.
+    Called with K parameter rows at once, p (K, 5) as (log_A, log_B, log_E,
+    alpha, beta), it returns f (K,) and grad (K, 5). f is divided by delta so
+    it is of order sum |residual| / delta and relative stopping tests stay
+    meaningful; that does not move the minimum (``objective`` undoes it).
+    Work buffers are kept between calls: allocating fresh (K, n) arrays on
+    every call costs more than the arithmetic.
+
+    ``weights`` (R, n) gives parameter row r its own weight per run: a
+    bootstrap resample drawn with replacement is the same runs weighted by how
+    often each was drawn, so all resamples can be optimised in one batch.
+    Calls then pass ``rows``, the weight row of each parameter row.
     """
-    p = np.atleast_2d(p)
-    k = p.shape[0]
-    t_n = p[:, 0:1] - p[:, 3:4] * log_n                                # (K, n) log of the A/N^alpha term
-    t_d = p[:, 1:2] - p[:, 4:5] * log_d                                # (K, n) log of the B/D^beta term
-    # Largest |term| from the parameters alone (cheaper than scanning): below ~700 exp cannot overflow.
-    bound = np.maximum(np.abs(p[:, 0]) + np.abs(p[:, 3]) * np.abs(log_n).max(),
-                       np.abs(p[:, 1]) + np.abs(p[:, 4]) * np.abs(log_d).max())
-    if max(bound.max(), np.abs(p[:, 2]).max()) < 300.0:
-        u_n, u_d = np.exp(t_n), np.exp(t_d)
-        u_e = np.exp(p[:, 2:3])                                        # (K, 1): E does not depend on the run
-        s = u_n + u_d
-        s += u_e
-        lse = np.log(s)
-    else:                                                              # shift by the largest term first
-        top = np.maximum(np.maximum(t_n, t_d), p[:, 2:3])
-        u_n, u_d, u_e = np.exp(t_n - top), np.exp(t_d - top), np.exp(p[:, 2:3] - top)
-        s = u_n + u_d
-        s += u_e
-        lse = np.log(s)
-        lse += top
-    r = lse
-    r -= log_loss                                                      # residual in log loss (K, n)
-    # Huber: with c = clip(r, -delta, delta), c (r - c/2) is r^2/2 inside and delta(|r| - delta/2) outside.
-    c = np.clip(r, -delta, delta)
-    r -= 0.5 * c
-    r *= c
-    f = r.sum(axis=1) / delta
-    # d(huber)/dr = c; d(LSE)/d(term i) = u_i / s.
-    c /= s
-    c *= 1.0 / delta
-    u_n *= c
-    u_d *= c
-    g = np.empty((k, 5))
-    g[:, 0] = u_n.sum(axis=1)
-    g[:, 1] = u_d.sum(axis=1)
-    g[:, 2] = (c * u_e).sum(axis=1) if u_e.shape[1] > 1 else u_e[:, 0] * c.sum(axis=1)
-    g[:, 3] = -(u_n @ log_n)
-    g[:, 4] = -(u_d @ log_d)
-    return f, g
+
+    def __init__(self, n: np.ndarray, d: np.ndarray, loss: np.ndarray, delta: float = HUBER_DELTA,
+                 weights: np.ndarray | None = None):
+        self.weights = None if weights is None else np.asarray(weights, float)
+        self.log_n = np.log(np.asarray(n, float))
+        self.log_d = np.log(np.asarray(d, float))
+        self.log_loss = np.log(np.asarray(loss, float))
+        self.delta = float(delta)
+        self._max_log = max(np.abs(self.log_n).max(), np.abs(self.log_d).max())
+        self._work = np.empty((4, 0, self.log_n.size))
+
+    def objective(self, p: Sequence[float]) -> float:
+        """The unscaled summed Huber loss at one parameter vector."""
+        return float(self(np.asarray(p, float)[None, :])[0][0]) * self.delta
+
+    def __call__(self, p: np.ndarray, rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        p = np.atleast_2d(p)
+        k, delta = p.shape[0], self.delta
+        log_n, log_d = self.log_n, self.log_d
+        if self._work.shape[1] < k:
+            self._work = np.empty((4, k, log_n.size))
+        u_n, u_d, s, c = (w[:k] for w in self._work)                   # each (K, n)
+        np.multiply(p[:, 3:4], log_n, out=u_n)
+        np.subtract(p[:, 0:1], u_n, out=u_n)                           # log of A / N^alpha
+        np.multiply(p[:, 4:5], log_d, out=u_d)
+        np.subtract(p[:, 1:2], u_d, out=u_d)                           # log of B / D^beta
+        # Largest |term| bounded from the parameters alone: below ~700 exp cannot overflow.
+        bound = np.abs(p[:, :3]).max() + np.abs(p[:, 3:]).max() * self._max_log
+        if bound < 300.0:
+            np.exp(u_n, out=u_n)
+            np.exp(u_d, out=u_d)
+            u_e = np.exp(p[:, 2:3])                                    # (K, 1): E is the same for every run
+            np.add(u_n, u_d, out=s)
+            s += u_e
+            np.log(s, out=c)                                           # c = LSE
+        else:                                                          # rare: shift by the largest term
+            top = np.maximum(np.maximum(u_n, u_d), p[:, 2:3])
+            u_n -= top
+            u_d -= top
+            np.exp(u_n, out=u_n)
+            np.exp(u_d, out=u_d)
+            u_e = np.exp(p[:, 2:3] - top)                              # (K, n)
+            np.add(u_n, u_d, out=s)
+            s += u_e
+            np.log(s, out=c)
+            c += top
+        c -= self.log_loss                                             # c = residual r in log loss
+        h = np.clip(c, -delta, delta)                                  # d(huber)/dr
+        # Huber: h (r - h/2) is r^2/2 inside [-delta, delta] and delta (|r| - delta/2) outside.
+        if self.weights is None:
+            f = (np.einsum("kn,kn->k", h, c) - 0.5 * np.einsum("kn,kn->k", h, h)) / delta
+        else:
+            w = self.weights[np.arange(k) if rows is None else rows]
+            hw = h * w
+            f = (np.einsum("kn,kn->k", hw, c) - 0.5 * np.einsum("kn,kn->k", hw, h)) / delta
+            h = hw
+        # d(LSE)/d(term) = u / s, so each gradient is a sum of h * u / s.
+        np.divide(h, s, out=h)
+        u_n *= h
+        u_d *= h
+        g = np.empty((k, 5))
+        g[:, 0] = u_n.sum(axis=1)
+        g[:, 1] = u_d.sum(axis=1)
+        g[:, 2] = u_e[:, 0] * h.sum(axis=1) if u_e.shape[1] == 1 else np.einsum("kn,kn->k", u_e, h)
+        # einsum, not @: a BLAS matrix-vector product wakes OpenBLAS's thread pool, whose spinning threads
+        # slowed scipy's L-BFGS-B (its own OpenBLAS) twentyfold on a busy 2-core machine.
+        g[:, 3] = -np.einsum("kn,n->k", u_n, log_n)
+        g[:, 4] = -np.einsum("kn,n->k", u_d, log_d)
+        g /= delta
+        return f, g
 
 
 # Status codes of the batched optimiser.
@@ -476,15 +516,17 @@ def lbfgs_batch(fg, x0: np.ndarray, *, memory: int = 10, max_iter: int = 2000, g
                 max_expansions: int = 20) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Independent L-BFGS runs from each row of x0, advanced in lock step.
 
-    fg(x (k, P)) -> (f (k,), g (k, P)). Line search: backtracking Armijo from
-    step 1, or growing steps (x4) while the curvature condition fails; a pair with s.y <= 0 is dropped instead of stored (keeps the
-    inverse-Hessian estimate positive definite). Stopping per run as scipy's
-    L-BFGS-B: max |g| <= gtol, or (f_old - f_new) <= ftol * max(|f_old|, |f_new|, 1).
-    Returns x (K, P), f (K,), status (K,) with 1, 2 = converged.
+    fg(x (k, P), rows (k,)) -> (f (k,), g (k, P)); rows are the x0 row numbers
+    of the k parameter rows, for objectives that differ per row. Line search:
+    backtracking Armijo from step 1, or steps growing x4 while the curvature
+    condition fails. A pair with s.y <= 0 is dropped instead of stored (keeps
+    the inverse-Hessian estimate positive definite). Stopping per run as in
+    scipy's L-BFGS-B: max |g| <= gtol, or f_old - f_new <= ftol * max(|f_old|,
+    |f_new|, 1). Returns x (K, P), f (K,), status (K,) with 1, 2 = converged.
     """
     x_out = np.array(x0, dtype=float)
     k, dim = x_out.shape
-    f_out, g = fg(x_out)
+    f_out, g = fg(x_out, np.arange(k))
     status = np.where(np.isfinite(f_out), _RUNNING, _NON_FINITE)
     status[(status == _RUNNING) & (np.abs(g).max(axis=1) <= gtol)] = _CONV_GRAD
     # State of the runs still going, compacted so each iteration works on contiguous arrays.
@@ -525,7 +567,7 @@ def lbfgs_batch(fg, x0: np.ndarray, *, memory: int = 10, max_iter: int = 2000, g
             if todo.size == 0:
                 break
             xt = x[todo] + step[todo, None] * direction[todo]
-            ft, gt = fg(xt)
+            ft, gt = fg(xt, live[todo])
             ok = np.isfinite(ft) & (ft <= f[todo] + c1 * step[todo] * gd[todo])
             acc = todo[ok]
             x_new[acc], f_new[acc], g_new[acc] = xt[ok], ft[ok], gt[ok]
@@ -541,7 +583,7 @@ def lbfgs_batch(fg, x0: np.ndarray, *, memory: int = 10, max_iter: int = 2000, g
                 break
             longer = step[todo] * 4.0
             xt = x[todo] + longer[:, None] * direction[todo]
-            ft, gt = fg(xt)
+            ft, gt = fg(xt, live[todo])
             ok = np.isfinite(ft) & (ft < f_new[todo]) & (ft <= f[todo] + c1 * longer * gd[todo])
             acc = todo[ok]
             x_new[acc], f_new[acc], g_new[acc], step[acc] = xt[ok], ft[ok], gt[ok], longer[ok]
@@ -571,53 +613,77 @@ def lbfgs_batch(fg, x0: np.ndarray, *, memory: int = 10, max_iter: int = 2000, g
     return x_out, f_out, status
 
 
-def _prepare(n, d, loss) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    n, d, loss = _check_points(n, d, loss)
-    if n.size < 6:
-        raise FitError(f"approach 3 fits 5 parameters and needs at least 6 runs, got {n.size}")
-    return np.log(n), np.log(d), np.log(loss)
+def _blas_one_thread():
+    """Context limiting OpenBLAS to one thread around scipy's L-BFGS-B, if threadpoolctl is installed.
+
+    scipy >= 1.15's L-BFGS-B calls LAPACK on tiny matrices; with OpenBLAS's
+    thread pool awake each call can cost milliseconds (scipy issue #22438:
+    20x slower here on a busy 2-core machine). OPENBLAS_NUM_THREADS=1 does the same.
+    """
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        return contextlib.nullcontext()
+    return threadpool_limits(limits=1, user_api="blas")
 
 
-def _scipy_lbfgsb(x0: np.ndarray, log_n, log_d, log_loss, delta: float):
+def _scipy_lbfgsb(x0: np.ndarray, fg: HuberObjective):
     def fun(p):
-        f, g = huber_objective(p[None, :], log_n, log_d, log_loss, delta)
+        f, g = fg(p[None, :])
         return float(f[0]), g[0]
     # Tighter than scipy's defaults (Epoch AI traced Chinchilla's odd fit to an optimiser stopping early):
-    # ftol 1e-10 against the default 2.2e-9, and gtol 1e-5 on f / delta is 1e-8 on the summed Huber loss.
-    # Much tighter fails at the optimum: the valley is so flat that f cannot drop by more than rounding.
-    return minimize(fun, x0, jac=True, method="L-BFGS-B",
-                    options={"maxiter": 20000, "maxfun": 40000, "ftol": 1e-10, "gtol": 1e-5})
+    # ftol 1e-10 against the default 2.2e-9, and gtol 1e-4 on f / delta is 1e-7 on the summed Huber
+    # loss, 100x below the default 1e-5. Tighter fails at the optimum: gradients of about 1e-5 (on
+    # f / delta) remain where no step can lower f by more than rounding, and scipy calls that ABNORMAL.
+    with _blas_one_thread():
+        return minimize(fun, x0, jac=True, method="L-BFGS-B",
+                        options={"maxiter": 20000, "maxfun": 40000, "ftol": 1e-10, "gtol": 1e-4})
+
+
+def _minimise_rows(fg: HuberObjective, starts: np.ndarray, chunk: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """lbfgs_batch over all rows of ``starts`` in chunks; returns x, f and a converged mask."""
+    parts = []
+    for lo in range(0, len(starts), chunk):
+        parts.append(lbfgs_batch(lambda p, rows, lo=lo: fg(p, rows + lo), starts[lo:lo + chunk]))
+    x = np.concatenate([p[0] for p in parts])
+    f = np.concatenate([p[1] for p in parts])
+    ok = np.isin(np.concatenate([p[2] for p in parts]), (_CONV_GRAD, _CONV_F)) & np.isfinite(f)
+    return x, f, ok
+
+
+def _default_chunk(n_points: int) -> int:
+    # Big batches cut Python overhead per start; past a few MB of work buffers, cache misses win.
+    return max(128, 300_000 // n_points)
 
 
 def fit_approach3(n: np.ndarray, d: np.ndarray, loss: np.ndarray, *, starts: np.ndarray | None = None,
-                  delta: float = HUBER_DELTA, method: str = "batched", polish: int = 3) -> Approach3Result:
+                  delta: float = HUBER_DELTA, method: str = "batched", polish: int = 3,
+                  chunk: int | None = None) -> Approach3Result:
     """Fit L(N, D) = E + A/N^alpha + B/D^beta from every start; keep the best converged optimum.
 
     method "batched": all starts in the vectorised L-BFGS, then scipy L-BFGS-B
     from the ``polish`` best converged endpoints; scipy's verdict sets
     ``converged``. method "scipy": scipy L-BFGS-B from every start (slow,
-    the reference). ``starts`` defaults to Chinchilla's 4500-point grid.
+    the reference). ``starts`` defaults to Chinchilla's 4500-point grid;
+    ``chunk`` is the number of starts per batch.
     """
-    log_n, log_d, log_loss = _prepare(n, d, loss)
+    n, d, loss = _check_points(n, d, loss)
+    if n.size < 6:
+        raise FitError(f"approach 3 fits 5 parameters and needs at least 6 runs, got {n.size}")
+    fg = HuberObjective(n, d, loss, delta)
     starts = chinchilla_starts() if starts is None else np.atleast_2d(np.asarray(starts, float))
     if method == "scipy":
-        results = [_scipy_lbfgsb(s0, log_n, log_d, log_loss, delta) for s0 in starts]
+        results = [_scipy_lbfgsb(s0, fg) for s0 in starts]
         f_end = np.array([r.fun for r in results])
         ok = np.array([bool(r.success) for r in results])
         pool = ok if ok.any() else np.ones_like(ok)
         best = int(np.argmin(np.where(pool, f_end, np.inf)))
         res, start = results[best], starts[best]
     elif method == "batched":
-        fg = lambda p: huber_objective(p, log_n, log_d, log_loss, delta)  # noqa: E731
-        # Starts per batch: large batches cut per-call overhead; ~600k (start, run) pairs keep memory modest.
-        chunk = max(256, 600_000 // log_n.size)
-        parts = [lbfgs_batch(fg, starts[i:i + chunk]) for i in range(0, len(starts), chunk)]
-        f_end = np.concatenate([p[1] for p in parts])
-        x_end = np.concatenate([p[0] for p in parts])
-        ok = np.isin(np.concatenate([p[2] for p in parts]), (_CONV_GRAD, _CONV_F)) & np.isfinite(f_end)
+        x_end, f_end, ok = _minimise_rows(fg, starts, chunk or _default_chunk(n.size))
         pool = ok if ok.any() else np.isfinite(f_end)
         order = np.argsort(np.where(pool, f_end, np.inf))[:max(1, polish)]
-        polished = [(_scipy_lbfgsb(x_end[i], log_n, log_d, log_loss, delta), i) for i in order]
+        polished = [(_scipy_lbfgsb(x_end[i], fg), i) for i in order]
         good = [pr for pr in polished if pr[0].success] or polished
         res, idx = min(good, key=lambda pr: pr[0].fun)
         start = starts[idx]
@@ -626,7 +692,7 @@ def fit_approach3(n: np.ndarray, d: np.ndarray, loss: np.ndarray, *, starts: np.
     best_f = float(res.fun)
     near = int(np.sum(ok & (f_end <= best_f + 1e-6 * max(abs(best_f), 1e-12))))
     return Approach3Result(LossParams.from_vector(res.x), best_f * delta, bool(res.success),
-                           str(res.message), int(log_n.size), int(len(starts)), int(ok.sum()), near,
+                           str(res.message), int(n.size), int(len(starts)), int(ok.sum()), near,
                            tuple(float(v) for v in start), delta)
 
 
@@ -664,7 +730,7 @@ class BootstrapResult:
     n_ok3: int
     """Resamples whose approach-3 refit gave finite parameters (all enter the intervals)."""
     n_unconverged3: int
-    """Of those, refits scipy did not call converged."""
+    """Of those, refits where no start met the stopping test (kept all the same)."""
     n_ok2: int
     """Resamples where approach 2 could be fitted (two budgets with a minimum inside)."""
     samples: dict[str, np.ndarray] = field(repr=False, default_factory=dict)
@@ -684,9 +750,12 @@ def bootstrap(n: np.ndarray, d: np.ndarray, loss: np.ndarray, *, n_resamples: in
               rtol: float = 0.05) -> BootstrapResult:
     """Percentile intervals from refitting approaches 2 and 3 on runs resampled with replacement.
 
-    Refits start from ``starts`` or, by default, ``bootstrap_starts(base.params)``
-    (the full-data optimum plus 16 grid points) rather than the 4500-point
-    grid, to keep a few hundred refits to seconds.
+    Approach-3 refits start from ``starts`` or, by default,
+    ``bootstrap_starts(base.params)`` (the full-data optimum plus 16 grid
+    points) rather than the 4500-point grid. Every resample is the runs
+    weighted by how often they were drawn, so all refits run as one batch of
+    the vectorised L-BFGS; a refit counts as converged when one of its starts
+    met the optimiser's stopping test (scipy does not re-check each refit).
     """
     n, d, loss = _check_points(n, d, loss)
     if base is None:
@@ -694,21 +763,29 @@ def bootstrap(n: np.ndarray, d: np.ndarray, loss: np.ndarray, *, n_resamples: in
     custom_starts = starts is not None
     starts = np.atleast_2d(np.asarray(starts, float)) if custom_starts else bootstrap_starts(base.params)
     rng = np.random.default_rng(seed)
+    picks = rng.integers(0, n.size, (n_resamples, n.size))                  # (resamples, runs)
+    counts = np.stack([np.bincount(p, minlength=n.size) for p in picks])     # draws of each run
+    n_starts = len(starts)
+    fg = HuberObjective(n, d, loss, base.delta, weights=np.repeat(counts, n_starts, axis=0))
+    x_end, f_end, ok = _minimise_rows(fg, np.tile(starts, (n_resamples, 1)), _default_chunk(n.size))
+
     names3 = ("E", "A", "B", "alpha", "beta", "a", "b", "G")
     draws3: dict[str, list[float]] = {k: [] for k in names3}
     draws2: dict[str, list[float]] = {"a": [], "b": []}
     unconverged = 0
-    for _ in range(n_resamples):
-        pick = rng.integers(0, n.size, n.size)
-        try:
-            fit3 = fit_approach3(n[pick], d[pick], loss[pick], starts=starts, delta=base.delta, polish=1)
-            values = fit3.params.to_dict()
-            if all(math.isfinite(values[k]) for k in names3):
+    for r, pick in enumerate(picks):
+        rows = slice(r * n_starts, (r + 1) * n_starts)
+        conv = ok[rows].any()
+        f_r = np.where(ok[rows] if conv else np.isfinite(f_end[rows]), f_end[rows], np.inf)
+        if np.isfinite(f_r).any():
+            try:
+                values = LossParams.from_vector(x_end[rows][int(np.argmin(f_r))]).to_dict()
+            except (OverflowError, ValueError, ZeroDivisionError):
+                values = {}
+            if values and all(math.isfinite(values[k]) for k in names3):
                 for k in names3:
                     draws3[k].append(values[k])
-                unconverged += not fit3.converged
-        except (FitError, OverflowError):
-            pass
+                unconverged += not conv
         try:
             fit2 = fit_approach2(n[pick], d[pick], loss[pick], rtol=rtol)
             draws2["a"].append(fit2.a)
@@ -720,8 +797,8 @@ def bootstrap(n: np.ndarray, d: np.ndarray, loss: np.ndarray, *, n_resamples: in
     iv3 = {k: _interval(v, level) for k, v in arr3.items() if v.size}
     iv2 = {k: _interval(v, level) for k, v in arr2.items() if v.size}
     samples = {f"approach3.{k}": v for k, v in arr3.items()} | {f"approach2.{k}": v for k, v in arr2.items()}
-    note = (f"approach-3 refits start from {len(starts)} given starts" if custom_starts else
-            f"approach-3 refits start from the full-data optimum plus a small grid ({len(starts)} starts, "
-            "not the 4500-point grid); the best is polished by scipy L-BFGS-B")
+    note = (f"approach-3 refits start from {n_starts} given starts" if custom_starts else
+            f"approach-3 refits start from the full-data optimum plus a 16-point grid ({n_starts} starts, "
+            "not the 4500-point grid), all resamples in one batch of the vectorised L-BFGS")
     return BootstrapResult(n_resamples, level, seed, iv3, iv2, len(arr3["E"]), unconverged, len(arr2["a"]),
                            samples, note)

@@ -339,7 +339,8 @@ def render_markdown(rep: FitReport) -> str:
                  f"{a3.params.b!r} | {_interval_text(rep, 'approach3', 'b')} |")
     lines += ["", f"Approach 3: N_opt(C) = G (C/6)^a with G = {a3.params.G!r}; D_opt(C) = (C/6)^b / G.", ""]
     if rep.approach2 is not None:
-        lines += ["## IsoFLOP profiles", "", "| C | runs | N_opt | D_opt | loss at N_opt | used |", "|---|---|---|---|---|---|"]
+        lines += ["## IsoFLOP profiles", "", "| C | runs | N_opt | D_opt | loss at N_opt | used |",
+                  "|---|---|---|---|---|---|"]
         for p in rep.approach2.profiles:
             used = "yes" if p.used else f"no: {p.reason}"
             lines.append(f"| {p.budget!r} | {p.n.size} | {p.n_opt!r} | {p.d_opt!r} | {p.loss_opt!r} | {used} |")

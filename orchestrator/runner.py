@@ -21,7 +21,7 @@ from data.storage import Storage
 from orchestrator.errors import UsageError
 from orchestrator.spec import JobSpec, validate_spec
 from workers.train_loop import RunContext
-from workers.worker_group import WorkerGroup, WorkerResources
+from workers.worker_group import PlacementTimeout, WorkerGroup, WorkerResources
 
 
 def new_job_id() -> str:
@@ -83,20 +83,26 @@ class JobRun:
     refs: list | None = None
     workers: list | None = None
 
-    def start(self, resume: bool, reserve_timeout_s: float | None = 120.0) -> None:
-        self.group = WorkerGroup(self.resources, self.run_dir, self.storage, name=self.spec.name)
-        if not self.group.reserve(reserve_timeout_s):
-            self.group.shutdown()
-            raise UsageError(f"resources: could not place {self.resources.workers} workers within "
-                             f"{reserve_timeout_s:g}s; is another job holding the cluster?")
-        self.workers = self.group.start()
+    def start(self, resume: bool, reserve_timeout_s: float | None = 120.0, warm: WorkerGroup | None = None) -> None:
+        """Place the gang (or take over a warm one), build the token cache, start training on every rank."""
+        if warm is not None:
+            self.group = warm
+            self.workers = warm.reattach(self.run_dir)
+        else:
+            self.group = WorkerGroup(self.resources, self.run_dir, self.storage, name=self.spec.name)
+            if not self.group.reserve(reserve_timeout_s):
+                self.group.shutdown()
+                raise PlacementTimeout(f"resources: could not place {self.resources.workers} workers within "
+                                       f"{reserve_timeout_s:g}s; is another job holding the cluster?")
+            self.workers = self.group.start()
         try:
             cache = ray.get(self.group.actors[0].prepare_data.remote(TokenSource.from_spec(self.spec.data),
                                                                      self.storage))
         except ray.exceptions.RayTaskError as err:
             raise unwrap_remote_error(err) from None
         self.storage.write_json(f"{self.run_dir}/data.json", {"token_cache": cache})
-        self.group.init_distributed(self.workers[0]["ip"])
+        if not self.group.distributed:
+            self.group.init_distributed(self.workers[0]["ip"])
         ctx = RunContext(self.spec, self.storage, self.run_dir, cache, resume, self.peak_flops)
         self.refs = self.group.train_async(ctx)
 
@@ -114,6 +120,11 @@ class JobRun:
     def shutdown(self) -> None:
         if self.group is not None:
             self.group.shutdown()
+
+    def release_group(self) -> WorkerGroup | None:
+        """Detach the (healthy, finished) gang so it can be reused; the caller owns it now."""
+        group, self.group = self.group, None
+        return group
 
 
 def _progress_bar(total: int, desc: str):
@@ -173,6 +184,8 @@ def run_job(spec: JobSpec, cluster, resume_dir: str | None = None, log=print) ->
             except Exception:
                 pass
         state = "CANCELLED"
+    except PlacementTimeout as err:
+        raise UsageError(str(err)) from None
     except ray.exceptions.RayActorError as err:
         log(f"a worker died: {str(err).splitlines()[0]}")
         state = "FAILED"

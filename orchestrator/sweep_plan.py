@@ -503,7 +503,8 @@ def format_plan(plan: SweepPlan, tokens_per_second: float | None = None,
             total_time += t
             row += f" {_duration(t):>10}"
         lines.append(row)
-    total = f"total: C=6ND {plan.total_flops:.4g} FLOPs, with attention {sum(r.flops_with_attention for r in plan.runs):.4g}"
+    with_attention = sum(r.flops_with_attention for r in plan.runs)
+    total = f"total: C=6ND {plan.total_flops:.4g} FLOPs, with attention {with_attention:.4g}"
     if timed:
         total += f"; estimated {_duration(total_time)} run one after another"
     lines.append(total)

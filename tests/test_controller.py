@@ -151,3 +151,33 @@ def test_user_errors_fail_at_once_without_restarts(controller, tmp_path):
     rec = store.get(job)
     assert rec.state == JobState.FAILED and rec.restarts == 0
     assert "d_model" in rec.reason
+
+
+def test_warm_gang_is_reused_with_identical_results(controller):
+    cfg, _ = controller
+    store = JobStore(cfg.job_store)
+    # Each job fills the 4-CPU head, so the next one waits for (and takes over) the previous gang.
+    spec = tiny_spec(name="warm", **{"train.steps": 4, "checkpoint.every": 100, "resources.cpus_per_worker": 2,
+                                     "resources.torch_threads": 1})
+    jobs = []
+    for _ in range(3):
+        jobs.append(submit_spec(cfg, spec, priority=0))
+    for j in jobs:
+        wait_for(lambda: store.get(j).terminal, timeout=300, what=f"{j} end")
+        assert store.get(j).state == JobState.SUCCEEDED, store.get(j).reason
+    reasons = [next(h.reason for h in store.get(j).history if h.to_state == JobState.STARTING) for j in jobs]
+    assert reasons[0] == "resources available" and reasons[1:] == ["warm workers reused"] * 2
+    pids = [sorted(w["pid"] for w in _workers_seen(store, j)) for j in jobs]
+    assert pids[0] == pids[1] == pids[2]
+    curves = [_losses(store.get(j).run_dir) for j in jobs]
+    assert curves[1] == pytest.approx(curves[0], abs=1e-6) and curves[2] == pytest.approx(curves[0], abs=1e-6)
+    # Each job's rank logs went to its own run directory.
+    for j in jobs:
+        assert os.path.getsize(os.path.join(store.get(j).run_dir, "logs", "rank_0.log")) > 0
+
+
+def _workers_seen(store, job_id):
+    rec = store.get(job_id)
+    running = [h for h in rec.history if h.to_state == JobState.RUNNING]
+    assert running
+    return json.load(open(os.path.join(rec.run_dir, "workers.json")))

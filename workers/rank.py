@@ -48,6 +48,12 @@ class RankWorker:
         print(f"[switchyard] rank {self.rank}/{self.world_size} pid {os.getpid()} on {socket.gethostname()}",
               flush=True)
 
+    def attach(self, run_dir: str) -> None:
+        """Reuse this warm rank for another job: its output now goes to that job's run directory."""
+        self.run_dir = run_dir
+        self._ctx, self._stop_early = None, False
+        self._capture_output()
+
     def _upload_log(self) -> None:
         if not self.storage.is_local and self._log_local:
             sys.stdout.flush()

@@ -1,6 +1,7 @@
 """A job's gang of rank actors in one placement group: all start together or none do."""
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 
@@ -34,10 +35,13 @@ class WorkerGroup:
         self.resources, self.run_dir, self.storage, self.name = resources, run_dir, storage, name
         self.pg = None
         self.actors: list = []
+        self.infos: list[dict] = []
+        self.distributed = False  # torch.distributed is up among these ranks (kept when the gang is reused)
 
     def reserve(self, timeout_s: float | None) -> bool:
         """Create the placement group; True once every bundle is placed (PACK may span nodes)."""
-        self.pg = placement_group(self.resources.bundles(), strategy="PACK", name=f"sy-{self.name}")
+        self.pg = placement_group(self.resources.bundles(), strategy="PACK",
+                                  name=f"sy-{self.name}-{os.getpid()}-{time.time_ns()}")
         try:
             ray.get(self.pg.ready(), timeout=timeout_s)
         except ray.exceptions.GetTimeoutError:
@@ -55,11 +59,19 @@ class WorkerGroup:
             ).remote(i, r.workers, self.run_dir, self.storage, r.threads)
             for i in range(r.workers)
         ]
-        return ray.get([a.info.remote() for a in self.actors])
+        self.infos = ray.get([a.info.remote() for a in self.actors])
+        return self.infos
 
     def init_distributed(self, master_ip: str) -> None:
         port = ray.get(self.actors[0].free_port.remote())
         ray.get([a.setup.remote(master_ip, port) for a in self.actors])
+        self.distributed = True
+
+    def reattach(self, run_dir: str) -> list[dict]:
+        """Hand this warm gang to another job of the same shape: no placement, no process start, no rendezvous."""
+        self.run_dir = run_dir
+        ray.get([a.attach.remote(run_dir) for a in self.actors])
+        return self.infos
 
     def train_async(self, ctx) -> list:
         return [a.train.remote(ctx) for a in self.actors]
