@@ -105,15 +105,19 @@ def sample_next(logits: torch.Tensor, temperature: float, top_p: float,
         tokens = logits.argmax(-1)                                              # (B,)
         return tokens, logits.log_softmax(-1).gather(1, tokens[:, None]).squeeze(1)
     logp = (logits / temperature).log_softmax(-1)                               # (B, V)
-    probs, order = logp.exp().sort(-1, descending=True)                         # (B, V)
+    probs = logp.exp()
+    order = None
     if top_p < 1.0:
+        probs, order = probs.sort(-1, descending=True)                          # (B, V)
         # Keep a token while the mass before it is below top_p: the first always stays.
         probs = probs * ((probs.cumsum(-1) - probs) < top_p)
     cdf = probs.cumsum(-1)                                                      # (B, V)
     u = torch.rand(logits.shape[0], 1, generator=generator, device=logits.device, dtype=cdf.dtype)
     pick = torch.searchsorted(cdf, u * cdf[:, -1:], right=True)                 # (B, 1)
-    pick = torch.minimum(pick, (probs > 0).sum(-1, keepdim=True) - 1)
-    tokens = order.gather(1, pick).squeeze(1)                                   # (B,)
+    # Rounding can push the pick past the last token with mass; step back onto it.
+    last = torch.where(probs > 0, torch.arange(probs.shape[1], device=probs.device), 0).max(-1, keepdim=True).values
+    pick = torch.minimum(pick, last)
+    tokens = (order.gather(1, pick) if order is not None else pick).squeeze(1)  # (B,)
     return tokens, logp.gather(1, tokens[:, None]).squeeze(1)
 
 

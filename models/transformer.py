@@ -341,15 +341,16 @@ class Decoder(nn.Module):
                 cache: KVCache | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """idx (B, T) token ids -> logits (B, T, V) and, given targets (B, T), the mean loss.
 
-        Targets equal to IGNORE_INDEX do not count. Switch layers add their
-        auxiliary losses to the returned loss.
+        Targets equal to IGNORE_INDEX do not count. In training mode Switch
+        layers add their auxiliary losses to the returned loss.
         """
         logits = self.lm_head(self.hidden(idx, cache))                               # (B, T, V)
         if targets is None:
             return logits, None
         loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1),
                                ignore_index=IGNORE_INDEX)
-        return logits, loss + self.aux_loss()
+        # Switch layers' auxiliary losses shape training only; evaluation reports pure cross-entropy.
+        return logits, loss + self.aux_loss() if self.training else loss
 
     def aux_loss(self) -> torch.Tensor | float:
         total: torch.Tensor | float = 0.0

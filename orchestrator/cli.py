@@ -59,13 +59,18 @@ def _extra_commands():
     """Subcommands owned by other modules register themselves here."""
     from orchestrator.cli_jobs import register as register_jobs
 
-    out = [register_jobs]
+    from orchestrator.sweep import register as register_sweep
+
+    out = [register_jobs, register_sweep]
     try:
         from orchestrator.fit_report import add_fit_command
 
         out.append(add_fit_command)
     except ImportError:
         pass
+    from orchestrator.export import add_export_command
+
+    out.append(add_export_command)
     return out
 
 

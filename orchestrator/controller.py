@@ -35,6 +35,7 @@ CONTROLLER_NAME = "switchyard-controller"
 TICK_S = 0.5
 WARM_IDLE_S = 30.0   # a finished job's gang stays warm this long for the next job of the same shape
 WARM_MAX = 4         # at most this many warm gangs
+TRAINING_KINDS = ("train", "sweep-run")
 
 
 @dataclass
@@ -58,6 +59,7 @@ class Controller:
         self.tick_s, self.backfill_window_s = tick_s, backfill_window_s
         self.active: dict[str, Active] = {}
         self._skipped: set[str] = set()
+        self._fits: dict[str, object] = {}
         self.warm: list[tuple[float, object]] = []  # (parked at, WorkerGroup) of finished healthy jobs
         self.eval_jobs: dict[str, dict] = {}  # job_id -> {checkpoint path: ObjectRef}; jobs whose checkpoints need evals
         self._lock = threading.RLock()
@@ -98,11 +100,14 @@ class Controller:
             self._watch_running()
             self._schedule()
             self._evaluate_checkpoints()
+            self._finish_sweeps()
 
     # ------------------------------------------------------------------ reconcile
 
     def _reconcile(self) -> None:
         for rec in self.store.list([JobState.STARTING, JobState.RUNNING, JobState.RESTARTING]):
+            if rec.kind not in TRAINING_KINDS:
+                continue  # sweeps and pipelines are bookkeeping records: nothing of theirs ran
             if rec.cancel_requested:
                 self.store.transition(rec.id, JobState.CANCELLED, "cancelled while the controller was down")
                 continue
@@ -181,6 +186,8 @@ class Controller:
                 self.store.transition(job_id, JobState.CANCELLED, "stopped", step=r["steps"], metrics=metrics)
             else:
                 self.store.transition(job_id, JobState.SUCCEEDED, "finished", step=r["steps"], metrics=metrics)
+                if self.store.get(job_id).kind == "sweep-run":
+                    self._record_sweep_result(job_id)
 
     def _on_fault(self, job_id: str, act: Active, err: BaseException) -> None:
         from orchestrator.runner import unwrap_remote_error
@@ -233,7 +240,7 @@ class Controller:
         if any(a.starter is not None and a.starter.is_alive() for a in self.active.values()):
             return  # one gang at a time: free resources are only known once it is placed
         now = time.time()
-        jobs = [sched.QueuedJob.from_record(r) for r in queued if r.kind in ("train", "pretrain")]
+        jobs = [sched.QueuedJob.from_record(r) for r in queued if r.kind in TRAINING_KINDS]
         if not jobs:
             return
         head = sched.queue_order(jobs)[0]
@@ -359,6 +366,48 @@ class Controller:
             inflight[ckpt.path] = task.remote(self.storage, rec.run_dir, ckpt.path, ckpt.step,
                                               rec.spec.get("eval", {}).get("batches", 8),
                                               rec.spec.get("train", {}).get("micro_batch", 8))
+
+    # ------------------------------------------------------------------ sweeps
+
+    def _record_sweep_result(self, job_id: str) -> None:
+        from orchestrator.sweep import record_result
+
+        try:
+            record_result(self.store, self.storage, job_id)
+        except Exception as err:  # the job's result stays in the store; the row can be re-derived
+            print(f"could not record sweep row for {job_id}: {err}", flush=True)
+
+    def _finish_sweeps(self) -> None:
+        """A sweep whose runs have all ended gets its fit (a Ray task), then SUCCEEDED or FAILED."""
+        from orchestrator.sweep import fit_sweep
+
+        for parent in self.store.list([JobState.RUNNING]):
+            if parent.kind != "sweep":
+                continue
+            children = self.store.list(parent_id=parent.id)
+            if not children or any(not c.terminal for c in children):
+                continue
+            ref = self._fits.get(parent.id)
+            if ref is None:
+                task = ray.remote(fit_sweep).options(num_cpus=0, max_retries=0)
+                self._fits[parent.id] = task.remote(self.storage, parent.spec["sweep_dir"])
+                continue
+            if not ray.wait([ref], timeout=0)[0]:
+                continue
+            self._fits.pop(parent.id)
+            failed = [c for c in children if c.state != JobState.SUCCEEDED]
+            try:
+                ray.get(ref)
+                fit_note = f"fit in {parent.spec['sweep_dir']}/fit"
+            except Exception as err:
+                fit_note = f"fit failed: {str(err).strip().splitlines()[-1][:200]}"
+            if failed:
+                self.store.transition(parent.id, JobState.FAILED, f"{len(failed)} of {len(children)} runs did not "
+                                      f"succeed; {fit_note}")
+            elif fit_note.startswith("fit failed"):
+                self.store.transition(parent.id, JobState.FAILED, fit_note)
+            else:
+                self.store.transition(parent.id, JobState.SUCCEEDED, f"{len(children)} runs; {fit_note}")
 
     def _record_eval(self, job_id: str, result: dict) -> None:
         self.store.add_eval(job_id, result["checkpoint"], result["step"], result["loss"], result["perplexity"],

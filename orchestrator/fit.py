@@ -343,7 +343,7 @@ class LossParams:
         return cls(math.exp(log_e), math.exp(log_a), math.exp(log_b), alpha, beta)
 
     def vector(self) -> np.ndarray:
-        return np.array([math.log(self.A), math.log(self.B), math.log(self.E), self.alpha, self.beta])
+        return np.array([_log(self.A), _log(self.B), _log(self.E), self.alpha, self.beta])
 
     def loss(self, n: np.ndarray | float, d: np.ndarray | float) -> np.ndarray:
         n, d = np.asarray(n, float), np.asarray(d, float)
@@ -372,8 +372,13 @@ class LossParams:
 
     def to_dict(self) -> dict:
         return {"E": self.E, "A": self.A, "B": self.B, "alpha": self.alpha, "beta": self.beta,
-                "log_E": math.log(self.E), "log_A": math.log(self.A), "log_B": math.log(self.B),
+                "log_E": _log(self.E), "log_A": _log(self.A), "log_B": _log(self.B),
                 "a": self.a, "b": self.b, "G": self.G}
+
+
+def _log(x: float) -> float:
+    """A fit can drive a coefficient to underflow (E -> 0 on data with no floor): keep its log finite."""
+    return math.log(max(x, 1e-300))
 
 
 @dataclass(frozen=True)

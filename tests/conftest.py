@@ -56,3 +56,36 @@ def tiny_spec(**overrides):
         "eval": {"held_out_tokens": 2048, "batches": 2},
     }
     return validate_spec(apply_overrides(raw, overrides))
+
+
+def wait_for(cond, timeout=240, every=0.3, what="condition"):
+    import time
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = cond()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.fixture
+def controller(ray_cluster, storage_root, tmp_path):
+    """A real detached controller actor in its own namespace, with its own job store."""
+    import ray
+
+    from orchestrator.cluster_config import ClusterConfig
+    from orchestrator.controller import get_controller, start_controller
+
+    cfg = ClusterConfig.model_validate({"storage": storage_root, "job_store": str(tmp_path / "jobs.db"),
+                                        "ray": {"namespace": f"ctl-{tmp_path.name}"}})
+    handle = start_controller(cfg, tick_s=0.3, backfill_window_s=120)
+    yield cfg, handle
+    handle = get_controller(cfg.ray.namespace)
+    if handle is not None:
+        try:
+            ray.get(handle.shutdown.remote(), timeout=30)
+        except Exception:
+            pass
+        ray.kill(handle, no_restart=True)

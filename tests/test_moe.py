@@ -217,7 +217,6 @@ def test_param_counts_of_switch_decoder_match_module(family, every):
     cfg = decoder_config(family, "tiny", moe=SwitchConfig(num_experts=3, every=every))
     model = Decoder(cfg)
     assert param_counts(cfg)["total"] == n_params(model)
-    dense = Decoder(decoder_config(family, "tiny"))
     n_switch = sum(1 for i in range(cfg.n_layers) if cfg.moe.applies_to(i))
     assert n_switch > 0
     assert sum(isinstance(b.mlp, SwitchMLP) for b in model.blocks) == n_switch

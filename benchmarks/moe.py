@@ -1,0 +1,180 @@
+"""Switch decoder vs the dense decoder with the same active parameters per token.
+
+Trains both from the same seed on the same batches (byte-tokenized stdlib
+docstrings, no download), one step of each in turn so that a shared machine's
+load hits both alike, and reports:
+
+* tokens/s of each (timed steps only, after a few warm-up steps) and the ratio;
+* training cross-entropy (mean of the last 10 steps) and held-out
+  cross-entropy after the same number of steps, without the aux losses;
+* parameters: total and active per token; Switch routing: mean fraction of
+  tokens dropped.
+
+Run: ``.venv/bin/python benchmarks/moe.py [--steps 600] [--every 2] [--experts 4]`` (about 5 min of
+one core for the defaults).
+The last line printed is one JSON object with every figure.
+"""
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import math
+import os
+import sys
+import time
+import warnings
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch
+import torch.nn.functional as F
+
+from data.tokenizer import byte_tokenizer
+from models.moe import SwitchConfig, SwitchMLP
+from models.transformer import Decoder, active_params, decoder_config, param_counts
+
+WARMUP_STEPS = 3  # not timed: first-call allocations
+
+
+def docstring_tokens(max_bytes: int) -> torch.Tensor:
+    """Byte tokens of stdlib docstrings (1-D), deterministic for a given Python."""
+    tok = byte_tokenizer()
+    names = sorted(n for n in sys.stdlib_module_names if not n.startswith("_"))
+    texts, size = [], 0
+    for name in names:
+        if name in {"antigravity", "this", "idlelib", "turtledemo", "tkinter", "turtle"}:  # side effects / GUI
+            continue
+        try:
+            with warnings.catch_warnings():                                     # deprecated modules warn
+                warnings.simplefilter("ignore")
+                module = __import__(name)
+        except Exception:  # platform-specific modules
+            continue
+        objects = [module]
+        for _, obj in inspect.getmembers(module):
+            if inspect.isclass(obj):
+                objects += [obj] + [m for _, m in inspect.getmembers(obj, inspect.isfunction)]
+            elif inspect.isfunction(obj):
+                objects.append(obj)
+        for obj in objects:
+            doc = inspect.getdoc(obj)
+            if doc and len(doc) > 40:
+                texts.append(doc)
+                size += len(doc)
+        if size >= max_bytes:
+            break
+    ids = tok.encode("\n\n".join(dict.fromkeys(texts)))          # dedupe repeated docstrings, keep order
+    return torch.tensor(ids[:max_bytes], dtype=torch.long)
+
+
+def batches(stream: torch.Tensor, batch: int, seq: int, seed: int):
+    """Endless (B, T+1) windows at random offsets of ``stream``."""
+    g = torch.Generator().manual_seed(seed)
+    while True:
+        starts = torch.randint(0, len(stream) - seq - 1, (batch,), generator=g)
+        yield torch.stack([stream[s:s + seq + 1] for s in starts.tolist()])
+
+
+def cross_entropy(model: Decoder, window: torch.Tensor) -> torch.Tensor:
+    logits, _ = model(window[:, :-1])                                           # (B, T, V)
+    return F.cross_entropy(logits.view(-1, logits.shape[-1]), window[:, 1:].reshape(-1))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--family", default="llama", help="decoder family (gpt2, llama, palm)")
+    p.add_argument("--preset", default="mini", help="decoder size preset")
+    p.add_argument("--experts", type=int, default=4)
+    p.add_argument("--every", type=int, default=2, help="Switch layer every N blocks (2 = the paper's, odd layers)")
+    p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+
+    stream = docstring_tokens(2_000_000)
+    split = int(0.95 * len(stream))
+    train, held_out = stream[:split], stream[split:]
+
+    dense_cfg = decoder_config(args.family, args.preset, seq_len=args.seq)
+    switch_cfg = decoder_config(args.family, args.preset, seq_len=args.seq,
+                                moe=SwitchConfig(num_experts=args.experts, every=args.every))
+    models, optimizers = {}, {}
+    for name, cfg in (("dense", dense_cfg), ("switch", switch_cfg)):
+        torch.manual_seed(args.seed)
+        models[name] = Decoder(cfg)
+        optimizers[name] = torch.optim.AdamW(models[name].parameters(), lr=args.lr, weight_decay=0.0)
+
+    def lr_at(step: int) -> float:                                              # warm-up then cosine to 10%
+        warm = max(1, args.steps // 20)
+        if step < warm:
+            return args.lr * (step + 1) / warm
+        frac = (step - warm) / max(1, args.steps - warm)
+        return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
+
+    seconds = {"dense": 0.0, "switch": 0.0}
+    train_ce = {"dense": [], "switch": []}
+    dropped = []
+    data = batches(train, args.batch, args.seq, args.seed)
+    for step in range(args.steps):
+        window = next(data)
+        for name, model in models.items():
+            for group in optimizers[name].param_groups:
+                group["lr"] = lr_at(step)
+            t0 = time.perf_counter()
+            logits, loss = model(window[:, :-1], window[:, 1:])                # loss includes aux
+            optimizers[name].zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizers[name].step()
+            if step >= WARMUP_STEPS:
+                seconds[name] += time.perf_counter() - t0
+            with torch.no_grad():
+                ce = F.cross_entropy(logits.view(-1, logits.shape[-1]), window[:, 1:].reshape(-1))
+            train_ce[name].append(ce.item())
+        dropped.append(sum(float(m.stats["dropped"]) for m in models["switch"].modules()
+                           if isinstance(m, SwitchMLP)) / max(1, sum(switch_cfg.moe.applies_to(i)
+                                                                     for i in range(switch_cfg.n_layers))))
+        if step % 50 == 0 or step == args.steps - 1:
+            print(f"step {step:4d}  dense ce {train_ce['dense'][-1]:.3f}  switch ce {train_ce['switch'][-1]:.3f}"
+                  f"  switch dropped {dropped[-1]:.3f}", flush=True)
+
+    eval_ce = {}
+    for name, model in models.items():
+        model.eval()
+        eval_data = batches(held_out, args.batch, args.seq, seed=12345)
+        with torch.no_grad():
+            eval_ce[name] = sum(cross_entropy(model, next(eval_data)).item() for _ in range(8)) / 8
+
+    timed_tokens = (args.steps - WARMUP_STEPS) * args.batch * args.seq
+    tps = {name: timed_tokens / seconds[name] for name in models}
+    last = {name: sum(v[-10:]) / len(v[-10:]) for name, v in train_ce.items()}
+    result = {
+        "family": args.family, "preset": args.preset, "experts": args.experts, "every": args.every,
+        "steps": args.steps, "batch": args.batch, "seq": args.seq, "threads": args.threads,
+        "train_tokens_bytes": len(train),
+        "params_total": {"dense": param_counts(dense_cfg)["total"], "switch": param_counts(switch_cfg)["total"]},
+        "params_active": {"dense": active_params(dense_cfg), "switch": active_params(switch_cfg)},
+        "tokens_per_s": {k: round(v, 1) for k, v in tps.items()},
+        "tokens_per_s_ratio": round(tps["switch"] / tps["dense"], 3),
+        "train_ce_last10": {k: round(v, 4) for k, v in last.items()},
+        "eval_ce": {k: round(v, 4) for k, v in eval_ce.items()},
+        "eval_ce_diff_switch_minus_dense": round(eval_ce["switch"] - eval_ce["dense"], 4),
+        "switch_dropped_mean": round(sum(dropped) / len(dropped), 4),
+    }
+    print(f"params total   dense {result['params_total']['dense']:,}  switch {result['params_total']['switch']:,}")
+    print(f"params active  dense {result['params_active']['dense']:,}  switch {result['params_active']['switch']:,}")
+    print(f"tokens/s       dense {tps['dense']:.0f}  switch {tps['switch']:.0f}  "
+          f"ratio {result['tokens_per_s_ratio']:.2f}")
+    print(f"train CE (last 10 steps)  dense {last['dense']:.4f}  switch {last['switch']:.4f}")
+    print(f"held-out CE   dense {eval_ce['dense']:.4f}  switch {eval_ce['switch']:.4f}  "
+          f"(switch - dense {result['eval_ce_diff_switch_minus_dense']:+.4f})")
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,358 @@
+"""BERT-family bidirectional encoders with masked-LM and next-sentence heads, single-device PyTorch.
+
+One module covers three families as config switches:
+
+* BERT (Devlin et al. 2018): learned positions, two segment types, post-LN
+  blocks with GELU MLPs and biases, MLM head tied to the word embeddings, and
+  a next-sentence-prediction (NSP) head on [CLS].
+* RoBERTa (Liu et al. 2019): BERT without segment embeddings and without
+  NSP; its dynamic masking is a data-side switch (``data/masking.py``).
+* ALBERT (Lan et al. 2019): a factorized embedding (vocab -> E -> d_model with
+  E < d_model), one set of block weights shared by all layers, and the
+  [CLS] head trained on sentence order (SOP) rather than NSP; same head shape.
+
+A Switch MoE layer (``models.moe``) can replace the MLP in chosen blocks
+through ``EncoderConfig.moe``; its auxiliary losses join the returned loss.
+
+No torch.distributed, Ray or DeepSpeed here: ``workers/`` wraps the model.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+
+
+@dataclass(frozen=True)
+class EncoderConfig:
+    vocab_size: int = 320
+    """Rows of the word embedding (the tokenizer's vocab, padded)."""
+    seq_len: int = 128
+    """Longest input, [CLS] and [SEP]s included; sizes the position table."""
+    d_model: int = 96
+    """Hidden width H."""
+    n_layers: int = 3
+    """Number of encoder blocks (applications of the shared block under share_layers)."""
+    n_heads: int = 4
+    """Attention heads; head_dim = d_model / n_heads."""
+    d_ff: int = 384
+    """MLP hidden width (4 * d_model in BERT)."""
+    type_vocab_size: int = 2
+    """Segment (token type) embeddings: 2 for BERT's sentence A/B, 0 for none (RoBERTa)."""
+    nsp: bool = True
+    """Add the [CLS] pooler + 2-way classifier (NSP for BERT, SOP for ALBERT)."""
+    embedding_dim: int | None = None
+    """ALBERT's factorized embedding size E (< d_model, projected up); None = d_model."""
+    share_layers: bool = False
+    """ALBERT's cross-layer sharing: one block's weights used for all n_layers."""
+    dropout: float = 0.1
+    """Dropout on embeddings, attention probabilities and sublayer outputs."""
+    norm_eps: float = 1e-12
+    """LayerNorm epsilon (BERT uses 1e-12)."""
+    init_std: float = 0.02
+    """Std of the normal initialisation of weight matrices and embeddings."""
+    moe: Any = None
+    """A ``models.moe.SwitchConfig`` to use Switch layers in place of some MLPs, or None."""
+
+    def __post_init__(self) -> None:
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
+        if self.type_vocab_size < 0:
+            raise ValueError(f"type_vocab_size must be >= 0, got {self.type_vocab_size}")
+        if self.embedding_dim is not None and not 0 < self.embedding_dim <= self.d_model:
+            raise ValueError(f"embedding_dim ({self.embedding_dim}) must be in 1..d_model ({self.d_model})")
+        if self.share_layers and self.moe is not None and self.moe.every != 1:
+            raise ValueError(f"share_layers uses one block for all layers, so moe.every must be 1, "
+                             f"got {self.moe.every}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def emb_dim(self) -> int:
+        """E: width of the embedding tables (d_model unless factorized)."""
+        return self.d_model if self.embedding_dim is None else self.embedding_dim
+
+    @property
+    def n_blocks(self) -> int:
+        """Distinct blocks with their own weights."""
+        return 1 if self.share_layers else self.n_layers
+
+    def to_dict(self) -> dict:
+        import dataclasses
+
+        out = dataclasses.asdict(self)
+        if self.moe is not None:
+            out["moe"] = dataclasses.asdict(self.moe)
+        return out
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "EncoderConfig":
+        d = dict(d)
+        if isinstance(d.get("moe"), dict):
+            from models.moe import SwitchConfig
+
+            d["moe"] = SwitchConfig(**d["moe"])
+        return cls(**d)
+
+
+# Style switches per family; sizes come from PRESETS.
+FAMILIES: dict[str, dict] = {
+    "bert": dict(type_vocab_size=2, nsp=True, share_layers=False),
+    "roberta": dict(type_vocab_size=0, nsp=False, share_layers=False),
+    "albert": dict(type_vocab_size=2, nsp=True, share_layers=True),
+}
+
+PRESETS: dict[str, dict] = {
+    "tiny": dict(d_model=96, n_layers=3, n_heads=4, d_ff=384, seq_len=128),       # ~0.4M params, for tests
+    "small": dict(d_model=256, n_layers=4, n_heads=4, d_ff=1024, seq_len=256),    # ~3.3M
+    "base": dict(d_model=768, n_layers=12, n_heads=12, d_ff=3072, seq_len=512),   # BERT-base shape
+}
+
+# ALBERT's E per preset (the paper uses E = 128 for every size from base up).
+ALBERT_EMBEDDING_DIM: dict[str, int] = {"tiny": 32, "small": 64, "base": 128}
+
+
+def encoder_config(family: str, preset: str | None = None, **overrides: Any) -> EncoderConfig:
+    """Family style + preset sizes + explicit overrides (None values are ignored)."""
+    if family not in FAMILIES:
+        raise ValueError(f"unknown encoder family {family!r}; choose one of {sorted(FAMILIES)}")
+    fields: dict[str, Any] = dict(FAMILIES[family])
+    if preset is not None:
+        if preset not in PRESETS:
+            raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+        fields.update(PRESETS[preset])
+        if family == "albert":
+            fields["embedding_dim"] = ALBERT_EMBEDDING_DIM[preset]
+    fields.update({k: v for k, v in overrides.items() if v is not None})
+    return EncoderConfig(**fields)
+
+
+# ----------------------------------------------------------------------------- blocks
+
+
+class Embeddings(nn.Module):
+    """word + position (+ segment) embeddings, LayerNorm, dropout; projected E -> d_model if factorized."""
+
+    def __init__(self, cfg: EncoderConfig):
+        super().__init__()
+        E = cfg.emb_dim
+        self.word = nn.Embedding(cfg.vocab_size, E)
+        self.position = nn.Embedding(cfg.seq_len, E)
+        self.token_type = nn.Embedding(cfg.type_vocab_size, E) if cfg.type_vocab_size > 0 else None
+        self.norm = nn.LayerNorm(E, eps=cfg.norm_eps)
+        self.project = nn.Linear(E, cfg.d_model) if E != cfg.d_model else None
+        self.dropout = cfg.dropout
+
+    def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None) -> torch.Tensor:
+        T = input_ids.shape[1]
+        x = self.word(input_ids) + self.position(torch.arange(T, device=input_ids.device))   # (B, T, E)
+        if self.token_type is not None:
+            if token_type_ids is None:
+                token_type_ids = torch.zeros_like(input_ids)
+            x = x + self.token_type(token_type_ids)
+        elif token_type_ids is not None and bool(token_type_ids.any()):
+            raise ValueError("token_type_ids given but the config has type_vocab_size=0 (RoBERTa style)")
+        x = F.dropout(self.norm(x), self.dropout, self.training)
+        return self.project(x) if self.project is not None else x                         # (B, T, d)
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, cfg: EncoderConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.q_proj = nn.Linear(cfg.d_model, cfg.d_model)
+        self.k_proj = nn.Linear(cfg.d_model, cfg.d_model)
+        self.v_proj = nn.Linear(cfg.d_model, cfg.d_model)
+        self.o_proj = nn.Linear(cfg.d_model, cfg.d_model)
+
+    def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
+        B, T, _ = x.shape
+        H, hd = self.cfg.n_heads, self.cfg.head_dim
+        q = self.q_proj(x).view(B, T, H, hd).transpose(1, 2)                             # (B, H, T, hd)
+        k = self.k_proj(x).view(B, T, H, hd).transpose(1, 2)                             # (B, H, T, hd)
+        v = self.v_proj(x).view(B, T, H, hd).transpose(1, 2)                             # (B, H, T, hd)
+        # key_mask: (B, 1, 1, T) True where the key is a real token; padding is never attended to.
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask,
+                                           dropout_p=self.cfg.dropout if self.training else 0.0)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))                          # (B, T, d)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: EncoderConfig):
+        super().__init__()
+        self.up = nn.Linear(cfg.d_model, cfg.d_ff)
+        self.down = nn.Linear(cfg.d_ff, cfg.d_model)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(F.gelu(self.up(x)))                                              # exact (erf) GELU, as BERT
+
+
+def make_mlp(cfg: EncoderConfig, layer: int) -> nn.Module:
+    if cfg.moe is not None and cfg.moe.applies_to(layer):
+        from models.moe import SwitchMLP
+
+        # Experts are GELU MLPs with biases; SwitchMLP's use the tanh GELU approximation.
+        return SwitchMLP(cfg.d_model, cfg.d_ff, "gelu", True, cfg.moe)
+    return MLP(cfg)
+
+
+class Block(nn.Module):
+    """Post-LN: x = LN(x + attn(x)); x = LN(x + mlp(x)), as in the original Transformer and BERT."""
+
+    def __init__(self, cfg: EncoderConfig, layer: int):
+        super().__init__()
+        self.attn = SelfAttention(cfg)
+        self.norm1 = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.mlp = make_mlp(cfg, layer)
+        self.norm2 = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.dropout = cfg.dropout
+
+    def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
+        x = self.norm1(x + F.dropout(self.attn(x, key_mask), self.dropout, self.training))
+        # Tokens a Switch layer drops get mlp(x) = 0: LN(x + 0) keeps them on the residual path.
+        return self.norm2(x + F.dropout(self.mlp(x), self.dropout, self.training))
+
+
+class MLMHead(nn.Module):
+    """dense d_model -> E, GELU, LayerNorm, then logits through the word embedding (tied) plus a bias."""
+
+    def __init__(self, cfg: EncoderConfig):
+        super().__init__()
+        self.dense = nn.Linear(cfg.d_model, cfg.emb_dim)
+        self.norm = nn.LayerNorm(cfg.emb_dim, eps=cfg.norm_eps)
+        self.bias = nn.Parameter(torch.zeros(cfg.vocab_size))
+
+    def forward(self, h: torch.Tensor, word_weight: torch.Tensor) -> torch.Tensor:
+        h = self.norm(F.gelu(self.dense(h)))                                              # (B, T, E)
+        return F.linear(h, word_weight, self.bias)                                        # (B, T, V); weight (V, E)
+
+
+class NSPHead(nn.Module):
+    """BERT's pooler (dense + tanh on [CLS]) and a 2-way classifier: 0 = B follows A, 1 = B is random."""
+
+    def __init__(self, cfg: EncoderConfig):
+        super().__init__()
+        self.pooler = nn.Linear(cfg.d_model, cfg.d_model)
+        self.classifier = nn.Linear(cfg.d_model, 2)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        pooled = torch.tanh(self.pooler(h[:, 0]))                                         # (B, d) from [CLS]
+        return self.classifier(pooled)                                                    # (B, 2)
+
+
+# ----------------------------------------------------------------------------- model
+
+
+class Encoder(nn.Module):
+    def __init__(self, cfg: EncoderConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embeddings = Embeddings(cfg)
+        self.blocks = nn.ModuleList([Block(cfg, i) for i in range(cfg.n_blocks)])
+        self.mlm_head = MLMHead(cfg)                 # tied: reads embeddings.word.weight, owns only its bias
+        self.nsp_head = NSPHead(cfg) if cfg.nsp else None
+        self._aux_losses: list[torch.Tensor] = []
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """BERT's init: N(0, init_std) for matrices and embeddings, zero biases, unit LayerNorm gains."""
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, 0.0, self.cfg.init_std)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.LayerNorm):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+        nn.init.zeros_(self.mlm_head.bias)
+
+    def block_for(self, layer: int) -> Block:
+        return self.blocks[0 if self.cfg.share_layers else layer]
+
+    def hidden(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None,
+               attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids (B, T) -> final hidden states (B, T, d). attention_mask (B, T): 1 = token, 0 = padding."""
+        if input_ids.shape[1] > self.cfg.seq_len:
+            raise ValueError(f"sequence of {input_ids.shape[1]} tokens exceeds seq_len {self.cfg.seq_len}")
+        key_mask = None
+        if attention_mask is not None:
+            key_mask = attention_mask.bool()[:, None, None, :]                           # (B, 1, 1, T)
+        x = self.embeddings(input_ids, token_type_ids)                                    # (B, T, d)
+        self._aux_losses = []
+        for layer in range(self.cfg.n_layers):
+            block = self.block_for(layer)
+            x = block(x, key_mask)
+            aux = getattr(block.mlp, "aux_loss", None)
+            if aux is not None:                      # collected per use: a shared block runs n_layers times
+                self._aux_losses.append(aux)
+        return x
+
+    def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None, mlm_labels: torch.Tensor | None = None,
+                nsp_labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """MLM logits (B, T, V) and, given labels, the loss.
+
+        loss = MLM cross-entropy over positions whose mlm_labels (B, T) are not
+        IGNORE_INDEX, + NSP cross-entropy when nsp_labels (B,) are given, +
+        the Switch layers' auxiliary losses. For the NSP logits themselves use
+        ``nsp_logits(hidden(...))``.
+        """
+        h = self.hidden(input_ids, token_type_ids, attention_mask)                       # (B, T, d)
+        logits = self.mlm_logits(h)                                                       # (B, T, V)
+        if mlm_labels is None and nsp_labels is None:
+            return logits, None
+        loss = self.aux_loss()
+        if mlm_labels is not None:
+            loss = loss + F.cross_entropy(logits.float().view(-1, logits.shape[-1]), mlm_labels.reshape(-1),
+                                          ignore_index=IGNORE_INDEX)
+        if nsp_labels is not None:
+            loss = loss + F.cross_entropy(self.nsp_logits(h).float(), nsp_labels)
+        return logits, loss
+
+    def mlm_logits(self, h: torch.Tensor) -> torch.Tensor:
+        """(B, T, d) hidden states -> (B, T, V) masked-LM logits."""
+        return self.mlm_head(h, self.embeddings.word.weight)
+
+    def nsp_logits(self, h: torch.Tensor) -> torch.Tensor:
+        """(B, T, d) hidden states -> (B, 2) NSP/SOP logits from [CLS]."""
+        if self.nsp_head is None:
+            raise ValueError("this encoder has no NSP head (config nsp=False, e.g. RoBERTa)")
+        return self.nsp_head(h)
+
+    def aux_loss(self) -> torch.Tensor | float:
+        """Sum of the Switch layers' aux losses from the last forward, one term per layer applied."""
+        return sum(self._aux_losses, 0.0)
+
+
+# ----------------------------------------------------------------------------- counting
+
+
+def param_counts(cfg: EncoderConfig) -> dict[str, int]:
+    """Exact parameter counts, by formula (tests check them against the module).
+
+    ``non_embedding`` leaves out the word, position and segment tables (the
+    MLM decoder is tied to the word table, so it adds only its bias).
+    """
+    d, E, V, ff = cfg.d_model, cfg.emb_dim, cfg.vocab_size, cfg.d_ff
+    layer_norm = 2 * d
+    attn = 4 * (d * d + d)
+    dense_mlp = d * ff + ff + ff * d + d
+    blocks = 0
+    for layer in range(cfg.n_blocks):
+        mlp = dense_mlp
+        if cfg.moe is not None and cfg.moe.applies_to(layer):
+            mlp = cfg.moe.num_experts * dense_mlp + d * cfg.moe.num_experts          # experts + router
+        blocks += attn + mlp + 2 * layer_norm
+    tables = (V + cfg.seq_len + cfg.type_vocab_size) * E
+    embedding_rest = 2 * E + (E * d + d if E != d else 0)                            # LayerNorm, projection
+    mlm = d * E + E + 2 * E + V                                                      # dense, LayerNorm, bias
+    nsp = (d * d + d + 2 * d + 2) if cfg.nsp else 0
+    non_embedding = embedding_rest + blocks + mlm + nsp
+    return {"total": tables + non_embedding, "non_embedding": non_embedding}

@@ -1,0 +1,189 @@
+"""Running a scaling-law sweep through the controller.
+
+``switchyard sweep SWEEP.yaml`` plans the IsoFLOP grid (``sweep_plan``), shows
+the plan, and submits every run as a job, children of one ``sweep`` record in
+the job store. The controller writes each finished run's row into the sweep's
+Parquet table (``sweep_table``) and, once every run has ended, fits the table
+(``fit_report``) into ``<sweep_dir>/fit/``.
+
+Submitting the same sweep again resumes it: runs with a results row, or with a
+job still queued or running, are not submitted again.
+"""
+from __future__ import annotations
+
+import json
+import posixpath
+import sys
+import time
+
+from data.storage import Storage
+from orchestrator.errors import UsageError
+from orchestrator.job_store import JobState, JobStore, safe_join
+from orchestrator.spec import validate_spec
+
+DEFAULT_FLOPS_PER_S = 2.0e10  # per worker, CPU-ish; used only for the time estimate in the plan
+
+
+def sweep_dir(cluster, name: str) -> str:
+    return safe_join(cluster.storage, "sweeps", name)
+
+
+def _storage(cluster) -> Storage:
+    return Storage(cluster.storage, dict(cluster.storage_options))
+
+
+def finished_runs(storage: Storage, sdir: str) -> set[str]:
+    folder = posixpath.join(sdir, "results")
+    if not storage.exists(folder):
+        return set()
+    return {posixpath.basename(p)[: -len(".parquet")] for p in storage.fs.glob(f"{folder}/*.parquet")
+            if not posixpath.basename(p).startswith(".")}
+
+
+def _parent(store: JobStore, name: str):
+    for rec in store.list():
+        if rec.kind == "sweep" and rec.name == name:
+            return rec
+    return None
+
+
+def submit_sweep(cluster, path: str, dry_run: bool = False, flops_per_s: float | None = None, log=print) -> dict:
+    from orchestrator.cli_jobs import submit_spec
+    from orchestrator.sweep_plan import format_plan, load_sweep, plan_sweep
+
+    spec = load_sweep(path)
+    plan = plan_sweep(spec)
+    workers = plan.tokens_per_step and validate_spec(plan.job_spec(plan.runs[0])).resources.workers
+    rate = flops_per_s or DEFAULT_FLOPS_PER_S * workers
+    log(format_plan(plan, flops_per_second=rate))
+    if dry_run:
+        return {"sweep": spec.name, "runs": len(plan.runs), "submitted": [], "dry_run": True}
+    storage = _storage(cluster)
+    sdir = sweep_dir(cluster, spec.name)
+    storage.makedirs(sdir)
+    storage.write_json(f"{sdir}/sweep.json", spec.model_dump(mode="json"))
+    storage.write_json(f"{sdir}/plan.json", [{
+        "run_id": r.name, "job_name": r.job_name, "budget": r.budget, "n_params": r.n_params,
+        "n_params_non_embedding": r.n_params_non_embedding, "tokens": r.tokens, "steps": r.steps,
+        "d_model": r.shape.d_model, "n_layers": r.shape.n_layers, "n_heads": r.shape.n_heads} for r in plan.runs])
+    store = JobStore(cluster.job_store)
+    parent = _parent(store, spec.name)
+    if parent is None:
+        parent = store.submit(spec.name, "sweep", {"sweep_dir": sdir, "runs": len(plan.runs)}, spec.priority,
+                              {"workers": 0, "cpus_per_worker": 0, "gpus_per_worker": 0}, 0,
+                              run_dir_for=lambda _id: sdir)
+        store.transition(parent.id, JobState.STARTING, "sweep submitted")
+        store.transition(parent.id, JobState.RUNNING, f"{len(plan.runs)} runs planned")
+    elif parent.terminal:
+        raise UsageError(f"sweep {spec.name} already ended ({parent.state.value}); its table is in {sdir}. "
+                         f"Rename the sweep to run it again")
+    done = finished_runs(storage, sdir)
+    live = {c.name for c in store.list(parent_id=parent.id) if not c.terminal}
+    submitted = []
+    for run in plan.runs:
+        if run.name in done or run.job_name in live:
+            continue
+        job_spec = validate_spec(plan.job_spec(run), source=f"{path} run {run.name}")
+        submitted.append(_submit_child(cluster, job_spec, spec.priority, parent.id))
+    log(f"sweep {spec.name}: {len(submitted)} runs submitted, {len(done)} already finished, "
+        f"{len(live)} still queued or running; table in {sdir}")
+    return {"sweep": spec.name, "id": parent.id, "sweep_dir": sdir, "runs": len(plan.runs),
+            "submitted": submitted, "finished": sorted(done)}
+
+
+def _submit_child(cluster, spec, priority: int, parent_id: str) -> str:
+    from orchestrator.runner import preflight, worker_resources
+
+    preflight(spec, _storage(cluster))
+    res = worker_resources(spec, cluster)
+    rec = JobStore(cluster.job_store).submit(
+        spec.name, "sweep-run", spec.to_dict(), priority,
+        {"workers": res.workers, "cpus_per_worker": res.cpus, "gpus_per_worker": res.gpus}, spec.max_restarts,
+        run_dir_for=lambda job_id: safe_join(cluster.storage, f"{spec.name}-{job_id}"), parent_id=parent_id)
+    return rec.id
+
+
+def sweep_status(cluster, name: str) -> dict:
+    store = JobStore(cluster.job_store)
+    parent = _parent(store, name)
+    if parent is None:
+        raise UsageError(f"no sweep named {name!r}; `switchyard list` shows the jobs")
+    storage = _storage(cluster)
+    sdir = parent.spec["sweep_dir"]
+    children = store.list(parent_id=parent.id)
+    done = finished_runs(storage, sdir)
+    counts: dict[str, int] = {}
+    for c in children:
+        counts[c.state.value] = counts.get(c.state.value, 0) + 1
+    return {"sweep": name, "id": parent.id, "state": parent.state.value, "sweep_dir": sdir,
+            "runs": parent.spec["runs"], "results": len(done), "jobs": counts,
+            "fit": f"{sdir}/fit/fit.json" if storage.exists(f"{sdir}/fit/fit.json") else None,
+            "reason": parent.reason}
+
+
+# ---------------------------------------------------------------------- controller side
+
+
+def record_result(store: JobStore, storage: Storage, job_id: str) -> None:
+    """A sweep run ended well: add its row to the sweep's table."""
+    from models.transformer import DecoderConfig, flops_per_token
+    from orchestrator.sweep_table import append_row, make_row
+
+    rec = store.get(job_id)
+    parent = store.get(rec.parent_id)
+    sdir = parent.spec["sweep_dir"]
+    spec = validate_spec(rec.spec)
+    info = storage.read_json(f"{rec.run_dir}/model_config.json")
+    cfg = DecoderConfig.from_dict(info["model"])
+    fpt = flops_per_token(cfg, spec.data.seq_len)
+    run_id = rec.name[len(parent.name) + 1:]
+    m = rec.metrics or {}
+    row = make_row(run_id=run_id, family=spec.model.family, n_params=info["total"],
+                   n_params_non_embedding=info["non_embedding"], tokens=spec.total_steps * spec.tokens_per_step,
+                   attention_flops_per_token=fpt["with_attention"] - fpt["6N"], final_loss=m["loss"],
+                   spec_hash=spec.spec_hash(), held_out_loss=m.get("held_out_loss"),
+                   curve_path=f"{rec.run_dir}/metrics.jsonl")
+    append_row(sdir, row)
+
+
+def fit_sweep(storage: Storage, sdir: str) -> dict:
+    """Fit the finished table into <sweep_dir>/fit (a Ray task of the controller)."""
+    from orchestrator.fit_report import load_table, run_fits, write_report
+
+    table = load_table(sdir)
+    rep = run_fits(table, n_bootstrap=100, seed=0)
+    return write_report(rep, f"{sdir}/fit")
+
+
+def register(sub) -> None:
+    p = sub.add_parser("sweep", help="plan and run an IsoFLOP sweep (`sweep status NAME` shows progress)")
+    p.add_argument("target", help="SWEEP.yaml, or 'status'")
+    p.add_argument("name", nargs="?", help="with 'status': the sweep's name")
+    p.add_argument("--dry-run", action="store_true", help="show the plan, submit nothing")
+    p.add_argument("--flops-per-s", type=float, default=None,
+                   help="throughput for the time estimate (default 2e10 per worker)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_sweep)
+
+
+def cmd_sweep(args) -> int:
+    from orchestrator.cluster_config import load_cluster_config
+
+    cluster = load_cluster_config(args.cluster)
+    if args.target == "status":
+        if not args.name:
+            raise UsageError("sweep status: give the sweep's name")
+        out = sweep_status(cluster, args.name)
+        if args.json:
+            print(json.dumps(out))
+        else:
+            jobs = ", ".join(f"{k.lower()} {v}" for k, v in sorted(out["jobs"].items()))
+            print(f"sweep {out['sweep']} ({out['id']}): {out['state']}; {out['results']}/{out['runs']} runs in the "
+                  f"table; jobs: {jobs or 'none'}")
+            print(f"table: {out['sweep_dir']}/results" + (f"; fit: {out['fit']}" if out["fit"] else ""))
+        return 0
+    log = (lambda *a, **k: print(*a, file=sys.stderr, **k)) if args.json else print
+    out = submit_sweep(cluster, args.target, dry_run=args.dry_run, flops_per_s=args.flops_per_s, log=log)
+    if args.json:
+        print(json.dumps(out))
+    return 0
