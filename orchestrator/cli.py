@@ -31,10 +31,9 @@ def cmd_run(args) -> int:
     if args.json:
         print(json.dumps(result))
     else:
-        loss = result.get("final_loss")
-        print(f"{result['state']}: {result['id']} steps={result['steps']} "
-              f"loss {result.get('first_loss') or float('nan'):.4f} -> {loss if loss is not None else float('nan'):.4f} "
-              f"run_dir={result['run_dir']}")
+        fmt = lambda v: "-" if v is None else f"{v:.4f}"
+        print(f"{result['state']}: {result['id']} steps={result['steps'] or '-'} "
+              f"loss {fmt(result.get('first_loss'))} -> {fmt(result.get('final_loss'))} run_dir={result['run_dir']}")
     return 0 if result["state"] == "SUCCEEDED" else 1
 
 

@@ -43,16 +43,23 @@ def cmd_up(args) -> int:
     import ray
 
     from orchestrator.controller import start_controller
-    from orchestrator.ray_cluster import connect, local_head_running
+    from orchestrator.ray_cluster import connect, record_head, recorded_head
 
     cluster = _cluster(args)
-    if cluster.ray.address == "local" and not local_head_running():
-        cmd = [_ray_bin(), "start", "--head", "--disable-usage-stats", "--include-dashboard=false"]
+    if cluster.ray.address == "local" and recorded_head(cluster) is None:
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("", 0))
+            port = s.getsockname()[1]
+        cmd = [_ray_bin(), "start", "--head", f"--port={port}", "--disable-usage-stats", "--include-dashboard=false"]
         if cluster.ray.num_cpus:
             cmd.append(f"--num-cpus={cluster.ray.num_cpus}")
         out = subprocess.run(cmd, capture_output=True, text=True)
         if out.returncode != 0:
-            raise UsageError(f"could not start a local Ray head: {out.stderr.strip().splitlines()[-1:]}")
+            tail = (out.stderr.strip().splitlines() or ["unknown error"])[-1]
+            raise UsageError(f"could not start a local Ray head: {tail}")
+        record_head(cluster, f"127.0.0.1:{port}")
     address = connect(cluster, allow_embedded=False)
     handle = start_controller(cluster)
     info = ray.get(handle.ping.remote())
@@ -65,10 +72,12 @@ def cmd_down(args) -> int:
     import ray
 
     from orchestrator.controller import get_controller
-    from orchestrator.ray_cluster import connect, local_head_running
+    from orchestrator.ray_cluster import connect, record_head, recorded_head
 
     cluster = _cluster(args)
-    if cluster.ray.address == "local" and not local_head_running():
+    head = recorded_head(cluster) if cluster.ray.address == "local" else cluster.ray.address
+    if head is None:
+        record_head(cluster, None)
         print("switchyard is not running")
         return 0
     connect(cluster, allow_embedded=False)
@@ -81,7 +90,9 @@ def cmd_down(args) -> int:
         ray.kill(handle, no_restart=True)
     ray.shutdown()
     if cluster.ray.address == "local":
+        # `ray stop` ends the Ray processes of this machine, including the head `up` started.
         subprocess.run([_ray_bin(), "stop"], capture_output=True, text=True)
+        record_head(cluster, None)
     unfinished = [r for r in _store(cluster).list() if not r.terminal]
     note = f"; {len(unfinished)} unfinished job(s) resume at the next `switchyard up`" if unfinished else ""
     print(f"switchyard is down{note}")

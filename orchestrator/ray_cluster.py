@@ -23,18 +23,43 @@ def _py_modules() -> list:
     return [importlib.import_module(p) for p in _PACKAGES]
 
 
-def local_head_running() -> bool:
-    """Is a Ray head from ``switchyard up`` (``ray start --head``) running on this machine?"""
-    try:
-        from ray._private.services import find_gcs_addresses
+def _address_file(cluster) -> str:
+    return os.path.join(os.path.dirname(cluster.job_store), "ray_address")
 
-        return bool(find_gcs_addresses())
-    except Exception:
-        return False
+
+def recorded_head(cluster) -> str | None:
+    """The address of the local Ray head ``switchyard up`` started, if it is still answering."""
+    path = _address_file(cluster)
+    if not os.path.exists(path):
+        return None
+    address = open(path).read().strip()
+    host, _, port = address.rpartition(":")
+    import socket
+
+    try:
+        with socket.create_connection((host, int(port)), timeout=1.0):
+            return address
+    except (OSError, ValueError):
+        return None
+
+
+def record_head(cluster, address: str | None) -> None:
+    path = _address_file(cluster)
+    if address is None:
+        if os.path.exists(path):
+            os.remove(path)
+        return
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        f.write(address)
 
 
 def connect(cluster, *, allow_embedded: bool = True) -> str:
-    """Make sure this process is connected; return a description of the cluster address."""
+    """Make sure this process is connected; return the cluster's GCS address.
+
+    ``local`` attaches only to the head ``switchyard up`` started (its address is
+    recorded next to the job store), never to an unrelated Ray on the machine.
+    """
     if ray.is_initialized():
         return ray.get_runtime_context().gcs_address
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
@@ -43,10 +68,11 @@ def connect(cluster, *, allow_embedded: bool = True) -> str:
     address = cluster.ray.address
     try:
         if address == "local":
-            if local_head_running():
-                ray.init(address="auto", **common)
+            head = recorded_head(cluster)
+            if head is not None:
+                ray.init(address=head, **common)
             elif allow_embedded:
-                ray.init(num_cpus=cluster.ray.num_cpus, include_dashboard=False, **common)
+                ray.init(address="local", num_cpus=cluster.ray.num_cpus, include_dashboard=False, **common)
             else:
                 raise UsageError("no local Ray cluster is running; start one with `switchyard up`")
         else:

@@ -1,20 +1,38 @@
 """The training loop one rank runs: data -> DeepSpeed engine -> checkpoints and metrics.
 
-The step is visible code: for each micro-batch ``engine(x, y)`` then
-``engine.backward(loss)``, then ``engine.step()`` (DeepSpeed accumulates and
-steps the optimizer and the LR schedule at the accumulation boundary).
+The step is visible code: for each micro-batch ``task.loss(engine, batch)``
+then ``engine.backward(loss)``, then ``engine.step()`` (DeepSpeed accumulates
+and steps the optimizer and the LR schedule at the accumulation boundary).
+A pipeline (``parallel.pp > 1``) runs the whole step as
+``engine.train_batch(micro-batches)``: DeepSpeed schedules the forward and
+backward passes of every micro-batch over the stages.
+
+What differs between model kinds is a *task*: how a batch is built from the
+global sample positions a rank reads, and what the loss is. ``CausalLM``
+(decoders: next-token prediction) and ``MaskedLM`` (encoders: masked LM, plus
+NSP for BERT or sentence order for ALBERT) are two plain classes with the
+same three methods; the loop does not know which one it runs.
+
+Parallelism is applied from outside the model, in ``build_engine``: pipeline
+stages (``workers/pipeline.py``) for ``pp > 1``, DeepSpeed's expert-parallel
+MoE layer (``workers/moe_parallel.py``) for ``ep > 1``.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
+import posixpath
+import random
+import tempfile
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 from data.sampler import DataPlan, DataState
 from data.shards import TokenCache
@@ -43,22 +61,196 @@ class RunContext:
     progress: dict | None = None
 
 
-def model_config(spec, vocab_size: int) -> DecoderConfig:
+# ----------------------------------------------------------------------------- model
+
+
+def model_config(spec, vocab_size: int):
+    """The spec's model as a ``DecoderConfig`` (gpt2/llama/palm) or an ``EncoderConfig`` (bert/roberta/albert)."""
     m = spec.model
-    if not m.is_decoder:
-        raise UserError(f"model.family: {m.family} trains with the encoder loop, not the decoder loop")
     moe = None
     if m.moe is not None:
         from models.moe import SwitchConfig
 
         moe = SwitchConfig(**m.moe.model_dump())
     try:
+        if not m.is_decoder:
+            from models.encoder import encoder_config
+
+            return encoder_config(m.family, m.preset, vocab_size=vocab_size, seq_len=spec.data.seq_len,
+                                  d_model=m.d_model, n_layers=m.n_layers, n_heads=m.n_heads, d_ff=m.d_ff,
+                                  dropout=m.dropout, moe=moe)
         return decoder_config(
             m.family, m.preset, vocab_size=vocab_size, seq_len=spec.data.seq_len, d_model=m.d_model,
             n_layers=m.n_layers, n_heads=m.n_heads, n_kv_heads=m.n_kv_heads, d_ff=m.d_ff,
             parallel_block=m.parallel_block, tie_embeddings=m.tie_embeddings, dropout=m.dropout, moe=moe)
     except ValueError as err:
         raise UserError(f"model: {err}") from None
+
+
+def is_encoder_config(cfg) -> bool:
+    return not isinstance(cfg, DecoderConfig)
+
+
+def build_model(cfg) -> torch.nn.Module:
+    if is_encoder_config(cfg):
+        from models.encoder import Encoder
+
+        return Encoder(cfg)
+    return Decoder(cfg)
+
+
+def config_from_dict(family: str, d: dict):
+    """Inverse of ``cfg.to_dict()`` for the family's kind (model_config.json)."""
+    from orchestrator.spec import DECODER_FAMILIES
+
+    if family in DECODER_FAMILIES:
+        return DecoderConfig.from_dict(d)
+    from models.encoder import EncoderConfig
+
+    return EncoderConfig.from_dict(d)
+
+
+def model_counts(cfg, seq_len: int) -> dict:
+    """Exact parameter counts and training FLOPs per token at ``seq_len`` (attention included), either kind."""
+    if not is_encoder_config(cfg):
+        return {**param_counts(cfg), "flops_per_token": flops_per_token(cfg, seq_len)["with_attention"]}
+    from models.encoder import param_counts as encoder_counts
+
+    counts = encoder_counts(cfg)
+    # Compute per token: a shared (ALBERT) block counts once per application, a Switch layer one expert.
+    d, ff = cfg.d_model, cfg.d_ff
+    dense_block = 4 * (d * d + d) + (d * ff + ff + ff * d + d) + 4 * d
+    active = counts["total"] + (cfg.n_layers - cfg.n_blocks) * dense_block
+    if cfg.moe is not None:
+        n_moe = sum(1 for layer in range(cfg.n_blocks) if cfg.moe.applies_to(layer))
+        active -= n_moe * (cfg.moe.num_experts - 1) * (d * ff + ff + ff * d + d)
+    flops = 6.0 * active + 12.0 * cfg.n_layers * d * seq_len
+    return {**counts, "flops_per_token": flops}
+
+
+# ----------------------------------------------------------------------------- tasks
+
+
+def _to_device(batch: dict, device) -> dict:
+    return {k: (torch.as_tensor(v).to(device) if v is not None else None) for k, v in batch.items()}
+
+
+class CausalLM:
+    """Decoders: predict each next token of a window of the token stream."""
+
+    def __init__(self, plan: DataPlan):
+        self.plan = plan
+
+    def batch(self, positions) -> dict:
+        x, y = self.plan.batch(positions)                                              # (B, T) each
+        return {"idx": x, "targets": y}
+
+    def held_out(self, index: int, size: int) -> dict | None:
+        b = self.plan.held_out_batch(index, size)
+        return None if b is None else {"idx": b[0], "targets": b[1]}
+
+    def loss(self, engine, batch: dict) -> tuple[torch.Tensor, dict]:
+        _, loss = engine(batch["idx"], batch["targets"])
+        return loss, {}
+
+
+class MaskedLM:
+    """Encoders: masked-LM on windows of the token stream, framed as the family expects.
+
+    * RoBERTa: ``[CLS] window [SEP]``, dynamic masking (a new mask every epoch), no NSP.
+    * BERT: ``[CLS] A [SEP] B [SEP]`` with segment ids; A is the first part of
+      the window and B, half of the time, the part that follows it in the
+      stream (NSP label 0), else the same span of another random window (1).
+      Static masking: a sample keeps its mask (and its pair) in every epoch.
+    * ALBERT: the same pair framing for sentence order: A and B swapped half of the time (label 1).
+
+    Masks and pairs are functions of (seed, [epoch,] window index) only
+    (``data/masking.py``), so a resumed job sees exactly the same inputs.
+    """
+
+    def __init__(self, plan: DataPlan, tokenizer, family: str, seq_len: int, seed: int, sentence_head: bool):
+        from data.masking import Masker, masking_config
+
+        self.plan, self.family, self.T, self.seed = plan, family, seq_len, seed
+        self.cfg = masking_config(family, seed)
+        self.masker = Masker.for_tokenizer(self.cfg, tokenizer)
+        self.cls_id, self.sep_id = tokenizer.cls_id, tokenizer.sep_id
+        # Pairs with segment ids: BERT (NSP) and ALBERT (SOP), when the model has the [CLS] head.
+        self.pairs = family in ("bert", "albert") and sentence_head
+        self.len_a = (seq_len - 3) // 2                                                 # A, then B of the rest
+        self.len_b = seq_len - 3 - self.len_a
+
+    def _window(self, window: int) -> np.ndarray:
+        start = window * self.plan.seq_len
+        return self.plan.tokens[start:start + self.plan.seq_len]
+
+    def _frame(self, tokens: np.ndarray, key: int, epoch: int, train: bool) -> tuple[list, list, int]:
+        """One sample's ids, segment ids and sentence label (-1 when there is no pair task)."""
+        from data.masking import join_pair, sample_seed
+
+        if not self.pairs:
+            return [self.cls_id] + tokens[:self.T - 2].tolist() + [self.sep_id], [0] * self.T, -1
+        a = tokens[:self.len_a].tolist()
+        b = tokens[self.len_a:self.len_a + self.len_b].tolist()
+        label = 0
+        if train:
+            rng = random.Random(sample_seed(self.seed + 7919, epoch if self.cfg.dynamic else None, key))
+            if self.family == "albert":
+                if rng.random() < 0.5:
+                    a, b, label = b, a, 1
+            elif rng.random() >= 0.5:
+                other = rng.randrange(self.plan.n_windows - 1)
+                other += other >= key                                                    # any window but this one
+                b, label = self._window(other)[self.len_a:self.len_a + self.len_b].tolist(), 1
+        ids, types = join_pair(a, b, self.cls_id, self.sep_id, self.T)
+        return ids, types, label
+
+    def _batch(self, rows: list[tuple[np.ndarray, int, int]], train: bool) -> dict:
+        ids, types, labels, masked, mlm_labels = [], [], [], [], []
+        for tokens, key, epoch in rows:
+            i, t, label = self._frame(tokens, key, epoch, train)
+            x, y = self.masker.mask(torch.tensor(i), key, epoch)
+            ids.append(i), types.append(t), labels.append(label), masked.append(x), mlm_labels.append(y)
+        out = {"input_ids": torch.stack(masked), "mlm_labels": torch.stack(mlm_labels)}     # (B, T) each
+        if self.pairs:
+            out["token_type_ids"] = torch.tensor(types)                                  # (B, T)
+            if train:
+                out["nsp_labels"] = torch.tensor(labels)                                 # (B,)
+        return out
+
+    def batch(self, positions) -> dict:
+        n = self.plan.n_windows
+        rows = [(self._window(self.plan.window_of(p)), self.plan.window_of(p), p // n) for p in positions]
+        return self._batch(rows, train=True)
+
+    def held_out(self, index: int, size: int) -> dict | None:
+        """Held-out windows, masked with a fixed seed; MLM loss only (B follows A for pair models)."""
+        b = self.plan.held_out_batch(index, size)
+        if b is None:
+            return None
+        keys = range(self.plan.n_windows + index * size, self.plan.n_windows + index * size + len(b[0]))
+        return self._batch([(row, key, 0) for row, key in zip(b[0], keys)], train=False)
+
+    def loss(self, engine, batch: dict) -> tuple[torch.Tensor, dict]:
+        from data.masking import IGNORE_INDEX
+
+        logits, loss = engine(batch["input_ids"], batch.get("token_type_ids"), None, batch["mlm_labels"],
+                              batch.get("nsp_labels"))
+        with torch.no_grad():
+            mlm = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), batch["mlm_labels"].reshape(-1),
+                                  ignore_index=IGNORE_INDEX)
+        return loss, {"mlm_loss": float(mlm)}
+
+
+def make_task(spec, cfg, plan: DataPlan, tokenizer):
+    if not is_encoder_config(cfg):
+        return CausalLM(plan)
+    if cfg.seq_len < spec.data.seq_len:
+        raise UserError(f"data.seq_len: {spec.data.seq_len} is longer than the model's position table ({cfg.seq_len})")
+    return MaskedLM(plan, tokenizer, spec.model.family, spec.data.seq_len, spec.train.seed, cfg.nsp)
+
+
+# ----------------------------------------------------------------------------- optimizer and engine
 
 
 def lr_lambda(spec):
@@ -79,10 +271,16 @@ def lr_lambda(spec):
 
 
 def make_optimizer(model: torch.nn.Module, spec) -> torch.optim.Optimizer:
+    """AdamW/Adam/SGD; matrices decay, vectors do not; DeepSpeed MoE experts get groups of their own."""
     t = spec.train
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [{"name": "decay", "params": decay, "weight_decay": t.weight_decay},
+              {"name": "no_decay", "params": no_decay, "weight_decay": 0.0}]
+    if any(getattr(p, "allreduce", True) is False for p in model.parameters()):
+        from workers.moe_parallel import moe_param_groups
+
+        groups = moe_param_groups(model, groups)
     if t.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=t.lr, momentum=0.9)
     if t.optimizer == "adam":
@@ -93,15 +291,215 @@ def make_optimizer(model: torch.nn.Module, spec) -> torch.optim.Optimizer:
 
 
 def build_engine(model: torch.nn.Module, spec, load_universal: bool = False):
+    """Apply the spec's parallelism to the single-device model, then DeepSpeed.
+
+    pp > 1: the Decoder is cut into pipeline stages holding its weights (a
+    ``PipelineEngine``). ep > 1: Switch layers become DeepSpeed MoE layers with
+    their experts sharded over ``ep`` ranks. Collective: every rank calls it.
+    """
     import deepspeed
 
-    if spec.parallel.pp > 1:
-        raise UserError("parallel.pp: pipeline parallelism is not available in this build; set parallel.pp=1")
+    p = spec.parallel
+    if p.pp > 1:
+        from workers.pipeline import load_decoder_state, pipeline_module
+
+        if not isinstance(model, Decoder):
+            raise UserError(f"parallel.pp: pipeline parallelism is for decoders, not {type(model).__name__}")
+        state = model.state_dict()
+        try:
+            model = pipeline_module(model.cfg, p.pp)
+        except ValueError as err:
+            raise UserError(str(err)) from None
+        load_decoder_state(model, state)
+    elif p.ep > 1:
+        from workers.moe_parallel import expert_parallel
+
+        expert_parallel(model, p.ep)
     optimizer = make_optimizer(model, spec)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(spec))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=deepspeed_config(spec, load_universal))
     return engine
+
+
+def is_pipeline(engine) -> bool:
+    return hasattr(engine, "train_batch") and hasattr(engine, "grid")
+
+
+# ----------------------------------------------------------------------------- weights to start from
+
+
+@dataclass
+class Weights:
+    """Trained weights with what is needed to rebuild and describe them."""
+
+    family: str
+    config: object                   # DecoderConfig | EncoderConfig
+    state: dict                      # the single-device model's state dict
+    source: str                      # the checkpoint folder or Hugging Face folder read
+    tokenizer_dir: str | None        # folder with the tokenizer.json the weights were trained with
+
+
+def pick_checkpoint(storage: Storage, run_dir: str) -> ckpt_lib.CheckpointInfo:
+    """The run's best checkpoint (best_checkpoint.json) if it is complete, else its latest complete one."""
+    done = ckpt_lib.list_checkpoints(storage, run_dir)
+    best_uri = f"{run_dir}/best_checkpoint.json"
+    if storage.exists(best_uri):
+        best = storage.read_json(best_uri).get("path", "").rstrip("/")
+        for c in done:
+            if c.path.rstrip("/") == best or posixpath.basename(c.path) == posixpath.basename(best):
+                return c
+    if not done:
+        raise ValueError(f"{run_dir}: no complete checkpoint (a manifest.json in checkpoints/step_*/)")
+    return done[-1]
+
+
+def run_weights(storage: Storage, path: str) -> Weights:
+    """Consolidated weights of a run directory (best, else latest checkpoint) or of one checkpoint folder.
+
+    Raises ValueError with a message for people when ``path`` is neither or lacks what is needed.
+    """
+    path = path.rstrip("/")
+    if storage.exists(f"{path}/manifest.json"):
+        run_dir = posixpath.dirname(posixpath.dirname(path))
+        ckpt = ckpt_lib.CheckpointInfo(int(path.rsplit("_", 1)[-1]) if "_" in path else 0, path,
+                                       storage.read_json(f"{path}/manifest.json"))
+    elif storage.exists(f"{path}/spec.json"):
+        run_dir, ckpt = path, pick_checkpoint(storage, path)
+    else:
+        raise ValueError(f"{path}: not a run directory (spec.json), a checkpoint folder (manifest.json) "
+                         "or a Hugging Face folder (config.json)")
+    if not storage.exists(f"{ckpt.path}/model.safetensors"):
+        raise ValueError(f"{ckpt.path}: no consolidated model.safetensors (the run had checkpoint.consolidated: false)")
+    if not storage.exists(f"{run_dir}/model_config.json"):
+        raise ValueError(f"{run_dir}: no model_config.json next to the checkpoints")
+    info = storage.read_json(f"{run_dir}/model_config.json")
+    family = info.get("family") or storage.read_json(f"{run_dir}/spec.json")["model"]["family"]
+    cfg = config_from_dict(family, info["model"])
+    tok_dir = None
+    if storage.exists(f"{run_dir}/data.json"):
+        tok_dir = storage.read_json(f"{run_dir}/data.json").get("token_cache")
+    return Weights(family, cfg, ckpt_lib.load_consolidated(storage, ckpt.path), ckpt.path, tok_dir)
+
+
+def source_weights(storage: Storage, path: str) -> Weights:
+    """``model.init_from``: a Hugging Face folder (config.json), a run directory or a checkpoint folder."""
+    if storage.exists(f"{path.rstrip('/')}/config.json"):
+        from models.hf import import_hf_family
+
+        family, cfg, state = import_hf_family(path.rstrip("/"), fs=storage.fs)
+        return Weights(family, cfg, state, path, path)
+    return run_weights(storage, path)
+
+
+def _same_vocab(storage: Storage, folder_a: str, folder_b: str) -> bool:
+    from tokenizers import Tokenizer
+
+    vocab = [Tokenizer.from_str(storage.read_text(f"{f}/tokenizer.json")).get_vocab(with_added_tokens=True)
+             for f in (folder_a, folder_b)]
+    return vocab[0] == vocab[1]
+
+
+def init_config(spec, storage: Storage, cfg, tokenizer, token_cache: str) -> tuple[object, Weights]:
+    """The model config when starting from ``model.init_from``: the weights' architecture wins.
+
+    Kept from the spec: dropout, and for RoPE decoders the sequence length
+    (rotary tables have no weights). Refused: another kind of model (decoder
+    vs encoder), Switch layers the weights do not have, a tokenizer other
+    than the one the weights were trained with, more token ids than rows.
+    """
+    where = f"model.init_from: {spec.model.init_from}"
+    try:
+        w = source_weights(storage, spec.model.init_from)
+    except (ValueError, FileNotFoundError, KeyError) as err:
+        raise UserError(f"{where}: {err}") from None
+    src = w.config
+    if is_encoder_config(src) != is_encoder_config(cfg):
+        raise UserError(f"{where}: holds a {w.family} model, which cannot train as model.family "
+                        f"{spec.model.family}")
+    if spec.model.moe is not None and src.moe is None:
+        raise UserError(f"{where}: the weights have no Switch layers; remove model.moe")
+    if tokenizer.vocab_size > src.vocab_size:
+        raise UserError(f"{where}: the tokenizer has {tokenizer.vocab_size} ids but the model only "
+                        f"{src.vocab_size} embedding rows")
+    if w.tokenizer_dir and storage.exists(f"{w.tokenizer_dir}/tokenizer.json") \
+            and not _same_vocab(storage, w.tokenizer_dir, token_cache):
+        raise UserError(f"{where}: the weights were trained with another tokenizer than data.tokenizer gives "
+                        "here; use the same data.tokenizer (and corpus, for bpe)")
+    changes: dict = {"dropout": spec.model.dropout}
+    rope = not is_encoder_config(src) and src.pos == "rope"
+    if rope:
+        changes["seq_len"] = spec.data.seq_len
+    elif spec.data.seq_len > src.seq_len:
+        raise UserError(f"data.seq_len: {spec.data.seq_len} is longer than the position table of "
+                        f"{spec.model.init_from} ({src.seq_len})")
+    return dataclasses.replace(src, **changes), w
+
+
+# ----------------------------------------------------------------------------- consolidated weights
+
+
+def expert_state(engine, ep: int) -> dict[str, torch.Tensor] | None:
+    """Collective: the model's state dict on rank 0 with DeepSpeed MoE layers back in ``SwitchMLP`` names.
+
+    Each rank holds num_experts / ep experts; rank r of an expert-parallel
+    group holds global experts r * local ... (r + 1) * local - 1.
+    TODO(moe_parallel): belongs next to ``expert_parallel`` in workers/moe_parallel.py.
+    """
+    from deepspeed.utils import groups
+
+    from workers.moe_parallel import DeepSpeedSwitch
+
+    ep_rank = groups._get_expert_parallel_rank(f"ep_size_{ep}")
+    mine: dict[str, torch.Tensor] = {}
+    for name, m in engine.module.named_modules():
+        if not isinstance(m, DeepSpeedSwitch):
+            continue
+        local = m.cfg.num_experts // ep
+        for i, expert in enumerate(m.moe.deepspeed_moe.experts.deepspeed_experts):
+            for k, v in expert.state_dict().items():
+                mine[f"{name}.experts.{ep_rank * local + i}.{k}"] = v.detach().float().cpu().clone()
+    parts = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(mine, parts, dst=0)
+    if dist.get_rank() != 0:
+        return None
+    out = {}
+    for k, v in engine.module.state_dict().items():
+        if ".moe.deepspeed_moe." not in k:
+            out[k] = v.detach().float().clone()
+        elif k.endswith(".moe.deepspeed_moe.gate.wg.weight"):
+            out[k.replace(".moe.deepspeed_moe.gate.wg.weight", ".router.weight")] = v.detach().float().clone()
+    for part in parts:
+        out.update(part)
+    return out
+
+
+def _write_consolidated(engine, spec, storage: Storage, ckpt_path: str) -> bool:
+    """Pipeline and expert-parallel engines: write model.safetensors (single-device names) into the
+    checkpoint folder before ``save_checkpoint`` writes the rest and the manifest, which then lists it.
+    Returns whether it did (the default consolidation handles every other engine)."""
+    p = spec.parallel
+    if not spec.checkpoint.consolidated or (p.pp == 1 and p.ep == 1):
+        return False
+    if p.pp > 1:
+        from workers.pipeline import gather_decoder_state
+
+        state = gather_decoder_state(engine)
+    else:
+        state = expert_state(engine, p.ep)
+    if state is not None:
+        staging = tempfile.mkdtemp(prefix="sy-consolidated-")
+        try:
+            ckpt_lib.save_safetensors(state, os.path.join(staging, "model.safetensors"))
+            storage.put_dir(staging, ckpt_path)
+        finally:
+            import shutil
+
+            shutil.rmtree(staging, ignore_errors=True)
+    return True
+
+
+# ----------------------------------------------------------------------------- evaluation
 
 
 def _reduce_mean(values: list[float], device) -> list[float]:
@@ -110,20 +508,39 @@ def _reduce_mean(values: list[float], device) -> list[float]:
     return (t / dist.get_world_size()).tolist()
 
 
-def evaluate_held_out(engine, plan: DataPlan, spec, device) -> dict | None:
-    """Mean held-out loss over eval.batches batches (all ranks take part; ranks split the batches)."""
+def evaluate_held_out(engine, task, spec, device) -> dict | None:
+    """Mean held-out loss over eval.batches batches (MLM loss for encoders); every rank takes part.
+
+    Ranks split the batches, except under expert parallelism (the all-to-all
+    needs every rank in every forward) and in a pipeline (every stage runs
+    the same micro-batches; partial batches are left out: stage buffers have
+    one shape).
+    """
     rank, world = dist.get_rank(), dist.get_world_size()
+    micro = spec.train.micro_batch
+    if is_pipeline(engine):
+        from workers.pipeline import micro_batches
+
+        batches = [b for b in (task.held_out(i, micro) for i in range(spec.eval.batches))
+                   if b is not None and len(b["idx"]) == micro]
+        if not batches:
+            return None
+        loss = float(engine.eval_batch(micro_batches(_to_device(b, device) for b in batches),
+                                       num_micro_batches=len(batches)))
+        return {"held_out_loss": loss, "held_out_ppl": math.exp(min(loss, 50))}
+    split = spec.parallel.ep == 1
     total, count = 0.0, 0
     engine.eval()
     with torch.no_grad():
-        for i in range(rank, spec.eval.batches, world):
-            batch = plan.held_out_batch(i, spec.train.micro_batch)
+        for i in (range(rank, spec.eval.batches, world) if split else range(spec.eval.batches)):
+            batch = task.held_out(i, micro)
             if batch is None:
                 break
-            x, y = (torch.from_numpy(a).to(device) for a in batch)
-            _, loss = engine(x, y)
-            total += float(loss) * len(x)
-            count += len(x)
+            batch = _to_device(batch, device)
+            n = len(next(iter(batch.values())))
+            loss, extras = task.loss(engine, batch)
+            total += extras.get("mlm_loss", float(loss)) * n
+            count += n
     engine.train()
     s = torch.tensor([total, count], dtype=torch.float64, device=device)
     dist.all_reduce(s)
@@ -131,6 +548,58 @@ def evaluate_held_out(engine, plan: DataPlan, spec, device) -> dict | None:
         return None
     loss = float(s[0] / s[1])
     return {"held_out_loss": loss, "held_out_ppl": math.exp(min(loss, 50))}
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def _check_layout(spec, latest: ckpt_lib.CheckpointInfo | None, world: int) -> None:
+    """DeepSpeed's pipeline and expert files are laid out per stage and expert rank: resume on the same layout."""
+    if latest is None:
+        return
+    p, m = spec.parallel, latest.manifest
+    if m.get("pp", 1) != p.pp:
+        raise UserError(f"parallel.pp: the checkpoint was written by a {m.get('pp', 1)}-stage run; "
+                        f"resume with parallel.pp={m.get('pp', 1)}")
+    if m.get("ep", 1) != p.ep:
+        raise UserError(f"parallel.ep: the checkpoint was written with ep={m.get('ep', 1)}; "
+                        f"resume with parallel.ep={m.get('ep', 1)}")
+    if p.pp > 1 and m.get("world_size") != world:
+        raise UserError(f"resources.workers: a pipeline run resumes on the number of workers it had "
+                        f"({m.get('world_size')}), got {world}")
+
+
+def load_init_state(model: torch.nn.Module, w: Weights) -> None:
+    """Load ``model.init_from`` weights; a tied output projection may be absent from the file."""
+    missing, unexpected = model.load_state_dict(w.state, strict=False)
+    tied = getattr(model.cfg, "tie_embeddings", False)
+    missing = [k for k in missing if not (tied and k == "lm_head.weight")]
+    if missing or unexpected:
+        raise UserError(f"model.init_from: {w.source} does not match the model: missing {missing[:4]}, "
+                        f"unexpected {unexpected[:4]}")
+
+
+def _step_means(rows: list[dict]) -> dict[str, np.ndarray]:
+    """Mean over micro-batches of each named value (scalars and vectors)."""
+    out: dict[str, np.ndarray] = {}
+    for row in rows:
+        for k, v in row.items():
+            v = np.atleast_1d(np.asarray(v.tolist() if hasattr(v, "tolist") else v, dtype=np.float64))
+            out[k] = out.get(k, 0.0) + v / len(rows)
+    return out
+
+
+def _reduce_mean_dict(values: dict[str, np.ndarray], device) -> dict[str, np.ndarray]:
+    """One all-reduce for every named value (same keys and shapes on every rank), averaged over ranks."""
+    keys = sorted(values)
+    flat = np.concatenate([values[k] for k in keys]) if keys else np.zeros(0)
+    mean = np.asarray(_reduce_mean(flat.tolist(), device))
+    out, at = {}, 0
+    for k in keys:
+        n = len(values[k])
+        out[k] = mean[at:at + n]
+        at += n
+    return out
 
 
 def train(ctx: RunContext) -> dict:
@@ -145,9 +614,21 @@ def train(ctx: RunContext) -> dict:
     except ValueError as err:
         raise UserError(str(err)) from None
     cfg = model_config(spec, cache.tokenizer.padded_vocab_size)
-    torch.manual_seed(spec.train.seed)
-    model = Decoder(cfg)
     latest = ckpt_lib.latest_checkpoint(storage, ctx.run_dir) if ctx.resume else None
+    _check_layout(spec, latest, world)
+    init = None
+    if spec.model.init_from:
+        if latest is not None and storage.exists(f"{ctx.run_dir}/model_config.json"):
+            # Resuming: the architecture this run has been training, whatever init_from holds now.
+            trained = storage.read_json(f"{ctx.run_dir}/model_config.json")["model"]
+            cfg = dataclasses.replace(config_from_dict(spec.model.family, trained), dropout=spec.model.dropout)
+        else:
+            cfg, init = init_config(spec, storage, cfg, cache.tokenizer, ctx.token_cache)
+    task = make_task(spec, cfg, plan, cache.tokenizer)
+    torch.manual_seed(spec.train.seed)
+    model = build_model(cfg)
+    if init is not None:
+        load_init_state(model, init)
     universal = latest is not None and ckpt_lib.needs_universal(latest, world)
     if universal:
         # Resuming on another number of ranks: re-partition ZeRO state through a universal checkpoint.
@@ -155,6 +636,9 @@ def train(ctx: RunContext) -> dict:
             ckpt_lib.convert_to_universal(storage, latest)
         dist.barrier()
     engine = build_engine(model, spec, load_universal=universal)
+    pipeline = is_pipeline(engine)
+    # Which share of each step's samples this rank reads: stages of one pipeline read the same ones.
+    dp_rank = engine.grid.get_data_parallel_id() if pipeline else rank
 
     step, position = 0, 0
     if latest is not None:
@@ -162,15 +646,20 @@ def train(ctx: RunContext) -> dict:
         state = DataState.from_dict(latest.manifest["data"])
         plan.check_resume(state)
         step, position = latest.step, state.position
+        if step > spec.total_steps:
+            raise UserError(f"train.steps: the run is already at step {step}, past train.steps={spec.total_steps}; "
+                            "resume with a larger train.steps")
 
     total = spec.total_steps
-    G, micro = spec.samples_per_step, spec.train.micro_batch
-    fpt = flops_per_token(cfg, spec.data.seq_len)["with_attention"]
+    G, micro, accum = spec.samples_per_step, spec.train.micro_batch, spec.train.grad_accum
+    counts = model_counts(cfg, spec.data.seq_len)
+    fpt = counts["flops_per_token"]
     peak = detect_peak_flops(ctx.peak_flops)
     writer = MetricsWriter(storage, ctx.run_dir, enabled=rank == 0)
     if rank == 0:
-        storage.write_json(f"{ctx.run_dir}/model_config.json", {"model": cfg.to_dict(), **param_counts(cfg)})
-    counts = param_counts(cfg)
+        storage.write_json(f"{ctx.run_dir}/model_config.json",
+                           {"model": cfg.to_dict(), "family": spec.model.family,
+                            "kind": "encoder" if is_encoder_config(cfg) else "decoder", **counts})
     ctx.progress.update(step=step, total=total, start_step=step, loss=None, tokens_per_s=None,
                         n_params=counts["total"])
     first_loss = last_loss = None
@@ -181,14 +670,20 @@ def train(ctx: RunContext) -> dict:
     trace: list[list[int]] = []
     trace_uri = f"{ctx.run_dir}/data_trace/rank_{rank}_from_{step:08d}.json"
 
+    def write_trace() -> None:
+        storage.write_json(trace_uri, {"rank": rank, "world_size": world, "dp_rank": dp_rank, "steps": trace})
+
     def save(at_step: int) -> None:
         nonlocal last_saved
         writer.sync()
         if spec.data.trace:
-            storage.write_json(trace_uri, {"rank": rank, "world_size": world, "steps": trace})
+            write_trace()
         extra = {"data": plan.state(position).to_dict(), "spec_hash": spec.spec_hash(),
-                 "samples_per_step": G, "loss": last_loss}
-        ckpt_lib.save_checkpoint(engine, storage, ctx.run_dir, at_step, extra, spec.checkpoint.consolidated)
+                 "samples_per_step": G, "loss": last_loss, "pp": spec.parallel.pp, "ep": spec.parallel.ep}
+        path = ckpt_lib.checkpoint_dir(ctx.run_dir, at_step)
+        wrote = _write_consolidated(engine, spec, storage, path)
+        ckpt_lib.save_checkpoint(engine, storage, ctx.run_dir, at_step, extra,
+                                 spec.checkpoint.consolidated and not wrote)
         last_saved = at_step
         ctx.progress["last_checkpoint"] = at_step
         if rank == 0:
@@ -200,21 +695,30 @@ def train(ctx: RunContext) -> dict:
 
     while step < total:
         t0 = time.time()
-        positions = plan.rank_positions(position, G, rank, dp)
+        positions = plan.rank_positions(position, G, dp_rank, dp)
         if spec.data.trace:
             trace.append([step + 1, positions.start, positions.stop])
-        losses = []
         lr = engine.get_lr()[0]
-        for m in range(spec.train.grad_accum):
-            x, y = (torch.from_numpy(a).to(device) for a in plan.batch(positions[m * micro:(m + 1) * micro]))
-            _, loss = engine(x, y)
-            engine.backward(loss)
-            engine.step()
-            losses.append(loss.item())
+        rows: list[dict] = []
+        if pipeline:
+            from workers.pipeline import micro_batches
+
+            batches = [_to_device(task.batch(positions[m * micro:(m + 1) * micro]), device) for m in range(accum)]
+            loss = engine.train_batch(micro_batches(batches))                           # mean over micro-batches
+            rows.append({"loss": float(loss)})
+        else:
+            for m in range(accum):
+                batch = _to_device(task.batch(positions[m * micro:(m + 1) * micro]), device)
+                loss, extras = task.loss(engine, batch)
+                engine.backward(loss)
+                engine.step()
+                rows.append({"loss": loss.item(), **extras, **_moe_stats(engine.module)})
         position += G
         step += 1
-        stop_flag = 1.0 if ctx.stop.is_set() else 0.0
-        mean_loss, any_stop = _reduce_mean([sum(losses) / len(losses), stop_flag], device)
+        values = _step_means(rows)
+        values["stop"] = np.array([1.0 if ctx.stop.is_set() else 0.0])
+        reduced = _reduce_mean_dict(values, device)
+        mean_loss, any_stop = float(reduced.pop("loss")[0]), float(reduced.pop("stop")[0])
         dt = time.time() - t0
         tps = G * spec.data.seq_len / dt
         tokens_per_s_hist.append(tps)
@@ -229,9 +733,8 @@ def train(ctx: RunContext) -> dict:
                    "flops_per_s": tps * fpt, "elapsed": time.time() - t_start}
             if peak:
                 row["mfu"] = tps * fpt / (peak * world)
-            moe = _moe_stats(engine.module)
-            if moe:
-                row.update(moe)
+            for k, v in reduced.items():                 # task extras (mlm_loss) and Switch-layer stats
+                row[k] = v.tolist() if k.endswith("expert_share") else float(v[0])
             writer.log(row)
         if any_stop > 0:
             break
@@ -240,8 +743,8 @@ def train(ctx: RunContext) -> dict:
     if step == total and last_saved != step:
         save(step)
     if spec.data.trace:
-        storage.write_json(trace_uri, {"rank": rank, "world_size": world, "steps": trace})
-    final_eval = evaluate_held_out(engine, plan, spec, device) if step == total else None
+        write_trace()
+    final_eval = evaluate_held_out(engine, task, spec, device) if step == total else None
     writer.close()
     steady = tokens_per_s_hist[len(tokens_per_s_hist) // 5:] or tokens_per_s_hist
     return {"steps": step, "total": total, "stopped": step < total, "first_loss": first_loss,
@@ -250,6 +753,11 @@ def train(ctx: RunContext) -> dict:
 
 
 def _moe_stats(module) -> dict:
+    """Switch-layer stats of the last forward, per block: ``moe/<block>/expert_share`` (N,), ``.../dropped``, ...
+
+    Decoders and encoders both keep their blocks in ``.blocks`` (an ALBERT
+    encoder's one shared block reports its last application).
+    """
     out = {}
     for i, block in enumerate(getattr(module, "blocks", [])):
         stats = getattr(block.mlp, "stats", None)
