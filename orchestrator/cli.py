@@ -73,10 +73,23 @@ def _extra_commands():
     return out
 
 
+def _auth_mode_for(args) -> None:
+    """Ray reads RAY_AUTH_MODE when it is imported: decide it before any command imports ray.
+
+    The local head `switchyard up` starts uses Ray's token authentication (Ray's default for local
+    clusters), and a driver that names its address must use it too.
+    """
+    from orchestrator.cluster_config import load_cluster_config
+
+    if load_cluster_config(args.cluster).ray.address == "local":
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        _auth_mode_for(args)
         return int(args.func(args) or 0)
     except UsageError as err:
         print(f"switchyard: error: {err}", file=sys.stderr)

@@ -55,7 +55,8 @@ def cmd_up(args) -> int:
         cmd = [_ray_bin(), "start", "--head", f"--port={port}", "--disable-usage-stats", "--include-dashboard=false"]
         if cluster.ray.num_cpus:
             cmd.append(f"--num-cpus={cluster.ray.num_cpus}")
-        out = subprocess.run(cmd, capture_output=True, text=True)
+        env = dict(os.environ, RAY_AUTH_MODE=os.environ.get("RAY_AUTH_MODE", "token"))
+        out = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if out.returncode != 0:
             tail = (out.stderr.strip().splitlines() or ["unknown error"])[-1]
             raise UsageError(f"could not start a local Ray head: {tail}")

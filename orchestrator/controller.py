@@ -52,6 +52,7 @@ class Active:
 class Controller:
     def __init__(self, cluster: dict, tick_s: float = TICK_S, backfill_window_s: float = 120.0):
         from orchestrator.cluster_config import ClusterConfig
+        import orchestrator.runner  # noqa: F401  (imports torch now, not when the first job starts)
 
         self.cluster = ClusterConfig.model_validate(cluster)
         self.store = JobStore(self.cluster.job_store)

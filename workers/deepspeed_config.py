@@ -22,8 +22,12 @@ def deepspeed_config(spec, load_universal: bool = False) -> dict[str, Any]:
     if p.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
     if p.zero_stage == 3:
-        # Tiny models: gather whole layers at once instead of thresholding per parameter.
+        # Gather whole layers at once instead of thresholding per parameter, and keep the
+        # communication buckets at 5e7 elements: DeepSpeed's 5e8 default preallocates ~2 GB of fp32
+        # gradient bucket per rank whatever the model's size. Large models can raise them in `deepspeed:`.
         zero["stage3_param_persistence_threshold"] = 0
+        zero["reduce_bucket_size"] = 50_000_000
+        zero["stage3_prefetch_bucket_size"] = 50_000_000
     base = {
         "train_micro_batch_size_per_gpu": t.micro_batch,
         "gradient_accumulation_steps": t.grad_accum,
