@@ -72,7 +72,7 @@ def cmd_up(args) -> int:
 def cmd_down(args) -> int:
     import ray
 
-    from orchestrator.controller import get_controller
+    from orchestrator.controller import stop_controller
     from orchestrator.ray_cluster import connect, record_head, recorded_head
 
     cluster = _cluster(args)
@@ -82,13 +82,7 @@ def cmd_down(args) -> int:
         print("switchyard is not running")
         return 0
     connect(cluster, allow_embedded=False)
-    handle = get_controller(cluster.ray.namespace)
-    if handle is not None:
-        try:
-            ray.get(handle.shutdown.remote(), timeout=30)
-        except Exception:
-            pass
-        ray.kill(handle, no_restart=True)
+    stop_controller(cluster.ray.namespace)
     ray.shutdown()
     if cluster.ray.address == "local":
         # `ray stop` ends the Ray processes of this machine, including the head `up` started.

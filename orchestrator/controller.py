@@ -445,3 +445,16 @@ def start_controller(cluster, tick_s: float = TICK_S, backfill_window_s: float =
                              get_if_exists=True).remote(cluster.model_dump(), tick_s, backfill_window_s)
     ray.get(handle.ping.remote(), timeout=120)
     return handle
+
+
+def stop_controller(namespace: str) -> bool:
+    """Shut the controller down (its jobs' workers stop; the store keeps them for the next start)."""
+    handle = get_controller(namespace)
+    if handle is None:
+        return False
+    try:
+        ray.get(handle.shutdown.remote(), timeout=30)
+    except Exception:  # already dying: kill it anyway
+        pass
+    ray.kill(handle, no_restart=True)
+    return True

@@ -26,13 +26,6 @@ from orchestrator.errors import UsageError
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
 
-def _storage_for(path: str, cluster):
-    from data.storage import Storage
-
-    same_fs = path.split("://")[0] == cluster.storage.split("://")[0] if "://" in path else "://" not in cluster.storage
-    return Storage(path, dict(cluster.storage_options) if same_fs else {})
-
-
 def export_hf(storage, run_path: str, out: str) -> dict:
     """Write the HF folder ``out`` (local) from a run directory or checkpoint folder; UsageError on bad input."""
     from models.hf import HFError, save_hf
@@ -63,9 +56,13 @@ def export_hf(storage, run_path: str, out: str) -> dict:
 def export_command(args: argparse.Namespace) -> int:
     from orchestrator.cluster_config import load_cluster_config
 
+    from data.storage import Storage
+    from workers.train_loop import storage_for
+
     cluster = load_cluster_config(args.cluster)
     run_path = args.run_dir.rstrip("/")
-    result = export_hf(_storage_for(run_path, cluster), run_path, args.out)
+    storage = storage_for(run_path, Storage(cluster.storage, dict(cluster.storage_options)))
+    result = export_hf(storage, run_path, args.out)
     if args.json:
         print(json.dumps(result))
     else:

@@ -73,19 +73,11 @@ def wait_for(cond, timeout=240, every=0.3, what="condition"):
 @pytest.fixture
 def controller(ray_cluster, storage_root, tmp_path):
     """A real detached controller actor in its own namespace, with its own job store."""
-    import ray
-
     from orchestrator.cluster_config import ClusterConfig
-    from orchestrator.controller import get_controller, start_controller
+    from orchestrator.controller import start_controller, stop_controller
 
     cfg = ClusterConfig.model_validate({"storage": storage_root, "job_store": str(tmp_path / "jobs.db"),
                                         "ray": {"namespace": f"ctl-{tmp_path.name}"}})
     handle = start_controller(cfg, tick_s=0.3, backfill_window_s=120)
     yield cfg, handle
-    handle = get_controller(cfg.ray.namespace)
-    if handle is not None:
-        try:
-            ray.get(handle.shutdown.remote(), timeout=30)
-        except Exception:
-            pass
-        ray.kill(handle, no_restart=True)
+    stop_controller(cfg.ray.namespace)
