@@ -198,7 +198,7 @@ class MaskedLM:
             if self.family == "albert":
                 if rng.random() < 0.5:
                     a, b, label = b, a, 1
-            elif rng.random() >= 0.5:
+            elif self.plan.n_windows > 1 and rng.random() >= 0.5:
                 other = rng.randrange(self.plan.n_windows - 1)
                 other += other >= key                                                    # any window but this one
                 b, label = self._window(other)[self.len_a:self.len_a + self.len_b].tolist(), 1
@@ -206,11 +206,11 @@ class MaskedLM:
         return ids, types, label
 
     def _batch(self, rows: list[tuple[np.ndarray, int, int]], train: bool) -> dict:
-        ids, types, labels, masked, mlm_labels = [], [], [], [], []
+        types, labels, masked, mlm_labels = [], [], [], []
         for tokens, key, epoch in rows:
-            i, t, label = self._frame(tokens, key, epoch, train)
-            x, y = self.masker.mask(torch.tensor(i), key, epoch)
-            ids.append(i), types.append(t), labels.append(label), masked.append(x), mlm_labels.append(y)
+            ids, t, label = self._frame(tokens, key, epoch, train)
+            x, y = self.masker.mask(torch.tensor(ids), key, epoch)                      # (T,) each
+            types.append(t), labels.append(label), masked.append(x), mlm_labels.append(y)
         out = {"input_ids": torch.stack(masked), "mlm_labels": torch.stack(mlm_labels)}     # (B, T) each
         if self.pairs:
             out["token_type_ids"] = torch.tensor(types)                                  # (B, T)
@@ -323,7 +323,9 @@ def build_engine(model: torch.nn.Module, spec, load_universal: bool = False):
 
 
 def is_pipeline(engine) -> bool:
-    return hasattr(engine, "train_batch") and hasattr(engine, "grid")
+    from deepspeed.runtime.pipe.engine import PipelineEngine
+
+    return isinstance(engine, PipelineEngine)
 
 
 # ----------------------------------------------------------------------------- weights to start from
@@ -345,9 +347,9 @@ def pick_checkpoint(storage: Storage, run_dir: str) -> ckpt_lib.CheckpointInfo:
     done = ckpt_lib.list_checkpoints(storage, run_dir)
     best_uri = f"{run_dir}/best_checkpoint.json"
     if storage.exists(best_uri):
-        best = storage.read_json(best_uri).get("path", "").rstrip("/")
+        best = posixpath.basename(storage.read_json(best_uri).get("path", "").rstrip("/"))
         for c in done:
-            if c.path.rstrip("/") == best or posixpath.basename(c.path) == posixpath.basename(best):
+            if posixpath.basename(c.path.rstrip("/")) == best:
                 return c
     if not done:
         raise ValueError(f"{run_dir}: no complete checkpoint (a manifest.json in checkpoints/step_*/)")
@@ -361,14 +363,16 @@ def run_weights(storage: Storage, path: str) -> Weights:
     """
     path = path.rstrip("/")
     if storage.exists(f"{path}/manifest.json"):
-        run_dir = posixpath.dirname(posixpath.dirname(path))
-        ckpt = ckpt_lib.CheckpointInfo(int(path.rsplit("_", 1)[-1]) if "_" in path else 0, path,
-                                       storage.read_json(f"{path}/manifest.json"))
+        run_dir = posixpath.dirname(posixpath.dirname(path))                        # <run>/checkpoints/step_N
+        done = [c for c in ckpt_lib.list_checkpoints(storage, run_dir)
+                if posixpath.basename(c.path) == posixpath.basename(path)]
+        if not done:
+            raise ValueError(f"{path}: the checkpoint is incomplete (its files do not match its manifest)")
+        ckpt = done[0]
     elif storage.exists(f"{path}/spec.json"):
         run_dir, ckpt = path, pick_checkpoint(storage, path)
     else:
-        raise ValueError(f"{path}: not a run directory (spec.json), a checkpoint folder (manifest.json) "
-                         "or a Hugging Face folder (config.json)")
+        raise ValueError(f"{path}: not a run directory (spec.json) or a checkpoint folder (manifest.json)")
     if not storage.exists(f"{ckpt.path}/model.safetensors"):
         raise ValueError(f"{ckpt.path}: no consolidated model.safetensors (the run had checkpoint.consolidated: false)")
     if not storage.exists(f"{run_dir}/model_config.json"):
@@ -384,55 +388,80 @@ def run_weights(storage: Storage, path: str) -> Weights:
 
 def source_weights(storage: Storage, path: str) -> Weights:
     """``model.init_from``: a Hugging Face folder (config.json), a run directory or a checkpoint folder."""
-    if storage.exists(f"{path.rstrip('/')}/config.json"):
+    path = path.rstrip("/")
+    if storage.exists(f"{path}/config.json"):
         from models.hf import import_hf_family
 
-        family, cfg, state = import_hf_family(path.rstrip("/"), fs=storage.fs)
+        family, cfg, state = import_hf_family(path, fs=storage.fs)
         return Weights(family, cfg, state, path, path)
+    if not storage.exists(f"{path}/spec.json") and not storage.exists(f"{path}/manifest.json"):
+        raise ValueError(f"{path}: not a Hugging Face folder (config.json), a run directory (spec.json) "
+                         "or a checkpoint folder (manifest.json)")
     return run_weights(storage, path)
 
 
-def _same_vocab(storage: Storage, folder_a: str, folder_b: str) -> bool:
+def storage_for(path: str, storage: Storage) -> Storage:
+    """A Storage rooted at ``path``, with the run storage's options when it is on the same filesystem."""
+    scheme = path.split("://")[0] if "://" in path else "file"
+    same = scheme == (storage.root.split("://")[0] if "://" in storage.root else "file")
+    return Storage(path, dict(storage.options) if same else {})
+
+
+def _same_vocab(a: tuple[Storage, str], b: tuple[Storage, str]) -> bool:
+    """Whether two tokenizer folders map the same strings to the same ids."""
     from tokenizers import Tokenizer
 
-    vocab = [Tokenizer.from_str(storage.read_text(f"{f}/tokenizer.json")).get_vocab(with_added_tokens=True)
-             for f in (folder_a, folder_b)]
+    vocab = [Tokenizer.from_str(st.read_text(f"{folder}/tokenizer.json")).get_vocab(with_added_tokens=True)
+             for st, folder in (a, b)]
     return vocab[0] == vocab[1]
 
 
 def init_config(spec, storage: Storage, cfg, tokenizer, token_cache: str) -> tuple[object, Weights]:
-    """The model config when starting from ``model.init_from``: the weights' architecture wins.
+    """The model config when starting from ``model.init_from``: the weights' architecture.
 
-    Kept from the spec: dropout, and for RoPE decoders the sequence length
-    (rotary tables have no weights). Refused: another kind of model (decoder
-    vs encoder), Switch layers the weights do not have, a tokenizer other
-    than the one the weights were trained with, more token ids than rows.
+    ``cfg`` is the spec's own config. The preset is ignored; a size the spec
+    sets explicitly (d_model, n_layers, ...) must match the weights. Taken
+    from the spec: dropout, the Switch routing settings (capacity factors,
+    loss weights; the experts must match), and for RoPE decoders the sequence
+    length (rotary tables have no weights). Refused with a message: another
+    family, a tokenizer other than the one the weights were trained with,
+    more token ids than embedding rows, a longer data.seq_len than a learned
+    position table holds.
     """
-    where = f"model.init_from: {spec.model.init_from}"
+    m = spec.model
+    where = f"model.init_from: {m.init_from}"
+    src_storage = storage_for(m.init_from, storage)
     try:
-        w = source_weights(storage, spec.model.init_from)
+        w = source_weights(src_storage, m.init_from)
     except (ValueError, FileNotFoundError, KeyError) as err:
-        raise UserError(f"{where}: {err}") from None
+        raise UserError(f"model.init_from: {err}") from None
     src = w.config
-    if is_encoder_config(src) != is_encoder_config(cfg):
-        raise UserError(f"{where}: holds a {w.family} model, which cannot train as model.family "
-                        f"{spec.model.family}")
-    if spec.model.moe is not None and src.moe is None:
-        raise UserError(f"{where}: the weights have no Switch layers; remove model.moe")
+    if w.family != m.family:
+        raise UserError(f"model.family: {m.init_from} holds a {w.family} model; set model.family={w.family}")
+    explicit = {"d_model": m.d_model, "n_layers": m.n_layers, "n_heads": m.n_heads, "d_ff": m.d_ff,
+                "n_kv_heads": m.n_kv_heads, "parallel_block": m.parallel_block, "tie_embeddings": m.tie_embeddings}
+    for name, value in explicit.items():
+        theirs = {"n_kv_heads": getattr(src, "kv_heads", None), "d_ff": getattr(src, "ff_dim", src.d_ff)}.get(
+            name, getattr(src, name, None))
+        if value is not None and value != theirs:
+            raise UserError(f"model.{name}: {value}, but {m.init_from} has {theirs}; leave it out or match it")
+    experts = [(c.moe.num_experts, c.moe.every) if c.moe is not None else None for c in (cfg, src)]
+    if experts[0] != experts[1]:
+        raise UserError(f"model.moe: the weights have " + ("no Switch layers" if experts[1] is None else
+                        f"num_experts={experts[1][0]}, every={experts[1][1]}") + "; set model.moe to match")
     if tokenizer.vocab_size > src.vocab_size:
         raise UserError(f"{where}: the tokenizer has {tokenizer.vocab_size} ids but the model only "
                         f"{src.vocab_size} embedding rows")
-    if w.tokenizer_dir and storage.exists(f"{w.tokenizer_dir}/tokenizer.json") \
-            and not _same_vocab(storage, w.tokenizer_dir, token_cache):
+    if w.tokenizer_dir and src_storage.exists(f"{w.tokenizer_dir}/tokenizer.json") \
+            and not _same_vocab((src_storage, w.tokenizer_dir), (storage, token_cache)):
         raise UserError(f"{where}: the weights were trained with another tokenizer than data.tokenizer gives "
                         "here; use the same data.tokenizer (and corpus, for bpe)")
-    changes: dict = {"dropout": spec.model.dropout}
-    rope = not is_encoder_config(src) and src.pos == "rope"
-    if rope:
+    changes: dict = {"dropout": m.dropout, "moe": cfg.moe}
+    if not is_encoder_config(src) and src.pos == "rope":
         changes["seq_len"] = spec.data.seq_len
     elif spec.data.seq_len > src.seq_len:
         raise UserError(f"data.seq_len: {spec.data.seq_len} is longer than the position table of "
-                        f"{spec.model.init_from} ({src.seq_len})")
+                        f"{m.init_from} ({src.seq_len})")
     return dataclasses.replace(src, **changes), w
 
 

@@ -51,12 +51,18 @@ def _pairs(mask: torch.Tensor) -> torch.Tensor:
     return upper[None] & mask[:, :, None] & mask[:, None, :]
 
 
-def ranking_loss(rewards: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+def ranking_loss(rewards: torch.Tensor, mask: torch.Tensor | None = None, center_coef: float = 0.0
+                 ) -> torch.Tensor:
     """InstructGPT's K-way loss: mean over prompts of -1/C(K,2) sum_{i above j} log sigmoid(r_i - r_j).
 
     rewards (P, K) ordered best first; mask (P, K) marks present responses
     (prompts may have different K). All pairs of one prompt form one batch
     element, so each prompt weighs the same whatever its K.
+
+    ``center_coef`` > 0 adds coef * mean over prompts of (mean reward of the
+    prompt)^2. The ranking loss leaves each prompt's offset free; pinning it
+    near zero spares PPO's value model from learning arbitrary per-prompt
+    offsets (reward centring, Eisenstein et al. 2023).
     """
     if mask is None:
         mask = torch.ones_like(rewards, dtype=torch.bool)
@@ -67,7 +73,11 @@ def ranking_loss(rewards: torch.Tensor, mask: torch.Tensor | None = None) -> tor
     has = n_pairs > 0
     if not bool(has.any()):
         raise ValueError("ranking_loss needs a prompt with at least two responses")
-    return (per_prompt[has] / n_pairs[has]).mean()
+    loss = (per_prompt[has] / n_pairs[has]).mean()
+    if center_coef > 0:
+        prompt_mean = masked_mean(rewards.float(), mask, dim=1)                 # (P,)
+        loss = loss + center_coef * prompt_mean[has].pow(2).mean()
+    return loss
 
 
 def pairwise_loss(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
