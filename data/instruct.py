@@ -32,6 +32,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import random
+from collections import Counter
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -173,12 +174,17 @@ def _normalise(text: str) -> str:
 def judge(prompt: str, response: str) -> float:
     """Gold score of ``response`` in [0, 1]; 1 exactly when it is the correct answer.
 
-    Partial credit: numbers score by closeness (at most 0.5 unless exact);
-    texts by the mean of word-level and character-level similarity
-    (difflib ratio), so a swapped pair of words scores above a missing word,
-    which scores above a garbled answer.
+    Partial credit (below 1 for any wrong answer) rewards properties a grader
+    can check, so that responses of graded quality rank:
+
+    * add, count, max: a number, scored by closeness to the answer (at most 0.5);
+    * sort: the right numbers (multiset F1 with the prompt's) times how much
+      of the order is right (share of ascending neighbours);
+    * initials: character similarity; other texts: the mean of word-level and
+      character-level similarity (difflib ratio), so a swapped pair of words
+      scores above a missing word, which scores above a garbled answer.
     """
-    family = parse(prompt)[0]
+    family, args, _ = parse(prompt)
     gold, got = gold_answer(prompt), _normalise(response)
     if got == gold:
         return 1.0
@@ -187,11 +193,17 @@ def judge(prompt: str, response: str) -> float:
             return 0.0
         err = abs(int(got) - int(gold))
         return 0.5 * max(0.0, 1.0 - err / (int(gold) + 1))
+    if family == "sort":
+        toks = got.split()
+        overlap = sum((Counter(toks) & Counter(args)).values())
+        f1 = 2 * overlap / (len(toks) + len(args))
+        nums = [int(t) for t in toks if t.isdigit()]
+        ordered = sum(a <= b for a, b in zip(nums, nums[1:])) / (len(nums) - 1) if len(nums) > 1 else 0.0
+        return min(0.99, f1 * (0.5 + 0.5 * ordered))
     chars = difflib.SequenceMatcher(None, gold, got, autojunk=False).ratio()
     if family == "initials":  # one word: only characters carry partial credit
         return min(0.99, chars)
     words = difflib.SequenceMatcher(None, gold.split(), got.split(), autojunk=False).ratio()
-    # Never a full 1.0 for a wrong answer, so exact answers always rank first.
     return min(0.99, 0.5 * words + 0.5 * chars)
 
 
@@ -203,13 +215,19 @@ def demonstrations(n: int, split: str = "train", cfg: TaskConfig = TaskConfig())
     return [Demonstration(p, gold_answer(p)) for p in make_prompts(n, split, cfg)]
 
 
-def corrupt(answer: str, family: str, rng: random.Random, n_edits: int) -> str:
-    """``answer`` after ``n_edits`` random edits: more edits, lower quality (on average)."""
+def corrupt(answer: str, family: str, rng: random.Random, n_edits: int, args: Sequence[str] = ()) -> str:
+    """``answer`` after ``n_edits`` random edits: more edits, lower quality (on average).
+
+    ``args`` (the prompt's arguments) let numeric answers turn into one of them.
+    """
     if family in NUMERIC:
         value = int(answer)
+        listed = [int(a) for a in args if a.isdigit()]
         for _ in range(n_edits):
-            op = rng.randrange(4)
-            if op == 0:
+            op = rng.randrange(5 if listed else 4)
+            if op == 4:
+                value = rng.choice(listed)
+            elif op == 0:
                 value += rng.choice((-1, 1))
             elif op == 1:
                 value += rng.choice((-10, 10))
@@ -245,29 +263,31 @@ def corrupt(answer: str, family: str, rng: random.Random, n_edits: int) -> str:
 
 
 def _pick_distinct(candidates: list[str], prompt: str, k: int, seen: dict[float, str],
-                   rng: random.Random) -> None:
-    """Add candidates to ``seen`` (score -> text) until it holds ``k`` distinct scores."""
+                   rng: random.Random, min_gap: float) -> None:
+    """Add candidates to ``seen`` (score -> text) until it holds ``k`` scores at least ``min_gap`` apart."""
     rng.shuffle(candidates)
     for text in candidates:
         if len(seen) >= k:
             return
         score = round(judge(prompt, text), 6)
-        if score not in seen and len(text) <= 48:
+        if len(text) <= 48 and all(abs(score - s) >= max(min_gap, 1e-6) for s in seen):
             seen[score] = text
 
 
 def comparisons(n: int, k: int = 4, split: str = "train", cfg: TaskConfig = TaskConfig(),
                 sampler: Sampler | None = None, model_share: float = 0.5,
-                seed: int = 0) -> list[Comparison]:
+                seed: int = 0, min_gap: float = 0.0) -> list[Comparison]:
     """``n`` prompts with ``k`` responses each, ranked best first by the judge.
 
     Responses have distinct judge scores, so each ranking is strict. With a
     ``sampler`` (a model), up to ``model_share`` of each prompt's responses
     are the model's own samples (the InstructGPT setting: labellers rank model
     outputs) and corrupted gold answers fill the rest; without one, all are
-    corrupted gold answers of graded quality (0 to 6 edits, or the gold answer
-    itself). A prompt whose candidates give fewer than ``k`` distinct scores
-    keeps fewer responses (never fewer than 2).
+    corrupted gold answers of graded quality (1 to 6 edits, or the gold answer
+    itself). Scores of one prompt's responses differ by at least ``min_gap``
+    (near-ties carry little signal, for a labeller or a reward model). A prompt
+    whose candidates give fewer than ``k`` such scores keeps fewer responses
+    (never fewer than 2).
     """
     if k < 2:
         raise ValueError(f"k must be at least 2, got {k}")
@@ -277,12 +297,12 @@ def comparisons(n: int, k: int = 4, split: str = "train", cfg: TaskConfig = Task
     samples = sampler(prompts, n_model + 1) if n_model else [[] for _ in prompts]
     out: list[Comparison] = []
     for prompt, model_texts in zip(prompts, samples):
-        family, gold = parse(prompt)[0], gold_answer(prompt)
+        (family, args, _), gold = parse(prompt), gold_answer(prompt)
         seen: dict[float, str] = {}
-        _pick_distinct([_normalise(t) for t in model_texts], prompt, n_model, seen, rng)
+        _pick_distinct([_normalise(t) for t in model_texts], prompt, n_model, seen, rng, min_gap)
         for _ in range(4):  # a few rounds of fresh corruptions if scores collide
-            pool = [gold] + [corrupt(gold, family, rng, rng.randint(1, 6)) for _ in range(3 * k)]
-            _pick_distinct(pool, prompt, k, seen, rng)
+            pool = [gold] + [corrupt(gold, family, rng, rng.randint(1, 6), args) for _ in range(3 * k)]
+            _pick_distinct(pool, prompt, k, seen, rng, min_gap)
             if len(seen) >= k:
                 break
         if len(seen) < 2:

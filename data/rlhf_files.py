@@ -227,20 +227,31 @@ class BuiltinDataConfig:
 
     n_sft: int = 4000
     """Demonstrations (train prompts)."""
-    n_rm: int = 2000
+    n_rm: int = 6000
     """Ranked comparisons for RM training (train prompts)."""
     n_rm_heldout: int = 300
     """Ranked comparisons on held-out prompts, for RM accuracy."""
     k: int = 4
     """Responses per comparison."""
+    min_gap: float = 0.2
+    """Least gold-score difference between two responses of one comparison."""
     n_ppo: int = 4000
     """PPO prompts (train prompts from a second stream)."""
     n_eval: int = 200
     """Held-out prompts for the final evaluation."""
     seed: int = 0
     """Seed of the prompt generator (data.instruct.TaskConfig.seed)."""
+    families: tuple[str, ...] | None = None
+    """Instruction families to draw (data.instruct.FAMILIES); None = all."""
     fmt: str = "jsonl"
     """File format: 'jsonl' or 'parquet'."""
+
+    def task(self, seed_offset: int = 0):
+        """The data.instruct.TaskConfig of one prompt stream."""
+        from data import instruct
+
+        families = instruct.FAMILIES if self.families is None else tuple(self.families)
+        return instruct.TaskConfig(seed=self.seed + seed_offset, families=families)
 
     def __post_init__(self) -> None:
         if self.fmt not in FORMATS:
@@ -283,10 +294,10 @@ def write_builtin_prompts(root: str, cfg: BuiltinDataConfig = BuiltinDataConfig(
     from data import instruct
 
     files = RLHFDataFiles.under(root, cfg.fmt)
-    task = instruct.TaskConfig(seed=cfg.seed)
+    task = cfg.task()
     write_demonstrations(files.sft_train, instruct.demonstrations(cfg.n_sft, "train", task))
     # PPO prompts: a second train-split stream, so they meet the SFT prompts only by chance.
-    write_prompts(files.ppo_prompts, instruct.make_prompts(cfg.n_ppo, "train", instruct.TaskConfig(seed=cfg.seed + 1)))
+    write_prompts(files.ppo_prompts, instruct.make_prompts(cfg.n_ppo, "train", cfg.task(1)))
     write_prompts(files.eval_prompts, instruct.make_prompts(cfg.n_eval, "heldout", task))
     return files
 
@@ -301,9 +312,11 @@ def write_builtin_comparisons(root: str, cfg: BuiltinDataConfig = BuiltinDataCon
     from data import instruct
 
     files = RLHFDataFiles.under(root, cfg.fmt)
-    task = instruct.TaskConfig(seed=cfg.seed)
+    task = cfg.task()
     # Held-out RM prompts come from a second held-out stream, apart from the evaluation prompts' one.
-    write_comparisons(files.rm_train, instruct.comparisons(cfg.n_rm, cfg.k, "train", task, sampler, seed=1))
+    write_comparisons(files.rm_train, instruct.comparisons(cfg.n_rm, cfg.k, "train", task, sampler, seed=1,
+                                                           min_gap=cfg.min_gap))
     write_comparisons(files.rm_heldout, instruct.comparisons(cfg.n_rm_heldout, cfg.k, "heldout",
-                                                             instruct.TaskConfig(seed=cfg.seed + 1), sampler, seed=2))
+                                                             cfg.task(1), sampler, seed=2,
+                                                             min_gap=cfg.min_gap))
     return files

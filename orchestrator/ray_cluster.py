@@ -85,10 +85,6 @@ def connect(cluster, *, allow_embedded: bool = True) -> str:
 def cluster_resources() -> dict[str, dict[str, dict[str, float]]]:
     """{node_id: {'total': {...}, 'free': {...}}} for alive nodes, CPU/GPU only."""
     out = {}
-    try:
-        from ray.util.state import list_nodes  # noqa: F401
-    except ImportError:
-        pass
     avail_by_node = {}
     try:
         from ray._private.state import state as _state

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import posixpath
 import sys
-import time
 
 from data.storage import Storage
 from orchestrator.errors import UsageError
@@ -48,7 +47,6 @@ def _parent(store: JobStore, name: str):
 
 
 def submit_sweep(cluster, path: str, dry_run: bool = False, flops_per_s: float | None = None, log=print) -> dict:
-    from orchestrator.cli_jobs import submit_spec
     from orchestrator.sweep_plan import format_plan, load_sweep, plan_sweep
 
     spec = load_sweep(path)

@@ -21,32 +21,37 @@ def evaluate_checkpoint(storage, run_dir: str, ckpt_path: str, step: int, batche
     torch.set_num_threads(1)
     from data.sampler import DataPlan
     from data.shards import TokenCache
-    from models.transformer import Decoder, DecoderConfig
+    from orchestrator.spec import validate_spec
     from workers.checkpoint import load_consolidated
+    from workers.tasks import build_model, config_from_dict, make_task
 
     info = storage.read_json(f"{run_dir}/data.json")
-    spec = storage.read_json(f"{run_dir}/spec.json")
-    cfg = DecoderConfig.from_dict(storage.read_json(f"{run_dir}/model_config.json")["model"])
-    model = Decoder(cfg)
+    spec = validate_spec(storage.read_json(f"{run_dir}/spec.json"))
+    cfg = config_from_dict(spec.model.family, storage.read_json(f"{run_dir}/model_config.json")["model"])
+    model = build_model(cfg)
     state = load_consolidated(storage, ckpt_path)
     missing, unexpected = model.load_state_dict(state, strict=False)
-    if unexpected or [k for k in missing if k != "lm_head.weight"]:
+    # Tied output weights are stored once (safetensors refuses shared tensors).
+    missing = [k for k in missing if not k.endswith(("lm_head.weight", "decoder.weight"))]
+    if unexpected or missing:
         raise RuntimeError(f"checkpoint {ckpt_path} does not match the model: missing {missing}, unexpected {unexpected}")
     model.eval()
     cache = TokenCache.load(info["token_cache"], storage)
-    plan = DataPlan(cache.tokens, spec["data"]["seq_len"], spec["eval"]["held_out_tokens"], spec["train"]["seed"])
+    plan = DataPlan(cache.tokens, spec.data.seq_len, spec.eval.held_out_tokens, spec.train.seed)
+    task = make_task(spec, cfg, plan, cache.tokenizer)
     total, count = 0.0, 0
     with torch.no_grad():
         for i in range(batches):
-            batch = plan.held_out_batch(i, micro_batch)
+            batch = task.held_out(i, micro_batch)
             if batch is None:
                 break
-            x, y = (torch.from_numpy(a) for a in batch)
-            _, loss = model(x, y)
-            total += float(loss) * x.numel()
-            count += x.numel()
+            batch = {k: (torch.as_tensor(v) if v is not None else None) for k, v in batch.items()}
+            n = len(next(iter(batch.values())))
+            loss, extras = task.loss(model, batch)
+            total += extras.get("mlm_loss", float(loss)) * n
+            count += n
     if count == 0:
         raise RuntimeError("eval.held_out_tokens is too small for one held-out sample")
     loss = total / count
     return {"checkpoint": ckpt_path, "step": step, "loss": loss, "perplexity": math.exp(min(loss, 50)),
-            "tokens": count}
+            "tokens": count * spec.data.seq_len}

@@ -23,7 +23,6 @@ import dataclasses
 import math
 import os
 import posixpath
-import random
 import tempfile
 import threading
 import time
@@ -32,19 +31,15 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from data.sampler import DataPlan, DataState
 from data.shards import TokenCache
 from data.storage import Storage
-from models.transformer import Decoder, DecoderConfig, decoder_config, flops_per_token, param_counts
+from models.transformer import Decoder
 from workers import checkpoint as ckpt_lib
 from workers.deepspeed_config import deepspeed_config
 from workers.metrics import MetricsWriter, detect_peak_flops
 
-
-class UserError(Exception):
-    """A failure a restart cannot fix (bad spec value found at run time, missing data)."""
 
 
 @dataclass
@@ -61,196 +56,11 @@ class RunContext:
     progress: dict | None = None
 
 
-# ----------------------------------------------------------------------------- model
-
-
-def model_config(spec, vocab_size: int):
-    """The spec's model as a ``DecoderConfig`` (gpt2/llama/palm) or an ``EncoderConfig`` (bert/roberta/albert)."""
-    m = spec.model
-    moe = None
-    if m.moe is not None:
-        from models.moe import SwitchConfig
-
-        moe = SwitchConfig(**m.moe.model_dump())
-    try:
-        if not m.is_decoder:
-            from models.encoder import encoder_config
-
-            return encoder_config(m.family, m.preset, vocab_size=vocab_size, seq_len=spec.data.seq_len,
-                                  d_model=m.d_model, n_layers=m.n_layers, n_heads=m.n_heads, d_ff=m.d_ff,
-                                  dropout=m.dropout, moe=moe)
-        return decoder_config(
-            m.family, m.preset, vocab_size=vocab_size, seq_len=spec.data.seq_len, d_model=m.d_model,
-            n_layers=m.n_layers, n_heads=m.n_heads, n_kv_heads=m.n_kv_heads, d_ff=m.d_ff,
-            parallel_block=m.parallel_block, tie_embeddings=m.tie_embeddings, dropout=m.dropout, moe=moe)
-    except ValueError as err:
-        raise UserError(f"model: {err}") from None
-
-
-def is_encoder_config(cfg) -> bool:
-    return not isinstance(cfg, DecoderConfig)
-
-
-def build_model(cfg) -> torch.nn.Module:
-    if is_encoder_config(cfg):
-        from models.encoder import Encoder
-
-        return Encoder(cfg)
-    return Decoder(cfg)
-
-
-def config_from_dict(family: str, d: dict):
-    """Inverse of ``cfg.to_dict()`` for the family's kind (model_config.json)."""
-    from orchestrator.spec import DECODER_FAMILIES
-
-    if family in DECODER_FAMILIES:
-        return DecoderConfig.from_dict(d)
-    from models.encoder import EncoderConfig
-
-    return EncoderConfig.from_dict(d)
-
-
-def model_counts(cfg, seq_len: int) -> dict:
-    """Exact parameter counts and training FLOPs per token at ``seq_len`` (attention included), either kind."""
-    if not is_encoder_config(cfg):
-        return {**param_counts(cfg), "flops_per_token": flops_per_token(cfg, seq_len)["with_attention"]}
-    from models.encoder import param_counts as encoder_counts
-
-    counts = encoder_counts(cfg)
-    # Compute per token: a shared (ALBERT) block counts once per application, a Switch layer one expert.
-    d, ff = cfg.d_model, cfg.d_ff
-    dense_block = 4 * (d * d + d) + (d * ff + ff + ff * d + d) + 4 * d
-    active = counts["total"] + (cfg.n_layers - cfg.n_blocks) * dense_block
-    if cfg.moe is not None:
-        n_moe = sum(1 for layer in range(cfg.n_blocks) if cfg.moe.applies_to(layer))
-        active -= n_moe * (cfg.moe.num_experts - 1) * (d * ff + ff + ff * d + d)
-    flops = 6.0 * active + 12.0 * cfg.n_layers * d * seq_len
-    return {**counts, "flops_per_token": flops}
-
-
-# ----------------------------------------------------------------------------- tasks
-
-
-def _to_device(batch: dict, device) -> dict:
-    return {k: (torch.as_tensor(v).to(device) if v is not None else None) for k, v in batch.items()}
-
-
-class CausalLM:
-    """Decoders: predict each next token of a window of the token stream."""
-
-    def __init__(self, plan: DataPlan):
-        self.plan = plan
-
-    def batch(self, positions) -> dict:
-        x, y = self.plan.batch(positions)                                              # (B, T) each
-        return {"idx": x, "targets": y}
-
-    def held_out(self, index: int, size: int) -> dict | None:
-        b = self.plan.held_out_batch(index, size)
-        return None if b is None else {"idx": b[0], "targets": b[1]}
-
-    def loss(self, engine, batch: dict) -> tuple[torch.Tensor, dict]:
-        _, loss = engine(batch["idx"], batch["targets"])
-        return loss, {}
-
-
-class MaskedLM:
-    """Encoders: masked-LM on windows of the token stream, framed as the family expects.
-
-    * RoBERTa: ``[CLS] window [SEP]``, dynamic masking (a new mask every epoch), no NSP.
-    * BERT: ``[CLS] A [SEP] B [SEP]`` with segment ids; A is the first part of
-      the window and B, half of the time, the part that follows it in the
-      stream (NSP label 0), else the same span of another random window (1).
-      Static masking: a sample keeps its mask (and its pair) in every epoch.
-    * ALBERT: the same pair framing for sentence order: A and B swapped half of the time (label 1).
-
-    Masks and pairs are functions of (seed, [epoch,] window index) only
-    (``data/masking.py``), so a resumed job sees exactly the same inputs.
-    """
-
-    def __init__(self, plan: DataPlan, tokenizer, family: str, seq_len: int, seed: int, sentence_head: bool):
-        from data.masking import Masker, masking_config
-
-        self.plan, self.family, self.T, self.seed = plan, family, seq_len, seed
-        self.cfg = masking_config(family, seed)
-        self.masker = Masker.for_tokenizer(self.cfg, tokenizer)
-        self.cls_id, self.sep_id = tokenizer.cls_id, tokenizer.sep_id
-        # Pairs with segment ids: BERT (NSP) and ALBERT (SOP), when the model has the [CLS] head.
-        self.pairs = family in ("bert", "albert") and sentence_head
-        self.len_a = (seq_len - 3) // 2                                                 # A, then B of the rest
-        self.len_b = seq_len - 3 - self.len_a
-
-    def _window(self, window: int) -> np.ndarray:
-        start = window * self.plan.seq_len
-        return self.plan.tokens[start:start + self.plan.seq_len]
-
-    def _frame(self, tokens: np.ndarray, key: int, epoch: int, train: bool) -> tuple[list, list, int]:
-        """One sample's ids, segment ids and sentence label (-1 when there is no pair task)."""
-        from data.masking import join_pair, sample_seed
-
-        if not self.pairs:
-            return [self.cls_id] + tokens[:self.T - 2].tolist() + [self.sep_id], [0] * self.T, -1
-        a = tokens[:self.len_a].tolist()
-        b = tokens[self.len_a:self.len_a + self.len_b].tolist()
-        label = 0
-        if train:
-            rng = random.Random(sample_seed(self.seed + 7919, epoch if self.cfg.dynamic else None, key))
-            if self.family == "albert":
-                if rng.random() < 0.5:
-                    a, b, label = b, a, 1
-            elif self.plan.n_windows > 1 and rng.random() >= 0.5:
-                other = rng.randrange(self.plan.n_windows - 1)
-                other += other >= key                                                    # any window but this one
-                b, label = self._window(other)[self.len_a:self.len_a + self.len_b].tolist(), 1
-        ids, types = join_pair(a, b, self.cls_id, self.sep_id, self.T)
-        return ids, types, label
-
-    def _batch(self, rows: list[tuple[np.ndarray, int, int]], train: bool) -> dict:
-        types, labels, masked, mlm_labels = [], [], [], []
-        for tokens, key, epoch in rows:
-            ids, t, label = self._frame(tokens, key, epoch, train)
-            x, y = self.masker.mask(torch.tensor(ids), key, epoch)                      # (T,) each
-            types.append(t), labels.append(label), masked.append(x), mlm_labels.append(y)
-        out = {"input_ids": torch.stack(masked), "mlm_labels": torch.stack(mlm_labels)}     # (B, T) each
-        if self.pairs:
-            out["token_type_ids"] = torch.tensor(types)                                  # (B, T)
-            if train:
-                out["nsp_labels"] = torch.tensor(labels)                                 # (B,)
-        return out
-
-    def batch(self, positions) -> dict:
-        n = self.plan.n_windows
-        rows = [(self._window(self.plan.window_of(p)), self.plan.window_of(p), p // n) for p in positions]
-        return self._batch(rows, train=True)
-
-    def held_out(self, index: int, size: int) -> dict | None:
-        """Held-out windows, masked with a fixed seed; MLM loss only (B follows A for pair models)."""
-        b = self.plan.held_out_batch(index, size)
-        if b is None:
-            return None
-        keys = range(self.plan.n_windows + index * size, self.plan.n_windows + index * size + len(b[0]))
-        return self._batch([(row, key, 0) for row, key in zip(b[0], keys)], train=False)
-
-    def loss(self, engine, batch: dict) -> tuple[torch.Tensor, dict]:
-        from data.masking import IGNORE_INDEX
-
-        logits, loss = engine(batch["input_ids"], batch.get("token_type_ids"), None, batch["mlm_labels"],
-                              batch.get("nsp_labels"))
-        with torch.no_grad():
-            mlm = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), batch["mlm_labels"].reshape(-1),
-                                  ignore_index=IGNORE_INDEX)
-        return loss, {"mlm_loss": float(mlm)}
-
-
-def make_task(spec, cfg, plan: DataPlan, tokenizer):
-    if not is_encoder_config(cfg):
-        return CausalLM(plan)
-    if cfg.seq_len < spec.data.seq_len:
-        raise UserError(f"data.seq_len: {spec.data.seq_len} is longer than the model's position table ({cfg.seq_len})")
-    return MaskedLM(plan, tokenizer, spec.model.family, spec.data.seq_len, spec.train.seed, cfg.nsp)
-
-
-# ----------------------------------------------------------------------------- optimizer and engine
+# Model building and tasks live in workers/tasks.py; re-exported for callers of this module.
+from workers.tasks import (  # noqa: E402,F401
+    CausalLM, MaskedLM, UserError, build_model, config_from_dict, is_encoder_config, make_task, model_config,
+    model_counts, _to_device,
+)
 
 
 def lr_lambda(spec):
@@ -447,7 +257,7 @@ def init_config(spec, storage: Storage, cfg, tokenizer, token_cache: str) -> tup
             raise UserError(f"model.{name}: {value}, but {m.init_from} has {theirs}; leave it out or match it")
     experts = [(c.moe.num_experts, c.moe.every) if c.moe is not None else None for c in (cfg, src)]
     if experts[0] != experts[1]:
-        raise UserError(f"model.moe: the weights have " + ("no Switch layers" if experts[1] is None else
+        raise UserError("model.moe: the weights have " + ("no Switch layers" if experts[1] is None else
                         f"num_experts={experts[1][0]}, every={experts[1][1]}") + "; set model.moe to match")
     if tokenizer.vocab_size > src.vocab_size:
         raise UserError(f"{where}: the tokenizer has {tokenizer.vocab_size} ids but the model only "
