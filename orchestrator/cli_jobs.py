@@ -83,15 +83,39 @@ def cmd_down(args) -> int:
         return 0
     connect(cluster, allow_embedded=False)
     stop_controller(cluster.ray.namespace)
+    session = os.path.basename(ray._private.worker._global_node.get_session_dir_path())
     ray.shutdown()
     if cluster.ray.address == "local":
-        # `ray stop` ends the Ray processes of this machine, including the head `up` started.
-        subprocess.run([_ray_bin(), "stop"], capture_output=True, text=True)
+        _stop_session(session)
         record_head(cluster, None)
     unfinished = [r for r in _store(cluster).list() if not r.terminal]
     note = f"; {len(unfinished)} unfinished job(s) resume at the next `switchyard up`" if unfinished else ""
     print(f"switchyard is down{note}")
     return 0
+
+
+def _stop_session(session: str, timeout_s: float = 20.0) -> None:
+    """End the processes of one local Ray session (the head `up` started), not every Ray on the machine."""
+    import psutil
+
+    procs = []
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            if any(session in part for part in (p.info["cmdline"] or [])):
+                procs.append(p)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    for p in procs:
+        try:
+            p.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=timeout_s)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
 
 
 # ---------------------------------------------------------------------- submit
