@@ -1,5 +1,6 @@
 """Checkpoint completeness and retention, on plain files (no Ray)."""
 import json
+import os
 
 from data.storage import Storage
 from workers.checkpoint import apply_retention, checkpoint_dir, latest_checkpoint, list_checkpoints
@@ -40,3 +41,28 @@ def test_atomic_write_never_leaves_temp_files(tmp_path):
     st.write_json(str(tmp_path / "a" / "m.json"), {"x": 2})
     assert st.read_json(str(tmp_path / "a" / "m.json")) == {"x": 2}
     assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["m.json"]
+
+
+class _Payload:
+    """Unpickling this would run code: what a tampered checkpoint on shared storage could hold."""
+
+    def __reduce__(self):
+        return (os.system, ("touch /tmp/switchyard-pwned",))
+
+
+def test_checkpoint_loads_are_tensors_only(tmp_path):
+    import os as _os
+
+    import pytest
+    import torch
+
+    from workers.checkpoint import tensors_only
+
+    good, bad = tmp_path / "good.pt", tmp_path / "bad.pt"
+    torch.save({"w": torch.ones(2), "step": 3, "nested": [1.0, "x"]}, good)
+    torch.save({"w": torch.ones(2), "evil": _Payload()}, bad)
+    with tensors_only():
+        assert torch.load(good)["step"] == 3
+        with pytest.raises(Exception, match="weights_only|Unsupported global"):
+            torch.load(bad, weights_only=False)  # DeepSpeed asks for this; it is overridden
+    assert not _os.path.exists("/tmp/switchyard-pwned")

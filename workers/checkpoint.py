@@ -12,6 +12,8 @@ the manifest first, so a half-deleted checkpoint is already invisible.
 """
 from __future__ import annotations
 
+import contextlib
+import importlib
 import os
 import posixpath
 import re
@@ -27,6 +29,44 @@ from data.storage import Storage
 STEP_RE = re.compile(r"step_(\d{8})$")
 DS_TAG = "ds"
 UNIVERSAL_TAG = "ds_universal"
+
+
+# The only non-tensor types DeepSpeed's checkpoint files hold (besides builtins and tensors).
+DEEPSPEED_SAFE_GLOBALS = (
+    "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+    "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
+    "deepspeed.runtime.zero.config.ZeroStageEnum",
+    "deepspeed.utils.tensor_fragment.fragment_address",
+)
+
+
+@contextlib.contextmanager
+def tensors_only():
+    """Make every torch.load inside (DeepSpeed's included) a ``weights_only=True`` load.
+
+    DeepSpeed unpickles its files with ``weights_only=False``; a checkpoint on
+    shared storage must not be able to run code in our ranks. Tensors, builtins
+    and the few plain DeepSpeed data classes above load; anything else fails.
+    """
+    allowed = []
+    for name in DEEPSPEED_SAFE_GLOBALS:
+        module, _, attr = name.rpartition(".")
+        try:
+            allowed.append(getattr(importlib.import_module(module), attr))
+        except (ImportError, AttributeError):  # another DeepSpeed version: fewer types to allow
+            continue
+    original = torch.load
+
+    def safe_load(*args, **kwargs):
+        kwargs["weights_only"] = True
+        with torch.serialization.safe_globals(allowed):
+            return original(*args, **kwargs)
+
+    torch.load = safe_load
+    try:
+        yield
+    finally:
+        torch.load = original
 
 
 def checkpoint_dir(run_dir: str, step: int) -> str:
@@ -172,7 +212,8 @@ def convert_to_universal(storage: Storage, ckpt: CheckpointInfo) -> None:
         out = os.path.join(work, UNIVERSAL_TAG)
         args = argparse.Namespace(input_folder=src, output_folder=out, num_extract_workers=1, num_merge_workers=1,
                                   keep_temp_folder=False, strict=True, inject_missing_state=True)
-        ds_to_universal.main(args)
+        with tensors_only():
+            ds_to_universal.main(args)
         storage.put_dir(out, f"{ckpt.path}/{UNIVERSAL_TAG}")
         storage.write_text(marker, "ok")
     finally:
@@ -183,12 +224,14 @@ def load_checkpoint(engine, storage: Storage, ckpt: CheckpointInfo, universal: b
     """Every rank loads the same complete checkpoint (downloaded first when remote)."""
     tag = UNIVERSAL_TAG if universal else DS_TAG
     if storage.is_local:
-        engine.load_checkpoint(storage.local_path(ckpt.path), tag=tag)
+        with tensors_only():
+            engine.load_checkpoint(storage.local_path(ckpt.path), tag=tag)
         return
     staging = tempfile.mkdtemp(prefix="sy-load-")
     try:
         storage.get_dir(f"{ckpt.path}/{tag}", os.path.join(staging, tag))
-        engine.load_checkpoint(staging, tag=tag)
+        with tensors_only():
+            engine.load_checkpoint(staging, tag=tag)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
