@@ -1,0 +1,58 @@
+"""The user's path through the CLI, in subprocesses: up, submit, status, logs, wait, list, cancel, down."""
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+pytestmark = pytest.mark.e2e
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def sy(cluster, *args, check=True, timeout=300):
+    env = dict(os.environ)
+    env.pop("RAY_ADDRESS", None)
+    out = subprocess.run([sys.executable, "-m", "orchestrator.cli", "--cluster", str(cluster), *args],
+                         capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)
+    if check and out.returncode != 0:
+        raise AssertionError(f"switchyard {' '.join(args)} exited {out.returncode}: {out.stderr[-2000:]}")
+    return out
+
+
+def test_cli_lifecycle(tmp_path):
+    cluster = tmp_path / "cluster.yaml"
+    cluster.write_text(f"storage: {tmp_path / 'runs'}\njob_store: {tmp_path / 'state' / 'jobs.db'}\n"
+                       "ray: {num_cpus: 4}\n")
+    spec = ["--set", "train.steps=6", "--set", "checkpoint.every=3", "--set", "data.max_docs=300",
+            "--set", "data.seq_len=64", "--set", "model.preset=tiny"]
+    try:
+        assert "switchyard is up" in sy(cluster, "up").stdout
+        job = sy(cluster, "submit", os.path.join(ROOT, "examples", "pretrain.yaml"), "--priority", "3",
+                 *spec).stdout.strip()
+        assert job.startswith("sy-")
+        long_job = sy(cluster, "submit", os.path.join(ROOT, "examples", "pretrain.yaml"),
+                      "--set", "train.steps=100000", "--set", "name=long").stdout.strip()
+        assert sy(cluster, "wait", job, "--timeout", "240").returncode == 0
+        status = json.loads(sy(cluster, "status", job, "--json").stdout)
+        for key in ("id", "name", "state", "priority", "step", "restarts", "run_dir", "metrics", "evals",
+                    "best_checkpoint", "workers", "history"):
+            assert key in status
+        assert status["state"] == "SUCCEEDED" and status["priority"] == 3 and status["step"] == 6
+        assert [h["to"] for h in status["history"]][:4] == ["QUEUED", "STARTING", "RUNNING", "SUCCEEDED"]
+        logs = sy(cluster, "logs", job).stdout
+        assert "[switchyard] rank 0/2" in logs and "[switchyard] rank 1/2" in logs
+        cluster_view = json.loads(sy(cluster, "status", "--json").stdout)
+        assert cluster_view["controller"]["alive"] and cluster_view["nodes"]
+        assert cluster_view["nodes"][0]["total"]["CPU"] == 4
+        assert {j["id"] for j in cluster_view["running"] + cluster_view["queued"]} == {long_job}
+        assert sy(cluster, "cancel", long_job).returncode == 0
+        assert sy(cluster, "wait", long_job, "--timeout", "60", check=False).returncode == 1
+        listing = sy(cluster, "list").stdout
+        assert job in listing and "SUCCEEDED" in listing and "CANCELLED" in listing
+        bad = sy(cluster, "status", "sy-nope", check=False)
+        assert bad.returncode == 2 and bad.stderr.count("\n") == 1
+    finally:
+        sy(cluster, "down", check=False)
+    assert not (tmp_path / "state" / "ray_address").exists()
