@@ -120,6 +120,8 @@ class Controller:
 
     def _handle_cancels(self) -> None:
         for job_id, act in list(self.active.items()):
+            if act.starter is not None and act.starter.is_alive():
+                continue  # let the gang finish starting, then stop all of it (nothing leaks half-made)
             rec = self.store.get(job_id)
             if rec.cancel_requested and not rec.terminal:
                 act.run.shutdown()
