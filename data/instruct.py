@@ -215,11 +215,14 @@ def demonstrations(n: int, split: str = "train", cfg: TaskConfig = TaskConfig())
     return [Demonstration(p, gold_answer(p)) for p in make_prompts(n, split, cfg)]
 
 
-def corrupt(answer: str, family: str, rng: random.Random, n_edits: int, args: Sequence[str] = ()) -> str:
-    """``answer`` after ``n_edits`` random edits: more edits, lower quality (on average).
+def corrupt(prompt: str, answer: str, rng: random.Random, n_edits: int) -> str:
+    """``answer`` to ``prompt`` after ``n_edits`` random edits: more edits, lower quality (on average).
 
-    ``args`` (the prompt's arguments) let numeric answers turn into one of them.
+    Half of the material an edit brings in comes from the prompt itself (its
+    numbers, words, or letters): such near misses look plausible, so a reward
+    model cannot rank by "uses the prompt's symbols" alone.
     """
+    family, args, _ = parse(prompt)
     if family in NUMERIC:
         value = int(answer)
         listed = [int(a) for a in args if a.isdigit()]
@@ -239,20 +242,24 @@ def corrupt(answer: str, family: str, rng: random.Random, n_edits: int, args: Se
         return str(value)
     chars = family == "initials"
     toks = list(answer) if chars else answer.split()
-    pool = list("abcdefghijklmnopqrstuvwxyz") if chars else list(WORDS) + [str(i) for i in range(100)]
-    if family == "upper":
-        pool = [w.upper() for w in WORDS] + list(WORDS)
+    if chars:
+        near, far = [c for c in prompt.lower() if c.isalpha()], list("abcdefghijklmnopqrstuvwxyz")
+    elif family == "upper":
+        near, far = args + [a.upper() for a in args], [w.upper() for w in WORDS] + list(WORDS)
+    else:
+        near, far = list(args), list(WORDS) + [str(i) for i in range(100)]
+    pick = lambda: rng.choice(near if rng.random() < 0.5 else far)  # noqa: E731
     for _ in range(n_edits):
         op = rng.randrange(5)
         if op == 0 and len(toks) >= 2:                 # swap two neighbours
             i = rng.randrange(len(toks) - 1)
             toks[i], toks[i + 1] = toks[i + 1], toks[i]
         elif op == 1 and toks:                         # replace one
-            toks[rng.randrange(len(toks))] = rng.choice(pool)
+            toks[rng.randrange(len(toks))] = pick()
         elif op == 2 and len(toks) >= 2:               # drop one
             del toks[rng.randrange(len(toks))]
         elif op == 3:                                  # insert one
-            toks.insert(rng.randrange(len(toks) + 1), rng.choice(pool))
+            toks.insert(rng.randrange(len(toks) + 1), pick())
         elif toks and family == "upper":               # lowercase one
             i = rng.randrange(len(toks))
             toks[i] = toks[i].lower()
@@ -275,14 +282,16 @@ def _pick_distinct(candidates: list[str], prompt: str, k: int, seen: dict[float,
 
 
 def comparisons(n: int, k: int = 4, split: str = "train", cfg: TaskConfig = TaskConfig(),
-                sampler: Sampler | None = None, model_share: float = 0.5,
+                sampler: Sampler | None = None, model_share: float = 0.5, n_samples: int | None = None,
                 seed: int = 0, min_gap: float = 0.0) -> list[Comparison]:
     """``n`` prompts with ``k`` responses each, ranked best first by the judge.
 
     Responses have distinct judge scores, so each ranking is strict. With a
     ``sampler`` (a model), up to ``model_share`` of each prompt's responses
-    are the model's own samples (the InstructGPT setting: labellers rank model
-    outputs) and corrupted gold answers fill the rest; without one, all are
+    are picked among ``n_samples`` (default 2k) of the model's own samples
+    (the InstructGPT setting: labellers rank model outputs, and the reward
+    model must judge the policy's own kind of output) and corrupted gold
+    answers fill the rest; without one, all are
     corrupted gold answers of graded quality (1 to 6 edits, or the gold answer
     itself). Scores of one prompt's responses differ by at least ``min_gap``
     (near-ties carry little signal, for a labeller or a reward model). A prompt
@@ -294,14 +303,14 @@ def comparisons(n: int, k: int = 4, split: str = "train", cfg: TaskConfig = Task
     prompts = make_prompts(n, split, cfg)
     rng = random.Random(f"{cfg.seed}:{seed}:comparisons:{split}")
     n_model = int(round(k * model_share)) if sampler is not None else 0
-    samples = sampler(prompts, n_model + 1) if n_model else [[] for _ in prompts]
+    samples = sampler(prompts, n_samples or 2 * k) if n_model else [[] for _ in prompts]
     out: list[Comparison] = []
     for prompt, model_texts in zip(prompts, samples):
-        (family, args, _), gold = parse(prompt), gold_answer(prompt)
+        gold = gold_answer(prompt)
         seen: dict[float, str] = {}
         _pick_distinct([_normalise(t) for t in model_texts], prompt, n_model, seen, rng, min_gap)
         for _ in range(4):  # a few rounds of fresh corruptions if scores collide
-            pool = [gold] + [corrupt(gold, family, rng, rng.randint(1, 6), args) for _ in range(3 * k)]
+            pool = [gold] + [corrupt(prompt, gold, rng, rng.randint(1, 6)) for _ in range(3 * k)]
             _pick_distinct(pool, prompt, k, seen, rng, min_gap)
             if len(seen) >= k:
                 break

@@ -235,6 +235,10 @@ class BuiltinDataConfig:
     """Responses per comparison."""
     min_gap: float = 0.2
     """Least gold-score difference between two responses of one comparison."""
+    model_share: float = 1.0
+    """Share of each comparison's responses taken from the sampler (the SFT model) when one is given."""
+    n_samples: int = 8
+    """Samples drawn from the sampler per comparison prompt."""
     n_ppo: int = 4000
     """PPO prompts (train prompts from a second stream)."""
     n_eval: int = 200
@@ -307,16 +311,15 @@ def write_builtin_comparisons(root: str, cfg: BuiltinDataConfig = BuiltinDataCon
     """Write ranked comparisons (train and held-out) under ``root``.
 
     ``sampler`` (``data.instruct.Sampler``, e.g. the SFT model) contributes
-    half of each prompt's responses; the judge ranks them.
+    ``cfg.model_share`` of each prompt's responses; the judge ranks them.
     """
     from data import instruct
 
     files = RLHFDataFiles.under(root, cfg.fmt)
     task = cfg.task()
     # Held-out RM prompts come from a second held-out stream, apart from the evaluation prompts' one.
-    write_comparisons(files.rm_train, instruct.comparisons(cfg.n_rm, cfg.k, "train", task, sampler, seed=1,
-                                                           min_gap=cfg.min_gap))
-    write_comparisons(files.rm_heldout, instruct.comparisons(cfg.n_rm_heldout, cfg.k, "heldout",
-                                                             cfg.task(1), sampler, seed=2,
-                                                             min_gap=cfg.min_gap))
+    opts = dict(sampler=sampler, model_share=cfg.model_share, n_samples=cfg.n_samples, min_gap=cfg.min_gap)
+    write_comparisons(files.rm_train, instruct.comparisons(cfg.n_rm, cfg.k, "train", task, seed=1, **opts))
+    write_comparisons(files.rm_heldout, instruct.comparisons(cfg.n_rm_heldout, cfg.k, "heldout", cfg.task(1),
+                                                             seed=2, **opts))
     return files

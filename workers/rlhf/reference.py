@@ -531,9 +531,9 @@ def run_reference(cfg: ReferenceConfig) -> dict:
                 _log(f"[sft] step {i + 1}/{cfg.sft.steps} loss {sum(losses[-100:]) / len(losses[-100:]):.4f}")
         return {"final_loss": sum(losses[-50:]) / len(losses[-50:])}
 
+    sft_data = {k: getattr(cfg.data, k) for k in ("n_sft", "seed", "families")}
     report["sft"] = _checkpoint(cfg, "sft", {"model": model_cfg.to_dict(), "sft": dataclasses.asdict(cfg.sft),
-                                             "data": dataclasses.asdict(cfg.data), "seed": cfg.seed},
-                                sft, train_sft)
+                                             "data": sft_data, "seed": cfg.seed}, sft, train_sft)
     report["seconds"]["sft"] = time.perf_counter() - t0
 
     # --- reward model
