@@ -210,9 +210,21 @@ def judge(prompt: str, response: str) -> float:
 # ----------------------------------------------------------------------------- demonstrations and comparisons
 
 
-def demonstrations(n: int, split: str = "train", cfg: TaskConfig = TaskConfig()) -> list[Demonstration]:
-    """``n`` (prompt, gold answer) pairs, the SFT data."""
-    return [Demonstration(p, gold_answer(p)) for p in make_prompts(n, split, cfg)]
+def demonstrations(n: int, split: str = "train", cfg: TaskConfig = TaskConfig(),
+                   noise: float = 0.0) -> list[Demonstration]:
+    """``n`` (prompt, answer) pairs, the SFT data: gold answers, except a ``noise`` share of
+    corrupted ones (1 to 3 edits), as from careless demonstrators.
+
+    Noisy demonstrations make an SFT model that is imperfect in a way a reward
+    model can see, leaving room for RLHF to improve on it.
+    """
+    rng = random.Random(f"{cfg.seed}:demonstrations:{split}")
+    out = []
+    for p in make_prompts(n, split, cfg):
+        gold = gold_answer(p)
+        noisy = rng.random() < noise
+        out.append(Demonstration(p, corrupt(p, gold, rng, rng.randint(1, 3)) if noisy else gold))
+    return out
 
 
 def corrupt(prompt: str, answer: str, rng: random.Random, n_edits: int) -> str:

@@ -227,17 +227,19 @@ class BuiltinDataConfig:
 
     n_sft: int = 4000
     """Demonstrations (train prompts)."""
-    n_rm: int = 6000
+    demo_noise: float = 0.3
+    """Share of demonstrations with a corrupted answer (careless demonstrators)."""
+    n_rm: int = 4000
     """Ranked comparisons for RM training (train prompts)."""
     n_rm_heldout: int = 300
     """Ranked comparisons on held-out prompts, for RM accuracy."""
     k: int = 4
     """Responses per comparison."""
-    min_gap: float = 0.2
+    min_gap: float = 0.15
     """Least gold-score difference between two responses of one comparison."""
-    model_share: float = 1.0
+    model_share: float = 0.5
     """Share of each comparison's responses taken from the sampler (the SFT model) when one is given."""
-    n_samples: int = 8
+    n_samples: int = 4
     """Samples drawn from the sampler per comparison prompt."""
     n_ppo: int = 4000
     """PPO prompts (train prompts from a second stream)."""
@@ -259,9 +261,15 @@ class BuiltinDataConfig:
 
     def __post_init__(self) -> None:
         if self.fmt not in FORMATS:
-            raise ValueError(f"fmt must be one of {FORMATS}, got {self.fmt!r}")
+            raise ValueError(f"data.fmt must be one of {FORMATS}, got {self.fmt!r}")
         if self.k < 2:
-            raise ValueError(f"k must be at least 2, got {self.k}")
+            raise ValueError(f"data.k must be at least 2, got {self.k}")
+        if not 0.0 <= self.demo_noise < 1.0:
+            raise ValueError(f"data.demo_noise must be in [0, 1), got {self.demo_noise}")
+        if not 0.0 <= self.model_share <= 1.0:
+            raise ValueError(f"data.model_share must be in [0, 1], got {self.model_share}")
+        if self.families is not None:
+            self.task()  # validates the families (None, all of them, needs no check)
 
 
 @dataclass(frozen=True)
@@ -299,7 +307,7 @@ def write_builtin_prompts(root: str, cfg: BuiltinDataConfig = BuiltinDataConfig(
 
     files = RLHFDataFiles.under(root, cfg.fmt)
     task = cfg.task()
-    write_demonstrations(files.sft_train, instruct.demonstrations(cfg.n_sft, "train", task))
+    write_demonstrations(files.sft_train, instruct.demonstrations(cfg.n_sft, "train", task, cfg.demo_noise))
     # PPO prompts: a second train-split stream, so they meet the SFT prompts only by chance.
     write_prompts(files.ppo_prompts, instruct.make_prompts(cfg.n_ppo, "train", cfg.task(1)))
     write_prompts(files.eval_prompts, instruct.make_prompts(cfg.n_eval, "heldout", task))

@@ -84,9 +84,14 @@ def test_task_config_validates():
 # ----------------------------------------------------------------------------- demonstrations and comparisons
 
 
-def test_demonstrations_are_gold():
+def test_demonstrations_are_gold_unless_noisy():
     demos = demonstrations(20, "heldout")
     assert all(judge(d.prompt, d.response) == 1.0 and split_of(d.prompt) == "heldout" for d in demos)
+    noisy = demonstrations(400, noise=0.3)
+    wrong = sum(judge(d.prompt, d.response) < 1.0 for d in noisy)
+    assert 80 <= wrong <= 150                                    # about 30%, a few corruptions undo themselves
+    assert noisy == demonstrations(400, noise=0.3)
+    assert [d.prompt for d in noisy] == [d.prompt for d in demonstrations(400)]
 
 
 def test_comparisons_rank_strictly_by_judge():
@@ -192,7 +197,7 @@ def test_missing_empty_and_unnamed_files(tmp_path):
 
 
 def test_builtin_datasets_round_trip(tmp_path):
-    cfg = BuiltinDataConfig(n_sft=20, n_rm=10, n_rm_heldout=5, n_ppo=15, n_eval=6, k=3, fmt="parquet")
+    cfg = BuiltinDataConfig(n_sft=20, n_rm=10, n_rm_heldout=5, n_ppo=15, n_eval=6, k=3, fmt="parquet", demo_noise=0.0)
     files = write_builtin_prompts(str(tmp_path), cfg)
     demos = read_demonstrations(files.sft_train)
     assert len(demos) == 20 and all(judge(d.prompt, d.response) == 1.0 for d in demos)

@@ -41,6 +41,20 @@ def test_ranking_loss_mixed_k_with_mask_weighs_prompts_equally():
     assert pm.ranking_loss(rewards, mask).item() == pytest.approx((k3 + k2) / 2, abs=1e-6)
 
 
+def test_ranking_loss_centring_term():
+    rewards = torch.tensor([[2.0, 1.0, 0.0], [4.0, 2.0, 0.0]])     # prompt means 1 and 2
+    plain = pm.ranking_loss(rewards).item()
+    assert pm.ranking_loss(rewards, center_coef=0.1).item() == pytest.approx(plain + 0.1 * (1 + 4) / 2, abs=1e-6)
+
+
+def test_leave_one_out_scores():
+    scores = torch.tensor([1.0, 2.0, 3.0, 10.0, 20.0, 30.0])
+    close(pm.leave_one_out_scores(scores, 3), [-1.5, 0.0, 1.5, -15.0, 0.0, 15.0])
+    assert torch.equal(pm.leave_one_out_scores(scores, 1), scores)
+    with pytest.raises(ValueError, match="groups of 4"):
+        pm.leave_one_out_scores(scores, 4)
+
+
 def test_pairwise_loss_is_the_k2_case():
     chosen, rejected = torch.tensor([1.0, -0.5]), torch.tensor([0.0, 0.5])
     as_ranking = pm.ranking_loss(torch.stack([chosen, rejected], 1))

@@ -116,6 +116,22 @@ def kl_penalized_rewards(score: torch.Tensor, logp: torch.Tensor, ref_logp: torc
     return rewards, kl
 
 
+def leave_one_out_scores(score: torch.Tensor, group: int) -> torch.Tensor:
+    """Scores (B,) of ``group`` consecutive samples per prompt, minus the mean of the prompt's other samples.
+
+    The reward model's ranking loss leaves each prompt's offset free; removing
+    it per prompt (as RLOO does) leaves only the within-prompt differences
+    that rankings taught, so the value model need not learn the offsets.
+    """
+    if group < 2:
+        return score
+    if score.shape[0] % group:
+        raise ValueError(f"{score.shape[0]} scores do not split into groups of {group}")
+    s = score.view(-1, group)                                                   # (P, group)
+    others = (s.sum(1, keepdim=True) - s) / (group - 1)
+    return (s - others).view(-1)
+
+
 @dataclass
 class FixedKLController:
     """A constant KL coefficient beta."""

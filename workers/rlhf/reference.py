@@ -55,7 +55,7 @@ StepFn = Callable[[torch.Tensor], None]
 class SFTConfig:
     """Supervised fine-tuning on demonstrations (from scratch here: the tiny model has no pretraining)."""
 
-    steps: int = 500
+    steps: int = 800
     """Optimizer steps."""
     batch_size: int = 32
     """Demonstrations per step."""
@@ -73,7 +73,7 @@ class SFTConfig:
 class RMConfig:
     """Reward-model training on K-way rankings, initialised from the SFT model."""
 
-    epochs: float = 2.0
+    epochs: float = 6.0
     """Passes over the ranked comparisons."""
     batch_size: int = 16
     """Prompts per step; all K responses of a prompt go in the same step."""
@@ -83,7 +83,7 @@ class RMConfig:
     """Warmup steps."""
     weight_decay: float = 0.0
     """AdamW weight decay on matrices."""
-    center_coef: float = 0.01
+    center_coef: float = 0.1
     """Weight of the reward-centring term (ppo_math.ranking_loss); 0 = the plain InstructGPT loss."""
     n_bias: int = 512
     """Demonstrations used to set the reward bias (mean demonstration reward = 0)."""
@@ -93,19 +93,23 @@ class RMConfig:
 class PPOConfig:
     """PPO against the frozen reward model, with a KL penalty to the frozen SFT reference."""
 
-    steps: int = 60
+    steps: int = 100
     """Rollouts (each is one batch of prompts, then ppo_epochs of updates)."""
-    rollout_size: int = 64
-    """Prompts per rollout, one response each."""
-    minibatch_size: int = 32
+    rollout_size: int = 128
+    """Sequences per rollout: rollout_size / samples_per_prompt prompts."""
+    samples_per_prompt: int = 4
+    """Responses sampled per prompt in a rollout (InstructGPT: 1)."""
+    loo_baseline: bool = True
+    """Subtract from each score the mean score of its prompt's other samples (needs samples_per_prompt > 1)."""
+    minibatch_size: int = 64
     """Sequences per policy/value update."""
     ppo_epochs: int = 2
     """Passes over each rollout."""
     value_warmup: int = 10
     """First rollouts train only the value model, so advantages start from a fitted baseline."""
-    policy_lr: float = 2e-4
-    """Policy AdamW learning rate."""
-    value_lr: float = 5e-4
+    policy_lr: float = 1e-4
+    """Policy AdamW learning rate (Adam turns noisy policy gradients into full-size steps: keep it small)."""
+    value_lr: float = 1e-3
     """Value-model AdamW learning rate."""
     clip: float = 0.2
     """Policy ratio clip epsilon."""
@@ -115,11 +119,11 @@ class PPOConfig:
     """GAE discount."""
     lam: float = 0.95
     """GAE lambda."""
-    kl_beta: float = 0.02
-    """Initial KL coefficient beta (InstructGPT: 0.02)."""
-    kl_target: float | None = None
+    kl_beta: float = 0.1
+    """Initial KL coefficient beta (InstructGPT: 0.02, on a differently scaled reward)."""
+    kl_target: float | None = 3.0
     """Target KL in nats per sequence for the adaptive controller; None = fixed beta."""
-    kl_horizon: int = 10000
+    kl_horizon: int = 2000
     """Adaptive controller horizon in samples (Ziegler et al.)."""
     reward_clip: float = 5.0
     """Clamp reward-model scores to +-this before the KL penalty (0 = off)."""
@@ -138,6 +142,23 @@ class PPOConfig:
     whiten_advantages: bool = True
     """Normalise advantages over each rollout."""
 
+    def __post_init__(self) -> None:
+        if self.rollout_size % self.samples_per_prompt:
+            raise ValueError(f"ppo.rollout_size ({self.rollout_size}) must be a multiple of "
+                             f"ppo.samples_per_prompt ({self.samples_per_prompt})")
+        if self.loo_baseline and self.samples_per_prompt < 2:
+            raise ValueError("ppo.loo_baseline needs ppo.samples_per_prompt >= 2")
+        if not 0 < self.minibatch_size <= self.rollout_size:
+            raise ValueError(f"ppo.minibatch_size must be in 1..rollout_size, got {self.minibatch_size}")
+        if self.steps <= self.value_warmup:
+            raise ValueError(f"ppo.steps ({self.steps}) must exceed ppo.value_warmup ({self.value_warmup})")
+
+
+# Families of data.instruct the reference trains on. Left out: sort, max and
+# initials, whose answers the tiny reward model could not check (held-out
+# pairwise accuracy ~0.6-0.75 on them), so PPO learned to exploit it there.
+REFERENCE_FAMILIES = ("reverse", "add", "upper", "count", "repeat")
+
 
 @dataclass(frozen=True)
 class ReferenceConfig:
@@ -149,8 +170,8 @@ class ReferenceConfig:
     """Decoder family (models.transformer.FAMILIES)."""
     preset: str = "tiny"
     """Decoder size (models.transformer.PRESETS)."""
-    data: BuiltinDataConfig = BuiltinDataConfig()
-    """Sizes of the built-in datasets."""
+    data: BuiltinDataConfig = BuiltinDataConfig(families=REFERENCE_FAMILIES)
+    """The built-in datasets: sizes, families, demonstration noise, comparison make-up."""
     sft: SFTConfig = SFTConfig()
     """SFT stage."""
     rm: RMConfig = RMConfig()
@@ -352,12 +373,15 @@ def ppo_step(roles: PPORoles, prompt_ids: Sequence[Sequence[int]], cfg: PPOConfi
              ) -> dict[str, float]:
     """One PPO iteration: generate, score, advantages, update. Returns stats and seconds per phase.
 
-    ``update_policy=False`` trains only the value model (value warmup).
+    ``prompt_ids`` holds distinct prompts; each is sampled
+    ``cfg.samples_per_prompt`` times. ``update_policy=False`` trains only the
+    value model (value warmup).
     """
     timer = PhaseTimer()
     with timer("generate"):
         roles.policy.eval()
-        gen = generate(roles.policy, prompt_ids, sampling, generator)
+        repeated = [p for p in prompt_ids for _ in range(cfg.samples_per_prompt)]   # groups stay consecutive
+        gen = generate(roles.policy, repeated, sampling, generator)
     seq, mask = gen.sequences, gen.response_mask                                # (B, L), (B, N)
     N = mask.shape[1]
 
@@ -368,10 +392,12 @@ def ppo_step(roles: PPORoles, prompt_ids: Sequence[Sequence[int]], cfg: PPOConfi
                                      gen.response_ids) * mask                   # (B, N)
         roles.value.eval()
         old_values = gather_response(roles.value(seq, per_token=True), gen.prompt_lengths, N) * mask  # (B, N)
-        score = roles.reward(seq, gen.lengths)                                  # (B,)
-        score = pm.clip_reward(score, cfg.reward_clip) - cfg.no_eos_penalty * (~gen.finished).float()
+        raw_score = roles.reward(seq, gen.lengths)                              # (B,)
+        score = pm.clip_reward(raw_score, cfg.reward_clip) - cfg.no_eos_penalty * (~gen.finished).float()
 
     with timer("advantages"):
+        if cfg.loo_baseline:
+            score = pm.leave_one_out_scores(score, cfg.samples_per_prompt)
         rewards, kl = pm.kl_penalized_rewards(score, old_logp, ref_logp, mask, kl_ctl.beta)
         advantages, returns = pm.gae(rewards, old_values, mask, cfg.gamma, cfg.lam)
         if cfg.whiten_advantages:
@@ -417,7 +443,7 @@ def ppo_step(roles: PPORoles, prompt_ids: Sequence[Sequence[int]], cfg: PPOConfi
     if update_policy:  # during value warmup the policy is the reference: nothing to steer
         kl_ctl.update(seq_kl, B)
     out = {k: sum(v) / len(v) for k, v in stats.items() if v}
-    out.update(score=float(score.mean()), kl=seq_kl, beta=beta, response_len=float(mask.sum(1).mean()),
+    out.update(score=float(raw_score.mean()), kl=seq_kl, beta=beta, response_len=float(mask.sum(1).mean()),
                finished=float(gen.finished.float().mean()))
     out.update({f"t_{k}": v for k, v in timer.seconds.items()})
     return out
@@ -531,7 +557,7 @@ def run_reference(cfg: ReferenceConfig) -> dict:
                 _log(f"[sft] step {i + 1}/{cfg.sft.steps} loss {sum(losses[-100:]) / len(losses[-100:]):.4f}")
         return {"final_loss": sum(losses[-50:]) / len(losses[-50:])}
 
-    sft_data = {k: getattr(cfg.data, k) for k in ("n_sft", "seed", "families")}
+    sft_data = {k: getattr(cfg.data, k) for k in ("n_sft", "seed", "families", "demo_noise")}
     report["sft"] = _checkpoint(cfg, "sft", {"model": model_cfg.to_dict(), "sft": dataclasses.asdict(cfg.sft),
                                              "data": sft_data, "seed": cfg.seed}, sft, train_sft)
     report["seconds"]["sft"] = time.perf_counter() - t0
@@ -593,7 +619,7 @@ def run_reference(cfg: ReferenceConfig) -> dict:
     def train_ppo() -> dict:
         history = []
         for i in range(cfg.ppo.steps):
-            prompts = rng["ppo"].sample(ppo_prompts, cfg.ppo.rollout_size)
+            prompts = rng["ppo"].sample(ppo_prompts, cfg.ppo.rollout_size // cfg.ppo.samples_per_prompt)
             stats = ppo_step(roles, [tok.encode(p) for p in prompts], cfg.ppo, kl_ctl, rollout_sampling, gens["ppo"],
                              ptx_stream() if cfg.ppo.ptx_coef > 0 else None, update_policy=i >= cfg.ppo.value_warmup)
             history.append(stats)
@@ -619,6 +645,9 @@ def run_reference(cfg: ReferenceConfig) -> dict:
                                                           eval_sampling, eval_gen))
 
     sft_scores, ppo_scores, ema_scores = gold(sft), gold(policy), gold(ema)
+    by_family: dict[str, list[list[float]]] = {}
+    for prompt, a, b in zip(eval_prompts, sft_scores, ppo_scores):
+        by_family.setdefault(instruct.parse(prompt)[0], []).append([a, b])
     report["eval"] = {
         "prompts": len(eval_prompts),
         "samples_per_prompt": cfg.eval_samples,
@@ -628,6 +657,8 @@ def run_reference(cfg: ReferenceConfig) -> dict:
         "ppo_win_rate_vs_sft": win_rate(ppo_scores, sft_scores),
         "ema_gold": sum(ema_scores) / len(ema_scores),
         "ema_win_rate_vs_sft": win_rate(ema_scores, sft_scores),
+        "gold_by_family": {f: {"sft": sum(x for x, _ in v) / len(v), "ppo": sum(y for _, y in v) / len(v),
+                               "prompts": len(v)} for f, v in sorted(by_family.items())},
         "sft": reward_and_kl(sft, reference, rm, tok, eval_prompts, eval_sampling, eval_gen),
         "ppo": reward_and_kl(policy, reference, rm, tok, eval_prompts, eval_sampling, eval_gen),
     }
