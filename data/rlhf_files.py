@@ -22,6 +22,7 @@ the built-in and a user's data take one path.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator
 
@@ -106,23 +107,29 @@ def iter_rows(uri: str) -> Iterator[tuple[int, Any]]:
 
 
 def write_rows(uri: str, rows: Iterable[dict]) -> str:
-    """Write dict rows as JSONL or Parquet (by the name), creating parent folders; returns ``uri``."""
+    """Write dict rows as JSONL or Parquet (by the name), creating parent folders; returns ``uri``.
+
+    The file appears whole or not at all: rows go to a hidden sibling that is renamed at the end.
+    """
     fmt = file_format(uri)
     rows = list(rows)
     fs, path = fsspec.core.url_to_fs(uri)
-    parent = path.rsplit("/", 1)[0] if "/" in path else ""
+    parent, name = path.rsplit("/", 1) if "/" in path else ("", path)
     if parent:
         fs.makedirs(parent, exist_ok=True)
+    tmp = f"{parent}/.tmp-{os.getpid()}-{name}" if parent else f".tmp-{os.getpid()}-{name}"
     if fmt == "parquet":
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        with fs.open(path, "wb") as f:
+        with fs.open(tmp, "wb") as f:
             pq.write_table(pa.Table.from_pylist(rows), f)
-        return uri
-    with fsspec.open(uri, "wt", compression="infer", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    else:
+        with fsspec.open(fs.unstrip_protocol(tmp), "wt", compression=fsspec.utils.infer_compression(name),
+                         encoding="utf-8", **fs.storage_options) as f:
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    fs.mv(tmp, path)
     return uri
 
 
@@ -314,20 +321,28 @@ def write_builtin_prompts(root: str, cfg: BuiltinDataConfig = BuiltinDataConfig(
     return files
 
 
-def write_builtin_comparisons(root: str, cfg: BuiltinDataConfig = BuiltinDataConfig(),
-                              sampler=None) -> RLHFDataFiles:
-    """Write ranked comparisons (train and held-out) under ``root``.
+def builtin_comparisons(cfg: BuiltinDataConfig = BuiltinDataConfig(), sampler=None
+                        ) -> tuple[list[Comparison], list[Comparison]]:
+    """Ranked comparisons (train, held-out) of the built-in task.
 
     ``sampler`` (``data.instruct.Sampler``, e.g. the SFT model) contributes
     ``cfg.model_share`` of each prompt's responses; the judge ranks them.
     """
     from data import instruct
 
-    files = RLHFDataFiles.under(root, cfg.fmt)
     task = cfg.task()
-    # Held-out RM prompts come from a second held-out stream, apart from the evaluation prompts' one.
     opts = dict(sampler=sampler, model_share=cfg.model_share, n_samples=cfg.n_samples, min_gap=cfg.min_gap)
-    write_comparisons(files.rm_train, instruct.comparisons(cfg.n_rm, cfg.k, "train", task, seed=1, **opts))
-    write_comparisons(files.rm_heldout, instruct.comparisons(cfg.n_rm_heldout, cfg.k, "heldout", cfg.task(1),
-                                                             seed=2, **opts))
+    train = instruct.comparisons(cfg.n_rm, cfg.k, "train", task, seed=1, **opts)
+    # Held-out RM prompts come from a second held-out stream, apart from the evaluation prompts' one.
+    heldout = instruct.comparisons(cfg.n_rm_heldout, cfg.k, "heldout", cfg.task(1), seed=2, **opts)
+    return train, heldout
+
+
+def write_builtin_comparisons(root: str, cfg: BuiltinDataConfig = BuiltinDataConfig(),
+                              sampler=None) -> RLHFDataFiles:
+    """Write ranked comparisons (train and held-out, ``builtin_comparisons``) under ``root``."""
+    files = RLHFDataFiles.under(root, cfg.fmt)
+    train, heldout = builtin_comparisons(cfg, sampler)
+    write_comparisons(files.rm_train, train)
+    write_comparisons(files.rm_heldout, heldout)
     return files

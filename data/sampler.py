@@ -97,3 +97,37 @@ class DataPlan:
         if state.n_windows != self.n_windows or state.seed != self.seed:
             raise ValueError(f"checkpoint was made on different data (windows {state.n_windows}, seed {state.seed}) "
                              f"than this run (windows {self.n_windows}, seed {self.seed})")
+
+
+class ItemOrder:
+    """The same scheme over a list of ``n`` records (demonstrations, comparisons, prompts).
+
+    Global sample position ``p`` is record ``perm(epoch = p // n)[p % n]``;
+    the permutation is seeded by (seed, epoch). A ``DataState`` with
+    ``n_windows = n`` saves and checks the position.
+    """
+
+    def __init__(self, n: int, seed: int):
+        if n < 1:
+            raise ValueError("no records to read")
+        self.n, self.seed = n, seed
+        self._epoch, self._perm = -1, np.arange(0)
+
+    def index(self, position: int) -> int:
+        epoch, offset = divmod(position, self.n)
+        if epoch != self._epoch:
+            self._perm, self._epoch = np.random.default_rng([self.seed, epoch]).permutation(self.n), epoch
+        return int(self._perm[offset])
+
+    def rank_indices(self, position: int, per_step: int, rank: int, world: int) -> list[int]:
+        """Record indices rank ``rank`` of ``world`` reads in the step starting at ``position``."""
+        share = per_step // world
+        return [self.index(p) for p in range(position + rank * share, position + (rank + 1) * share)]
+
+    def state(self, position: int) -> DataState:
+        return DataState(position, self.seed, self.n)
+
+    def check_resume(self, state: DataState) -> None:
+        if state.n_windows != self.n or state.seed != self.seed:
+            raise ValueError(f"checkpoint was made on other data ({state.n_windows} records, seed {state.seed}) "
+                             f"than this run ({self.n} records, seed {self.seed})")

@@ -181,11 +181,167 @@ class EvalSpec(_Section):
     """Batches of held-out samples per evaluation."""
 
 
+class BuiltinTaskSpec(_Section):
+    """The built-in instruction task's datasets (data.rlhf_files.BuiltinDataConfig), written by the stages."""
+
+    n_sft: int = Field(4000, ge=1)
+    """Demonstrations (train prompts)."""
+    demo_noise: float = Field(0.3, ge=0, lt=1)
+    """Share of demonstrations with a corrupted answer (careless demonstrators)."""
+    n_sft_heldout: int = Field(200, ge=1)
+    """Held-out demonstrations (gold answers) for the SFT held-out loss."""
+    n_rm: int = Field(4000, ge=1)
+    """Ranked comparisons for reward-model training."""
+    n_rm_heldout: int = Field(300, ge=1)
+    """Ranked comparisons on held-out prompts, for the RM's held-out pairwise accuracy."""
+    k: int = Field(4, ge=2)
+    """Responses per comparison (K of the K-way ranking)."""
+    min_gap: float = Field(0.15, ge=0)
+    """Least gold-score difference between two responses of one comparison."""
+    model_share: float = Field(0.5, ge=0, le=1)
+    """Share of each comparison's responses sampled from the SFT model (the rest are corrupted answers)."""
+    n_samples: int = Field(4, ge=1)
+    """SFT samples drawn per comparison prompt."""
+    n_ppo: int = Field(4000, ge=1)
+    """PPO prompts."""
+    n_eval: int = Field(200, ge=1)
+    """Held-out prompts of the final evaluation."""
+    seed: int = Field(0, ge=0)
+    """Seed of the prompt generator."""
+    families: tuple[str, ...] | None = ("reverse", "add", "upper", "count", "repeat")
+    """Instruction families (data.instruct.FAMILIES); null = all of them."""
+
+    @field_validator("families")
+    @classmethod
+    def _families(cls, v):
+        if v is not None:
+            from data.instruct import FAMILIES
+
+            bad = [f for f in v if f not in FAMILIES]
+            if bad or not v:
+                raise ValueError(f"unknown instruction families {bad}; choose from {list(FAMILIES)}")
+        return v
+
+
+class RLHFDataSpec(_Section):
+    """Where an InstructGPT stage reads its datasets: files (JSONL/Parquet at any fsspec URI), or the built-in task.
+
+    A file left null is written from the built-in task into ``dir`` (when
+    ``builtin`` is set): demonstrations and prompts at once, comparisons by
+    the RM stage from SFT samples ranked by the gold judge.
+    """
+
+    builtin: BuiltinTaskSpec | None = BuiltinTaskSpec()
+    """The built-in task that fills in every file left null; null = every file the stage needs must be given."""
+    dir: str | None = None
+    """Folder for the built-in task's files (default: <run_dir>/rlhf_data; a pipeline shares one)."""
+    demonstrations: str | None = None
+    """SFT: {prompt, response} rows."""
+    demonstrations_heldout: str | None = None
+    """SFT held-out loss: {prompt, response} rows (default: the last 5% of demonstrations)."""
+    comparisons: str | None = None
+    """RM: {prompt, responses, ranking} or {prompt, chosen, rejected} rows."""
+    comparisons_heldout: str | None = None
+    """RM held-out accuracy: comparison rows (default: the last 5% of comparisons)."""
+    prompts: str | None = None
+    """PPO: {prompt} rows to sample on."""
+    eval_prompts: str | None = None
+    """PPO evaluation and the pipeline report: held-out {prompt} rows."""
+
+
+class SFTStageSpec(_Section):
+    response_only: bool = True
+    """Loss on response tokens only (false: on the whole prompt + response)."""
+
+
+class RMStageSpec(_Section):
+    center_coef: float = Field(0.1, ge=0)
+    """Weight of the term keeping each prompt's mean reward near zero (0 = the plain InstructGPT loss)."""
+    n_bias: int = Field(512, ge=1)
+    """Demonstrations scored to set the reward bias (their mean reward becomes 0)."""
+
+
+class PPOStageSpec(_Section):
+    reward_model: str | None = None
+    """The reward model: an RM run directory or checkpoint folder (also initialises the value model)."""
+    rollout_size: int = Field(128, ge=1)
+    """Sequences per rollout (all ranks): rollout_size / samples_per_prompt prompts."""
+    samples_per_prompt: int = Field(4, ge=1)
+    """Responses sampled per prompt (InstructGPT: 1)."""
+    loo_baseline: bool = True
+    """Subtract from each score the mean score of its prompt's other samples (needs samples_per_prompt >= 2)."""
+    minibatch_size: int = Field(64, ge=1)
+    """Sequences per policy/value update (all ranks)."""
+    ppo_epochs: int = Field(2, ge=1)
+    """Passes over each rollout."""
+    value_warmup: int = Field(10, ge=0)
+    """First rollouts train only the value model."""
+    value_lr: float = Field(1e-3, gt=0)
+    """Value-model learning rate (train.lr is the policy's)."""
+    clip: float = Field(0.2, gt=0)
+    """Policy ratio clip epsilon."""
+    value_clip: float = Field(0.2, ge=0)
+    """Value clip around the old values (0 = off)."""
+    gamma: float = Field(1.0, ge=0, le=1)
+    """GAE discount."""
+    lam: float = Field(0.95, ge=0, le=1)
+    """GAE lambda."""
+    kl_beta: float = Field(0.1, ge=0)
+    """Initial per-token KL coefficient beta."""
+    kl_target: float | None = Field(3.0, gt=0)
+    """Adaptive KL target in nats per sequence; null = fixed beta."""
+    kl_horizon: int = Field(2000, ge=1)
+    """Adaptive KL controller horizon in samples."""
+    reward_clip: float = Field(5.0, ge=0)
+    """Clamp reward-model scores to +-this (0 = off)."""
+    no_eos_penalty: float = Field(1.0, ge=0)
+    """Subtracted from the score of a response that never ended."""
+    entropy_coef: float = Field(0.0, ge=0)
+    """Entropy bonus weight."""
+    whiten_advantages: bool = True
+    """Normalise advantages over each rollout (all ranks)."""
+    ptx_coef: float = Field(0.0, ge=0)
+    """PPO-ptx: gamma times the pretraining loss on data.corpus, added to the policy loss (0 = off)."""
+    ema_decay: float | None = Field(0.992, gt=0, lt=1)
+    """EMA of the policy weights, saved with each checkpoint (null = off)."""
+    max_new_tokens: int = Field(40, ge=1)
+    """Most response tokens per sample."""
+    temperature: float = Field(1.0, ge=0)
+    """Rollout sampling temperature."""
+    top_p: float = Field(1.0, gt=0, le=1)
+    """Rollout nucleus sampling."""
+    frozen_zero3: bool = False
+    """Run the frozen reference and reward models as ZeRO-3 inference engines (parameters sharded)."""
+    eval_prompts: int = Field(64, ge=1)
+    """Held-out prompts scored per checkpoint evaluation (reward and KL)."""
+
+    @model_validator(mode="after")
+    def _sizes(self) -> "PPOStageSpec":
+        if self.rollout_size % self.samples_per_prompt:
+            raise ValueError(f"rlhf.ppo.rollout_size: {self.rollout_size} must be a multiple of "
+                             f"rlhf.ppo.samples_per_prompt ({self.samples_per_prompt})")
+        if self.loo_baseline and self.samples_per_prompt < 2:
+            raise ValueError("rlhf.ppo.loo_baseline: needs rlhf.ppo.samples_per_prompt >= 2")
+        if self.minibatch_size > self.rollout_size:
+            raise ValueError(f"rlhf.ppo.minibatch_size: {self.minibatch_size} is larger than "
+                             f"rlhf.ppo.rollout_size ({self.rollout_size})")
+        return self
+
+
+class RLHFSpec(_Section):
+    """Settings of the InstructGPT stages (kind: sft, rm, ppo)."""
+
+    data: RLHFDataSpec = RLHFDataSpec()
+    sft: SFTStageSpec = SFTStageSpec()
+    rm: RMStageSpec = RMStageSpec()
+    ppo: PPOStageSpec = PPOStageSpec()
+
+
 class JobSpec(_Section):
     name: str = "job"
     """Job name (lower-case letters, digits, '.', '_' and '-')."""
-    kind: Literal["pretrain"] = "pretrain"
-    """What the job trains."""
+    kind: Literal["pretrain", "sft", "rm", "ppo"] = "pretrain"
+    """What the job trains: pretrain (language modelling), or an InstructGPT stage sft / rm / ppo."""
     model: ModelSpec = ModelSpec()
     data: DataSpec = DataSpec()
     train: TrainSpec = TrainSpec(steps=200)
@@ -197,6 +353,8 @@ class JobSpec(_Section):
     eval: EvalSpec = EvalSpec()
     max_restarts: int = Field(3, ge=0)
     """Restarts after infrastructure faults before the job is FAILED."""
+    rlhf: RLHFSpec = RLHFSpec()
+    """InstructGPT stage settings (kinds sft, rm, ppo)."""
 
     @field_validator("name")
     @classmethod
@@ -234,10 +392,42 @@ class JobSpec(_Section):
                              f"per step, got {self.train.grad_accum}")
         if m.preset is None and (m.d_model is None or m.n_layers is None or m.n_heads is None):
             raise ValueError("model.preset: with no preset, give model.d_model, model.n_layers and model.n_heads")
+        if self.kind != "pretrain":
+            self._rlhf_combinations()
         if "train_batch_size" in self.deepspeed or "train_micro_batch_size_per_gpu" in self.deepspeed:
             raise ValueError("deepspeed: set batch sizes with train.micro_batch and train.grad_accum, "
                              "not in the deepspeed block")
         return self
+
+    def _rlhf_combinations(self) -> None:
+        p, m, d, ppo = self.parallel, self.model, self.rlhf.data, self.rlhf.ppo
+        if not m.is_decoder:
+            raise ValueError(f"model.family: the {self.kind} stage trains a decoder (gpt2, llama, palm), not {m.family}")
+        if p.pp > 1 or m.moe is not None:
+            raise ValueError(f"parallel.pp: the {self.kind} stage runs data-parallel dense decoders "
+                             "(no pipeline stages, no Switch layers)")
+        if self.train.tokens is not None:
+            raise ValueError(f"train.tokens: give train.steps for the {self.kind} stage")
+        if self.kind in ("rm", "ppo") and not m.init_from:
+            raise ValueError(f"model.init_from: the {self.kind} stage starts from the SFT model; give its run "
+                             "directory or checkpoint folder")
+        if self.kind == "ppo" and not ppo.reward_model:
+            raise ValueError("rlhf.ppo.reward_model: give the reward model's run directory or checkpoint folder")
+        need = {"sft": ["demonstrations"], "rm": ["comparisons"], "ppo": ["prompts"]}[self.kind]
+        if d.builtin is None and any(getattr(d, f) is None for f in need):
+            raise ValueError(f"rlhf.data.{need[0]}: the {self.kind} stage needs this file (or rlhf.data.builtin)")
+        if self.kind == "ppo":
+            w = self.resources.workers
+            for name in ("rollout_size", "minibatch_size"):
+                if getattr(ppo, name) % w:
+                    raise ValueError(f"rlhf.ppo.{name}: {getattr(ppo, name)} must divide evenly over "
+                                     f"resources.workers ({w})")
+            if (ppo.rollout_size // w) % ppo.samples_per_prompt:
+                raise ValueError(f"rlhf.ppo.rollout_size: each rank's share ({ppo.rollout_size // w}) must be a "
+                                 f"multiple of rlhf.ppo.samples_per_prompt ({ppo.samples_per_prompt})")
+            if self.train.steps <= ppo.value_warmup:
+                raise ValueError(f"train.steps: {self.train.steps} rollouts must exceed rlhf.ppo.value_warmup "
+                                 f"({ppo.value_warmup})")
 
     # ------------------------------------------------------------------ derived values, computed here only
 
@@ -279,7 +469,7 @@ def _format_error(err: ValidationError) -> str:
         return f"{loc}: unknown field; check the spelling (see README 'Spec format')"
     if e["type"] == "literal_error":
         return f"{loc}: {msg} (got {e.get('input')!r})"
-    if msg.startswith(("train:", "parallel.", "model.", "deepspeed:", "train.")):
+    if msg.startswith(("train:", "parallel.", "model.", "deepspeed:", "train.", "rlhf.")):
         return msg
     got = e.get("input")
     suffix = f" (got {got!r})" if got is not None and not isinstance(got, dict) and len(repr(got)) < 60 else ""

@@ -153,8 +153,16 @@ def save_safetensors(state: dict[str, torch.Tensor], path: str) -> None:
     save_file(out, path)
 
 
-def save_checkpoint(engine, storage: Storage, run_dir: str, step: int, extra: dict, consolidated: bool = True) -> str:
-    """Collective: every rank calls it. Returns the checkpoint URI."""
+def save_checkpoint(engine, storage: Storage, run_dir: str, step: int, extra: dict, consolidated: bool = True,
+                    others: dict | None = None, tensor_files: dict[str, dict | None] | None = None,
+                    overrides: dict[str, torch.Tensor] | None = None) -> str:
+    """Collective: every rank calls it. Returns the checkpoint URI.
+
+    ``others`` are more engines of the same job (PPO's value model), saved
+    under DeepSpeed tags ``ds_<name>``. ``tensor_files`` maps a file name to
+    a state dict rank 0 writes as safetensors (None on other ranks).
+    ``overrides`` replace entries of the consolidated weights.
+    """
     import torch.distributed as dist
 
     rank = dist.get_rank()
@@ -162,9 +170,14 @@ def save_checkpoint(engine, storage: Storage, run_dir: str, step: int, extra: di
     staging = tempfile.mkdtemp(prefix=f"sy-ckpt-r{rank}-")
     try:
         engine.save_checkpoint(staging, tag=DS_TAG, save_latest=False)
+        for name, other in (others or {}).items():
+            other.save_checkpoint(staging, tag=f"{DS_TAG}_{name}", save_latest=False)
         state = consolidated_state_dict(engine) if consolidated else None
         if state is not None:
-            save_safetensors(state, os.path.join(staging, "model.safetensors"))
+            save_safetensors({**state, **(overrides or {})}, os.path.join(staging, "model.safetensors"))
+        for name, tensors in (tensor_files or {}).items():
+            if tensors is not None:
+                save_safetensors(tensors, os.path.join(staging, name))
         storage.put_dir(staging, path)
         dist.barrier()
         if rank == 0:
@@ -220,9 +233,13 @@ def convert_to_universal(storage: Storage, ckpt: CheckpointInfo) -> None:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def load_checkpoint(engine, storage: Storage, ckpt: CheckpointInfo, universal: bool = False) -> None:
-    """Every rank loads the same complete checkpoint (downloaded first when remote)."""
-    tag = UNIVERSAL_TAG if universal else DS_TAG
+def load_checkpoint(engine, storage: Storage, ckpt: CheckpointInfo, universal: bool = False,
+                    name: str | None = None) -> None:
+    """Every rank loads the same complete checkpoint (downloaded first when remote).
+
+    ``name`` picks another engine saved with the checkpoint (``save_checkpoint(others=...)``).
+    """
+    tag = UNIVERSAL_TAG if universal else DS_TAG if name is None else f"{DS_TAG}_{name}"
     if storage.is_local:
         with tensors_only():
             engine.load_checkpoint(storage.local_path(ckpt.path), tag=tag)
@@ -236,11 +253,11 @@ def load_checkpoint(engine, storage: Storage, ckpt: CheckpointInfo, universal: b
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def load_consolidated(storage: Storage, ckpt_path: str) -> dict[str, torch.Tensor]:
+def load_consolidated(storage: Storage, ckpt_path: str, name: str = "model.safetensors") -> dict[str, torch.Tensor]:
     """Tensors only (safetensors): no code is run from a checkpoint."""
     from safetensors.torch import load as load_bytes
 
-    with storage.fs.open(f"{ckpt_path}/model.safetensors", "rb") as f:
+    with storage.fs.open(f"{ckpt_path}/{name}", "rb") as f:
         return load_bytes(f.read())
 
 

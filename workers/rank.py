@@ -95,6 +95,8 @@ class RankWorker:
     def train(self, ctx) -> dict:
         from workers.train_loop import UserError, train
 
+        if ctx.spec.kind != "pretrain":  # an InstructGPT stage: sft, rm or ppo
+            from workers.rlhf.stages import run_stage as train
         ctx.stop, ctx.progress = threading.Event(), {}
         if self._stop_early:
             ctx.stop.set()

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -186,10 +187,20 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
     return adv, (adv + values) * mask
 
 
-def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
-    """(x - mean) / std over masked positions (keep the mean if not ``shift_mean``); 0 on padding."""
-    mean = masked_mean(x, mask)
-    var = masked_mean((x - mean) ** 2, mask)
+def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8,
+           reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """(x - mean) / std over masked positions (keep the mean if not ``shift_mean``); 0 on padding.
+
+    ``reduce`` sums a tensor over data-parallel ranks (an all-reduce), so the
+    statistics are those of the whole rollout, not of one rank's share.
+    """
+    if reduce is None:
+        mean = masked_mean(x, mask)
+        var = masked_mean((x - mean) ** 2, mask)
+    else:
+        sums = reduce(torch.stack([(x * mask).sum(), (x * x * mask).sum(), mask.sum()]).double())
+        mean = (sums[0] / sums[2]).to(x.dtype)
+        var = (sums[1] / sums[2] - (sums[0] / sums[2]) ** 2).clamp(min=0).to(x.dtype)
     out = (x - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         out = out + mean

@@ -369,13 +369,15 @@ def _rows(gen: Generation, idx: torch.Tensor) -> Generation:
 
 def ppo_step(roles: PPORoles, prompt_ids: Sequence[Sequence[int]], cfg: PPOConfig, kl_ctl,
              sampling: SamplingConfig, generator: torch.Generator,
-             ptx_batches: Iterator[dict[str, torch.Tensor]] | None = None, update_policy: bool = True
-             ) -> dict[str, float]:
+             ptx_batches: Iterator[dict[str, torch.Tensor]] | None = None, update_policy: bool = True,
+             reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, float]:
     """One PPO iteration: generate, score, advantages, update. Returns stats and seconds per phase.
 
     ``prompt_ids`` holds distinct prompts; each is sampled
     ``cfg.samples_per_prompt`` times. ``update_policy=False`` trains only the
-    value model (value warmup).
+    value model (value warmup). With data parallelism each rank passes its
+    own prompts and ``reduce`` (a sum over ranks): advantages are whitened
+    and the KL controller steered with whole-rollout statistics.
     """
     timer = PhaseTimer()
     with timer("generate"):
@@ -401,7 +403,7 @@ def ppo_step(roles: PPORoles, prompt_ids: Sequence[Sequence[int]], cfg: PPOConfi
         rewards, kl = pm.kl_penalized_rewards(score, old_logp, ref_logp, mask, kl_ctl.beta)
         advantages, returns = pm.gae(rewards, old_values, mask, cfg.gamma, cfg.lam)
         if cfg.whiten_advantages:
-            advantages = pm.whiten(advantages, mask)
+            advantages = pm.whiten(advantages, mask, reduce=reduce)
 
     with timer("update"):
         roles.policy.train()
@@ -436,12 +438,15 @@ def ppo_step(roles: PPORoles, prompt_ids: Sequence[Sequence[int]], cfg: PPOConfi
                 stats["value_loss"].append(float(v_loss.detach()))
                 stats["vf_clipfrac"].append(float(vf_clipfrac))
         if roles.ema is not None and update_policy:
-            pm.ema_update(roles.ema, roles.policy, cfg.ema_decay)
+            pm.ema_update(roles.ema, getattr(roles.policy, "module", roles.policy), cfg.ema_decay)
 
-    seq_kl = float(kl.sum(1).mean())                                            # nats per sequence
+    seq_kl = kl.sum(1).mean()                                                   # nats per sequence
+    if reduce is not None:
+        seq_kl = reduce(seq_kl.double().reshape(1))[0] / reduce(torch.ones(1, dtype=torch.float64))[0]
+    seq_kl = float(seq_kl)
     beta = kl_ctl.beta
     if update_policy:  # during value warmup the policy is the reference: nothing to steer
-        kl_ctl.update(seq_kl, B)
+        kl_ctl.update(seq_kl, B if reduce is None else int(reduce(torch.tensor([float(B)]))[0]))
     out = {k: sum(v) / len(v) for k, v in stats.items() if v}
     out.update(score=float(raw_score.mean()), kl=seq_kl, beta=beta, response_len=float(mask.sum(1).mean()),
                finished=float(gen.finished.float().mean()))
