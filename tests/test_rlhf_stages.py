@@ -126,3 +126,26 @@ def test_stage_user_errors(chain, tmp_path):
     spec = stage_spec("sft", str(tmp_path / "d"), **{"rlhf.data.demonstrations": str(bad), "rlhf.data.builtin": None})
     with pytest.raises(UsageError, match=r"rlhf.data.demonstrations: .*demos.jsonl: row 2: field 'response'"):
         run_job(spec, cfg, log=lambda *a, **k: None)
+
+
+def test_checkpoint_evaluation_of_each_stage(chain):
+    """The controller's per-checkpoint evaluation task measures each stage on its own held-out data."""
+    from workers.checkpoint import latest_checkpoint
+    from workers.evaluator import evaluate_checkpoint
+
+    cfg, data_dir, sft, rm = chain
+    storage = Storage(cfg.storage)
+    for result, extra in ((sft, set()), (rm, {"accuracy"})):
+        ckpt = latest_checkpoint(storage, result["run_dir"])
+        out = evaluate_checkpoint(storage, result["run_dir"], ckpt.path, ckpt.step, 2, 4)
+        assert set(out["extra"]) == extra and out["step"] == ckpt.step
+        if extra:   # the final checkpoint: the same held-out comparisons the stage measured at its end
+            assert out["extra"]["accuracy"] == pytest.approx(rm["final_eval"]["held_out_accuracy"], abs=1e-6)
+            assert out["loss"] == pytest.approx(rm["final_eval"]["held_out_loss"], rel=1e-5)
+        else:
+            assert out["loss"] == pytest.approx(sft["final_eval"]["held_out_loss"], rel=1e-5)
+    ppo = run(ppo_spec(chain, **{"train.steps": 2, "name": "t-ppo-eval"}), cfg)
+    ckpt = latest_checkpoint(storage, ppo["run_dir"])
+    out = evaluate_checkpoint(storage, ppo["run_dir"], ckpt.path, ckpt.step, 2, 4)
+    assert set(out["extra"]) == {"reward", "kl", "kl_beta"}
+    assert out["loss"] == pytest.approx(-(out["extra"]["reward"] - out["extra"]["kl_beta"] * out["extra"]["kl"]))

@@ -27,6 +27,8 @@ def evaluate_checkpoint(storage, run_dir: str, ckpt_path: str, step: int, batche
 
     info = storage.read_json(f"{run_dir}/data.json")
     spec = validate_spec(storage.read_json(f"{run_dir}/spec.json"))
+    if spec.kind != "pretrain":
+        return evaluate_stage_checkpoint(storage, spec, run_dir, ckpt_path, step)
     cfg = config_from_dict(spec.model.family, storage.read_json(f"{run_dir}/model_config.json")["model"])
     model = build_model(cfg)
     state = load_consolidated(storage, ckpt_path)
@@ -55,3 +57,44 @@ def evaluate_checkpoint(storage, run_dir: str, ckpt_path: str, step: int, batche
     loss = total / count
     return {"checkpoint": ckpt_path, "step": step, "loss": loss, "perplexity": math.exp(min(loss, 50)),
             "tokens": count * spec.data.seq_len}
+
+
+def evaluate_stage_checkpoint(storage, spec, run_dir: str, ckpt_path: str, step: int) -> dict:
+    """An InstructGPT stage's checkpoint, on the stage's own held-out data; lower ``loss`` is better.
+
+    sft: held-out loss on response tokens. rm: held-out ranking loss (and
+    pairwise accuracy). ppo: -(reward - kl_beta * KL) of samples on held-out
+    prompts, the objective PPO maximises, with reward and KL as extras.
+    """
+    import torch
+
+    from workers.rlhf import stages
+    from workers.rlhf.weights import load_policy, load_reward_model, run_tokenizer
+
+    tok = run_tokenizer(storage, run_dir)
+    files = stages.stage_files(spec, run_dir)
+    if spec.kind == "sft":
+        _, held = stages.sft_data(spec, files)
+        total, count = stages.sft_heldout_sums(load_policy(storage, ckpt_path), tok, held, spec.rlhf.sft.response_only)
+        loss = total / max(count, 1.0)
+        return {"checkpoint": ckpt_path, "step": step, "loss": loss, "perplexity": math.exp(min(loss, 50)),
+                "tokens": int(count), "extra": {}}
+    if spec.kind == "rm":
+        _, held = stages.rm_data(spec, files)
+        right, pairs, loss, prompts = stages.rm_heldout_sums(load_reward_model(storage, ckpt_path), tok, held)
+        return {"checkpoint": ckpt_path, "step": step, "loss": loss / prompts, "perplexity": None,
+                "tokens": 0, "extra": {"accuracy": right / pairs}}
+    from models.generate import SamplingConfig
+    from workers.rlhf.reference import reward_and_kl
+
+    p = spec.rlhf.ppo
+    _, prompts = stages.ppo_data(spec, files)
+    prompts = [x for x in prompts if len(tok.encode(x)) + p.max_new_tokens <= spec.data.seq_len][:p.eval_prompts]
+    sampling = SamplingConfig(max_new_tokens=p.max_new_tokens, eos_id=tok.eos_id, pad_id=tok.pad_id)
+    ckpt = storage.read_json(f"{ckpt_path}/manifest.json")
+    r = reward_and_kl(load_policy(storage, ckpt_path), load_policy(storage, spec.model.init_from),
+                      load_reward_model(storage, p.reward_model), tok, prompts, sampling,
+                      torch.Generator().manual_seed(spec.train.seed))
+    beta = float(ckpt.get("kl_beta", p.kl_beta))
+    return {"checkpoint": ckpt_path, "step": step, "loss": -(r["reward"] - beta * r["kl"]), "perplexity": None,
+            "tokens": 0, "extra": {"reward": r["reward"], "kl": r["kl"], "kl_beta": beta}}
