@@ -37,6 +37,12 @@ class DataState:
     def from_dict(cls, d: dict) -> "DataState":
         return cls(int(d["position"]), int(d["seed"]), int(d["n_windows"]))
 
+    def check(self, n: int, seed: int, what: str) -> None:
+        """Refuse a resume on other data: ``n`` samples per epoch (windows or records) and ``seed`` must match."""
+        if self.n_windows != n or self.seed != seed:
+            raise ValueError(f"checkpoint was made on different data ({what} {self.n_windows}, seed {self.seed}) "
+                             f"than this run ({what} {n}, seed {seed})")
+
 
 class DataPlan:
     def __init__(self, tokens: np.ndarray, seq_len: int, held_out_tokens: int, seed: int):
@@ -94,9 +100,7 @@ class DataPlan:
         return DataState(position, self.seed, self.n_windows)
 
     def check_resume(self, state: DataState) -> None:
-        if state.n_windows != self.n_windows or state.seed != self.seed:
-            raise ValueError(f"checkpoint was made on different data (windows {state.n_windows}, seed {state.seed}) "
-                             f"than this run (windows {self.n_windows}, seed {self.seed})")
+        state.check(self.n_windows, self.seed, "windows")
 
 
 class ItemOrder:
@@ -128,6 +132,4 @@ class ItemOrder:
         return DataState(position, self.seed, self.n)
 
     def check_resume(self, state: DataState) -> None:
-        if state.n_windows != self.n or state.seed != self.seed:
-            raise ValueError(f"checkpoint was made on other data ({state.n_windows} records, seed {state.seed}) "
-                             f"than this run ({self.n} records, seed {self.seed})")
+        state.check(self.n, self.seed, "records")
