@@ -158,7 +158,17 @@ def cmd_submit(args) -> int:
     from orchestrator.spec import read_yaml
 
     cluster = _cluster(args)
-    job_id = submit_raw(cluster, read_yaml(args.spec), args.priority, args.set, source=args.spec)
+    raw = read_yaml(args.spec)
+    if isinstance(raw, dict) and "pipeline" in raw:  # an InstructGPT pipeline file, not one job's spec
+        from orchestrator.pipeline import print_submit_note, submit_pipeline
+
+        out = submit_pipeline(cluster, raw, source=args.spec, priority=args.priority, overrides=args.set,
+                              log=lambda *a, **k: print(*a, file=sys.stderr, **k))
+        print_submit_note(out)
+        job_id = out["id"]
+    else:
+        job_id = submit_raw(cluster, raw, 0 if args.priority is None else args.priority, args.set,
+                            source=args.spec)
     print(job_id)
     if not _controller_alive(_store(cluster)):
         print("note: no controller is running; the job waits in the queue until `switchyard up`", file=sys.stderr)
@@ -187,13 +197,42 @@ def cmd_list(args) -> int:
     return 0
 
 
-def job_status(store, job_id: str) -> dict:
-    rec = store.get(job_id)
+def _find_job(store, key: str):
+    """A job by id (or unique id prefix), or the newest pipeline of that name."""
+    from orchestrator.job_store import JobNotFoundError
+    from orchestrator.pipeline import find_parent
+
+    try:
+        return store.get(key)
+    except JobNotFoundError:
+        rec = find_parent(store, key.strip().lower())
+        if rec is None:
+            raise
+        return rec
+
+
+def job_status(store, job_id: str, storage=None) -> dict:
+    rec = _find_job(store, job_id)
+    if rec.kind == "pipeline" and storage is not None:
+        from orchestrator.pipeline import pipeline_status
+
+        return pipeline_status(store, storage, rec)
     out = rec.to_status_dict()
     children = store.list(parent_id=rec.id)
     if children:
         out["stages"] = [{"id": c.id, "name": c.name, "state": c.state.value, "step": c.step} for c in children]
     return out
+
+
+def _eval_line(e: dict, best: bool) -> str:
+    """One evaluation: loss, perplexity when there is one (not for rm/ppo stages), and what else was measured."""
+    parts = [f"eval step {e['step']}: loss {e['loss']:.4f}"]
+    if e.get("perplexity") is not None:
+        parts.append(f"ppl {e['perplexity']:.2f}")
+    for k, v in (e.get("extra") or {}).items():
+        if k != "tokens" and v is not None:
+            parts.append(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}")
+    return " ".join(parts) + (" (best)" if best else "")
 
 
 def cluster_status(cluster, store) -> dict:
@@ -221,11 +260,22 @@ def cluster_status(cluster, store) -> dict:
 def cmd_status(args) -> int:
     cluster = _cluster(args)
     store = _store(cluster)
-    out = job_status(store, args.job) if args.job else cluster_status(cluster, store)
+    if args.job:
+        from data.storage import Storage
+
+        out = job_status(store, args.job, Storage(cluster.storage, dict(cluster.storage_options)))
+    else:
+        out = cluster_status(cluster, store)
     if args.json:
         print(json.dumps(out, default=str))
         return 0
-    if args.job:
+    if args.job and out["kind"] == "pipeline":
+        from orchestrator.pipeline import format_status
+
+        print("\n".join(format_status(out)))
+        if out.get("reason") and out["state"] in ("FAILED", "CANCELLED"):
+            print(f"reason: {out['reason']}")
+    elif args.job:
         m = out.get("metrics") or {}
         print(f"{out['id']}  {out['name']}  {out['state']}  priority {out['priority']}  step {out['step']}  "
               f"restarts {out['restarts']}")
@@ -233,8 +283,7 @@ def cmd_status(args) -> int:
         if m:
             print("metrics: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in m.items()))
         for e in out.get("evals", []):
-            mark = " (best)" if e["checkpoint"] == out.get("best_checkpoint") else ""
-            print(f"eval step {e['step']}: loss {e['loss']:.4f} ppl {e['perplexity']:.2f}{mark}")
+            print(_eval_line(e, e["checkpoint"] == out.get("best_checkpoint")))
         for w in out.get("workers") or []:
             print(f"rank {w['rank']}: node {str(w['node'])[:12]} pid {w['pid']}")
         for s in out.get("stages", []):
@@ -288,7 +337,8 @@ def cmd_logs(args) -> int:
 
 
 def cmd_cancel(args) -> int:
-    rec = _store(_cluster(args)).request_cancel(args.job)
+    store = _store(_cluster(args))
+    rec = store.request_cancel(_find_job(store, args.job).id)
     print(f"{rec.id}: {rec.state.value}" + (" (stopping)" if not rec.terminal else ""))
     return 0
 
@@ -296,7 +346,7 @@ def cmd_cancel(args) -> int:
 def cmd_wait(args) -> int:
     store = _store(_cluster(args))
     deadline = time.time() + args.timeout if args.timeout else None
-    rec = store.get(args.job)
+    rec = _find_job(store, args.job)
     while not rec.terminal:
         if deadline and time.time() > deadline:
             print(f"{rec.id}: still {rec.state.value} after {args.timeout:g}s", file=sys.stderr)
@@ -312,9 +362,10 @@ def register(sub) -> None:
     p.set_defaults(func=cmd_up)
     p = sub.add_parser("down", help="stop the controller (and the local Ray head); unfinished jobs resume at `up`")
     p.set_defaults(func=cmd_down)
-    p = sub.add_parser("submit", help="queue a job; prints its id")
+    p = sub.add_parser("submit", help="queue a job, or start/continue an InstructGPT pipeline file; prints its id")
     p.add_argument("spec")
-    p.add_argument("--priority", type=int, default=0, help="higher runs first (default 0)")
+    p.add_argument("--priority", type=int, default=None,
+                   help="higher runs first (default 0; a pipeline file's own priority)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.set_defaults(func=cmd_submit)
     p = sub.add_parser("list", help="all jobs")

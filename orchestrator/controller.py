@@ -7,7 +7,8 @@ Every half second it ``tick()``s:
 3. ask ``scheduler.schedule`` what to start, and start it (in a thread: placing
    a gang and starting its ranks takes seconds);
 4. give each new complete checkpoint an evaluation task (below training
-   priority: no reserved CPUs, a niced process) and mark the best one.
+   priority: no reserved CPUs, a niced process) and mark the best one;
+5. finish sweeps, and move InstructGPT pipelines on (next stage, report).
 
 The SQLite job store is the source of truth. A restarted controller finds
 jobs the store says are STARTING/RUNNING/RESTARTING; their rank actors died
@@ -35,7 +36,7 @@ CONTROLLER_NAME = "switchyard-controller"
 TICK_S = 0.5
 WARM_IDLE_S = 30.0   # a finished job's gang stays warm this long for the next job of the same shape
 WARM_MAX = 4         # at most this many warm gangs
-TRAINING_KINDS = ("train", "sweep-run")
+TRAINING_KINDS = ("train", "sweep-run", "pipeline-stage")
 
 
 @dataclass
@@ -61,6 +62,7 @@ class Controller:
         self.active: dict[str, Active] = {}
         self._skipped: set[str] = set()
         self._fits: dict[str, object] = {}
+        self._reports: dict[str, object] = {}  # pipeline id -> ObjectRef of its report task
         self.warm: list[tuple[float, object]] = []  # (parked at, WorkerGroup) of finished healthy jobs
         self.eval_jobs: dict[str, dict] = {}  # job_id -> {checkpoint path: ObjectRef}; jobs whose checkpoints need evals
         self._lock = threading.RLock()
@@ -102,6 +104,7 @@ class Controller:
             self._schedule()
             self._evaluate_checkpoints()
             self._finish_sweeps()
+            self._advance_pipelines()
 
     # ------------------------------------------------------------------ reconcile
 
@@ -412,9 +415,72 @@ class Controller:
             else:
                 self.store.transition(parent.id, JobState.SUCCEEDED, f"{len(children)} runs; {fit_note}")
 
+    # ------------------------------------------------------------------ InstructGPT pipelines
+
+    def _advance_pipelines(self) -> None:
+        """Each running pipeline: queue its next stage, record a finished one, run the report, or end it."""
+        from orchestrator import pipeline as pl
+
+        for parent in self.store.list([JobState.RUNNING]):
+            if parent.kind != pl.RECORD_KIND:
+                continue
+            try:
+                self._advance_pipeline(parent)
+            except Exception as err:  # a pipeline that cannot go on ends; the others carry on
+                message = str(err).strip().splitlines()[-1][:300] if str(err).strip() else type(err).__name__
+                traceback.print_exc()
+                if not self.store.get(parent.id).terminal:
+                    self.store.transition(parent.id, JobState.FAILED, f"pipeline stopped: {message}")
+
+    def _advance_pipeline(self, parent) -> None:
+        from orchestrator import pipeline as pl
+
+        pdir = parent.spec["pipeline_dir"]
+        state = pl.read_state(self.storage, pdir) or {"name": parent.name, "stages": {}}
+        ref = self._reports.get(parent.id)
+        if ref is not None:
+            if not ray.wait([ref], timeout=0)[0]:
+                return
+            self._reports.pop(parent.id)
+            try:
+                report = ray.get(ref)
+            except Exception as err:
+                why = str(err).strip().splitlines()[-1][:300] if str(err).strip() else type(err).__name__
+                self.store.transition(parent.id, JobState.FAILED, f"report failed: {why}")
+                return
+            self.storage.write_json(f"{pdir}/report.json", report)
+            self.store.update(parent.id, report=report)
+            self.store.transition(parent.id, JobState.SUCCEEDED, f"every stage done; report in {pdir}/report.json")
+            return
+        children = self.store.list(parent_id=parent.id)
+        decision = pl.decide(parent, children, state, set(self.eval_jobs),
+                             self.storage.exists(f"{pdir}/report.json"))
+        if isinstance(decision, pl.Wait):
+            return
+        if isinstance(decision, pl.StageDone):
+            pl.record_stage_done(self.store, self.storage, parent, state, decision.stage, decision.job_id)
+        elif isinstance(decision, pl.SubmitStage):
+            spec = pl.PipelineSpec.model_validate(parent.spec["pipeline"])
+            rec = pl.submit_stage(self.cluster, self.store, self.storage, parent, spec, decision.stage, state,
+                                  source=f"pipeline {parent.name}")
+            self.store.update(parent.id, reason=f"stage {decision.stage} queued ({rec.id})")
+        elif isinstance(decision, pl.RunReport):
+            task = ray.remote(pl.run_report).options(num_cpus=0, max_retries=0)
+            self._reports[parent.id] = task.remote(self.storage, pl.report_args(parent, state))
+            self.store.update(parent.id, reason="every stage done; writing the report")
+        elif isinstance(decision, pl.Finish):
+            if decision.state == JobState.SUCCEEDED and parent.report is None:
+                self.store.update(parent.id, report=self.storage.read_json(f"{pdir}/report.json"))
+            self.store.transition(parent.id, decision.state, decision.reason)
+
+    # ------------------------------------------------------------------ evaluation results
+
     def _record_eval(self, job_id: str, result: dict) -> None:
-        self.store.add_eval(job_id, result["checkpoint"], result["step"], result["loss"], result["perplexity"],
-                            extra={"tokens": result["tokens"]})
+        # Stage kinds report no perplexity (rm, ppo): NaN makes the store keep None rather than exp(loss).
+        ppl = result.get("perplexity")
+        self.store.add_eval(job_id, result["checkpoint"], result["step"], result["loss"],
+                            float("nan") if ppl is None else ppl,
+                            extra={"tokens": result.get("tokens"), **(result.get("extra") or {})})
         rec = self.store.get(job_id)
         with self.storage.fs.open(f"{rec.run_dir}/evals.jsonl.tmp", "w") as f:
             for e in rec.evals:

@@ -12,6 +12,17 @@ os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 import pytest
 
 
+@pytest.fixture(autouse=True)
+def _ray_auth_mode_does_not_leak():
+    """An in-process CLI call sets RAY_AUTH_MODE for the Ray it would start; the test session's Ray must not see it."""
+    before = os.environ.get("RAY_AUTH_MODE")
+    yield
+    if before is None:
+        os.environ.pop("RAY_AUTH_MODE", None)
+    else:
+        os.environ["RAY_AUTH_MODE"] = before
+
+
 @pytest.fixture(scope="session")
 def ray_cluster():
     """A ray.cluster_utils.Cluster with one head node; multi-node tests add and remove nodes."""
