@@ -56,8 +56,9 @@ def main() -> None:
     roles = PPORoles(policy=policy, value=value, reference=reference, reward=reward,
                      policy_step=optimizer_step(adamw(policy, 2e-4), policy.parameters()),
                      value_step=optimizer_step(adamw(value, 5e-4), value.parameters()))
+    # One sample per prompt: each iteration is exactly --rollout episodes.
     ppo = PPOConfig(rollout_size=args.rollout, minibatch_size=max(1, args.rollout // 2), ppo_epochs=2,
-                    max_new_tokens=args.new_tokens)
+                    max_new_tokens=args.new_tokens, samples_per_prompt=1, loo_baseline=False)
     # Never stop at eos: every episode generates exactly --new-tokens tokens, so runs compare.
     sampling = SamplingConfig(max_new_tokens=args.new_tokens, temperature=1.0, eos_id=None, pad_id=tok.pad_id)
     prompts = [tok.encode(p) for p in make_prompts(args.rollout * (args.iters + 1), "train")]

@@ -1,6 +1,5 @@
 """Checkpoints and resume through s3fs against a local S3-compatible server (moto, server mode)."""
 import json
-import os
 import socket
 import subprocess
 import sys

@@ -93,16 +93,18 @@ class RankWorker:
     # ------------------------------------------------------------------ training
 
     def train(self, ctx) -> dict:
-        from workers.train_loop import UserError, train
+        from workers.train_loop import UserError
 
-        if ctx.spec.kind != "pretrain":  # an InstructGPT stage: sft, rm or ppo
-            from workers.rlhf.stages import run_stage as train
+        if ctx.spec.kind == "pretrain":
+            from workers.train_loop import train as run
+        else:  # an InstructGPT stage: sft, rm or ppo
+            from workers.rlhf.stages import run_stage as run
         ctx.stop, ctx.progress = threading.Event(), {}
         if self._stop_early:
             ctx.stop.set()
         self._ctx = ctx
         try:
-            return train(ctx)
+            return run(ctx)
         except UserError as err:
             print(f"[switchyard] user error: {err}", flush=True)
             return {"error": str(err), "error_kind": "user"}
