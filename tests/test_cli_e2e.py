@@ -48,7 +48,7 @@ def test_cli_lifecycle(tmp_path):
         assert cluster_view["nodes"][0]["total"]["CPU"] == 4
         assert {j["id"] for j in cluster_view["running"] + cluster_view["queued"]} == {long_job}
         assert sy(cluster, "cancel", long_job).returncode == 0
-        assert sy(cluster, "wait", long_job, "--timeout", "60", check=False).returncode == 1
+        assert sy(cluster, "wait", long_job, "--timeout", "240", check=False).returncode == 1
         listing = sy(cluster, "list").stdout
         assert job in listing and "SUCCEEDED" in listing and "CANCELLED" in listing
         bad = sy(cluster, "status", "sy-nope", check=False)

@@ -149,3 +149,19 @@ def test_checkpoint_evaluation_of_each_stage(chain):
     out = evaluate_checkpoint(storage, ppo["run_dir"], ckpt.path, ckpt.step, 2, 4)
     assert set(out["extra"]) == {"reward", "kl", "kl_beta"}
     assert out["loss"] == pytest.approx(-(out["extra"]["reward"] - out["extra"]["kl_beta"] * out["extra"]["kl"]))
+
+
+def test_sft_starts_from_a_pretrained_checkpoint(chain):
+    """SFT from a pretraining run's checkpoint folder: the pretrained weights are where it starts."""
+    from workers.checkpoint import latest_checkpoint, load_consolidated
+
+    cfg, data_dir = chain[0], chain[1]
+    storage = Storage(cfg.storage)
+    pre = run(tiny_spec(**{"name": "t-pre", "data.seq_len": 96, "train.steps": 2}), cfg)
+    ckpt = latest_checkpoint(storage, pre["run_dir"]).path
+    sft = run(stage_spec("sft", data_dir, **{"name": "t-sft-pre", "train.steps": 1, "train.lr": 1e-9,
+                                             "train.warmup_steps": 0, "model.init_from": ckpt}), cfg)
+    before, after = load_consolidated(storage, ckpt), load_consolidated(storage, latest_checkpoint(storage, sft["run_dir"]).path)
+    assert before.keys() == after.keys()
+    for k in before:
+        torch.testing.assert_close(after[k], before[k], rtol=0, atol=1e-6, msg=k)   # lr 1e-9: one step moves nothing
