@@ -165,3 +165,15 @@ def test_sft_starts_from_a_pretrained_checkpoint(chain):
     assert before.keys() == after.keys()
     for k in before:
         torch.testing.assert_close(after[k], before[k], rtol=0, atol=1e-6, msg=k)   # lr 1e-9: one step moves nothing
+
+
+def test_ppo_with_ptx_and_zero3_frozen_models(chain):
+    """PPO-ptx mixes the pretraining loss on data.corpus into the policy update; the frozen reference and
+    reward model run as ZeRO-3 inference engines."""
+    cfg = chain[0]
+    result = run(ppo_spec(chain, **{"name": "t-ppo-ptx", "train.steps": 2, "rlhf.ppo.ptx_coef": 0.5,
+                                    "rlhf.ppo.frozen_zero3": True, "rlhf.ppo.ema_decay": None}), cfg)
+    last = rows(result["run_dir"])[-1]
+    assert last["ptx_loss"] > 0 and "policy_loss" in last
+    ckpt = os.path.join(result["run_dir"], "checkpoints", "step_00000002")
+    assert "ema.safetensors" not in os.listdir(ckpt) and "value.safetensors" in os.listdir(ckpt)
