@@ -121,6 +121,10 @@ def test_stage_user_errors(chain, tmp_path):
     cfg, data_dir, sft, rm = chain
     with pytest.raises(UsageError, match="rlhf.ppo.reward_model: .*holds a policy"):
         run_job(ppo_spec(chain, **{"rlhf.ppo.reward_model": sft["run_dir"]}), cfg, log=lambda *a, **k: None)
+    # Built-in files made with other settings are refused on every rank (none is left waiting for rank 0).
+    other = stage_spec("sft", data_dir, **{"rlhf.data.builtin": {**BUILTIN, "n_sft": 50}})
+    with pytest.raises(UsageError, match="rlhf.data.dir: .* other rlhf.data.builtin settings"):
+        run_job(other, cfg, log=lambda *a, **k: None)
     bad = tmp_path / "demos.jsonl"
     bad.write_text('{"prompt": "p", "response": "r"}\n{"prompt": "q"}\n')
     spec = stage_spec("sft", str(tmp_path / "d"), **{"rlhf.data.demonstrations": str(bad), "rlhf.data.builtin": None})

@@ -119,11 +119,33 @@ def _check_builtin_key(spec, run_dir: str) -> None:
         json.dump(key, f)
 
 
+def on_rank0(rank: int, fn: Callable[[], None]) -> None:
+    """Run ``fn`` on rank 0 while the others wait. Collective.
+
+    A failure on rank 0 fails every rank (a UserError as itself), so no rank
+    is left waiting in a later collective for a peer that has given up.
+    """
+    failure: BaseException | None = None
+    if rank == 0:
+        try:
+            fn()
+        except Exception as err:  # re-raised below, after the others have heard of it
+            failure = err
+    box = [None if failure is None else (isinstance(failure, UserError), str(failure))]
+    dist.broadcast_object_list(box, src=0)
+    if failure is not None:
+        raise failure
+    if box[0] is not None:
+        user, message = box[0]
+        raise UserError(message) if user else RuntimeError(f"rank 0 failed: {message}")
+
+
 def ensure_builtin_prompts(spec, run_dir: str, rank: int) -> StageFiles:
     """Rank 0 writes the built-in demonstrations and prompts that are missing; everyone waits. Collective."""
     files = stage_files(spec, run_dir)
     needed = [n for n in ("demonstrations", "demonstrations_heldout", "prompts", "eval_prompts") if files.builtin[n]]
-    if rank == 0 and needed:
+
+    def write() -> None:
         _check_builtin_key(spec, run_dir)
         if not all(_exists(getattr(files, n)) for n in needed):
             from data import instruct
@@ -132,7 +154,9 @@ def ensure_builtin_prompts(spec, run_dir: str, rank: int) -> StageFiles:
             write_builtin_prompts(data_dir(spec, run_dir), cfg)
             held = instruct.demonstrations(spec.rlhf.data.builtin.n_sft_heldout, "heldout", cfg.task())
             write_demonstrations(files.demonstrations_heldout, held)
-    dist.barrier()
+
+    if needed:
+        on_rank0(rank, write)
     return files
 
 
@@ -465,8 +489,7 @@ def ensure_builtin_comparisons(env: Env, files: StageFiles, sampler_model: Decod
                if files.builtin[n] and not _exists(u)]
     if not any(_all_sum([float(bool(missing))])):
         return
-    if env.rank == 0:
-        _check_builtin_key(spec, env.run_dir)
+    on_rank0(env.rank, lambda: _check_builtin_key(spec, env.run_dir))
     sampling = SamplingConfig(max_new_tokens=spec.rlhf.ppo.max_new_tokens, temperature=1.0, eos_id=env.tok.eos_id,
                               pad_id=env.tok.pad_id)
     gen = torch.Generator().manual_seed(spec.train.seed * 1000 + env.rank)
@@ -482,14 +505,16 @@ def ensure_builtin_comparisons(env: Env, files: StageFiles, sampler_model: Decod
 
     t0 = time.time()
     train, heldout = builtin_comparisons(builtin_config(spec), sampler)
-    if env.rank == 0:
+
+    def write() -> None:
         if files.builtin["comparisons"]:
             write_comparisons(files.comparisons, train)
         if files.builtin["comparisons_heldout"]:
             write_comparisons(files.comparisons_heldout, heldout)
         print(f"[switchyard] built-in comparisons: {len(train)} + {len(heldout)} held out in {time.time() - t0:.0f}s",
               flush=True)
-    dist.barrier()
+
+    on_rank0(env.rank, write)
 
 
 def _comparison_tokens(tok, c: Comparison) -> int:
