@@ -41,9 +41,27 @@ def worker_resources(spec: JobSpec, cluster) -> WorkerResources:
 
 
 def preflight(spec: JobSpec, storage: Storage) -> None:
-    """Checks that need the storage but no workers: a missing corpus fails before anything starts."""
+    """Checks that need the storage but no workers: a missing corpus, weights or dataset file fails
+    before anything starts."""
+    from workers.train_loop import storage_for
+
     if spec.data.corpus != BUILTIN_STDLIB and not spec.data.corpus.startswith("builtin:"):
         resolve_files(spec.data.corpus, storage.options)
+    weights = {"model.init_from": (spec.model.init_from, ("config.json", "spec.json", "manifest.json"))}
+    if spec.kind == "ppo":
+        weights["rlhf.ppo.reward_model"] = (spec.rlhf.ppo.reward_model, ("spec.json", "manifest.json"))
+    for field, (path, markers) in weights.items():
+        if path and not any(storage_for(path, storage).exists(f"{path.rstrip('/')}/{m}") for m in markers):
+            kinds = "a run directory, a checkpoint folder or a Hugging Face folder" if "config.json" in markers \
+                else "a run directory or a checkpoint folder"
+            raise UsageError(f"{field}: {path} is not {kinds} (none of {', '.join(markers)} there)")
+    if spec.kind != "pretrain":
+        d = spec.rlhf.data
+        for field in ("demonstrations", "demonstrations_heldout", "comparisons", "comparisons_heldout", "prompts",
+                      "eval_prompts"):
+            uri = getattr(d, field)
+            if uri and not storage_for(uri, storage).exists(uri):
+                raise UsageError(f"rlhf.data.{field}: no such dataset file {uri}")
 
 
 def feasible(res: WorkerResources) -> str | None:
@@ -153,8 +171,10 @@ def run_job(spec: JobSpec, cluster, resume_dir: str | None = None, log=print) ->
         run_dir = storage.path(f"{spec.name}-{job_id}")
         storage.makedirs(run_dir)
         storage.write_json(f"{run_dir}/spec.json", spec.to_dict())
-    log(f"job {job_id}: {spec.model.family}/{spec.model.preset or 'custom'} on {res.workers} worker(s), "
-        f"ZeRO-{spec.parallel.zero_stage}, {spec.total_steps} steps -> {run_dir}")
+    what = "" if spec.kind == "pretrain" else f"{spec.kind} stage, "
+    unit = "rollouts" if spec.kind == "ppo" else "steps"
+    log(f"job {job_id}: {what}{spec.model.family}/{spec.model.preset or 'custom'} on {res.workers} worker(s), "
+        f"ZeRO-{spec.parallel.zero_stage}, {spec.total_steps} {unit} -> {run_dir}")
     job = JobRun(spec, storage, run_dir, res, cluster.workers.peak_flops)
     state = "FAILED"
     summary: dict = {}

@@ -128,6 +128,10 @@ def test_stage_specs_merge_base_and_link_the_stages():
 
 
 def _finish(store, job_id, state=JobState.SUCCEEDED, metrics=None, reason="finished"):
+    rec = store.get(job_id)
+    os.makedirs(rec.run_dir, exist_ok=True)   # what the controller writes when a job starts
+    with open(os.path.join(rec.run_dir, "spec.json"), "w") as f:
+        json.dump(rec.spec, f)
     store.transition(job_id, JobState.STARTING, "start")
     store.transition(job_id, JobState.RUNNING, "run")
     store.transition(job_id, state, reason, step=4, metrics=metrics or {"loss": 1.0})

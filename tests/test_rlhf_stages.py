@@ -181,3 +181,18 @@ def test_ppo_with_ptx_and_zero3_frozen_models(chain):
     assert last["ptx_loss"] > 0 and "policy_loss" in last
     ckpt = os.path.join(result["run_dir"], "checkpoints", "step_00000002")
     assert "ema.safetensors" not in os.listdir(ckpt) and "value.safetensors" in os.listdir(ckpt)
+
+
+def test_missing_weights_and_dataset_files_fail_before_anything_starts(cluster_cfg, tmp_path):
+    cases = [({"kind": "rm", "model.init_from": str(tmp_path / "nope")},
+              r"model.init_from: .*nope is not a run directory, a checkpoint folder or a Hugging Face folder"),
+             ({"kind": "ppo", "model.init_from": str(tmp_path), "rlhf.ppo.reward_model": str(tmp_path / "rm"),
+               "rlhf.ppo.value_warmup": 1},
+              "model.init_from: "),
+             ({"kind": "sft", "rlhf.data.demonstrations": str(tmp_path / "d.jsonl")},
+              r"rlhf.data.demonstrations: no such dataset file .*d\.jsonl")]
+    for overrides, match in cases:
+        spec = tiny_spec(**{"name": "t-preflight", **overrides})
+        with pytest.raises(UsageError, match=match):
+            run_job(spec, cluster_cfg, log=lambda *a, **k: None)
+    assert not [d for d in os.listdir(cluster_cfg.storage) if d.startswith("t-preflight")]
