@@ -66,3 +66,16 @@ def test_checkpoint_loads_are_tensors_only(tmp_path):
         with pytest.raises(Exception, match="weights_only|Unsupported global"):
             torch.load(bad, weights_only=False)  # DeepSpeed asks for this; it is overridden
     assert not _os.path.exists("/tmp/switchyard-pwned")
+
+
+def test_metrics_of_replayed_steps_are_dropped_on_resume(tmp_path):
+    """A run resumed from step 2's checkpoint runs steps 3.. again: their old rows (and a torn line) go."""
+    from workers.metrics import MetricsWriter
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps({"step": s, "loss": 1.0 / s}) + "\n" for s in range(1, 5)) + '{"step": 5, "lo')
+    writer = MetricsWriter(Storage(str(tmp_path)), str(tmp_path), enabled=True, start_step=2)
+    writer.log({"step": 3, "loss": 0.25})
+    writer.close()
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [(r["step"], r["loss"]) for r in rows] == [(1, 1.0), (2, 0.5), (3, 0.25)]

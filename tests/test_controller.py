@@ -21,11 +21,10 @@ def _state(store, job_id):
 
 
 def _losses(run_dir):
-    by_step = {}
-    for line in open(os.path.join(run_dir, "metrics.jsonl")):
-        row = json.loads(line)
-        by_step[row["step"]] = row["loss"]
-    return [by_step[s] for s in sorted(by_step)]
+    """Per-step losses; a resumed run keeps one row per step (the replayed steps' old rows are dropped)."""
+    rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
+    assert [r["step"] for r in rows] == list(range(1, len(rows) + 1))
+    return [r["loss"] for r in rows]
 
 
 def test_node_loss_restarts_from_checkpoint_with_the_same_losses(ray_cluster, controller):

@@ -15,7 +15,7 @@ def _rows(run_dir):
     by_step = {}
     for line in open(os.path.join(run_dir, "metrics.jsonl")):
         row = json.loads(line)
-        by_step[row["step"]] = row            # a resumed run re-logs the steps it redoes
+        by_step[row["step"]] = row
     return [by_step[s] for s in sorted(by_step)]
 
 

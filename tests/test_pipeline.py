@@ -63,4 +63,5 @@ def test_two_stage_pipeline_matches_the_unsplit_model(ray_cluster, cluster_cfg, 
         assert resumed["state"] == "SUCCEEDED" and resumed["steps"] == 4
         by_step = {r["step"]: r["loss"] for r in _rows(piped["run_dir"])}
         assert [by_step[s] for s in range(1, 5)] == pytest.approx([r["loss"] for r in a], rel=1e-4, abs=1e-4)
-        assert [r["step"] for r in _rows(piped["run_dir"])] == [1, 2, 3, 4, 3, 4]
+        assert [r["step"] for r in _rows(piped["run_dir"])] == [1, 2, 3, 4]    # one row per step
+        assert [c.step for c in list_checkpoints(st, piped["run_dir"])][-1] == 4

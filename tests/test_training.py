@@ -47,9 +47,11 @@ def test_resume_after_checkpoint_repeats_the_same_losses(ray_cluster, cluster_cf
     resumed = _run(cluster_cfg, resume=run_dir, **{"parallel.zero_stage": 2})
     assert resumed["steps"] == 8
     assert _losses(run_dir) == pytest.approx(full, rel=1e-5, abs=1e-5)
-    # The resumed part really ran from step 5: 4 + 4 + 4 rows were written.
+    # The resumed part really ran steps 5-8 (step 8's checkpoint is complete again), and the metrics
+    # keep one row per step: the first attempt's rows of the replayed steps were dropped.
+    assert [c.step for c in list_checkpoints(st, run_dir)] == [4, 8]
     rows = [json.loads(line)["step"] for line in open(os.path.join(run_dir, "metrics.jsonl"))]
-    assert rows == [1, 2, 3, 4, 5, 6, 7, 8, 5, 6, 7, 8]
+    assert rows == [1, 2, 3, 4, 5, 6, 7, 8]
 
 
 def test_resume_on_another_worker_count_reads_every_sample_once(ray_cluster, cluster_cfg):

@@ -31,18 +31,28 @@ def detect_peak_flops(configured: float | None) -> float | None:
 
 
 class MetricsWriter:
-    def __init__(self, storage: Storage, run_dir: str, enabled: bool):
+    """Rows go to ``metrics.jsonl``; ``start_step`` is the step a (resumed) run starts from.
+
+    Rows of steps after ``start_step`` are dropped when the writer opens: they
+    were written after the checkpoint the run resumes from and are about to be
+    run again, so each step keeps one row.
+    """
+
+    def __init__(self, storage: Storage, run_dir: str, enabled: bool, start_step: int = 0):
         self.storage, self.run_dir, self.enabled = storage, run_dir, enabled
         self.local_dir = storage.local_path(run_dir) if storage.is_local else tempfile.mkdtemp(prefix="sy-metrics-")
         self._file = None
         self._tb = None
         if enabled:
             os.makedirs(self.local_dir, exist_ok=True)
+            local = os.path.join(self.local_dir, "metrics.jsonl")
             if not storage.is_local and storage.exists(f"{run_dir}/metrics.jsonl"):
                 # Resumed on remote storage: continue the uploaded file.
-                with open(os.path.join(self.local_dir, "metrics.jsonl"), "w") as f:
+                with open(local, "w") as f:
                     f.write(storage.read_text(f"{run_dir}/metrics.jsonl"))
-            self._file = open(os.path.join(self.local_dir, "metrics.jsonl"), "a", buffering=1)
+            if os.path.exists(local):
+                _keep_rows_up_to(local, start_step)
+            self._file = open(local, "a", buffering=1)
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
@@ -73,3 +83,20 @@ class MetricsWriter:
             self._file.close()
             if self._tb is not None:
                 self._tb.close()
+
+
+def _keep_rows_up_to(path: str, step: int) -> None:
+    """Rewrite a metrics file (atomically) without its rows past ``step`` and any torn last line."""
+    kept = []
+    with open(path) as f:
+        for line in f:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:  # a line cut off by a crash
+                continue
+            if row.get("step", 0) <= step:
+                kept.append(line if line.endswith("\n") else line + "\n")
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        f.writelines(kept)
+    os.replace(tmp, path)

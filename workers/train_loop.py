@@ -494,7 +494,7 @@ def train(ctx: RunContext) -> dict:
     counts = model_counts(cfg, spec.data.seq_len)
     fpt = counts["flops_per_token"]
     peak = detect_peak_flops(ctx.peak_flops)
-    writer = MetricsWriter(storage, ctx.run_dir, enabled=rank == 0)
+    writer = MetricsWriter(storage, ctx.run_dir, enabled=rank == 0, start_step=step)
     if rank == 0:
         storage.write_json(f"{ctx.run_dir}/model_config.json",
                            {"model": cfg.to_dict(), "family": spec.model.family,

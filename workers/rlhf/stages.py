@@ -353,7 +353,7 @@ def stage_loop(env: Env, engine, order: ItemOrder, per_step: int,
             on_resume(latest)
         if step > total:
             raise UserError(f"train.steps: the stage is already at step {step}, past train.steps={total}")
-    writer = MetricsWriter(storage, env.run_dir, enabled=env.rank == 0)
+    writer = MetricsWriter(storage, env.run_dir, enabled=env.rank == 0, start_step=step)
     ctx.progress.update(step=step, total=total, start_step=step, loss=None, tokens_per_s=None)
     first_loss = last_loss = None
     last_saved = step if step > 0 else -1
