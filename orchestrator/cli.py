@@ -94,6 +94,9 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as err:
         print(f"switchyard: error: {err}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the reader went away (`switchyard status X | head`): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":
