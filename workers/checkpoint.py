@@ -261,6 +261,13 @@ def load_consolidated(storage: Storage, ckpt_path: str, name: str = "model.safet
         return load_bytes(f.read())
 
 
+def retain(storage: Storage, run_dir: str, keep: int) -> list[str]:
+    """``apply_retention`` that never deletes the run's best checkpoint (best_checkpoint.json); rank 0 only."""
+    best_uri = f"{run_dir}/best_checkpoint.json"
+    protect = {storage.read_json(best_uri).get("path", "")} if storage.exists(best_uri) else set()
+    return apply_retention(storage, run_dir, keep, protect)
+
+
 def apply_retention(storage: Storage, run_dir: str, keep: int, protect: set[str] = frozenset()) -> list[str]:
     """Delete all but the newest ``keep`` complete checkpoints, never one in ``protect``; return deleted paths."""
     done = list_checkpoints(storage, run_dir)

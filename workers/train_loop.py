@@ -166,11 +166,9 @@ def pick_checkpoint(storage: Storage, run_dir: str) -> ckpt_lib.CheckpointInfo:
     return done[-1]
 
 
-def run_weights(storage: Storage, path: str) -> Weights:
-    """Consolidated weights of a run directory (best, else latest checkpoint) or of one checkpoint folder.
-
-    Raises ValueError with a message for people when ``path`` is neither or lacks what is needed.
-    """
+def resolve_checkpoint(storage: Storage, path: str) -> tuple[str, ckpt_lib.CheckpointInfo]:
+    """(run directory, checkpoint) of a run directory (best, else latest complete checkpoint) or of one
+    checkpoint folder; ValueError with a message for people when ``path`` is neither or is incomplete."""
     path = path.rstrip("/")
     if storage.exists(f"{path}/manifest.json"):
         run_dir = posixpath.dirname(posixpath.dirname(path))                        # <run>/checkpoints/step_N
@@ -178,11 +176,18 @@ def run_weights(storage: Storage, path: str) -> Weights:
                 if posixpath.basename(c.path) == posixpath.basename(path)]
         if not done:
             raise ValueError(f"{path}: the checkpoint is incomplete (its files do not match its manifest)")
-        ckpt = done[0]
-    elif storage.exists(f"{path}/spec.json"):
-        run_dir, ckpt = path, pick_checkpoint(storage, path)
-    else:
-        raise ValueError(f"{path}: not a run directory (spec.json) or a checkpoint folder (manifest.json)")
+        return run_dir, done[0]
+    if storage.exists(f"{path}/spec.json"):
+        return path, pick_checkpoint(storage, path)
+    raise ValueError(f"{path}: not a run directory (spec.json) or a checkpoint folder (manifest.json)")
+
+
+def run_weights(storage: Storage, path: str) -> Weights:
+    """Consolidated weights of a run directory (best, else latest checkpoint) or of one checkpoint folder.
+
+    Raises ValueError with a message for people when ``path`` is neither or lacks what is needed.
+    """
+    run_dir, ckpt = resolve_checkpoint(storage, path)
     if not storage.exists(f"{ckpt.path}/model.safetensors"):
         raise ValueError(f"{ckpt.path}: no consolidated model.safetensors (the run had checkpoint.consolidated: false)")
     if not storage.exists(f"{run_dir}/model_config.json"):
@@ -526,11 +531,7 @@ def train(ctx: RunContext) -> dict:
         last_saved = at_step
         ctx.progress["last_checkpoint"] = at_step
         if rank == 0:
-            protect = set()
-            best_uri = f"{ctx.run_dir}/best_checkpoint.json"
-            if storage.exists(best_uri):
-                protect.add(storage.read_json(best_uri).get("path", ""))
-            ckpt_lib.apply_retention(storage, ctx.run_dir, spec.checkpoint.keep, protect)
+            ckpt_lib.retain(storage, ctx.run_dir, spec.checkpoint.keep)
 
     while step < total:
         t0 = time.time()

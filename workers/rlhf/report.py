@@ -28,6 +28,7 @@ from data.rlhf_files import read_comparisons, read_prompts
 from data.storage import Storage
 from models.generate import SamplingConfig
 from workers.rlhf.reference import gold_scores, reward_and_kl, rm_accuracy, sample_responses, win_rate
+from workers.rlhf.stages import held_out_count, pair_tokens
 from workers.rlhf.weights import load_policy, load_reward_model, run_tokenizer
 
 
@@ -79,9 +80,7 @@ def gold_summary(prompts: list[str], responses: dict[str, list[list[str]]]) -> d
 
 def _tail(rows: list) -> list:
     """The held-out tail the stages split off a dataset given without a held-out file."""
-    from workers.rlhf.stages import HELDOUT_SHARE
-
-    return rows[-max(1, int(len(rows) * HELDOUT_SHARE)):]
+    return rows[-held_out_count(len(rows)):]
 
 
 def pipeline_report(storage: Storage, sft_run: str, rm_run: str, ppo_run: str, eval_prompts_uri: str,
@@ -109,7 +108,7 @@ def pipeline_report(storage: Storage, sft_run: str, rm_run: str, ppo_run: str, e
     if rm_heldout_tail:
         comps = _tail(comps)
     # As the RM stage does: a comparison with a response too long for the model is left out.
-    longest = [max(len(tok.encode(c.prompt)) + len(tok.encode(r)) + 1 for r in c.responses) for c in comps]
+    longest = [max(pair_tokens(tok, c.prompt, r) for r in c.responses) for c in comps]
     comps_too_long = sum(n > rm.decoder.cfg.seq_len for n in longest)
     comps = [c for c, n in zip(comps, longest) if n <= rm.decoder.cfg.seq_len]
     if not comps:

@@ -160,8 +160,13 @@ def ensure_builtin_prompts(spec, run_dir: str, rank: int) -> StageFiles:
     return files
 
 
+def held_out_count(n_rows: int) -> int:
+    """How many rows at the end of a dataset are held out when no held-out file is given."""
+    return max(1, int(n_rows * HELDOUT_SHARE))
+
+
 def _tail_split(rows: list, what: str) -> tuple[list, list]:
-    n = max(1, int(len(rows) * HELDOUT_SHARE))
+    n = held_out_count(len(rows))
     if len(rows) < 2:
         raise UserError(f"{what}: needs at least 2 rows to hold some out (or give a held-out file)")
     return rows[:-n], rows[-n:]
@@ -195,6 +200,11 @@ def ppo_data(spec, files: StageFiles) -> tuple[list[str], list[str]]:
     if files.eval_prompts is not None:
         return prompts, _read(read_prompts, files.eval_prompts, "eval_prompts")
     return _tail_split(prompts, "rlhf.data.prompts")
+
+
+def pair_tokens(tok, prompt: str, response: str) -> int:
+    """Tokens of prompt + response + eos, as every stage lays a pair out."""
+    return sum(len(x) for x in encode_pair(tok, prompt, response))
 
 
 def _fitting(rows: list, lengths: Sequence[int], limit: int, what: str) -> list:
@@ -370,9 +380,7 @@ def stage_loop(env: Env, engine, order: ItemOrder, per_step: int,
         last_saved = at
         ctx.progress["last_checkpoint"] = at
         if env.rank == 0:
-            best_uri = f"{env.run_dir}/best_checkpoint.json"
-            protect = {storage.read_json(best_uri).get("path", "")} if storage.exists(best_uri) else set()
-            ckpt_lib.apply_retention(storage, env.run_dir, spec.checkpoint.keep, protect)
+            ckpt_lib.retain(storage, env.run_dir, spec.checkpoint.keep)
 
     while step < total:
         t0 = time.time()
@@ -421,10 +429,10 @@ def run_sft(env: Env, token_cache: str) -> dict:
     init = None
     if spec.model.init_from:
         cfg, init = init_config(spec, env.storage, cfg, tok, token_cache)
-    lengths = [sum(len(x) for x in encode_pair(tok, d.prompt, d.response)) for d in demos]
-    demos = _fitting(demos, lengths, cfg.seq_len + 1, "rlhf.data.demonstrations")
-    held = _fitting(held, [sum(len(x) for x in encode_pair(tok, d.prompt, d.response)) for d in held],
-                    cfg.seq_len + 1, "held-out demonstrations")
+    demos = _fitting(demos, [pair_tokens(tok, d.prompt, d.response) for d in demos], cfg.seq_len + 1,
+                     "rlhf.data.demonstrations")
+    held = _fitting(held, [pair_tokens(tok, d.prompt, d.response) for d in held], cfg.seq_len + 1,
+                    "held-out demonstrations")
     _write_model_info(env, cfg, None)
     torch.manual_seed(spec.train.seed)
     model = Decoder(cfg)
@@ -518,7 +526,7 @@ def ensure_builtin_comparisons(env: Env, files: StageFiles, sampler_model: Decod
 
 
 def _comparison_tokens(tok, c: Comparison) -> int:
-    return max(sum(len(x) for x in encode_pair(tok, c.prompt, r)) for r in c.responses)
+    return max(pair_tokens(tok, c.prompt, r) for r in c.responses)
 
 
 def run_rm(env: Env, token_cache: str) -> dict:
@@ -536,8 +544,8 @@ def run_rm(env: Env, token_cache: str) -> dict:
         bias_demos = read_demonstrations(files.demonstrations)[:spec.rlhf.rm.n_bias]
     else:  # no demonstrations: the best-ranked response of each comparison stands in for one
         bias_demos = [Demonstration(c.prompt, c.ranked[0]) for c in comps[:spec.rlhf.rm.n_bias]]
-    bias_demos = _fitting(bias_demos, [sum(len(x) for x in encode_pair(tok, d.prompt, d.response)) for d in bias_demos],
-                          limit, "demonstrations for the reward bias")
+    bias_demos = _fitting(bias_demos, [pair_tokens(tok, d.prompt, d.response) for d in bias_demos], limit,
+                          "demonstrations for the reward bias")
     _write_model_info(env, sft.cfg, "scalar")
     torch.manual_seed(spec.train.seed + 1)
     rm = ScalarHeadModel(sft)

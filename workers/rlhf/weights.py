@@ -12,8 +12,6 @@ one) or one checkpoint folder. Tensors only: nothing is unpickled.
 """
 from __future__ import annotations
 
-import posixpath
-
 import torch
 
 from data.storage import Storage
@@ -25,18 +23,10 @@ FILES = {"model": "model.safetensors", "value": "value.safetensors", "ema": "ema
 
 def checkpoint_of(storage: Storage, path: str) -> tuple[str, str]:
     """(run directory, checkpoint folder) of a run directory or a checkpoint folder; ValueError if neither."""
-    from workers import checkpoint as ckpt_lib
-    from workers.train_loop import pick_checkpoint
+    from workers.train_loop import resolve_checkpoint
 
-    path = path.rstrip("/")
-    if storage.exists(f"{path}/manifest.json"):
-        run_dir = posixpath.dirname(posixpath.dirname(path))                    # <run>/checkpoints/step_N
-        if not any(c.path.rstrip("/") == path for c in ckpt_lib.list_checkpoints(storage, run_dir)):
-            raise ValueError(f"{path}: the checkpoint is incomplete (its files do not match its manifest)")
-        return run_dir, path
-    if storage.exists(f"{path}/spec.json"):
-        return path, pick_checkpoint(storage, path).path
-    raise ValueError(f"{path}: not a run directory (spec.json) or a checkpoint folder (manifest.json)")
+    run_dir, ckpt = resolve_checkpoint(storage, path)
+    return run_dir, ckpt.path
 
 
 def model_info(storage: Storage, run_dir: str) -> dict:
@@ -47,14 +37,12 @@ def model_info(storage: Storage, run_dir: str) -> dict:
 
 
 def _tensors(storage: Storage, ckpt: str, which: str) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load as load_bytes
+    from workers.checkpoint import load_consolidated
 
-    uri = f"{ckpt}/{FILES[which]}"
-    if not storage.exists(uri):
+    if not storage.exists(f"{ckpt}/{FILES[which]}"):
         raise ValueError(f"{ckpt}: no {FILES[which]} (" + ("the run had checkpoint.consolidated: false" if
                          which == "model" else f"not a PPO checkpoint with a {which} model") + ")")
-    with storage.fs.open(uri, "rb") as f:
-        return load_bytes(f.read())
+    return load_consolidated(storage, ckpt, FILES[which])
 
 
 def _load(module: torch.nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
