@@ -57,7 +57,7 @@ POLL_S = 0.05
 
 
 def make_spec(args, name: str):
-    from orchestrator.spec import validate_spec
+    from specs.job import validate_spec
 
     return validate_spec({
         "name": name,
@@ -184,7 +184,7 @@ def ray_train_loop(config: dict) -> None:
     from data.shards import TokenCache
     from data.storage import Storage
     from models.transformer import Decoder
-    from orchestrator.spec import validate_spec
+    from specs.job import validate_spec
     from workers.train_loop import lr_lambda, make_optimizer, model_config
 
     torch.set_num_threads(1)

@@ -55,7 +55,7 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 def make_spec(args):
-    from orchestrator.spec import validate_spec
+    from specs.job import validate_spec
 
     return validate_spec({
         "name": "bench-throughput",

@@ -49,7 +49,7 @@ PARTS = ("params", "grads", "optimizer")
 
 
 def make_spec(preset: str, zero_stage: int, precision: str, micro_batch: int, seq_len: int):
-    from orchestrator.spec import validate_spec
+    from specs.job import validate_spec
 
     return validate_spec({
         "name": "zero-memory",

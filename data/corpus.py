@@ -15,7 +15,7 @@ from typing import Iterator
 
 import fsspec
 
-from orchestrator.errors import UsageError
+from specs.errors import UsageError
 
 BUILTIN_STDLIB = "builtin:stdlib"
 _STDLIB_SKIP = {"site-packages", "dist-packages", "test", "tests", "idlelib", "lib2to3", "turtledemo",

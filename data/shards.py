@@ -95,7 +95,7 @@ def build_token_cache(source: TokenSource, storage: Storage, log=print) -> str:
         shards.append({"name": name, "tokens": pending_len})
         n_tokens += pending_len
     if n_tokens == 0:
-        from orchestrator.errors import UsageError
+        from specs.errors import UsageError
 
         raise UsageError(f"data.corpus: {source.corpus} holds no text")
     storage.write_json(manifest_uri, {

@@ -21,7 +21,7 @@ one (GELU or SwiGLU). The pieces, in the order the forward pass runs them:
    ST-MoE, keeps router logits small).
 
 Expert parallelism (experts sharded over ranks with all-to-all) lives in
-``workers/moe_parallel.py``; it swaps this module for DeepSpeed's MoE layer.
+``workers/parallel/experts.py``; it swaps this module for DeepSpeed's MoE layer.
 """
 from __future__ import annotations
 

@@ -6,7 +6,7 @@ import json
 import os
 import sys
 
-from orchestrator.errors import UsageError
+from specs.errors import UsageError
 
 
 def _cluster(args):
@@ -17,7 +17,7 @@ def _cluster(args):
 
 def cmd_run(args) -> int:
     from orchestrator.runner import resume_spec, run_job, storage_of
-    from orchestrator.spec import load_spec
+    from specs.job import load_spec
 
     cluster = _cluster(args)
     if args.resume:
@@ -62,7 +62,7 @@ def _extra_commands():
 
     out = [register_jobs, register_sweep]
     try:
-        from orchestrator.fit_report import add_fit_command
+        from scaling.report import add_fit_command
 
         out.append(add_fit_command)
     except ImportError:

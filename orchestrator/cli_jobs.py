@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 
-from orchestrator.errors import UsageError
+from specs.errors import UsageError
 
 HEARTBEAT_STALE_S = 15.0
 
@@ -144,7 +144,7 @@ def _controller_alive(store) -> bool:
 
 def submit_raw(cluster, raw, priority: int = 0, overrides: list[str] | None = None, source: str = "spec") -> str:
     """Validate a raw spec (as read from YAML) and queue it; nothing is stored unless it is valid."""
-    from orchestrator.spec import SpecError, apply_overrides, validate_spec
+    from specs.job import SpecError, apply_overrides, validate_spec
 
     if raw is None:
         raw = {}
@@ -155,12 +155,12 @@ def submit_raw(cluster, raw, priority: int = 0, overrides: list[str] | None = No
 
 
 def cmd_submit(args) -> int:
-    from orchestrator.spec import read_yaml
+    from specs.job import read_yaml
 
     cluster = _cluster(args)
     raw = read_yaml(args.spec)
     if isinstance(raw, dict) and "pipeline" in raw:  # an InstructGPT pipeline file, not one job's spec
-        from orchestrator.pipeline import print_submit_note, submit_pipeline
+        from orchestrator.instructgpt import print_submit_note, submit_pipeline
 
         out = submit_pipeline(cluster, raw, source=args.spec, priority=args.priority, overrides=args.set,
                               log=lambda *a, **k: print(*a, file=sys.stderr, **k))
@@ -200,7 +200,7 @@ def cmd_list(args) -> int:
 def _find_job(store, key: str):
     """A job by id (or unique id prefix), or the newest pipeline of that name."""
     from orchestrator.job_store import JobNotFoundError
-    from orchestrator.pipeline import find_parent
+    from orchestrator.instructgpt import find_parent
 
     try:
         return store.get(key)
@@ -214,7 +214,7 @@ def _find_job(store, key: str):
 def job_status(store, job_id: str, storage=None) -> dict:
     rec = _find_job(store, job_id)
     if rec.kind == "pipeline" and storage is not None:
-        from orchestrator.pipeline import pipeline_status
+        from orchestrator.instructgpt import pipeline_status
 
         return pipeline_status(store, storage, rec)
     out = rec.to_status_dict()
@@ -270,7 +270,7 @@ def cmd_status(args) -> int:
         print(json.dumps(out, default=str))
         return 0
     if args.job and out["kind"] == "pipeline":
-        from orchestrator.pipeline import format_status
+        from orchestrator.instructgpt import format_status
 
         print("\n".join(format_status(out)))
         if out.get("reason") and out["state"] in ("FAILED", "CANCELLED"):

@@ -8,7 +8,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from orchestrator.errors import UsageError
+from specs.errors import UsageError
 
 DEFAULT_PATH = "cluster.yaml"
 

@@ -28,9 +28,9 @@ import ray
 
 from data.storage import Storage
 from orchestrator import scheduler as sched
-from orchestrator.errors import UsageError
+from specs.errors import UsageError
 from orchestrator.job_store import JobState, JobStore
-from orchestrator.spec import validate_spec
+from specs.job import validate_spec
 
 CONTROLLER_NAME = "switchyard-controller"
 TICK_S = 0.5
@@ -419,7 +419,7 @@ class Controller:
 
     def _advance_pipelines(self) -> None:
         """Each running pipeline: queue its next stage, record a finished one, run the report, or end it."""
-        from orchestrator import pipeline as pl
+        from orchestrator import instructgpt as pl
 
         for parent in self.store.list([JobState.RUNNING]):
             if parent.kind != pl.RECORD_KIND:
@@ -433,7 +433,7 @@ class Controller:
                     self.store.transition(parent.id, JobState.FAILED, f"pipeline stopped: {message}")
 
     def _advance_pipeline(self, parent) -> None:
-        from orchestrator import pipeline as pl
+        from orchestrator import instructgpt as pl
 
         pdir = parent.spec["pipeline_dir"]
         state = pl.read_state(self.storage, pdir) or {"name": parent.name, "stages": {}}

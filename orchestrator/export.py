@@ -21,7 +21,7 @@ import argparse
 import json
 import os
 
-from orchestrator.errors import UsageError
+from specs.errors import UsageError
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 

@@ -39,7 +39,7 @@ from datetime import datetime, timezone
 from enum import Enum
 from typing import Any
 
-from orchestrator.errors import UsageError
+from specs.errors import UsageError
 
 SAFE_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 """Job ids, job names and run-dir parts: safe as one path segment anywhere."""

@@ -12,9 +12,9 @@ import os
 
 import ray
 
-from orchestrator.errors import UsageError
+from specs.errors import UsageError
 
-_PACKAGES = ("orchestrator", "workers", "models", "data")
+_PACKAGES = ("orchestrator", "specs", "scaling", "workers", "models", "data")
 
 
 def _py_modules() -> list:

@@ -18,8 +18,8 @@ import ray
 from data.corpus import BUILTIN_STDLIB, resolve_files
 from data.shards import TokenSource
 from data.storage import Storage
-from orchestrator.errors import UsageError
-from orchestrator.spec import JobSpec, validate_spec
+from specs.errors import UsageError
+from specs.job import JobSpec, validate_spec
 from workers.train_loop import RunContext
 from workers.worker_group import PlacementTimeout, WorkerGroup, WorkerResources
 
@@ -229,7 +229,7 @@ def _last_line(err: Exception) -> str:
 
 
 def resume_spec(storage: Storage, run_dir: str, overrides: list[str]) -> JobSpec:
-    from orchestrator.spec import apply_overrides
+    from specs.job import apply_overrides
 
     uri = f"{run_dir.rstrip('/')}/spec.json"
     if not storage.exists(uri):

@@ -16,9 +16,9 @@ import posixpath
 import sys
 
 from data.storage import Storage
-from orchestrator.errors import UsageError
+from specs.errors import UsageError
 from orchestrator.job_store import JobState, JobStore, safe_join
-from orchestrator.spec import validate_spec
+from specs.job import validate_spec
 
 DEFAULT_FLOPS_PER_S = 2.0e10  # per worker, CPU-ish; used only for the time estimate in the plan
 
@@ -47,7 +47,7 @@ def _parent(store: JobStore, name: str):
 
 
 def submit_sweep(cluster, path: str, dry_run: bool = False, flops_per_s: float | None = None, log=print) -> dict:
-    from orchestrator.sweep_plan import format_plan, load_sweep, plan_sweep
+    from scaling.plan import format_plan, load_sweep, plan_sweep
 
     spec = load_sweep(path)
     plan = plan_sweep(spec)
@@ -125,7 +125,7 @@ def sweep_status(cluster, name: str) -> dict:
 def record_result(store: JobStore, storage: Storage, job_id: str) -> None:
     """A sweep run ended well: add its row to the sweep's table."""
     from models.transformer import DecoderConfig, flops_per_token
-    from orchestrator.sweep_table import append_row, make_row
+    from scaling.table import append_row, make_row
 
     rec = store.get(job_id)
     parent = store.get(rec.parent_id)
@@ -146,7 +146,7 @@ def record_result(store: JobStore, storage: Storage, job_id: str) -> None:
 
 def fit_sweep(storage: Storage, sdir: str) -> dict:
     """Fit the finished table into <sweep_dir>/fit (a Ray task of the controller)."""
-    from orchestrator.fit_report import load_table, run_fits, write_report
+    from scaling.report import load_table, run_fits, write_report
 
     table = load_table(sdir)
     rep = run_fits(table, n_bootstrap=100, seed=0)

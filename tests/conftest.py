@@ -54,7 +54,7 @@ def cluster_cfg(storage_root, tmp_path):
 
 def tiny_spec(**overrides):
     """A job that trains in seconds: tiny LLaMA, short sequences, a small slice of the built-in corpus."""
-    from orchestrator.spec import apply_overrides, validate_spec
+    from specs.job import apply_overrides, validate_spec
 
     raw = {
         "name": "t",

@@ -12,7 +12,7 @@ from data.sampler import DataPlan
 from data.shards import TokenCache, TokenSource, build_token_cache
 from data.storage import Storage
 from data.tokenizer import byte_tokenizer, train_bpe
-from orchestrator.errors import UsageError
+from specs.errors import UsageError
 
 
 def test_reads_text_jsonl_parquet_and_globs(tmp_path):

@@ -1,4 +1,4 @@
-"""Chinchilla fits (orchestrator.fit) and the `fit` command (orchestrator.fit_report).
+"""Chinchilla fits (scaling.fit) and the `fit` command (scaling.report).
 
 Synthetic runs come from Epoch AI's refit of Chinchilla's law over an IsoFLOP
 grid like the paper's (8 budgets from 6e18 to 3e21 FLOPs, 12 sizes each
@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 from scipy.optimize import approx_fprime, minimize_scalar
 
-from orchestrator.errors import UsageError
-from orchestrator.fit import (Curve, FitError, HuberObjective, LossParams, bootstrap, chinchilla_starts,
+from specs.errors import UsageError
+from scaling.fit import (Curve, FitError, HuberObjective, LossParams, bootstrap, chinchilla_starts,
                               fit_approach1, fit_approach2, fit_approach3, group_budgets)
-from orchestrator.fit_report import PLOTS, add_fit_command, load_table
+from scaling.report import PLOTS, add_fit_command, load_table
 
 EPOCH = LossParams(E=1.8172, A=482.01, B=2085.43, alpha=0.3478, beta=0.3658)
 TRUE_A = EPOCH.beta / (EPOCH.alpha + EPOCH.beta)          # 0.51261...
@@ -231,7 +231,7 @@ def test_load_table_derives_tokens_from_compute(tmp_path, runs):
 
 
 def test_load_table_reads_a_sweep_directory_with_curves(tmp_path):
-    from orchestrator.sweep_table import append_row, make_row
+    from scaling.table import append_row, make_row
 
     rng = np.random.default_rng(1)
     for i, n in enumerate(np.geomspace(1e5, 1e6, 6)):

@@ -10,10 +10,10 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
-from orchestrator import pipeline as pl
+from orchestrator import instructgpt as pl
 from orchestrator.controller import TRAINING_KINDS
 from orchestrator.job_store import JobState, JobStore
-from orchestrator.spec import SpecError
+from specs.job import SpecError
 
 EXAMPLE = os.path.join(os.path.dirname(__file__), "..", "examples", "instructgpt.yaml")
 
@@ -93,7 +93,7 @@ def test_bad_pipeline_file_fails_in_one_line_naming_the_field_and_writes_nothing
 
 
 def test_the_example_is_valid_and_has_the_reference_settings():
-    from orchestrator.spec import read_yaml
+    from specs.job import read_yaml
 
     spec = pl.load_pipeline(read_yaml(EXAMPLE), EXAMPLE, storage_root="/s")
     links = {"sft": "/s/sft-run", "rm": "/s/rm-run"}

@@ -47,7 +47,7 @@ def run_rank(rank: int, port: int, out_dir: str) -> None:
     torch.set_num_threads(1)
     import deepspeed
 
-    from workers.moe_parallel import DeepSpeedSwitch, expert_parallel, moe_param_groups
+    from workers.parallel.experts import DeepSpeedSwitch, expert_parallel, moe_param_groups
 
     deepspeed.init_distributed(dist_backend="gloo", verbose=False)
     ds_config = {

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from data.storage import Storage
-from orchestrator.errors import UsageError
+from specs.errors import UsageError
 from orchestrator.runner import resume_spec, run_job
 from tests.conftest import tiny_spec
 

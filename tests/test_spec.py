@@ -4,8 +4,8 @@ import sys
 
 import pytest
 
-from orchestrator.spec import SpecError, apply_overrides, load_spec, parse_override, validate_spec
-from workers.deepspeed_config import deepspeed_config
+from specs.job import SpecError, apply_overrides, load_spec, parse_override, validate_spec
+from workers.parallel.deepspeed_config import deepspeed_config
 from workers.train_loop import lr_lambda
 
 

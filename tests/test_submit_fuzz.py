@@ -5,7 +5,7 @@ from hypothesis import strategies as st
 
 from orchestrator.cli_jobs import submit_raw
 from orchestrator.cluster_config import ClusterConfig
-from orchestrator.errors import UsageError
+from specs.errors import UsageError
 from orchestrator.job_store import JobStore
 
 VALID = {"name": "ok", "model": {"family": "llama", "preset": "tiny"}, "train": {"steps": 10},

@@ -5,7 +5,7 @@ import pytest
 
 from orchestrator.job_store import JobState, JobStore
 from orchestrator.sweep import submit_sweep, sweep_status
-from orchestrator.sweep_table import COLUMNS, read_results
+from scaling.table import COLUMNS, read_results
 from tests.conftest import wait_for
 
 pytestmark = pytest.mark.ray

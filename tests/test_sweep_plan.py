@@ -1,4 +1,4 @@
-"""Sweep specs, the planner (orchestrator.sweep_plan) and the results table (orchestrator.sweep_table).
+"""Sweep specs, the planner (scaling.plan) and the results table (scaling.table).
 
 Pure unit tests: no Ray, no training. Parameter and FLOP counts are checked
 against arithmetic done by hand, matrix by matrix.
@@ -12,11 +12,11 @@ import pyarrow as pa
 import pytest
 from pydantic import ValidationError
 
-from orchestrator.errors import UsageError
-from orchestrator.spec import validate_spec
-from orchestrator.sweep_plan import (SweepError, SweepSpec, budgets_from_total, count_shape, format_plan,
+from specs.errors import UsageError
+from specs.job import validate_spec
+from scaling.plan import (SweepError, SweepSpec, budgets_from_total, count_shape, format_plan,
                                      load_sweep, plan_sweep, run_name, validate_sweep)
-from orchestrator.sweep_table import COLUMNS, SCHEMA, append_row, make_row, read_results, results_path
+from scaling.table import COLUMNS, SCHEMA, append_row, make_row, read_results, results_path
 
 BASE = {"train": {"warmup_fraction": 0.1, "lr": 1e-3, "micro_batch": 4},
         "resources": {"workers": 1}, "data": {"seq_len": 64}}

@@ -21,7 +21,7 @@ def evaluate_checkpoint(storage, run_dir: str, ckpt_path: str, step: int, batche
     torch.set_num_threads(1)
     from data.sampler import DataPlan
     from data.shards import TokenCache
-    from orchestrator.spec import validate_spec
+    from specs.job import validate_spec
     from workers.checkpoint import load_consolidated
     from workers.tasks import build_model, config_from_dict, make_task
 

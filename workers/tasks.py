@@ -63,7 +63,7 @@ def build_model(cfg) -> torch.nn.Module:
 
 def config_from_dict(family: str, d: dict):
     """Inverse of ``cfg.to_dict()`` for the family's kind (model_config.json)."""
-    from orchestrator.spec import DECODER_FAMILIES
+    from specs.job import DECODER_FAMILIES
 
     if family in DECODER_FAMILIES:
         return DecoderConfig.from_dict(d)

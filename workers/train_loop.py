@@ -14,8 +14,8 @@ NSP for BERT or sentence order for ALBERT) are two plain classes with the
 same three methods; the loop does not know which one it runs.
 
 Parallelism is applied from outside the model, in ``build_engine``: pipeline
-stages (``workers/pipeline.py``) for ``pp > 1``, DeepSpeed's expert-parallel
-MoE layer (``workers/moe_parallel.py``) for ``ep > 1``.
+stages (``workers/parallel/pipeline.py``) for ``pp > 1``, DeepSpeed's expert-parallel
+MoE layer (``workers/parallel/experts.py``) for ``ep > 1``.
 """
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ from data.shards import TokenCache
 from data.storage import Storage
 from models.transformer import Decoder
 from workers import checkpoint as ckpt_lib
-from workers.deepspeed_config import deepspeed_config
+from workers.parallel.deepspeed_config import deepspeed_config
 from workers.metrics import MetricsWriter, detect_peak_flops
 
 
@@ -46,7 +46,7 @@ from workers.metrics import MetricsWriter, detect_peak_flops
 class RunContext:
     """What a rank needs to train: plain values that travel to the actor."""
 
-    spec: object                     # orchestrator.spec.JobSpec
+    spec: object                     # specs.job.JobSpec
     storage: Storage
     run_dir: str
     token_cache: str                 # URI of the complete token cache folder
@@ -88,7 +88,7 @@ def make_optimizer(model: torch.nn.Module, spec) -> torch.optim.Optimizer:
     groups = [{"name": "decay", "params": decay, "weight_decay": t.weight_decay},
               {"name": "no_decay", "params": no_decay, "weight_decay": 0.0}]
     if any(getattr(p, "allreduce", True) is False for p in model.parameters()):
-        from workers.moe_parallel import moe_param_groups
+        from workers.parallel.experts import moe_param_groups
 
         groups = moe_param_groups(model, groups)
     if t.optimizer == "sgd":
@@ -111,7 +111,7 @@ def build_engine(model: torch.nn.Module, spec, load_universal: bool = False):
 
     p = spec.parallel
     if p.pp > 1:
-        from workers.pipeline import load_decoder_state, pipeline_module
+        from workers.parallel.pipeline import load_decoder_state, pipeline_module
 
         if not isinstance(model, Decoder):
             raise UserError(f"parallel.pp: pipeline parallelism is for decoders, not {type(model).__name__}")
@@ -122,7 +122,7 @@ def build_engine(model: torch.nn.Module, spec, load_universal: bool = False):
             raise UserError(str(err)) from None
         load_decoder_state(model, state)
     elif p.ep > 1:
-        from workers.moe_parallel import expert_parallel
+        from workers.parallel.experts import expert_parallel
 
         expert_parallel(model, p.ep)
     optimizer = make_optimizer(model, spec)
@@ -288,11 +288,11 @@ def expert_state(engine, ep: int) -> dict[str, torch.Tensor] | None:
 
     Each rank holds num_experts / ep experts; rank r of an expert-parallel
     group holds global experts r * local ... (r + 1) * local - 1.
-    TODO(moe_parallel): belongs next to ``expert_parallel`` in workers/moe_parallel.py.
+    TODO(moe_parallel): belongs next to ``expert_parallel`` in workers/parallel/experts.py.
     """
     from deepspeed.utils import groups
 
-    from workers.moe_parallel import DeepSpeedSwitch
+    from workers.parallel.experts import DeepSpeedSwitch
 
     ep_rank = groups._get_expert_parallel_rank(f"ep_size_{ep}")
     mine: dict[str, torch.Tensor] = {}
@@ -326,7 +326,7 @@ def _write_consolidated(engine, spec, storage: Storage, ckpt_path: str) -> bool:
     if not spec.checkpoint.consolidated or (p.pp == 1 and p.ep == 1):
         return False
     if p.pp > 1:
-        from workers.pipeline import gather_decoder_state
+        from workers.parallel.pipeline import gather_decoder_state
 
         state = gather_decoder_state(engine)
     else:
@@ -363,7 +363,7 @@ def evaluate_held_out(engine, task, spec, device) -> dict | None:
     rank, world = dist.get_rank(), dist.get_world_size()
     micro = spec.train.micro_batch
     if is_pipeline(engine):
-        from workers.pipeline import micro_batches
+        from workers.parallel.pipeline import micro_batches
 
         batches = [b for b in (task.held_out(i, micro) for i in range(spec.eval.batches))
                    if b is not None and len(b["idx"]) == micro]
@@ -541,7 +541,7 @@ def train(ctx: RunContext) -> dict:
         lr = engine.get_lr()[0]
         rows: list[dict] = []
         if pipeline:
-            from workers.pipeline import micro_batches
+            from workers.parallel.pipeline import micro_batches
 
             batches = [_to_device(task.batch(positions[m * micro:(m + 1) * micro]), device) for m in range(accum)]
             loss = engine.train_batch(micro_batches(batches))                           # mean over micro-batches

@@ -4,7 +4,7 @@ A sweep fixes a list of compute budgets C and, per budget, trains
 ``sizes_per_budget`` models whose sizes N are spread evenly in log N around
 Chinchilla's rule of thumb N ~ sqrt(C / (6 * 20)) (about 20 tokens per
 parameter), each for D = C / (6 N) tokens: the IsoFLOP design of Chinchilla's
-approach 2, which ``orchestrator.fit`` then fits three ways.
+approach 2, which ``scaling.fit`` then fits three ways.
 
 The planner is pure: no Ray, no files. It walks a ladder of model shapes
 (wider, deeper, or both), counts every shape's parameters exactly with
@@ -29,8 +29,8 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from models.transformer import decoder_config, flops_per_token, param_counts
-from orchestrator.errors import UsageError
-from orchestrator.spec import DataSpec, ModelSpec, SpecError, apply_overrides, read_yaml, validate_spec
+from specs.errors import UsageError
+from specs.job import DataSpec, ModelSpec, SpecError, apply_overrides, read_yaml, validate_spec
 
 SWEEP_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,31}$")
 

@@ -37,9 +37,9 @@ from typing import Any, Literal
 from pydantic import Field, ValidationError, field_validator
 
 from data.storage import Storage
-from orchestrator.errors import UsageError
+from specs.errors import UsageError
 from orchestrator.job_store import JobRecord, JobState, JobStore, safe_join
-from orchestrator.spec import NAME_RE, JobSpec, SpecError, _format_error, _Section, apply_overrides, validate_spec
+from specs.job import NAME_RE, JobSpec, SpecError, _format_error, _Section, apply_overrides, validate_spec
 
 STAGES = ("sft", "rm", "ppo")
 RECORD_KIND = "pipeline"

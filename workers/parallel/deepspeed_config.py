@@ -16,7 +16,7 @@ def deep_merge(base: dict, override: dict) -> dict:
 
 
 def deepspeed_config(spec, load_universal: bool = False) -> dict[str, Any]:
-    """``spec`` is an orchestrator.spec.JobSpec; batch sizes are derived from it only."""
+    """``spec`` is an specs.job.JobSpec; batch sizes are derived from it only."""
     t, p = spec.train, spec.parallel
     zero: dict[str, Any] = {"stage": p.zero_stage}
     if p.offload_optimizer:

@@ -1,7 +1,7 @@
 """`switchyard fit`: read a results table, run the three Chinchilla fits, write the report.
 
 Input is a sweep directory (its ``results/*.parquet`` rows, see
-``orchestrator.sweep_table``) or any CSV/Parquet table with a column for the
+``scaling.table``) or any CSV/Parquet table with a column for the
 model size N, one for tokens D or compute C (D = C / (6N) when only C is
 given) and one for the loss; column names are matched case-insensitively
 against common aliases. If the table names per-run loss curves
@@ -27,8 +27,8 @@ from typing import Any
 import fsspec
 import numpy as np
 
-from orchestrator.errors import UsageError
-from orchestrator.fit import (Approach1Result, Approach2Result, Approach3Result, BootstrapResult, Curve,
+from specs.errors import UsageError
+from scaling.fit import (Approach1Result, Approach2Result, Approach3Result, BootstrapResult, Curve,
                               FitError, bootstrap, fit_approach1, fit_approach2, fit_approach3)
 
 N_ALIASES = ("n", "params", "n_params", "num_params", "parameters", "model_size")
@@ -98,7 +98,7 @@ def _read_arrow(path: str):
     import pyarrow.csv as pacsv
     import pyarrow.parquet as pq
 
-    from orchestrator.sweep_table import read_results
+    from scaling.table import read_results
 
     fs, p = fsspec.core.url_to_fs(path)
     if not fs.exists(p):

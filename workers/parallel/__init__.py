@@ -1,0 +1,1 @@
+"""Parallelism wrappers around single-device models: DeepSpeed config, pipeline stages, expert parallelism."""
