@@ -44,7 +44,7 @@ from specs.errors import UsageError
 SAFE_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 """Job ids, job names and run-dir parts: safe as one path segment anywhere."""
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 
 # ---------------------------------------------------------------------- errors
@@ -70,6 +70,10 @@ class AmbiguousJobIdError(UsageError, LookupError):
     """An id prefix that matches more than one job."""
 
 
+class QuotaError(UsageError):
+    """A submission over the team's quota of queued jobs."""
+
+
 # ---------------------------------------------------------------------- states
 
 
@@ -81,6 +85,7 @@ class JobState(str, Enum):
     SUCCEEDED = "SUCCEEDED"
     FAILED = "FAILED"
     CANCELLED = "CANCELLED"
+    PREEMPTED = "PREEMPTED"
 
     @property
     def terminal(self) -> bool:
@@ -101,15 +106,23 @@ _TERMINAL = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED})
 # RESTARTING -> QUEUED    wait for resources again (usual case)
 # RESTARTING -> STARTING  restart straight away on resources still held
 # RUNNING -> SUCCEEDED    the job finished
+# STARTING|RUNNING -> PREEMPTED   a higher-priority job needs its workers: it checkpoints and stops
+# PREEMPTED -> QUEUED     stopped; waits to resume from that checkpoint (PREEMPTED -> SUCCEEDED if it
+#                         finished its last step before it saw the stop)
+# Entering PREEMPTED counts one preemption (not a restart).
 # Entering RESTARTING counts one restart. A pipeline or sweep parent runs no
 # workers of its own but still goes QUEUED -> STARTING -> RUNNING.
 LEGAL_TRANSITIONS: dict[JobState, frozenset[JobState]] = {
     JobState.QUEUED: frozenset({JobState.STARTING, JobState.FAILED, JobState.CANCELLED}),
     JobState.STARTING: frozenset(
-        {JobState.RUNNING, JobState.QUEUED, JobState.RESTARTING, JobState.FAILED, JobState.CANCELLED}
+        {JobState.RUNNING, JobState.QUEUED, JobState.RESTARTING, JobState.PREEMPTED, JobState.FAILED,
+         JobState.CANCELLED}
     ),
     JobState.RUNNING: frozenset(
-        {JobState.SUCCEEDED, JobState.RESTARTING, JobState.FAILED, JobState.CANCELLED}
+        {JobState.SUCCEEDED, JobState.RESTARTING, JobState.PREEMPTED, JobState.FAILED, JobState.CANCELLED}
+    ),
+    JobState.PREEMPTED: frozenset(
+        {JobState.QUEUED, JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED}
     ),
     JobState.RESTARTING: frozenset(
         {JobState.QUEUED, JobState.STARTING, JobState.FAILED, JobState.CANCELLED}
@@ -120,7 +133,7 @@ LEGAL_TRANSITIONS: dict[JobState, frozenset[JobState]] = {
 }
 
 # Workers are only meaningful while ranks exist; leaving these states clears them.
-_HAS_WORKERS = frozenset({JobState.STARTING, JobState.RUNNING})
+_HAS_WORKERS = frozenset({JobState.STARTING, JobState.RUNNING, JobState.PREEMPTED})
 
 
 # ---------------------------------------------------------------------- names and paths
@@ -264,6 +277,41 @@ class JobRecord:
     """When the scheduler first told this job to wait; None once it starts."""
     history: tuple[Transition, ...]
     evals: tuple[EvalRecord, ...]
+    owner: str = ""
+    """Who submitted it: the API token's user, or the local user on the head."""
+    team: str = ""
+    """The owner's team in cluster.yaml when it was submitted (quotas and fair share count against it)."""
+    after: tuple[str, ...] = ()
+    """Jobs that must SUCCEED before this one starts (``submit --after``)."""
+    preemptions: int = 0
+    """Times a higher-priority job preempted it."""
+    preempted_by: str | None = None
+    """The job that preempted it last."""
+    pending: dict[str, Any] | None = None
+    """Why a QUEUED job is not running, as the controller last saw it:
+    {position, waiting_for: capacity|quota|dependency|backfill|preemption, reason, at}."""
+
+    @property
+    def run_intervals(self) -> list[tuple[float, float | None]]:
+        """(start, end) of every stretch in RUNNING or PREEMPTED (still stopping), end None while it lasts."""
+        out: list[tuple[float, float | None]] = []
+        start = None
+        for t in self.history:
+            busy = t.to_state in (JobState.RUNNING, JobState.PREEMPTED)
+            if busy and start is None:
+                start = t.ts
+            elif not busy and start is not None:
+                out.append((start, t.ts))
+                start = None
+        if start is not None:
+            out.append((start, None))
+        return out
+
+    @property
+    def running_since(self) -> float | None:
+        """When the current stretch of RUNNING began (None if not running)."""
+        iv = self.run_intervals
+        return iv[-1][0] if iv and iv[-1][1] is None else None
 
     @property
     def terminal(self) -> bool:
@@ -295,6 +343,12 @@ class JobRecord:
             "resources": dict(self.resources),
             "cancel_requested": self.cancel_requested,
             "report": self.report,
+            "owner": self.owner,
+            "team": self.team,
+            "after": list(self.after),
+            "preemptions": self.preemptions,
+            "preempted_by": self.preempted_by,
+            "pending": dict(self.pending) if self.pending else None,
         }
 
 
@@ -324,7 +378,13 @@ CREATE TABLE IF NOT EXISTS jobs (
     report_json      TEXT,
     cancel_requested INTEGER NOT NULL DEFAULT 0,
     resources_json   TEXT NOT NULL,
-    blocked_since    REAL
+    blocked_since    REAL,
+    owner            TEXT NOT NULL DEFAULT '',
+    team             TEXT NOT NULL DEFAULT '',
+    after_json       TEXT NOT NULL DEFAULT '[]',
+    preemptions      INTEGER NOT NULL DEFAULT 0,
+    preempted_by     TEXT,
+    pending_json     TEXT
 );
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state);
 CREATE INDEX IF NOT EXISTS jobs_parent ON jobs(parent_id);
@@ -347,11 +407,33 @@ CREATE TABLE IF NOT EXISTS evals (
     extra_json TEXT NOT NULL DEFAULT '{}',
     PRIMARY KEY (job_id, checkpoint)  -- a retried evaluation replaces, never duplicates
 );
+CREATE TABLE IF NOT EXISTS tokens (
+    hash       TEXT PRIMARY KEY,  -- sha256 of the bearer token; the token itself is never stored
+    user       TEXT NOT NULL,
+    admin      INTEGER NOT NULL DEFAULT 0,
+    created_at REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS controller (
     id        INTEGER PRIMARY KEY CHECK (id = 0),  -- singleton row
     pid       INTEGER NOT NULL,
     address   TEXT NOT NULL,
     heartbeat REAL NOT NULL
+);
+"""
+
+# v1 -> v2: owners, teams, dependencies, preemption and pending reasons; API tokens.
+_MIGRATE_V1 = """
+ALTER TABLE jobs ADD COLUMN owner TEXT NOT NULL DEFAULT '';
+ALTER TABLE jobs ADD COLUMN team TEXT NOT NULL DEFAULT '';
+ALTER TABLE jobs ADD COLUMN after_json TEXT NOT NULL DEFAULT '[]';
+ALTER TABLE jobs ADD COLUMN preemptions INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE jobs ADD COLUMN preempted_by TEXT;
+ALTER TABLE jobs ADD COLUMN pending_json TEXT;
+CREATE TABLE IF NOT EXISTS tokens (
+    hash       TEXT PRIMARY KEY,
+    user       TEXT NOT NULL,
+    admin      INTEGER NOT NULL DEFAULT 0,
+    created_at REAL NOT NULL
 );
 """
 
@@ -365,6 +447,8 @@ _UPDATABLE: dict[str, tuple[str, bool]] = {
     "reason": ("reason", False),
     "priority": ("priority", False),
     "blocked_since": ("blocked_since", False),
+    "preempted_by": ("preempted_by", False),
+    "pending": ("pending_json", True),
 }
 
 _RESOURCE_KEYS = ("workers", "cpus_per_worker", "gpus_per_worker")
@@ -495,7 +579,9 @@ class JobStore:
                     f"{self.path}: job store schema v{version} is newer than this Switchyard "
                     f"(v{SCHEMA_VERSION}); upgrade Switchyard"
                 )
-            if version < SCHEMA_VERSION:
+            if version == 1:
+                conn.executescript(f"BEGIN IMMEDIATE;{_MIGRATE_V1}PRAGMA user_version = {SCHEMA_VERSION};COMMIT;")
+            elif version < SCHEMA_VERSION:
                 conn.executescript(f"BEGIN IMMEDIATE;{_SCHEMA}PRAGMA user_version = {SCHEMA_VERSION};COMMIT;")
         finally:
             conn.close()
@@ -534,11 +620,16 @@ class JobStore:
     # -------------------------------------------------------------- jobs
 
     def submit(self, name: str, kind: str, spec: dict[str, Any], priority: int, resources: dict[str, Any],
-               max_restarts: int, run_dir_for: Callable[[str], str], parent_id: str | None = None) -> JobRecord:
+               max_restarts: int, run_dir_for: Callable[[str], str], parent_id: str | None = None, *,
+               owner: str = "", team: str = "", after: Iterable[str] = (),
+               max_queued: int | None = None) -> JobRecord:
         """Queue a new job and return it (state QUEUED, one history row).
 
         ``run_dir_for(job_id)`` is called inside the transaction with the new
         id and must return the job's run directory (use :func:`safe_join`).
+        ``after`` are job ids (or unique prefixes) that must SUCCEED first.
+        ``max_queued`` is the team's quota of queued jobs: a submission that
+        would pass it raises ``QuotaError`` (checked in the same transaction).
         """
         name = validate_name(name)
         kind = validate_name(kind, "job kind")
@@ -548,9 +639,19 @@ class JobStore:
         if not isinstance(spec, dict):
             raise ValueError(f"spec must be a dict (the validated spec as data), got {type(spec).__name__}")
         spec_json = _dumps(spec, "spec")
+        if not isinstance(owner, str) or not isinstance(team, str):
+            raise ValueError("owner and team must be strings")
+        after = [a for a in after]
         with self._write() as conn:
             if parent_id is not None:
                 self._state(conn, parent_id)  # raises JobNotFoundError
+            deps = [self._resolve(conn, a) for a in after]
+            if max_queued is not None:
+                n = conn.execute("SELECT COUNT(*) FROM jobs WHERE team = ? AND state = ? AND parent_id IS NULL",
+                                 (team, JobState.QUEUED.value)).fetchone()[0]
+                if n >= max_queued:
+                    raise QuotaError(f"team {team or '(none)'} already has {n} queued job(s), its quota "
+                                     f"(queued_jobs: {max_queued}); wait for some to start or cancel one")
             now = self._clock()
             day = datetime.fromtimestamp(now, timezone.utc).strftime("%Y%m%d")
             # 24 random bits per day: a clash is rare but possible; we hold the write
@@ -566,16 +667,30 @@ class JobStore:
                 raise ValueError(f"run_dir_for({job_id!r}) must return a non-empty str, got {run_dir!r}")
             conn.execute(
                 "INSERT INTO jobs (id, name, kind, spec_json, priority, state, submitted_at, updated_at,"
-                " max_restarts, run_dir, reason, parent_id, resources_json)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " max_restarts, run_dir, reason, parent_id, resources_json, owner, team, after_json)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (job_id, name, kind, spec_json, priority, JobState.QUEUED.value, now, now, max_restarts,
-                 run_dir, "submitted", parent_id, _dumps(resources, "resources")),
+                 run_dir, "submitted", parent_id, _dumps(resources, "resources"), owner, team,
+                 _dumps(deps, "after")),
             )
             conn.execute(
                 "INSERT INTO transitions (job_id, ts, from_state, to_state, reason) VALUES (?, ?, NULL, ?, ?)",
                 (job_id, now, JobState.QUEUED.value, "submitted"),
             )
             return self._load_one(conn, job_id)
+
+    def _resolve(self, conn: sqlite3.Connection, id_or_prefix: str) -> str:
+        """The one job id that is or starts with ``id_or_prefix`` (inside a transaction)."""
+        key = (id_or_prefix or "").strip().lower() if isinstance(id_or_prefix, str) else ""
+        if not key:
+            raise JobNotFoundError("give a job id (or the start of one)")
+        rows = conn.execute("SELECT id FROM jobs WHERE id = ?", (key,)).fetchall() or \
+            conn.execute("SELECT id FROM jobs WHERE substr(id, 1, ?) = ? LIMIT 6", (len(key), key)).fetchall()
+        if not rows:
+            raise JobNotFoundError(f"no job matches {id_or_prefix!r}; `switchyard list` shows the jobs")
+        if len(rows) > 1:
+            raise AmbiguousJobIdError(f"{id_or_prefix!r} matches several jobs; give more of the id")
+        return rows[0]["id"]
 
     def get(self, id_or_prefix: str) -> JobRecord:
         """The job with this id, or the only job whose id starts with it."""
@@ -646,7 +761,10 @@ class JobStore:
                 sets.setdefault("blocked_since", None)
             if to not in _HAS_WORKERS:
                 sets.setdefault("workers_json", "[]")
-            extra = ", restarts = restarts + 1" if to is JobState.RESTARTING else ""
+            extra = (", restarts = restarts + 1" if to is JobState.RESTARTING
+                     else ", preemptions = preemptions + 1" if to is JobState.PREEMPTED else "")
+            if to is not JobState.QUEUED:
+                sets.setdefault("pending_json", None)
             conn.execute(
                 f"UPDATE jobs SET {', '.join(f'{c} = ?' for c in sets)}{extra} WHERE id = ?",
                 (*sets.values(), job_id),
@@ -749,6 +867,30 @@ class JobStore:
             rows = conn.execute("SELECT * FROM transitions WHERE job_id = ? ORDER BY seq", (job_id,)).fetchall()
         return [_transition(r) for r in rows]
 
+    # -------------------------------------------------------------- API tokens
+
+    def create_token(self, user: str, admin: bool = False) -> str:
+        """A new bearer token for ``user``; only its SHA-256 is stored, so print it now or lose it."""
+        user = validate_name(user, "user name")
+        token = "sy_" + secrets.token_urlsafe(32)
+        with self._write() as conn:
+            conn.execute("INSERT INTO tokens (hash, user, admin, created_at) VALUES (?, ?, ?, ?)",
+                         (_token_hash(token), user, int(bool(admin)), self._clock()))
+        return token
+
+    def check_token(self, token: str) -> tuple[str, bool] | None:
+        """(user, admin) for a valid token, else None."""
+        if not isinstance(token, str) or not token:
+            return None
+        with self._read() as conn:
+            row = conn.execute("SELECT user, admin FROM tokens WHERE hash = ?", (_token_hash(token),)).fetchone()
+        return (row["user"], bool(row["admin"])) if row else None
+
+    def revoke_tokens(self, user: str) -> int:
+        """Delete every token of ``user``; returns how many."""
+        with self._write() as conn:
+            return conn.execute("DELETE FROM tokens WHERE user = ?", (user.lower(),)).rowcount
+
     # -------------------------------------------------------------- controller
 
     def set_controller(self, pid: int, address: str) -> ControllerInfo:
@@ -791,12 +933,18 @@ def _encode_fields(fields: dict[str, Any]) -> dict[str, Any]:
             raise ValueError(f"metrics must be a dict, got {type(value).__name__}")
         elif key == "blocked_since" and value is not None:
             value = float(value)
-        elif key in ("best_checkpoint", "reason") and not isinstance(value, str) and value is not None:
+        elif key in ("best_checkpoint", "reason", "preempted_by") and not isinstance(value, str) and value is not None:
             raise ValueError(f"{key} must be a str, got {type(value).__name__}")
         out[column] = _dumps(value, key) if is_json and value is not None else value
     if out.get("reason", "") is None:
         out["reason"] = ""
     return out
+
+
+def _token_hash(token: str) -> str:
+    import hashlib
+
+    return hashlib.sha256(token.encode()).hexdigest()
 
 
 def _transition(row: sqlite3.Row) -> Transition:
@@ -837,4 +985,10 @@ def _record(row: sqlite3.Row, history: tuple[Transition, ...], evals: tuple[Eval
         blocked_since=row["blocked_since"],
         history=history,
         evals=evals,
+        owner=row["owner"],
+        team=row["team"],
+        after=tuple(json.loads(row["after_json"])),
+        preemptions=row["preemptions"],
+        preempted_by=row["preempted_by"],
+        pending=json.loads(row["pending_json"]) if row["pending_json"] else None,
     )

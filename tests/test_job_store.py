@@ -65,6 +65,7 @@ PATH_TO = {
     S.SUCCEEDED: [S.STARTING, S.RUNNING, S.SUCCEEDED],
     S.FAILED: [S.FAILED],
     S.CANCELLED: [S.CANCELLED],
+    S.PREEMPTED: [S.STARTING, S.RUNNING, S.PREEMPTED],
 }
 
 
@@ -448,3 +449,68 @@ def test_concurrent_processes_share_the_file(tmp_path):
         assert p.returncode == 0, err.decode()
     names = {r.name for r in JobStore(path).list()}
     assert names == {f"p{k}-{i}" for k in range(2) for i in range(15)}
+
+
+# ---------------------------------------------------------------------- owners, dependencies, preemption, tokens
+
+
+def test_owner_team_and_dependencies_are_stored(store):
+    dep = submit(store, "first", owner="alice", team="nlp")
+    rec = submit(store, "second", owner="bob", team="vision", after=[dep.id[:-1]])
+    assert (rec.owner, rec.team, rec.after) == ("bob", "vision", (dep.id,))
+    assert store.get(rec.id).to_status_dict()["after"] == [dep.id]
+    with pytest.raises(JobNotFoundError):
+        submit(store, "third", after=["sy-19990101-000000"])
+
+
+def test_queued_quota_is_checked_at_submit(store):
+    from orchestrator.job_store import QuotaError
+
+    submit(store, team="nlp", max_queued=2)
+    submit(store, team="nlp", max_queued=2)
+    with pytest.raises(QuotaError, match="queued_jobs: 2"):
+        submit(store, team="nlp", max_queued=2)
+    submit(store, team="vision", max_queued=2)  # another team's queue is its own
+
+
+def test_preemption_counts_and_records_who(store):
+    clock = Clock()
+    store = JobStore(store.path, clock=clock)
+    rec = submit(store)
+    drive(store, rec.id, [S.STARTING])
+    clock.t += 1
+    store.transition(rec.id, S.RUNNING, "up")
+    clock.t += 10
+    rec = store.transition(rec.id, S.PREEMPTED, "preempted by sy-x", preempted_by="sy-x")
+    assert rec.preemptions == 1 and rec.restarts == 0 and rec.preempted_by == "sy-x"
+    clock.t += 2
+    rec = store.transition(rec.id, S.QUEUED, "requeued", pending={"waiting_for": "capacity"})
+    assert rec.pending == {"waiting_for": "capacity"}
+    assert rec.run_intervals == [(clock.t - 12, clock.t)] and rec.running_since is None
+    assert store.transition(rec.id, S.STARTING, "again").pending is None
+
+
+def test_v1_store_is_migrated(tmp_path):
+    path = tmp_path / "old.db"
+    conn = sqlite3.connect(path)
+    from orchestrator import job_store as js
+
+    conn.executescript(js._SCHEMA.replace(",\n    owner            TEXT NOT NULL DEFAULT '',\n"
+                                          "    team             TEXT NOT NULL DEFAULT '',\n"
+                                          "    after_json       TEXT NOT NULL DEFAULT '[]',\n"
+                                          "    preemptions      INTEGER NOT NULL DEFAULT 0,\n"
+                                          "    preempted_by     TEXT,\n    pending_json     TEXT", "")
+                       + "PRAGMA user_version = 1;")
+    conn.close()
+    store = JobStore(path)
+    rec = submit(store, owner="carol")
+    assert store.get(rec.id).owner == "carol"
+
+
+def test_tokens_store_only_a_hash(store):
+    token = store.create_token("alice", admin=True)
+    assert store.check_token(token) == ("alice", True)
+    assert store.check_token(token + "x") is None and store.check_token("") is None
+    raw = open(store.path, "rb").read()
+    assert token.encode() not in raw
+    assert store.revoke_tokens("alice") == 1 and store.check_token(token) is None
