@@ -18,8 +18,10 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/switchyard run examples/pretrain.yaml
 
+# The tests run under a fresh, empty HOME and TMPDIR, as CI does: no Ray token, Switchyard state or
+# cache left on this machine by earlier runs can make them pass.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -x --durations=15
+	HOME=$$(mktemp -d) TMPDIR=$$(mktemp -d) $(BIN)/python -m pytest -q -x --durations=15
 
 clean:
 	rm -rf runs .switchyard .pytest_cache

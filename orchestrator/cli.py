@@ -76,13 +76,15 @@ def _extra_commands():
 def _auth_mode_for(args) -> None:
     """Ray reads RAY_AUTH_MODE when it is imported: decide it before any command imports ray.
 
-    The local head `switchyard up` starts uses Ray's token authentication (Ray's default for local
-    clusters), and a driver that names its address must use it too.
+    The local Ray Switchyard starts uses Ray's token authentication with Switchyard's own token
+    (kept with its state, see orchestrator/local_head.py), and every command that reaches it uses the same.
     """
     from orchestrator.cluster_config import load_cluster_config
+    from orchestrator.local_head import use_local_auth
 
-    if load_cluster_config(args.cluster).ray.address == "local":
-        os.environ.setdefault("RAY_AUTH_MODE", "token")
+    cluster = load_cluster_config(args.cluster)
+    if cluster.ray.address == "local":
+        use_local_auth(cluster)
 
 
 def main(argv: list[str] | None = None) -> int:

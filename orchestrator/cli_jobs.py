@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import posixpath
-import subprocess
 import sys
 import time
 
@@ -32,10 +31,6 @@ def _store(cluster):
     return JobStore(cluster.job_store)
 
 
-def _ray_bin() -> str:
-    return os.path.join(os.path.dirname(sys.executable), "ray")
-
-
 # ---------------------------------------------------------------------- up / down
 
 
@@ -43,24 +38,12 @@ def cmd_up(args) -> int:
     import ray
 
     from orchestrator.controller import start_controller
-    from orchestrator.ray_cluster import connect, record_head, recorded_head
+    from orchestrator.local_head import recorded_head, start_head
+    from orchestrator.ray_cluster import connect
 
     cluster = _cluster(args)
     if cluster.ray.address == "local" and recorded_head(cluster) is None:
-        import socket
-
-        with socket.socket() as s:
-            s.bind(("", 0))
-            port = s.getsockname()[1]
-        cmd = [_ray_bin(), "start", "--head", f"--port={port}", "--disable-usage-stats", "--include-dashboard=false"]
-        if cluster.ray.num_cpus:
-            cmd.append(f"--num-cpus={cluster.ray.num_cpus}")
-        env = dict(os.environ, RAY_AUTH_MODE=os.environ.get("RAY_AUTH_MODE", "token"))
-        out = subprocess.run(cmd, capture_output=True, text=True, env=env)
-        if out.returncode != 0:
-            tail = (out.stderr.strip().splitlines() or ["unknown error"])[-1]
-            raise UsageError(f"could not start a local Ray head: {tail}")
-        record_head(cluster, f"127.0.0.1:{port}")
+        start_head(cluster)
     address = connect(cluster, allow_embedded=False)
     handle = start_controller(cluster)
     info = ray.get(handle.ping.remote())
@@ -73,7 +56,8 @@ def cmd_down(args) -> int:
     import ray
 
     from orchestrator.controller import stop_controller
-    from orchestrator.ray_cluster import connect, record_head, recorded_head
+    from orchestrator.local_head import record_head, recorded_head, stop_session
+    from orchestrator.ray_cluster import connect
 
     cluster = _cluster(args)
     head = recorded_head(cluster) if cluster.ray.address == "local" else cluster.ray.address
@@ -86,36 +70,12 @@ def cmd_down(args) -> int:
     session = os.path.basename(ray._private.worker._global_node.get_session_dir_path())
     ray.shutdown()
     if cluster.ray.address == "local":
-        _stop_session(session)
+        stop_session(session)
         record_head(cluster, None)
     unfinished = [r for r in _store(cluster).list() if not r.terminal]
     note = f"; {len(unfinished)} unfinished job(s) resume at the next `switchyard up`" if unfinished else ""
     print(f"switchyard is down{note}")
     return 0
-
-
-def _stop_session(session: str, timeout_s: float = 20.0) -> None:
-    """End the processes of one local Ray session (the head `up` started), not every Ray on the machine."""
-    import psutil
-
-    procs = []
-    for p in psutil.process_iter(["cmdline"]):
-        try:
-            if any(session in part for part in (p.info["cmdline"] or [])):
-                procs.append(p)
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            continue
-    for p in procs:
-        try:
-            p.terminate()
-        except psutil.NoSuchProcess:
-            pass
-    _, alive = psutil.wait_procs(procs, timeout=timeout_s)
-    for p in alive:
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
 
 
 # ---------------------------------------------------------------------- submit

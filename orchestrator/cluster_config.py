@@ -24,6 +24,8 @@ class RayConfig(_Section):
     """CPUs for the embedded local Ray (None = all cores)."""
     namespace: str = "switchyard"
     """Ray namespace of the controller and the jobs."""
+    node_ip: str = "127.0.0.1"
+    """Address the local Ray (``address: local``) listens on; set a LAN address to let other machines join it."""
 
 
 class WorkerDefaults(_Section):

@@ -12,6 +12,7 @@ import os
 
 import ray
 
+from orchestrator.local_head import recorded_head, use_local_auth
 from specs.errors import UsageError
 
 _PACKAGES = ("orchestrator", "specs", "scaling", "workers", "models", "data")
@@ -21,37 +22,6 @@ def _py_modules() -> list:
     import importlib
 
     return [importlib.import_module(p) for p in _PACKAGES]
-
-
-def _address_file(cluster) -> str:
-    return os.path.join(os.path.dirname(cluster.job_store), "ray_address")
-
-
-def recorded_head(cluster) -> str | None:
-    """The address of the local Ray head ``switchyard up`` started, if it is still answering."""
-    path = _address_file(cluster)
-    if not os.path.exists(path):
-        return None
-    address = open(path).read().strip()
-    host, _, port = address.rpartition(":")
-    import socket
-
-    try:
-        with socket.create_connection((host, int(port)), timeout=1.0):
-            return address
-    except (OSError, ValueError):
-        return None
-
-
-def record_head(cluster, address: str | None) -> None:
-    path = _address_file(cluster)
-    if address is None:
-        if os.path.exists(path):
-            os.remove(path)
-        return
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w") as f:
-        f.write(address)
 
 
 def connect(cluster, *, allow_embedded: bool = True) -> str:
@@ -68,11 +38,13 @@ def connect(cluster, *, allow_embedded: bool = True) -> str:
     address = cluster.ray.address
     try:
         if address == "local":
+            use_local_auth(cluster, create=True)
             head = recorded_head(cluster)
             if head is not None:
                 ray.init(address=head, **common)
             elif allow_embedded:
-                ray.init(address="local", num_cpus=cluster.ray.num_cpus, include_dashboard=False, **common)
+                ray.init(address="local", num_cpus=cluster.ray.num_cpus, include_dashboard=False,
+                         _node_ip_address=cluster.ray.node_ip, **common)
             else:
                 raise UsageError("no local Ray cluster is running; start one with `switchyard up`")
         else:

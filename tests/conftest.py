@@ -14,13 +14,14 @@ import pytest
 
 @pytest.fixture(autouse=True)
 def _ray_auth_mode_does_not_leak():
-    """An in-process CLI call sets RAY_AUTH_MODE for the Ray it would start; the test session's Ray must not see it."""
-    before = os.environ.get("RAY_AUTH_MODE")
+    """An in-process CLI call sets Ray's auth settings for the Ray it would start; the test session's Ray must not see them."""
+    before = {k: os.environ.get(k) for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH")}
     yield
-    if before is None:
-        os.environ.pop("RAY_AUTH_MODE", None)
-    else:
-        os.environ["RAY_AUTH_MODE"] = before
+    for key, value in before.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
 
 
 @pytest.fixture(scope="session")

@@ -29,6 +29,9 @@ def test_cli_lifecycle(tmp_path):
             "--set", "data.seq_len=64", "--set", "model.preset=tiny"]
     try:
         assert "switchyard is up" in sy(cluster, "up").stdout
+        token = tmp_path / "state" / "ray_auth_token"  # Switchyard's own token, kept with its state
+        assert token.exists() and (token.stat().st_mode & 0o777) == 0o600 and len(token.read_text()) == 64
+        assert (tmp_path / "state" / "ray_address").read_text().startswith("127.0.0.1:")
         job = sy(cluster, "submit", os.path.join(ROOT, "examples", "pretrain.yaml"), "--priority", "3",
                  *spec).stdout.strip()
         assert job.startswith("sy-")
