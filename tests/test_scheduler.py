@@ -1,6 +1,7 @@
 """Unit tests for the scheduling and failure policies: plain values in, decisions out."""
 from __future__ import annotations
 
+import math
 from functools import lru_cache
 
 import pytest
@@ -286,3 +287,165 @@ def test_schedule_invariants(snap):
             if head.blocked_since is not None and NOW - head.blocked_since >= window:
                 assert not started(live[k + 1:])
             break
+
+
+# ---------------------------------------------------------------------- preemption
+
+from orchestrator.scheduler import (  # noqa: E402
+    PreemptionPolicy,
+    Preempt,
+    RunningJob,
+    TeamQuota,
+    decayed_usage,
+    fair_shares,
+)
+
+POLICY = PreemptionPolicy(min_run_s=60, max_per_job=2, backoff_s=30)
+
+
+def running(job_id, workers=1, cpus=1.0, priority=0, node="n0", since=NOW - 1000, preemptions=0, team="",
+            stopping=False, nodes_=None):
+    return RunningJob(job_id, priority, (Bundle(cpus),) * workers, tuple(nodes_ or (node,) * workers), since,
+                      preemptions, team, stopping)
+
+
+def preempted(decisions) -> list[str]:
+    return [d.job_id for d in decisions if isinstance(d, Preempt)]
+
+
+def test_a_higher_priority_job_preempts_the_fewest_lowest_priority_jobs():
+    # Four CPUs, all busy: a (prio 0, 2 CPUs), b (prio 1, 2 CPUs). The new job needs 2 CPUs.
+    run = [running("a", 2, priority=0), running("b", 2, priority=1)]
+    d = schedule([job("hi", workers=2, priority=5)], nodes(0), nodes(4), now=NOW, running=run, preemption=POLICY)
+    assert preempted(d) == ["a"]
+    p = next(x for x in d if isinstance(x, Preempt))
+    assert p.by == "hi" and "priority 5 > 0" in p.reason
+    w = by_id([x for x in d if not isinstance(x, Preempt)])["hi"]
+    assert isinstance(w, Wait) and w.waiting_for == "preemption"
+    # Needing 3 CPUs: one 2-CPU job is not enough, and the pair is the only set that is.
+    d = schedule([job("hi", workers=3, priority=5)], nodes(0), nodes(4), now=NOW, running=run, preemption=POLICY)
+    assert sorted(preempted(d)) == ["a", "b"]
+
+
+def test_one_big_victim_beats_two_small_ones():
+    # Fewest jobs first: one prio-1 job of 4 CPUs rather than two prio-0 jobs of 2 CPUs... on another node.
+    run = [running("s1", 2, node="n0", priority=0), running("s2", 2, node="n0", priority=0),
+           running("big", 4, node="n1", priority=1)]
+    d = schedule([job("hi", workers=4, priority=5)], nodes(0, 0), nodes(4, 4), now=NOW, running=run,
+                 preemption=POLICY)
+    assert preempted(d) == ["big"]
+
+
+def test_equal_or_higher_priority_is_never_preempted_and_free_room_is_used_first():
+    run = [running("a", 4, priority=5)]
+    d = schedule([job("hi", workers=2, priority=5)], nodes(0), nodes(4), now=NOW, running=run, preemption=POLICY)
+    assert preempted(d) == [] and isinstance(d[0], Wait) and d[0].waiting_for == "capacity"
+    d = schedule([job("hi", workers=2, priority=9)], nodes(2), nodes(4), now=NOW, running=[running("a", 2)],
+                 preemption=POLICY)
+    assert started(d) == ["hi"] and preempted(d) == []
+
+
+def test_guards_min_run_time_protected_class_cap_and_backoff():
+    q = [job("hi", workers=2, priority=5)]
+
+    def go(r, policy=POLICY):
+        return schedule(q, nodes(0), nodes(2), now=NOW, running=[r], preemption=policy)
+
+    young = go(running("a", 2, since=NOW - 10))
+    assert preempted(young) == [] and "has run 10 s of its protected 60 s" in young[0].reason
+    assert preempted(go(running("a", 2, since=NOW - 61))) == ["a"]
+    vip = go(running("a", 2, priority=3), PreemptionPolicy(min_run_s=0, never_preempt_priority=3))
+    assert preempted(vip) == [] and "never preempted" in vip[0].reason
+    capped = go(running("a", 2, preemptions=2))
+    assert preempted(capped) == [] and "max_per_job 2" in capped[0].reason
+    # Backoff: after 1 preemption the protection is 60 + 30 s; after 2 (with a higher cap) 60 + 60 s.
+    assert preempted(go(running("a", 2, since=NOW - 80, preemptions=1))) == []
+    assert preempted(go(running("a", 2, since=NOW - 91, preemptions=1))) == ["a"]
+    more = PreemptionPolicy(min_run_s=60, max_per_job=5, backoff_s=30)
+    assert preempted(go(running("a", 2, since=NOW - 110, preemptions=2), more)) == []
+    assert preempted(go(running("a", 2, since=NOW - 121, preemptions=2), more)) == ["a"]
+    # A job still starting has no checkpoint to resume from: never preempted.
+    assert preempted(go(running("a", 2, since=None))) == []
+    # Preemption off.
+    assert preempted(go(running("a", 2), PreemptionPolicy(enabled=False))) == []
+    assert preempted(schedule(q, nodes(0), nodes(2), now=NOW, running=[running("a", 2)])) == []
+
+
+def test_a_stopping_victim_is_waited_for_and_its_room_is_reserved():
+    run = [running("a", 2, stopping=True), running("b", 2, priority=0)]
+    q = [job("hi", workers=2, priority=5), job("small", workers=1, priority=0)]
+    d = schedule(q, nodes(1), nodes(5), now=NOW, running=run, preemption=POLICY)
+    assert preempted(d) == []  # "a" is already stopping for it: no second victim
+    assert by_id(d)["hi"].waiting_for == "preemption" and "a to checkpoint and stop" in by_id(d)["hi"].reason
+    # The 1 free CPU is not taken by a smaller job while the room is being made.
+    assert isinstance(by_id(d)["small"], Wait) and started(d) == []
+
+
+def test_alternating_priorities_do_not_ping_pong():
+    """Two full-cluster jobs whose priorities swap every 10 s: guards bound the preemptions."""
+    policy = PreemptionPolicy(min_run_s=60, max_per_job=2, backoff_s=60)
+    state = {"a": {"running": True, "since": 0.0, "n": 0}, "b": {"running": False, "since": None, "n": 0}}
+    count = 0
+    for t in range(0, 3600, 10):
+        prio = {"a": (t // 10) % 2, "b": 1 - (t // 10) % 2}
+        run = [running(j, 2, priority=prio[j], since=s["since"], preemptions=s["n"])
+               for j, s in state.items() if s["running"]]
+        q = [job(j, workers=2, priority=prio[j]) for j, s in state.items() if not s["running"]]
+        for d in schedule(q, nodes(0), nodes(2), now=float(t), running=run, preemption=policy):
+            if isinstance(d, Preempt):
+                count += 1
+                state[d.job_id].update(running=False, n=state[d.job_id]["n"] + 1)
+                state[d.by].update(running=True, since=float(t))
+    assert count <= 2 * policy.max_per_job
+    assert count >= 1  # it does preempt when allowed
+
+
+# ---------------------------------------------------------------------- quotas, fair share, dependencies
+
+
+def tjob(job_id, team, submitted_at=0.0, workers=1, priority=0, deps=()):
+    return QueuedJob(job_id, priority, submitted_at, (Bundle(1),) * workers, None, False, team, tuple(deps))
+
+
+def test_fair_share_orders_within_a_priority_then_submission_time():
+    shares = fair_shares({"heavy": 1000.0, "light": 10.0, "double": 1000.0},
+                         {"double": TeamQuota(weight=200.0)})
+    assert shares == {"heavy": 1000.0, "light": 10.0, "double": 5.0}
+    q = [tjob("h1", "heavy", 1), tjob("l1", "light", 2), tjob("d1", "double", 3), tjob("l2", "light", 0),
+         tjob("top", "heavy", 9, priority=1)]
+    assert [j.job_id for j in queue_order(q, shares)] == ["top", "d1", "l2", "l1", "h1"]
+    d = schedule(q, nodes(2), nodes(8), now=NOW, shares=shares)
+    assert started(d) == ["top", "d1"]
+
+
+def test_usage_decays_over_the_half_life():
+    h = 3600.0
+    # One CPU for one hour, ending now, vs. the same hour ending one half-life ago.
+    recent = decayed_usage([(NOW - h, NOW, 1.0)], NOW, h)
+    old = decayed_usage([(NOW - 2 * h, NOW - h, 1.0)], NOW, h)
+    assert old == pytest.approx(recent / 2)
+    assert recent == pytest.approx(h / (2 * math.log(2)))
+    assert decayed_usage([(NOW - 10, None, 2.0)], NOW, 0) == pytest.approx(20.0)  # no decay
+
+
+def test_a_job_over_its_team_quota_waits_and_says_so():
+    quotas = {"nlp": TeamQuota(cpus=3)}
+    run = [running("r", 2, team="nlp")]
+    q = [tjob("a", "nlp", 0, workers=2), tjob("b", "vision", 1, workers=2), tjob("c", "nlp", 2, workers=1)]
+    d = by_id(schedule(q, nodes(6), nodes(8), now=NOW, running=run, quotas=quotas))
+    assert d["a"].waiting_for == "quota" and "holds 2 of its 3 CPUs" in d["a"].reason
+    assert isinstance(d["b"], Start) and isinstance(d["c"], Start)  # c fits the quota's last CPU
+    # Starts within one pass count too.
+    d = by_id(schedule([tjob("x", "nlp", 0, workers=2), tjob("y", "nlp", 1, workers=2)], nodes(8), nodes(8),
+                       now=NOW, quotas=quotas))
+    assert isinstance(d["x"], Start) and d["y"].waiting_for == "quota"
+
+
+def test_dependencies_hold_and_a_failed_one_fails_the_job():
+    q = [tjob("waits", "", deps=[("d1", "SUCCEEDED"), ("d2", "RUNNING")]),
+         tjob("ok", "", deps=[("d1", "SUCCEEDED")]),
+         tjob("doomed", "", deps=[("d3", "FAILED")])]
+    d = by_id(schedule(q, nodes(4), nodes(4), now=NOW))
+    assert d["waits"].waiting_for == "dependency" and "d2 (RUNNING)" in d["waits"].reason
+    assert isinstance(d["ok"], Start)
+    assert isinstance(d["doomed"], Fail) and "d3 ended FAILED" in d["doomed"].reason
