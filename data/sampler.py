@@ -6,8 +6,12 @@ The training token stream is cut into windows of ``seq_len + 1`` tokens
 reads windows from there.
 
 The order of training windows is a fixed permutation per epoch, seeded by
-(seed, epoch). The data position is one integer: how many samples the whole
-job has consumed. Sample ``p`` is window ``perm(epoch = p // n)[p % n]``, so
+(seed, epoch). It is never materialised: ``IndexPermutation`` computes
+``perm[i]`` on the fly with a keyed Feistel network over the next power of
+four and cycle-walking back into [0, n), so a rank needs O(batch) memory and
+time per step however many windows the corpus has. The data position is one
+integer: how many samples the whole job has consumed. Sample ``p`` is window
+``perm(epoch = p // n)[p % n]``, so
 a resumed job continues with exactly the samples an uninterrupted job would
 have read next, whatever the number of ranks: each step takes the next
 ``samples_per_step`` positions and rank ``r`` of ``dp`` takes its contiguous
@@ -18,6 +22,51 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+
+_M64 = np.uint64(0xFFFFFFFFFFFFFFFF)
+FEISTEL_ROUNDS = 6
+
+
+def _mix(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser on uint64 arrays (wrapping arithmetic)."""
+    x = x + np.uint64(0x9E3779B97F4A7C15)
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+class IndexPermutation:
+    """A seeded bijection of [0, n), evaluated per index: ``perm(np.array([i, j]))``.
+
+    A balanced Feistel network on 2h bits (4**h >= n, so the domain is under 4n) with
+    ``FEISTEL_ROUNDS`` keyed splitmix64 rounds is a permutation of [0, 4**h); indices that land at
+    or past n are sent through it again (cycle-walking) until they fall inside, which keeps it a
+    permutation of [0, n). Expected rounds per index: under 4 passes.
+    """
+
+    def __init__(self, n: int, seed: int, epoch: int):
+        self.n = int(n)
+        self.half = max(1, (max(1, self.n - 1).bit_length() + 1) // 2)
+        self.mask = np.uint64((1 << self.half) - 1)
+        rng = np.random.default_rng([seed, epoch])
+        self.keys = rng.integers(0, np.iinfo(np.int64).max, size=FEISTEL_ROUNDS, dtype=np.int64).astype(np.uint64)
+
+    def _encrypt(self, x: np.ndarray) -> np.ndarray:
+        h = np.uint64(self.half)
+        left, right = x >> h, x & self.mask
+        for k in self.keys:
+            left, right = right, left ^ (_mix(right ^ k) & self.mask)
+        return (left << h) | right
+
+    def __call__(self, idx) -> np.ndarray:
+        x = np.asarray(idx, dtype=np.uint64).copy()
+        n = np.uint64(self.n)
+        out = self._encrypt(x)
+        walk = out >= n
+        while walk.any():
+            out[walk] = self._encrypt(out[walk])
+            walk = out >= n
+        return out.astype(np.int64)
 
 
 @dataclass(frozen=True)
@@ -58,20 +107,28 @@ class DataPlan:
             raise ValueError(f"data: the corpus has {self.train_end} training tokens, fewer than seq_len+1 "
                              f"({seq_len + 1}); use a larger corpus or a smaller data.seq_len")
         self.n_held_out = max(0, (held_out_tokens - 1) // seq_len)
+        self._perm: IndexPermutation | None = None
         self._perm_epoch = -1
-        self._perm: np.ndarray | None = None
+        self._last_first: int | None = None
 
-    def _permutation(self, epoch: int) -> np.ndarray:
-        if epoch != self._perm_epoch:
-            rng = np.random.default_rng([self.seed, epoch])
-            self._perm = rng.permutation(self.n_windows)
-            self._perm_epoch = epoch
+    def _permutation(self, epoch: int) -> IndexPermutation:
+        if self._perm is None or self._perm_epoch != epoch:
+            self._perm, self._perm_epoch = IndexPermutation(self.n_windows, self.seed, epoch), epoch
         return self._perm
+
+    def windows_of(self, positions) -> np.ndarray:
+        """Window indices (into the training region) of global sample ``positions``: (len,) int64."""
+        pos = np.asarray(positions, dtype=np.int64).reshape(-1)
+        epochs, offsets = np.divmod(pos, self.n_windows)
+        out = np.empty(len(pos), dtype=np.int64)
+        for epoch in np.unique(epochs):
+            sel = epochs == epoch
+            out[sel] = self._permutation(int(epoch))(offsets[sel])
+        return out
 
     def window_of(self, position: int) -> int:
         """Window index (into the training region) of global sample ``position``."""
-        epoch, offset = divmod(position, self.n_windows)
-        return int(self._permutation(epoch)[offset])
+        return int(self.windows_of([position])[0])
 
     def _window(self, start: int) -> np.ndarray:
         return self.tokens[start:start + self.seq_len + 1]
@@ -83,8 +140,19 @@ class DataPlan:
         return range(start, start + per_rank)
 
     def batch(self, positions) -> tuple[np.ndarray, np.ndarray]:
-        """(inputs, targets), each (B, seq_len) int64, for global sample positions."""
-        rows = np.stack([self._window(self.window_of(p) * self.seq_len) for p in positions]).astype(np.int64)
+        """(inputs, targets), each (B, seq_len) int64, for global sample positions.
+
+        When the token stream can read ahead, the same positions one stride later (the stride between
+        this call and the previous one: a rank's next step) are read in the background meanwhile.
+        """
+        positions = list(positions)
+        rows = np.stack([self._window(int(w) * self.seq_len) for w in self.windows_of(positions)]).astype(np.int64)
+        if positions and hasattr(self.tokens, "prefetch"):
+            first, last = positions[0], self._last_first
+            self._last_first = first
+            if last is not None and first > last:
+                ahead = self.windows_of([p + first - last for p in positions]) * self.seq_len
+                self.tokens.prefetch([(int(s), int(s) + self.seq_len + 1) for s in ahead])
         return rows[:, :-1], rows[:, 1:]
 
     def held_out_batch(self, index: int, batch_size: int) -> tuple[np.ndarray, np.ndarray] | None:

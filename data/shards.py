@@ -1,33 +1,42 @@
-"""Tokenize a corpus once into Parquet shards of token ids, cached by content hash.
+"""Tokenize a corpus once into Parquet shards of token ids, cached by file listing; read them back lazily.
 
 Cache layout under ``<storage>/cache/tokens/<key>/``::
 
     tokenizer.json, tokenizer_config.json
-    shard-00000.parquet ...   one int32 column ``ids``: documents joined by <|endoftext|>
-    manifest.json             written last; a cache entry without it is rebuilt
+    shard-00000.parquet ...   one int32 column ``ids`` (documents joined by <|endoftext|>),
+                              row groups of ROW_GROUP_TOKENS tokens
+    shard-00000.json ...      each shard's index entry: tokens, documents, the input range it came from
+    progress.json             files, bytes, tokens/s, ETA of the preparation under way
+    manifest.json             written last; a cache entry without it is finished (only missing shards)
 
-The key hashes the corpus content, the tokenizer settings and this format's
-version, so a second run (or a second job) on the same data reuses the shards.
+The key hashes the corpus's file listing (paths, sizes, ETags or mtimes, not
+the bytes), the reading options, the tokenizer settings and this format's
+version, so a second run (or a second job, or ``switchyard data prepare``) on
+the same files reuses the shards. ``data.prepare`` writes them with a pool of
+Ray actors; ``TokenStream`` reads any token range back from the shards by
+row group (memory-mapped when local, range reads through fsspec otherwise), so
+no process ever holds the whole corpus.
 """
 from __future__ import annotations
 
 import hashlib
-import io
 import json
+import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 
-from data.corpus import corpus_fingerprint, iter_documents
 from data.storage import Storage
-from data.tokenizer import TextTokenizer, byte_tokenizer, train_bpe
+from data.tokenizer import TextTokenizer
 
-FORMAT_VERSION = 1
-SHARD_TOKENS = 4_000_000
-BPE_TRAIN_DOCS = 200_000
+FORMAT_VERSION = 2
+CACHE_ROW_GROUPS = 512
+"""Decoded row groups a ``TokenStream`` keeps (512 x 64 KiB = 32 MiB per process, whatever the corpus size)."""
+OPEN_SHARDS = 16
+"""Shard files a ``TokenStream`` keeps open (each holds its Parquet footer)."""
 
 
 @dataclass(frozen=True)
@@ -46,84 +55,157 @@ class TokenSource:
         return cls(data.corpus, data.format, data.text_field, data.tokenizer, data.vocab_size, data.max_docs)
 
     def docs(self, storage: Storage):
+        from data.corpus import iter_documents
+
         return iter_documents(self.corpus, self.fmt, self.text_field, self.max_docs, storage.options)
 
     def cache_key(self, storage: Storage) -> str:
-        fp = corpus_fingerprint(self.corpus, self.fmt, self.text_field, self.max_docs, storage.options)
+        from data import splits
+        from data.prepare import ROW_GROUP_TOKENS
+
+        fp = splits.listing_fingerprint(self.corpus, self.fmt, self.text_field, self.max_docs, storage.options)
         tok = [self.tokenizer, self.vocab_size if self.tokenizer == "bpe" else None]
-        return hashlib.sha256(json.dumps([FORMAT_VERSION, fp, tok]).encode()).hexdigest()[:20]
+        return hashlib.sha256(json.dumps([FORMAT_VERSION, fp, tok, splits.UNIT_BYTES, ROW_GROUP_TOKENS]).encode()
+                              ).hexdigest()[:20]
 
 
-def _write_shard(storage: Storage, uri: str, ids: np.ndarray) -> None:
-    buf = io.BytesIO()
-    pq.write_table(pa.table({"ids": pa.array(ids, type=pa.int32())}), buf, compression="zstd")
-    with storage.fs.open(uri, "wb") as f:
-        f.write(buf.getvalue())
+def cache_folder(source: TokenSource, storage: Storage) -> str:
+    return storage.path("cache", "tokens", source.cache_key(storage))
 
 
-def build_token_cache(source: TokenSource, storage: Storage, log=print) -> str:
-    """Return the cache folder URI for ``source``, tokenizing only if no complete entry exists."""
-    key = source.cache_key(storage)
-    folder = storage.path("cache", "tokens", key)
+def build_token_cache(source: TokenSource, storage: Storage, log=print, max_actors: int | None = None,
+                      use_ray: bool | None = None) -> str:
+    """Return the cache folder URI for ``source``, writing only the shards a complete entry still lacks.
+
+    With Ray initialized (a job's rank 0, ``switchyard data prepare``) a pool of actors tokenizes; without it
+    this process does, with the same result.
+    """
+    from data.prepare import prepare
+
+    folder = cache_folder(source, storage)
     manifest_uri = f"{folder}/manifest.json"
     if storage.exists(manifest_uri):
         return folder
     t0 = time.time()
-    storage.makedirs(folder)
-    if source.tokenizer == "bpe":
-        tok = train_bpe(list(source.docs(storage))[:BPE_TRAIN_DOCS], source.vocab_size)
-    else:
-        tok = byte_tokenizer()
-    tok.save(folder, storage.fs)
-
-    shards, pending, pending_len, n_docs, n_tokens = [], [], 0, 0, 0
-    docs = list(source.docs(storage))
-    for start in range(0, len(docs), 1024):
-        for ids in tok.encode_batch(docs[start:start + 1024]):
-            pending.append(np.asarray(ids + [tok.eos_id], dtype=np.int32))
-            pending_len += len(ids) + 1
-            n_docs += 1
-            if pending_len >= SHARD_TOKENS:
-                name = f"shard-{len(shards):05d}.parquet"
-                _write_shard(storage, f"{folder}/{name}", np.concatenate(pending))
-                shards.append({"name": name, "tokens": pending_len})
-                n_tokens += pending_len
-                pending, pending_len = [], 0
-    if pending:
-        name = f"shard-{len(shards):05d}.parquet"
-        _write_shard(storage, f"{folder}/{name}", np.concatenate(pending))
-        shards.append({"name": name, "tokens": pending_len})
-        n_tokens += pending_len
-    if n_tokens == 0:
-        from specs.errors import UsageError
-
-        raise UsageError(f"data.corpus: {source.corpus} holds no text")
-    storage.write_json(manifest_uri, {
-        "version": FORMAT_VERSION, "key": key, "corpus": source.corpus, "tokenizer": tok.kind,
-        "vocab_size": tok.vocab_size, "padded_vocab_size": tok.padded_vocab_size,
-        "documents": n_docs, "tokens": n_tokens, "shards": shards, "seconds": round(time.time() - t0, 2),
-    })
-    log(f"tokenized {n_docs} documents into {n_tokens} tokens ({len(shards)} shards) in {time.time() - t0:.1f}s")
+    manifest = prepare(source, storage, folder, log=log, max_actors=max_actors, use_ray=use_ray)
+    manifest.update(version=FORMAT_VERSION, key=folder.rsplit("/", 1)[-1], corpus=source.corpus)
+    storage.write_json(manifest_uri, manifest)
+    log(f"tokenized {manifest['documents']} documents into {manifest['tokens']} tokens "
+        f"({len(manifest['shards'])} shards) in {time.time() - t0:.1f}s")
     return folder
+
+
+class TokenStream:
+    """A cache entry's token ids, addressed like a (n_tokens,) int32 array but read on demand.
+
+    ``stream[a:b]`` reads the row groups that hold tokens [a, b). Local shards are memory-mapped,
+    remote ones range-read through fsspec. Decoded row groups are kept in a small LRU
+    (``CACHE_ROW_GROUPS``), so memory does not grow with the corpus. ``prefetch`` reads ranges in a
+    background thread, so a step's windows are usually decoded before the step asks for them.
+    """
+
+    def __init__(self, folder: str, storage: Storage, manifest: dict):
+        self.folder, self.storage = folder, storage
+        self.names = [s["name"] for s in manifest["shards"]]
+        counts = np.array([s["tokens"] for s in manifest["shards"]], dtype=np.int64)
+        self.starts = np.concatenate([[0], np.cumsum(counts)])  # (n_shards + 1,) token offset of each shard
+        self.rg = int(manifest.get("row_group_tokens", 0)) or None
+        self._files: OrderedDict[int, pq.ParquetFile] = OrderedDict()
+        self._groups: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
+        self._lock = threading.Lock()
+        self._ahead: threading.Thread | None = None
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    @property
+    def shape(self) -> tuple[int]:
+        return (len(self),)
+
+    def _file(self, shard: int) -> pq.ParquetFile:
+        f = self._files.get(shard)
+        if f is None:
+            uri = f"{self.folder}/{self.names[shard]}"
+            if self.storage.is_local:
+                f = pq.ParquetFile(self.storage.local_path(uri), memory_map=True)
+            else:
+                f = pq.ParquetFile(self.storage.fs.open(uri, "rb", block_size=1 << 20))
+            self._files[shard] = f
+            if len(self._files) > OPEN_SHARDS:
+                self._files.popitem(last=False)
+        else:
+            self._files.move_to_end(shard)
+        return f
+
+    def _group(self, shard: int, group: int) -> np.ndarray:
+        key = (shard, group)
+        with self._lock:
+            ids = self._groups.get(key)
+            if ids is not None:
+                self._groups.move_to_end(key)
+                return ids
+            f = self._file(shard)
+            if self.rg is None:  # a shard written in one row group per table (format 1): read it whole
+                ids = f.read().column("ids").to_numpy()
+            else:
+                ids = f.read_row_group(group, columns=["ids"]).column(0).to_numpy()
+            self._groups[key] = ids
+            if len(self._groups) > CACHE_ROW_GROUPS:
+                self._groups.popitem(last=False)
+            return ids
+
+    def _read(self, lo: int, hi: int) -> np.ndarray:
+        out = np.empty(max(0, hi - lo), dtype=np.int32)
+        pos = lo
+        while pos < hi:
+            shard = int(np.searchsorted(self.starts, pos, side="right")) - 1
+            local = pos - int(self.starts[shard])
+            rg = self.rg or (int(self.starts[shard + 1] - self.starts[shard]))
+            group, off = divmod(local, rg)
+            ids = self._group(shard, group if self.rg else 0)
+            take = min(hi - pos, len(ids) - off)
+            out[pos - lo:pos - lo + take] = ids[off:off + take]
+            pos += take
+        return out
+
+    def __getitem__(self, key):
+        if isinstance(key, slice):
+            lo, hi, step = key.indices(len(self))
+            if step != 1:
+                raise IndexError("TokenStream reads contiguous ranges only")
+            return self._read(lo, hi)
+        i = int(key)
+        i = i + len(self) if i < 0 else i
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        return self._read(i, i + 1)[0]
+
+    def prefetch(self, ranges: list[tuple[int, int]]) -> None:
+        """Read ``ranges`` into the row-group cache in a background thread (one at a time; extra calls drop)."""
+        if self._ahead is not None and self._ahead.is_alive():
+            return
+
+        def run():
+            for lo, hi in ranges:
+                self._read(max(0, lo), min(hi, len(self)))
+
+        self._ahead = threading.Thread(target=run, daemon=True, name="token-read-ahead")
+        self._ahead.start()
 
 
 @dataclass
 class TokenCache:
-    """A complete cache entry, loaded: the whole token stream and its tokenizer."""
+    """A complete cache entry: its token stream (read lazily), its tokenizer and its manifest."""
 
     folder: str
-    tokens: np.ndarray  # (n_tokens,) int32
+    tokens: TokenStream  # (n_tokens,) int32, read by range
     tokenizer: TextTokenizer
     manifest: dict
 
     @classmethod
     def load(cls, folder: str, storage: Storage) -> "TokenCache":
         manifest = storage.read_json(f"{folder}/manifest.json")
-        parts = []
-        for shard in manifest["shards"]:
-            with storage.fs.open(f"{folder}/{shard['name']}", "rb") as f:
-                parts.append(pq.read_table(f).column("ids").to_numpy())
-        tokens = np.concatenate(parts).astype(np.int32, copy=False)
+        tokens = TokenStream(folder, storage, manifest)
         if len(tokens) != manifest["tokens"]:
             raise RuntimeError(f"token cache {folder} is inconsistent: delete it and run again")
         return cls(folder, tokens, load_cached_tokenizer(folder, storage), manifest)

@@ -55,7 +55,7 @@ def test_token_cache_is_reused(tmp_path):
     assert build_token_cache(src, storage, log=lambda *_: None) == folder
     assert os.path.getmtime(manifest) == mtime
     cache = TokenCache.load(folder, storage)
-    assert (cache.tokens == cache.tokenizer.eos_id).sum() == 3
+    assert (cache.tokens[:] == cache.tokenizer.eos_id).sum() == 3
     # Changing the content changes the key.
     (tmp_path / "corpus" / "0.txt").write_text("changed")
     assert build_token_cache(src, storage, log=lambda *_: None) != folder
