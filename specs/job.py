@@ -1,9 +1,13 @@
 """Job specs: YAML validated into frozen, typed objects at the edge.
 
-A spec is data, never code: it is read with ``yaml.safe_load`` and every
-field is checked here, including the combinations DeepSpeed would refuse deep
-in a stack trace. Nothing past this module sees a raw dict, except the
-``deepspeed:`` pass-through block, which is merged over our defaults.
+A spec is data, never code: it is read as plain YAML (``specs.validate``: no
+dates, sets, tags, aliases or duplicate keys), every number must be finite and
+fit in 64 bits, and every field is checked here strictly (no strings for
+numbers, no booleans for integers), including the combinations DeepSpeed would
+refuse deep in a stack trace. Nothing past this module sees a raw dict, except
+the ``deepspeed:`` block, which holds only the allow-listed keys of
+``workers.parallel.deepspeed_config.DEEPSPEED_ALLOWED`` and is merged over our
+defaults.
 
 Errors are raised as ``SpecError`` with one line naming the field.
 """
@@ -13,15 +17,20 @@ import hashlib
 import json
 import math
 import re
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from specs.errors import UsageError
+from specs.validate import INT64_MAX, InputError, check_plain, load_plain_yaml, read_plain_yaml
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 DECODER_FAMILIES = ("gpt2", "llama", "palm")
+SEED_MAX = (1 << 31) - 1
+"""Largest seed: seeds are mixed (seed x 1_000_003 + step x 1009 + rank) into torch's 64-bit generator seeds."""
+BIG = 10**12
+"""Upper bound of counts (steps, tokens per eval, intervals): far past any real run, far inside int64."""
 ENCODER_FAMILIES = ("bert", "roberta", "albert")
 
 
@@ -30,19 +39,19 @@ class SpecError(UsageError):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class MoESpec(_Section):
-    num_experts: int = Field(4, ge=2)
+    num_experts: int = Field(4, ge=2, le=4096)
     """Experts per Switch layer."""
     every: int = Field(2, ge=1, le=2)
     """1 = every block is a Switch layer, 2 = every other block."""
-    capacity_factor_train: float = Field(1.25, gt=0)
+    capacity_factor_train: float = Field(1.25, gt=0, le=1000)
     """Expert capacity factor while training."""
-    capacity_factor_eval: float = Field(2.0, gt=0)
+    capacity_factor_eval: float = Field(2.0, gt=0, le=1000)
     """Expert capacity factor at evaluation."""
-    min_capacity: int = Field(4, ge=0)
+    min_capacity: int = Field(4, ge=0, le=1 << 24)
     """Lower bound on expert capacity (tokens)."""
     alpha: float = Field(0.01, ge=0)
     """Load-balancing loss weight."""
@@ -59,15 +68,15 @@ class ModelSpec(_Section):
     """Model family: decoders gpt2/llama/palm, encoders bert/roberta/albert."""
     preset: str | None = "tiny"
     """Size preset (tiny, mini, small, medium, base, large); explicit sizes override it."""
-    d_model: int | None = Field(None, ge=8)
+    d_model: int | None = Field(None, ge=8, le=1 << 16)
     """Residual width (overrides the preset)."""
-    n_layers: int | None = Field(None, ge=1)
+    n_layers: int | None = Field(None, ge=1, le=1024)
     """Number of blocks (overrides the preset)."""
-    n_heads: int | None = Field(None, ge=1)
+    n_heads: int | None = Field(None, ge=1, le=1024)
     """Attention heads (overrides the preset)."""
-    n_kv_heads: int | None = Field(None, ge=1)
+    n_kv_heads: int | None = Field(None, ge=1, le=1024)
     """Key/value heads: 1 = multi-query, between 1 and n_heads = grouped-query."""
-    d_ff: int | None = Field(None, ge=1)
+    d_ff: int | None = Field(None, ge=1, le=1 << 20)
     """MLP hidden width (overrides the default for the MLP kind)."""
     parallel_block: bool | None = None
     """PaLM's parallel attention + MLP block (overrides the family default)."""
@@ -96,7 +105,7 @@ class DataSpec(_Section):
     """'byte' (256 byte symbols + specials) or 'bpe' trained locally on the corpus."""
     vocab_size: int = Field(2048, ge=300, le=200_000)
     """Vocabulary size when training a BPE tokenizer."""
-    seq_len: int = Field(128, ge=8)
+    seq_len: int = Field(128, ge=8, le=1 << 20)
     """Tokens per training sample."""
     max_docs: int | None = Field(None, ge=1)
     """Use at most this many documents of the corpus (handy for quick tests)."""
@@ -105,36 +114,41 @@ class DataSpec(_Section):
 
 
 class TrainSpec(_Section):
-    steps: int | None = Field(None, ge=1)
+    steps: int | None = Field(None, ge=1, le=BIG)
     """Optimizer steps; give either steps or tokens."""
-    tokens: int | None = Field(None, ge=1)
+    tokens: int | None = Field(None, ge=1, le=10**18)
     """Token budget; steps = ceil(tokens / tokens per step)."""
-    micro_batch: int = Field(8, ge=1)
+    micro_batch: int = Field(8, ge=1, le=1 << 16)
     """Samples per rank per forward/backward."""
-    grad_accum: int = Field(1, ge=1)
+    grad_accum: int = Field(1, ge=1, le=1 << 16)
     """Micro-batches accumulated per optimizer step."""
     optimizer: Literal["adamw", "adam", "sgd"] = "adamw"
     """Optimizer."""
-    lr: float = Field(3e-3, gt=0)
+    lr: float = Field(3e-3, gt=0, le=10)
     """Peak learning rate."""
     min_lr_ratio: float = Field(0.1, ge=0, le=1)
     """Final learning rate as a fraction of the peak."""
-    warmup_steps: int = Field(10, ge=0)
+    warmup_steps: int = Field(10, ge=0, le=BIG)
     """Linear warm-up steps."""
     decay: Literal["cosine", "linear", "constant"] = "cosine"
     """Decay after warm-up, to min_lr_ratio * lr at the last step."""
-    weight_decay: float = Field(0.1, ge=0)
+    weight_decay: float = Field(0.1, ge=0, le=10)
     """Decoupled weight decay (AdamW)."""
-    betas: tuple[float, float] = (0.9, 0.95)
-    """Adam betas."""
-    grad_clip: float = Field(1.0, ge=0)
+    betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = (0.9, 0.95)
+    """Adam betas, each in [0, 1)."""
+    grad_clip: float = Field(1.0, ge=0, le=1e6)
     """Global gradient-norm clip (0 = off)."""
-    seed: int = Field(0, ge=0)
-    """Seed for initialisation and data order."""
+    seed: int = Field(0, ge=0, le=SEED_MAX)
+    """Seed for initialisation and data order (0 to 2**31 - 1)."""
     precision: Literal["fp32", "bf16"] = "fp32"
     """Training precision (fp16 is not offered: it does not run on CPU)."""
-    log_every: int = Field(1, ge=1)
+    log_every: int = Field(1, ge=1, le=BIG)
     """Write a metrics row every this many steps."""
+
+    @field_validator("betas", mode="before")
+    @classmethod
+    def _betas_list(cls, v):
+        return tuple(v) if isinstance(v, list) else v  # YAML and JSON give lists
 
     @model_validator(mode="after")
     def _steps_or_tokens(self) -> "TrainSpec":
@@ -146,11 +160,11 @@ class TrainSpec(_Section):
 class ResourcesSpec(_Section):
     workers: int = Field(2, ge=1, le=4096)
     """Ranks (Ray actors), all started together in one placement group."""
-    cpus_per_worker: float | None = Field(None, gt=0)
+    cpus_per_worker: float | None = Field(None, gt=0, le=1024)
     """CPUs reserved per rank (default from cluster.yaml)."""
-    gpus_per_worker: float | None = Field(None, ge=0)
+    gpus_per_worker: float | None = Field(None, ge=0, le=64)
     """GPUs per rank (default from cluster.yaml); > 0 uses NCCL and the GPU."""
-    torch_threads: int | None = Field(None, ge=1)
+    torch_threads: int | None = Field(None, ge=1, le=1024)
     """torch intra-op threads per rank (default: the rank's CPUs, at least 1)."""
 
 
@@ -159,57 +173,62 @@ class ParallelSpec(_Section):
     """DeepSpeed ZeRO stage."""
     offload_optimizer: bool = False
     """Keep optimizer state on the CPU (ZeRO-Offload); needs ZeRO >= 1."""
-    pp: int = Field(1, ge=1)
+    pp: int = Field(1, ge=1, le=4096)
     """Pipeline stages (decoders only)."""
-    ep: int = Field(1, ge=1)
+    ep: int = Field(1, ge=1, le=4096)
     """Expert-parallel degree for Switch layers (divides the data-parallel size)."""
 
 
 class CheckpointSpec(_Section):
-    every: int = Field(50, ge=1)
+    every: int = Field(50, ge=1, le=BIG)
     """Save a checkpoint every N optimizer steps (and at the end)."""
-    keep: int = Field(3, ge=1)
+    keep: int = Field(3, ge=1, le=1_000_000)
     """Keep the K newest complete checkpoints (the best by eval loss is always kept)."""
     consolidated: bool = True
     """Also write consolidated fp32 weights (model.safetensors) with each checkpoint."""
 
 
 class EvalSpec(_Section):
-    held_out_tokens: int = Field(16384, ge=0)
+    held_out_tokens: int = Field(16384, ge=0, le=BIG)
     """Tokens at the end of the corpus that training never sees."""
-    batches: int = Field(8, ge=1)
+    batches: int = Field(8, ge=1, le=1_000_000)
     """Batches of held-out samples per evaluation."""
 
 
 class BuiltinTaskSpec(_Section):
     """The built-in instruction task's datasets (data.rlhf_files.BuiltinDataConfig), written by the stages."""
 
-    n_sft: int = Field(4000, ge=1)
+    n_sft: int = Field(4000, ge=1, le=10_000_000)
     """Demonstrations (train prompts)."""
     demo_noise: float = Field(0.3, ge=0, lt=1)
     """Share of demonstrations with a corrupted answer (careless demonstrators)."""
-    n_sft_heldout: int = Field(200, ge=1)
+    n_sft_heldout: int = Field(200, ge=1, le=10_000_000)
     """Held-out demonstrations (gold answers) for the SFT held-out loss."""
-    n_rm: int = Field(4000, ge=1)
+    n_rm: int = Field(4000, ge=1, le=10_000_000)
     """Ranked comparisons for reward-model training."""
-    n_rm_heldout: int = Field(300, ge=1)
+    n_rm_heldout: int = Field(300, ge=1, le=10_000_000)
     """Ranked comparisons on held-out prompts, for the RM's held-out pairwise accuracy."""
-    k: int = Field(4, ge=2)
+    k: int = Field(4, ge=2, le=16)
     """Responses per comparison (K of the K-way ranking)."""
-    min_gap: float = Field(0.15, ge=0)
+    min_gap: float = Field(0.15, ge=0, le=1)
     """Least gold-score difference between two responses of one comparison."""
     model_share: float = Field(0.5, ge=0, le=1)
     """Share of each comparison's responses sampled from the SFT model (the rest are corrupted answers)."""
-    n_samples: int = Field(4, ge=1)
+    n_samples: int = Field(4, ge=1, le=64)
     """SFT samples drawn per comparison prompt."""
-    n_ppo: int = Field(4000, ge=1)
+    n_ppo: int = Field(4000, ge=1, le=10_000_000)
     """PPO prompts."""
-    n_eval: int = Field(200, ge=1)
+    n_eval: int = Field(200, ge=1, le=10_000_000)
     """Held-out prompts of the final evaluation."""
-    seed: int = Field(0, ge=0)
-    """Seed of the prompt generator."""
+    seed: int = Field(0, ge=0, le=SEED_MAX)
+    """Seed of the prompt generator (0 to 2**31 - 1)."""
     families: tuple[str, ...] | None = ("reverse", "add", "upper", "count", "repeat")
     """Instruction families (data.instruct.FAMILIES); null = all of them."""
+
+    @field_validator("families", mode="before")
+    @classmethod
+    def _families_list(cls, v):
+        return tuple(v) if isinstance(v, list) else v  # YAML and JSON give lists
 
     @field_validator("families")
     @classmethod
@@ -255,9 +274,9 @@ class SFTStageSpec(_Section):
 
 
 class RMStageSpec(_Section):
-    center_coef: float = Field(0.1, ge=0)
+    center_coef: float = Field(0.1, ge=0, le=1e6)
     """Weight of the term keeping each prompt's mean reward near zero (0 = the plain InstructGPT loss)."""
-    n_bias: int = Field(512, ge=1)
+    n_bias: int = Field(512, ge=1, le=10_000_000)
     """Demonstrations scored to set the reward bias (their mean reward becomes 0)."""
 
 
@@ -348,13 +367,20 @@ class JobSpec(_Section):
     resources: ResourcesSpec = ResourcesSpec()
     parallel: ParallelSpec = ParallelSpec()
     deepspeed: dict[str, Any] = Field(default_factory=dict)
-    """Passed to DeepSpeed's config, merged over Switchyard's defaults."""
+    """DeepSpeed settings merged over Switchyard's defaults: only the keys of DEEPSPEED_ALLOWED (README)."""
     checkpoint: CheckpointSpec = CheckpointSpec()
     eval: EvalSpec = EvalSpec()
-    max_restarts: int = Field(3, ge=0)
-    """Restarts after infrastructure faults before the job is FAILED."""
+    max_restarts: int = Field(3, ge=0, le=1000)
+    """Restarts after infrastructure faults before the job is FAILED (0 to 1000)."""
     rlhf: RLHFSpec = RLHFSpec()
     """InstructGPT stage settings (kinds sft, rm, ppo)."""
+
+    @field_validator("deepspeed")
+    @classmethod
+    def _deepspeed(cls, v: dict) -> dict:
+        from workers.parallel.deepspeed_config import check_deepspeed_block
+
+        return check_deepspeed_block(v)
 
     @field_validator("name")
     @classmethod
@@ -398,6 +424,15 @@ class JobSpec(_Section):
             raise ValueError("deepspeed: set batch sizes with train.micro_batch and train.grad_accum, "
                              "not in the deepspeed block")
         return self
+
+    def check_model_shape(self) -> None:
+        """The model's own invariants (heads divide d_model, ...), checked by building its config (imports torch)."""
+        from workers.tasks import model_config
+
+        try:
+            model_config(self, vocab_size=512)
+        except Exception as err:  # the builder raises its own error type; any refusal is the spec's fault
+            raise SpecError(f"model: {str(err).removeprefix('model: ')}") from None
 
     def _rlhf_combinations(self) -> None:
         p, m, d, ppo = self.parallel, self.model, self.rlhf.data, self.rlhf.ppo
@@ -469,9 +504,12 @@ def _format_error(err: ValidationError) -> str:
         return f"{loc}: unknown field; check the spelling (see README 'Spec format')"
     if e["type"] == "literal_error":
         return f"{loc}: {msg} (got {e.get('input')!r})"
-    if msg.startswith(("train:", "parallel.", "model.", "deepspeed:", "train.", "rlhf.")):
+    if msg.startswith(("train:", "parallel.", "model.", "deepspeed:", "deepspeed.", "train.", "rlhf.")):
         return msg
     got = e.get("input")
+    if e["type"] in ("int_type", "float_type", "bool_type", "string_type", "tuple_type", "dict_type",
+                     "model_type", "int_from_float"):
+        msg = f"{msg}, not {type(got).__name__}"
     suffix = f" (got {got!r})" if got is not None and not isinstance(got, dict) and len(repr(got)) < 60 else ""
     return f"{loc or 'spec'}: {msg}{suffix}"
 
@@ -485,9 +523,11 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     if not all(path):
         raise SpecError(f"--set {item!r}: empty key segment")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
-        value = raw
+        value = load_plain_yaml(raw, source=f"--set {key.strip()}") if raw.strip() else ""
+    except InputError as err:
+        if "is not valid YAML" not in str(err):
+            raise SpecError(str(err)) from None
+        value = raw  # not YAML at all: take it as a string
     return path, value
 
 
@@ -508,27 +548,35 @@ def apply_overrides(raw: dict, overrides: list[str] | dict[str, Any]) -> dict:
     return out
 
 
-def validate_spec(raw: Any, source: str = "spec") -> JobSpec:
+def validate_spec(raw: Any, source: str = "spec", check_model: bool = True) -> JobSpec:
+    """Raw data -> JobSpec, or SpecError naming the field. Strict: no strings for numbers, no bools for ints.
+
+    ``check_model`` also builds the model config (heads divide d_model, ...), which imports torch.
+    """
     if not isinstance(raw, dict):
         raise SpecError(f"{source}: expected a mapping of sections (model, data, train, ...), got {type(raw).__name__}")
     try:
-        return JobSpec.model_validate(raw)
+        spec = JobSpec.model_validate(raw, strict=True)
     except ValidationError as err:
         raise SpecError(f"{source}: {_format_error(err)}") from None
+    try:  # what the field types let through: non-finite numbers, integers past 64 bits (in every section)
+        check_plain(raw, source)
+    except InputError as err:
+        raise SpecError(str(err)) from None
+    if check_model:
+        try:
+            spec.check_model_shape()
+        except SpecError as err:
+            raise SpecError(f"{source}: {err}") from None
+    return spec
 
 
 def read_yaml(path: str) -> Any:
-    import fsspec
-
+    """A spec, pipeline or sweep file as plain data (specs.validate), or SpecError in one line."""
     try:
-        with fsspec.open(path, "r") as f:
-            return yaml.safe_load(f)
-    except FileNotFoundError:
-        raise SpecError(f"{path}: no such spec file") from None
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark else ""
-        raise SpecError(f"{path}:{where} is not valid YAML ({getattr(err, 'problem', err)})") from None
+        return read_plain_yaml(path, what="spec file")
+    except InputError as err:
+        raise SpecError(str(err)) from None
 
 
 def load_spec(path: str, overrides: list[str] | None = None) -> JobSpec:

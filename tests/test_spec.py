@@ -6,7 +6,10 @@ import pytest
 
 from specs.job import SpecError, apply_overrides, load_spec, parse_override, validate_spec
 from workers.parallel.deepspeed_config import deepspeed_config
-from workers.train_loop import lr_lambda
+try:
+    from workers.parallel.engine import lr_lambda
+except ImportError:  # before the workers/ refactor
+    from workers.train_loop import lr_lambda
 
 
 def _err(raw):
@@ -54,10 +57,10 @@ def test_overrides_keep_types():
 
 def test_deepspeed_block_merges_over_defaults():
     s = validate_spec({"train": {"steps": 5, "micro_batch": 2, "grad_accum": 2}, "resources": {"workers": 2},
-                       "deepspeed": {"zero_optimization": {"reduce_bucket_size": 1000}, "gradient_clipping": 0.5}})
+                       "deepspeed": {"zero_optimization": {"reduce_bucket_size": 1000}, "prescale_gradients": True}})
     cfg = deepspeed_config(s)
     assert cfg["train_batch_size"] == 8 and cfg["zero_optimization"]["stage"] == 2
-    assert cfg["zero_optimization"]["reduce_bucket_size"] == 1000 and cfg["gradient_clipping"] == 0.5
+    assert cfg["zero_optimization"]["reduce_bucket_size"] == 1000 and cfg["prescale_gradients"] is True
 
 
 def test_lr_schedule_warmup_then_cosine_to_floor():
