@@ -144,9 +144,19 @@ class ShardWriter:
         if writer is not None and local:
             os.replace(target, self.storage.local_path(uri))
         entry = {"name": f"{name}.parquet" if tokens else None, "tokens": tokens, "documents": documents,
-                 "unit": unit.to_dict(), "seconds": round(time.time() - t0, 3)}
+                 "unit": unit.to_dict(), "seconds": round(time.time() - t0, 3), "node": _node_id()}
         self.storage.write_json(f"{self.folder}/{name}.json", entry)
         return entry
+
+
+def _node_id() -> str | None:
+    import sys
+
+    if "ray" not in sys.modules:
+        return None
+    import ray
+
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
 
 
 @dataclass(frozen=True)

@@ -186,10 +186,12 @@ def plan_units(corpus: str, fmt: str = "auto", storage_options: dict | None = No
         raise UsageError(f"data.corpus: unknown built-in corpus {corpus!r}; the built-in one is {BUILTIN_STDLIB!r}")
     fs, files = list_files(corpus, fmt, storage_options)
     local = "file" in (fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,))
+    empty = []
     for e in files:
         e = e if local else FileEntry(fs.unstrip_protocol(e.path), e.size, e.version, e.fmt, e.compression)
         if e.size == 0:
             log(f"skipping {e.path}: the file is empty")
+            empty.append(e.path)
             continue
         if e.compression or e.fmt == "arrow":
             units.append(Unit(len(units), e.path, e.fmt, 0, e.size, e.size, True, e.compression))
@@ -206,6 +208,9 @@ def plan_units(corpus: str, fmt: str = "auto", storage_options: dict | None = No
             for k in range(n):
                 start, end = k * e.size // n, (k + 1) * e.size // n
                 units.append(Unit(len(units), e.path, e.fmt, start, end, end - start, k == n - 1))
+    if not units:
+        more = f" (and {len(empty) - 1} more empty files)" if len(empty) > 1 else ""
+        raise UsageError(f"data.corpus: {corpus} holds no text: {empty[0]} is empty{more}")
     return units
 
 
