@@ -92,13 +92,47 @@ def group_budgets(c: np.ndarray, rtol: float = 0.05) -> np.ndarray:
     return labels
 
 
+MAX_COUNT = 1e30
+"""Largest N or D accepted (10^30 parameters or tokens): beyond it 6ND and N^alpha leave float range."""
+
+
+def point_problem(n: np.ndarray, d: np.ndarray, loss: np.ndarray, labels: Sequence[str] | None = None) -> str | None:
+    """One line naming what makes these runs unusable for a fit, or None if they are fine.
+
+    Refused: non-finite values, N or D below 1 or above MAX_COUNT, non-positive
+    loss, and tables with fewer than two distinct N or two distinct D (no law
+    in N and D can be fitted to them). ``labels`` name the rows in the
+    message (default: "row 0", "row 1", ...).
+    """
+    if not (n.size == d.size == loss.size):
+        return f"N, D and loss must have the same length, got {n.size}, {d.size}, {loss.size}"
+    if n.size == 0:
+        return "no runs"
+    checks = (
+        (~(np.isfinite(n) & np.isfinite(d) & np.isfinite(loss)), "a non-finite N, D or loss"),
+        ((n < 1) | (d < 1), "N or D below 1 (counts of parameters and tokens)"),
+        ((n > MAX_COUNT) | (d > MAX_COUNT), f"N or D above {MAX_COUNT:g} (out of range for 6ND and N^alpha)"),
+        (~(loss > 0), "a non-positive loss"),
+    )
+    for bad, what in checks:
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            label = labels[i] if labels is not None else f"row {i}"
+            return (f"{int(bad.sum())} runs have {what}; first is {label} "
+                    f"(N={float(n[i])!r}, D={float(d[i])!r}, loss={float(loss[i])!r})")
+    for values, name in ((n, "N"), (d, "D")):
+        distinct = np.unique(values)
+        if distinct.size < 2:
+            return (f"all {values.size} runs have the same {name} ({float(distinct[0])!r}); a scaling law needs at least "
+                    f"two distinct values of N and of D")
+    return None
+
+
 def _check_points(n: np.ndarray, d: np.ndarray, loss: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     n, d, loss = (np.asarray(v, dtype=float).ravel() for v in (n, d, loss))
-    if not (n.size == d.size == loss.size):
-        raise FitError(f"N, D and loss must have the same length, got {n.size}, {d.size}, {loss.size}")
-    bad = ~(np.isfinite(n) & np.isfinite(d) & np.isfinite(loss) & (n > 0) & (d > 0) & (loss > 0))
-    if bad.any():
-        raise FitError(f"{int(bad.sum())} points have a non-positive or non-finite N, D or loss")
+    problem = point_problem(n, d, loss)
+    if problem is not None:
+        raise FitError(problem)
     return n, d, loss
 
 
@@ -281,6 +315,10 @@ def fit_parabola(n: np.ndarray, loss: np.ndarray) -> tuple[float, float, float]:
     return float(k2), float(k1 - 2 * k2 * mu), float(k2 * mu * mu - k1 * mu + k0)
 
 
+VERTEX_REACH = math.log(1e3)
+"""A vertex more than 1000x beyond the sampled sizes (in N) is no minimum: the parabola is flat there."""
+
+
 def fit_approach2(n: np.ndarray, d: np.ndarray, loss: np.ndarray, rtol: float = 0.05,
                   min_sizes: int = 3, require_inside: bool = True) -> Approach2Result:
     """IsoFLOP parabolas per budget; power laws through their vertices.
@@ -300,15 +338,22 @@ def fit_approach2(n: np.ndarray, d: np.ndarray, loss: np.ndarray, rtol: float = 
             skipped.append(f"C={budget:.6g}: {np.unique(ns).size} distinct sizes, need {min_sizes}")
             continue
         c2, c1, c0 = fit_parabola(ns, ls)
-        if not c2 > 0:
+        if not (math.isfinite(c2) and c2 > 0):
             skipped.append(f"C={budget:.6g}: loss is not convex in ln N (no minimum)")
             continue
+        # The vertex in ln N, judged against the sampled span before exponentiating: a nearly flat
+        # parabola puts it so far out that exp() gives 0 or inf (and D_opt = C / 6N divides by zero).
         x_opt = -c1 / (2 * c2)
+        lo, hi = float(np.log(ns.min())), float(np.log(ns.max()))
+        if not (math.isfinite(x_opt) and lo - VERTEX_REACH <= x_opt <= hi + VERTEX_REACH):
+            skipped.append(f"C={budget:.6g}: no usable minimum (the parabola is nearly flat; its vertex is more "
+                           f"than {math.exp(VERTEX_REACH):g}x outside the sampled N)")
+            continue
         n_opt = float(math.exp(x_opt))
-        inside = ns.min() <= n_opt <= ns.max()
+        inside = lo <= x_opt <= hi
         used = inside or not require_inside
         reason = "" if used else f"minimum N={n_opt:.4g} outside the sampled {ns.min():.4g}..{ns.max():.4g}"
-        profiles.append(IsoFlopProfile(budget, ns, ls, (c2, c1, c0), n_opt, budget / (6 * n_opt),
+        profiles.append(IsoFlopProfile(budget, ns, ls, (c2, c1, c0), n_opt, float(math.exp(math.log(budget / 6) - x_opt)),
                                        float(c0 - c1 * c1 / (4 * c2)), used, reason))
     good = [p for p in profiles if p.used]
     if len(good) < 2:
@@ -388,7 +433,7 @@ class Approach3Result:
     objective: float
     """Summed Huber loss of the log-loss residuals at the optimum."""
     converged: bool
-    """scipy L-BFGS-B reported convergence at the kept optimum."""
+    """scipy L-BFGS-B reported convergence at the kept optimum and no parameter is on its bound."""
     message: str
     """scipy's termination message for the kept optimum."""
     n_points: int
@@ -403,6 +448,53 @@ class Approach3Result:
     """The start (log_A, log_B, log_E, alpha, beta) that led to the kept optimum."""
     delta: float = HUBER_DELTA
     """Huber threshold used."""
+    boundary: tuple[str, ...] = ()
+    """Parameters that ended on a bound of ``param_bounds`` (e.g. 'E at its lower bound ...'): a boundary
+    solution, which the data do not pin down, never reported as converged."""
+    optimizer_converged: bool = False
+    """scipy's own verdict, boundary or not."""
+
+    @property
+    def status(self) -> str:
+        """'converged', 'boundary' or 'not converged'."""
+        if self.boundary:
+            return "boundary"
+        return "converged" if self.converged else "not converged"
+
+
+PARAM_NAMES = ("A", "B", "E", "alpha", "beta")
+"""What each coordinate (log_A, log_B, log_E, alpha, beta) of a parameter vector fits."""
+
+
+def param_bounds(loss: np.ndarray) -> np.ndarray:
+    """Box (5, 2) for (log_A, log_B, log_E, alpha, beta), as scipy L-BFGS-B bounds.
+
+    Wide enough that any law a sweep can pin down is inside: E from 0.1% of the
+    lowest loss up to the highest loss; exponents 0 to 4; log A and log B
+    -20 to 80. An optimum on a face of this box is a boundary solution (for
+    example E -> 0 on data that show no floor), not a fitted value.
+    """
+    loss = np.asarray(loss, float)
+    lo_e = math.log(float(loss.min())) - 7.0
+    return np.array([[-20.0, 80.0], [-20.0, 80.0], [lo_e, math.log(float(loss.max()))], [0.0, 4.0], [0.0, 4.0]])
+
+
+def at_bounds(x: np.ndarray, bounds: np.ndarray, tol: float = 1e-4) -> np.ndarray:
+    """(K, 5) mask of coordinates on (within tol of) or beyond a face of the box."""
+    x = np.atleast_2d(x)
+    return (x <= bounds[:, 0] + tol) | (x >= bounds[:, 1] - tol)
+
+
+def boundary_names(x: np.ndarray, bounds: np.ndarray) -> tuple[str, ...]:
+    """Human-readable list of the parameters of one vector that sit on a bound."""
+    out = []
+    for i, on in enumerate(at_bounds(x, bounds)[0]):
+        if on:
+            side = "lower" if x[i] <= bounds[i, 0] + 1e-4 else "upper"
+            value = bounds[i, 0 if side == "lower" else 1]
+            shown = math.exp(value) if i < 3 else value
+            out.append(f"{PARAM_NAMES[i]} at its {side} bound {shown:.4g}")
+    return tuple(out)
 
 
 def chinchilla_starts() -> np.ndarray:
@@ -632,16 +724,18 @@ def _blas_one_thread():
     return threadpool_limits(limits=1, user_api="blas")
 
 
-def _scipy_lbfgsb(x0: np.ndarray, fg: HuberObjective):
+def _scipy_lbfgsb(x0: np.ndarray, fg: HuberObjective, bounds: np.ndarray | None = None):
     def fun(p):
         f, g = fg(p[None, :])
         return float(f[0]), g[0]
+    if bounds is not None:
+        x0 = np.clip(x0, bounds[:, 0], bounds[:, 1])
     # Tighter than scipy's defaults (Epoch AI traced Chinchilla's odd fit to an optimiser stopping early):
     # ftol 1e-10 against the default 2.2e-9, and gtol 1e-4 on f / delta is 1e-7 on the summed Huber
     # loss, 100x below the default 1e-5. Tighter fails at the optimum: gradients of about 1e-5 (on
     # f / delta) remain where no step can lower f by more than rounding, and scipy calls that ABNORMAL.
     with _blas_one_thread():
-        return minimize(fun, x0, jac=True, method="L-BFGS-B",
+        return minimize(fun, x0, jac=True, method="L-BFGS-B", bounds=None if bounds is None else bounds.tolist(),
                         options={"maxiter": 20000, "maxfun": 40000, "ftol": 1e-10, "gtol": 1e-4})
 
 
@@ -670,15 +764,18 @@ def fit_approach3(n: np.ndarray, d: np.ndarray, loss: np.ndarray, *, starts: np.
     from the ``polish`` best converged endpoints; scipy's verdict sets
     ``converged``. method "scipy": scipy L-BFGS-B from every start (slow,
     the reference). ``starts`` defaults to Chinchilla's 4500-point grid;
-    ``chunk`` is the number of starts per batch.
+    ``chunk`` is the number of starts per batch. scipy works inside
+    ``param_bounds``; a kept optimum on a face of that box is reported in
+    ``boundary`` and is not ``converged``.
     """
     n, d, loss = _check_points(n, d, loss)
     if n.size < 6:
         raise FitError(f"approach 3 fits 5 parameters and needs at least 6 runs, got {n.size}")
     fg = HuberObjective(n, d, loss, delta)
+    bounds = param_bounds(loss)
     starts = chinchilla_starts() if starts is None else np.atleast_2d(np.asarray(starts, float))
     if method == "scipy":
-        results = [_scipy_lbfgsb(s0, fg) for s0 in starts]
+        results = [_scipy_lbfgsb(s0, fg, bounds) for s0 in starts]
         f_end = np.array([r.fun for r in results])
         ok = np.array([bool(r.success) for r in results])
         pool = ok if ok.any() else np.ones_like(ok)
@@ -688,7 +785,7 @@ def fit_approach3(n: np.ndarray, d: np.ndarray, loss: np.ndarray, *, starts: np.
         x_end, f_end, ok = _minimise_rows(fg, starts, chunk or _default_chunk(n.size))
         pool = ok if ok.any() else np.isfinite(f_end)
         order = np.argsort(np.where(pool, f_end, np.inf))[:max(1, polish)]
-        polished = [(_scipy_lbfgsb(x_end[i], fg), i) for i in order]
+        polished = [(_scipy_lbfgsb(x_end[i], fg, bounds), i) for i in order]
         good = [pr for pr in polished if pr[0].success] or polished
         res, idx = min(good, key=lambda pr: pr[0].fun)
         start = starts[idx]
@@ -696,9 +793,10 @@ def fit_approach3(n: np.ndarray, d: np.ndarray, loss: np.ndarray, *, starts: np.
         raise ValueError(f"method must be 'batched' or 'scipy', got {method!r}")
     best_f = float(res.fun)
     near = int(np.sum(ok & (f_end <= best_f + 1e-6 * max(abs(best_f), 1e-12))))
-    return Approach3Result(LossParams.from_vector(res.x), best_f * delta, bool(res.success),
+    edge = boundary_names(res.x, bounds)
+    return Approach3Result(LossParams.from_vector(res.x), best_f * delta, bool(res.success) and not edge,
                            str(res.message), int(n.size), int(len(starts)), int(ok.sum()), near,
-                           tuple(float(v) for v in start), delta)
+                           tuple(float(v) for v in start), delta, edge, bool(res.success))
 
 
 # ----------------------------------------------------------------------------- bootstrap
@@ -707,31 +805,41 @@ def fit_approach3(n: np.ndarray, d: np.ndarray, loss: np.ndarray, *, starts: np.
 @dataclass(frozen=True)
 class Interval:
     low: float
-    """Lower percentile of the bootstrap distribution."""
+    """Lower end."""
     high: float
-    """Upper percentile."""
+    """Upper end."""
     median: float
     """Median of the bootstrap distribution."""
+    estimate: float = math.nan
+    """The full-data point estimate the interval belongs to (always inside [low, high])."""
+    method: str = "BCa"
+    """'BCa' (bias-corrected and accelerated percentiles), or 'BCa, widened to the estimate' when the
+    BCa ends still left the estimate out (a statistic almost all of whose draws fall on one side of it)."""
+
+    @property
+    def widened(self) -> bool:
+        return self.method != "BCa"
 
     def contains(self, value: float) -> bool:
         return self.low <= value <= self.high
 
     def to_dict(self) -> dict:
-        return {"low": self.low, "high": self.high, "median": self.median}
+        return {"low": self.low, "high": self.high, "median": self.median, "estimate": self.estimate,
+                "method": self.method}
 
 
 @dataclass(frozen=True)
 class BootstrapResult:
     n_resamples: int
-    """Resamples drawn (runs drawn with replacement, as many as there are runs)."""
+    """Resamples drawn: within every budget, its runs drawn with replacement, as many as it has."""
     level: float
-    """Central coverage of each interval, e.g. 0.95 for the 2.5th..97.5th percentiles."""
+    """Central coverage of each interval, e.g. 0.95."""
     seed: int
     """Seed of the resampling generator."""
     approach3: dict[str, Interval]
     """Intervals for E, A, B, alpha, beta, a, b, G."""
     approach2: dict[str, Interval]
-    """Intervals for a and b of the IsoFLOP approach (empty if no resample could fit it)."""
+    """Intervals for a and b of the IsoFLOP approach (empty if it has no point estimate or too few refits)."""
     n_ok3: int
     """Resamples whose approach-3 refit gave finite parameters (all enter the intervals)."""
     n_unconverged3: int
@@ -739,71 +847,214 @@ class BootstrapResult:
     n_ok2: int
     """Resamples where approach 2 could be fitted (two budgets with a minimum inside)."""
     samples: dict[str, np.ndarray] = field(repr=False, default_factory=dict)
-    """Raw bootstrap draws, keyed 'approach3.alpha', 'approach2.a', ..."""
+    """Raw bootstrap draws, keyed 'approach3.alpha', 'approach2.a', 'approach1.a', ..."""
     note: str = ""
-    """How the refits were started."""
+    """How the resamples and refits were made."""
+    approach1: dict[str, Interval] = field(default_factory=dict)
+    """Intervals for a and b of the frontier approach."""
+    n_ok1: int = 0
+    """Resamples where approach 1 could be fitted."""
+    n_boundary3: int = 0
+    """Approach-3 refits that ended on a bound of ``param_bounds`` (kept, at the bound)."""
 
 
-def _interval(values: np.ndarray, level: float) -> Interval:
-    tail = 100 * (1 - level) / 2
-    lo, med, hi = np.percentile(values, [tail, 50.0, 100 - tail])
-    return Interval(float(lo), float(hi), float(med))
+MIN_DRAWS = 10
+"""Fewer successful refits than this give no interval: percentiles of a handful of draws mean nothing."""
+
+
+def bca_interval(draws: np.ndarray, estimate: float, jackknife: np.ndarray, level: float) -> Interval:
+    """Efron's BCa interval from bootstrap draws, the full-data estimate and leave-one-out estimates.
+
+    z0 = Phi^-1(share of draws below the estimate) corrects for a biased
+    statistic, the acceleration a = sum(d^3) / (6 (sum d^2)^1.5) over
+    jackknife deviations d for a skewed one. Plain percentile intervals of a
+    biased statistic can exclude their own estimate; BCa does so only when
+    nearly every draw falls on one side of it. Then the interval is widened to
+    reach the estimate, and ``method`` says so.
+    """
+    from scipy.stats import norm
+
+    draws = np.sort(np.asarray(draws, float)[np.isfinite(draws)])
+    m = draws.size
+    share = (np.sum(draws < estimate) + 0.5 * np.sum(draws == estimate)) / m
+    z0 = float(norm.ppf(np.clip(share, 0.5 / m, 1 - 0.5 / m)))
+    jack = np.asarray(jackknife, float)
+    jack = jack[np.isfinite(jack)]
+    acc = 0.0
+    if jack.size >= 3:
+        dev = jack.mean() - jack
+        den = 6.0 * float(np.sum(dev * dev)) ** 1.5
+        acc = float(np.sum(dev ** 3)) / den if den > 0 else 0.0
+    z = norm.ppf([(1 - level) / 2, (1 + level) / 2])
+    with np.errstate(divide="ignore", invalid="ignore"):
+        q = norm.cdf(z0 + (z0 + z) / (1 - acc * (z0 + z)))
+    if not (np.all(np.isfinite(q)) and q[0] < q[1]):                 # acceleration past its range: BC only
+        q = norm.cdf(2 * z0 + z)
+    lo, hi = (float(v) for v in np.quantile(draws, q))
+    method = "BCa"
+    if not lo <= estimate <= hi:
+        lo, hi = min(lo, estimate), max(hi, estimate)
+        method = "BCa, widened to the estimate"
+    return Interval(lo, hi, float(np.median(draws)), float(estimate), method)
+
+
+def stratified_picks(labels: np.ndarray, n_resamples: int, rng: np.random.Generator) -> np.ndarray:
+    """(resamples, runs) run indices: each budget's runs redrawn with replacement from that budget only.
+
+    Every resample keeps each budget's number of runs, so no budget vanishes
+    (which would change what approaches 1 and 2 estimate, not only add noise).
+    """
+    picks = np.empty((n_resamples, labels.size), dtype=int)
+    for lab in np.unique(labels):
+        idx = np.flatnonzero(labels == lab)
+        picks[:, idx] = idx[rng.integers(0, idx.size, (n_resamples, idx.size))]
+    return picks
+
+
+NAMES3 = ("E", "A", "B", "alpha", "beta", "a", "b", "G")
+
+
+def _values3(x: np.ndarray) -> dict[str, float] | None:
+    try:
+        values = LossParams.from_vector(x).to_dict()
+    except (OverflowError, ValueError, ZeroDivisionError):
+        return None
+    return values if all(math.isfinite(values[k]) for k in NAMES3) else None
+
+
+def _refit3(n: np.ndarray, d: np.ndarray, loss: np.ndarray, delta: float, weights: np.ndarray,
+            starts: np.ndarray, bounds: np.ndarray) -> tuple[list[dict | None], np.ndarray, np.ndarray]:
+    """Approach 3 refitted once per weight row (runs weighted by how often a resample holds them).
+
+    All rows and starts run as one batch of the vectorised L-BFGS; a refit
+    whose best endpoint leaves the box of ``param_bounds`` is redone by scipy's
+    L-BFGS-B inside it, so it ends on the bound as the full-data fit would.
+    Returns each row's parameters (None if not finite), converged and on-bound masks.
+    """
+    rows, k = len(weights), len(starts)
+    fg = HuberObjective(n, d, loss, delta, weights=np.repeat(weights, k, axis=0))
+    x_end, f_end, ok = _minimise_rows(fg, np.tile(starts, (rows, 1)), _default_chunk(n.size))
+    values: list[dict | None] = []
+    conv = np.zeros(rows, dtype=bool)
+    edge = np.zeros(rows, dtype=bool)
+    for r in range(rows):
+        sl = slice(r * k, (r + 1) * k)
+        conv[r] = ok[sl].any()
+        f_r = np.where(ok[sl] if conv[r] else np.isfinite(f_end[sl]), f_end[sl], np.inf)
+        if not np.isfinite(f_r).any():
+            values.append(None)
+            continue
+        x = x_end[sl][int(np.argmin(f_r))]
+        if at_bounds(x, bounds).any():
+            res = _scipy_lbfgsb(x, HuberObjective(n, d, loss, delta, weights=weights[r][None, :]), bounds)
+            x, conv[r] = res.x, bool(res.success)
+            edge[r] = bool(at_bounds(x, bounds).any())
+        values.append(_values3(x))
+    return values, conv, edge
+
+
+def _exponents(fit_fn) -> dict[str, float] | None:
+    try:
+        res = fit_fn()
+    except FitError:
+        return None
+    return {"a": res.a, "b": res.b} if math.isfinite(res.a) and math.isfinite(res.b) else None
 
 
 def bootstrap(n: np.ndarray, d: np.ndarray, loss: np.ndarray, *, n_resamples: int = 100, seed: int = 0,
               level: float = 0.95, base: Approach3Result | None = None, starts: np.ndarray | None = None,
-              rtol: float = 0.05) -> BootstrapResult:
-    """Percentile intervals from refitting approaches 2 and 3 on runs resampled with replacement.
+              rtol: float = 0.05, curves: Sequence[Curve] | None = None) -> BootstrapResult:
+    """BCa intervals for every parameter and exponent of approaches 1, 2 and 3, from a bootstrap within budgets.
 
+    Each resample redraws every budget's runs with replacement from that
+    budget (``stratified_picks``) and refits all three approaches; a
+    leave-one-run-out jackknife gives BCa's acceleration. Approach 1 uses
+    ``curves`` (aligned with the runs) when given, else the final losses.
     Approach-3 refits start from ``starts`` or, by default,
     ``bootstrap_starts(base.params)`` (the full-data optimum plus 16 grid
-    points) rather than the 4500-point grid. Every resample is the runs
-    weighted by how often they were drawn, so all refits run as one batch of
-    the vectorised L-BFGS; a refit counts as converged when one of its starts
-    met the optimiser's stopping test (scipy does not re-check each refit).
+    points); a refit counts as converged when one of its starts met the
+    optimiser's stopping test. Every interval contains its point estimate
+    (see ``bca_interval``).
     """
     n, d, loss = _check_points(n, d, loss)
     if base is None:
         base = fit_approach3(n, d, loss)
+    finals = [Curve(float(ni), np.array([di]), np.array([li])) for ni, di, li in zip(n, d, loss)]
+    curves = list(curves) if curves is not None else finals
+    if len(curves) != n.size:
+        raise ValueError(f"bootstrap: {len(curves)} curves for {n.size} runs")
     custom_starts = starts is not None
     starts = np.atleast_2d(np.asarray(starts, float)) if custom_starts else bootstrap_starts(base.params)
+    bounds = param_bounds(loss)
     rng = np.random.default_rng(seed)
-    picks = rng.integers(0, n.size, (n_resamples, n.size))                  # (resamples, runs)
-    counts = np.stack([np.bincount(p, minlength=n.size) for p in picks])     # draws of each run
-    n_starts = len(starts)
-    fg = HuberObjective(n, d, loss, base.delta, weights=np.repeat(counts, n_starts, axis=0))
-    x_end, f_end, ok = _minimise_rows(fg, np.tile(starts, (n_resamples, 1)), _default_chunk(n.size))
+    labels = group_budgets(6.0 * n * d, rtol)
+    picks = stratified_picks(labels, n_resamples, rng)                     # (resamples, runs)
+    counts = np.stack([np.bincount(p, minlength=n.size) for p in picks])   # draws of each run
+    values3, conv3, edge3 = _refit3(n, d, loss, base.delta, counts.astype(float), starts, bounds)
 
-    names3 = ("E", "A", "B", "alpha", "beta", "a", "b", "G")
-    draws3: dict[str, list[float]] = {k: [] for k in names3}
-    draws2: dict[str, list[float]] = {"a": [], "b": []}
-    unconverged = 0
-    for r, pick in enumerate(picks):
-        rows = slice(r * n_starts, (r + 1) * n_starts)
-        conv = ok[rows].any()
-        f_r = np.where(ok[rows] if conv else np.isfinite(f_end[rows]), f_end[rows], np.inf)
-        if np.isfinite(f_r).any():
-            try:
-                values = LossParams.from_vector(x_end[rows][int(np.argmin(f_r))]).to_dict()
-            except (OverflowError, ValueError, ZeroDivisionError):
-                values = {}
-            if values and all(math.isfinite(values[k]) for k in names3):
-                for k in names3:
-                    draws3[k].append(values[k])
-                unconverged += not conv
-        try:
-            fit2 = fit_approach2(n[pick], d[pick], loss[pick], rtol=rtol)
-            draws2["a"].append(fit2.a)
-            draws2["b"].append(fit2.b)
-        except FitError:
-            pass
-    arr3 = {k: np.array(v) for k, v in draws3.items()}
-    arr2 = {k: np.array(v) for k, v in draws2.items()}
-    iv3 = {k: _interval(v, level) for k, v in arr3.items() if v.size}
-    iv2 = {k: _interval(v, level) for k, v in arr2.items() if v.size}
-    samples = {f"approach3.{k}": v for k, v in arr3.items()} | {f"approach2.{k}": v for k, v in arr2.items()}
-    note = (f"approach-3 refits start from {n_starts} given starts" if custom_starts else
-            f"approach-3 refits start from the full-data optimum plus a 16-point grid ({n_starts} starts, "
-            "not the 4500-point grid), all resamples in one batch of the vectorised L-BFGS")
-    return BootstrapResult(n_resamples, level, seed, iv3, iv2, len(arr3["E"]), unconverged, len(arr2["a"]),
-                           samples, note)
+    def fit1(idx):
+        return _exponents(lambda: fit_approach1([curves[i] for i in idx], rtol=rtol))
+
+    def fit2(idx):
+        return _exponents(lambda: fit_approach2(n[idx], d[idx], loss[idx], rtol=rtol))
+
+    draws = {f"approach3.{k}": [v[k] for v in values3 if v is not None] for k in NAMES3}
+    ok1 = [v for v in (fit1(p) for p in picks) if v is not None]
+    ok2 = [v for v in (fit2(p) for p in picks) if v is not None]
+    for k in ("a", "b"):
+        draws[f"approach1.{k}"] = [v[k] for v in ok1]
+        draws[f"approach2.{k}"] = [v[k] for v in ok2]
+    samples = {k: np.array(v, float) for k, v in draws.items()}
+
+    # Leave-one-run-out estimates for BCa's acceleration (approach 3 warm-started at the full-data optimum).
+    everyone = np.arange(n.size)
+    jack_idx = [np.delete(everyone, i) for i in everyone]
+    jack3, _, _ = _refit3(n, d, loss, base.delta, 1.0 - np.eye(n.size), base.params.vector()[None, :], bounds)
+    jack1 = [fit1(idx) for idx in jack_idx]
+    jack2 = [fit2(idx) for idx in jack_idx]
+
+    point = {f"approach3.{k}": v for k, v in (base.params.to_dict().items()) if k in NAMES3}
+    for name, fit_fn in (("approach1", lambda: fit1(everyone)), ("approach2", lambda: fit2(everyone))):
+        est = fit_fn()
+        if est is not None:
+            point.update({f"{name}.{k}": v for k, v in est.items()})
+
+    def jack_of(key: str) -> np.ndarray:
+        group, k = key.split(".")
+        src = {"approach1": jack1, "approach2": jack2, "approach3": jack3}[group]
+        return np.array([v[k] if v is not None else np.nan for v in src], float)
+
+    intervals: dict[str, dict[str, Interval]] = {"approach1": {}, "approach2": {}, "approach3": {}}
+    for key, vals in samples.items():
+        if key in point and vals.size >= MIN_DRAWS and math.isfinite(point[key]):
+            group, k = key.split(".")
+            intervals[group][k] = bca_interval(vals, point[key], jack_of(key), level)
+    n_ok3 = int(sum(v is not None for v in values3))
+    unconverged = int(sum(v is not None and not c for v, c in zip(values3, conv3)))
+    start_note = (f"approach-3 refits start from {len(starts)} given starts" if custom_starts else
+                  f"approach-3 refits start from the full-data optimum plus a 16-point grid ({len(starts)} starts, "
+                  "not the 4500-point grid), all resamples in one batch of the vectorised L-BFGS")
+    note = (f"runs resampled with replacement within each of the {np.unique(labels).size} budgets; BCa intervals "
+            f"(acceleration from a leave-one-run-out jackknife); {start_note}")
+    return BootstrapResult(n_resamples, level, seed, intervals["approach3"], intervals["approach2"], n_ok3,
+                           unconverged, len(ok2), samples, note, intervals["approach1"], len(ok1),
+                           int(edge3.sum()))
+
+
+def consistency(intervals: dict[str, Interval | None]) -> tuple[bool | None, str]:
+    """Whether the approaches' intervals for one exponent overlap, and a line saying so.
+
+    ``intervals`` maps an approach's label to its interval (None where it has
+    none). None as the verdict when fewer than two approaches have intervals.
+    """
+    have = {k: v for k, v in intervals.items() if v is not None}
+    if len(have) < 2:
+        return None, f"fewer than two approaches have an interval ({', '.join(have) or 'none'}): no comparison"
+    lo = max(v.low for v in have.values())
+    hi = min(v.high for v in have.values())
+    if lo <= hi:
+        return True, f"consistent: the intervals of approaches {', '.join(have)} overlap on [{lo:.4g}, {hi:.4g}]"
+    pairs = [f"{a} [{have[a].low:.4g}, {have[a].high:.4g}] vs {b} [{have[b].low:.4g}, {have[b].high:.4g}]"
+             for i, a in enumerate(have) for b in list(have)[i + 1:]
+             if have[a].high < have[b].low or have[b].high < have[a].low]
+    return False, "inconsistent: no common value; disjoint: " + "; ".join(pairs)

@@ -29,7 +29,8 @@ import numpy as np
 
 from specs.errors import UsageError
 from scaling.fit import (Approach1Result, Approach2Result, Approach3Result, BootstrapResult, Curve,
-                              FitError, bootstrap, fit_approach1, fit_approach2, fit_approach3)
+                          FitError, bootstrap, consistency, fit_approach1, fit_approach2, fit_approach3,
+                          group_budgets, point_problem)
 
 N_ALIASES = ("n", "params", "n_params", "num_params", "parameters", "model_size")
 D_ALIASES = ("d", "tokens", "n_tokens", "num_tokens", "train_tokens", "data")
@@ -85,6 +86,17 @@ class FitReport:
     """Intervals, or None when --bootstrap 0."""
     timing_s: dict[str, float]
     """Wall seconds per stage."""
+    noise: dict[str, float] | None = None
+    """Run-to-run noise measured on repeated points (``repeat_noise``), if the table has any."""
+
+    def a_consistency(self) -> tuple[bool | None, str]:
+        """Whether the approaches' intervals for a overlap, with the line the report ends on."""
+        b = self.bootstrap
+        if b is None:
+            return None, "no bootstrap (--bootstrap 0): the approaches' exponents cannot be compared"
+        return consistency({"1": b.approach1.get("a") if self.approach1 is not None else None,
+                            "2": b.approach2.get("a") if self.approach2 is not None else None,
+                            "3": b.approach3.get("a")})
 
 
 # ----------------------------------------------------------------------------- reading
@@ -190,16 +202,26 @@ def load_table(path: str, loss_column: str | None = None) -> FitTable:
     run_col = _find(names, RUN_ALIASES)
     run_ids = ([str(v) for v in table.column(run_col).to_pylist()] if run_col
                else [f"row{i}" for i in range(table.num_rows)])
-    good = np.isfinite(n) & np.isfinite(d) & np.isfinite(loss) & (n > 0) & (d > 0) & (loss > 0)
     notes = []
     if d_col is None:
         notes.append(f"tokens derived as D = {c_col} / (6 * {n_col})")
-    if (~good).any():
-        notes.append(f"dropped {int((~good).sum())} rows with a missing or non-positive N, D or loss")
+    good = np.ones(n.size, dtype=bool)
+    fs, p = fsspec.core.url_to_fs(path)
+    if fs.isdir(p):
+        # A sweep's own table: a run that diverged or was never evaluated has no usable loss; leave it out
+        # and say so. Anything else wrong in a sweep's rows, and anything wrong in a user's table, is refused.
+        good = np.isfinite(loss)
+        if (~good).any():
+            notes.append(f"dropped {int((~good).sum())} runs with no finite {loss_col} "
+                         f"({', '.join(run_ids[i] for i in np.flatnonzero(~good)[:5])})")
+    keep = np.flatnonzero(good)
+    problem = point_problem(n[keep], d[keep], loss[keep], [f"run {run_ids[i]!r}" if run_col else f"data row {i + 1}"
+                                                          for i in keep])
+    if problem is not None:
+        raise _fail(path, f"{problem}; fix or remove those rows")
     if good.sum() < MIN_POINTS:
         raise _fail(path, f"{int(good.sum())} usable runs, need at least {MIN_POINTS} "
                           "(L(N, D) has 5 parameters); add runs to the sweep")
-    keep = np.flatnonzero(good)
     curves = None
     curve_col = _find(names, ("curve_path",))
     if curve_col is not None:
@@ -243,9 +265,32 @@ def run_fits(table: FitTable, *, n_bootstrap: int = 100, seed: int = 0) -> FitRe
     boot = None
     if n_bootstrap:
         t0 = time.perf_counter()
-        boot = bootstrap(table.n, table.d, table.loss, n_resamples=n_bootstrap, seed=seed, base=a3)
+        boot = bootstrap(table.n, table.d, table.loss, n_resamples=n_bootstrap, seed=seed, base=a3,
+                         curves=curves)
         timing["bootstrap"] = time.perf_counter() - t0
-    return FitReport(table, a1, a1_skip, a2, a2_skip, a3, boot, timing)
+    return FitReport(table, a1, a1_skip, a2, a2_skip, a3, boot, timing, repeat_noise(table))
+
+
+def repeat_noise(table: FitTable, rtol: float = 1e-3) -> dict[str, float] | None:
+    """Run-to-run noise from repeated points (same N and D, e.g. a sweep's ``repeats``), or None.
+
+    The pooled standard deviation of log loss within groups of repeats: the
+    noise floor any fit's residuals should be compared with.
+    """
+    key = np.stack([group_budgets(table.n, rtol), group_budgets(table.d, rtol)], axis=1)
+    _, group = np.unique(key, axis=0, return_inverse=True)
+    group = np.asarray(group).ravel()
+    log_loss = np.log(table.loss)
+    ss, dof, points = 0.0, 0, 0
+    for g in np.unique(group):
+        vals = log_loss[group == g]
+        if vals.size >= 2:
+            ss += float(np.sum((vals - vals.mean()) ** 2))
+            dof += vals.size - 1
+            points += 1
+    if dof == 0:
+        return None
+    return {"repeated_points": points, "runs": int(dof + points), "sd_log_loss": math.sqrt(ss / dof)}
 
 
 # ----------------------------------------------------------------------------- the report as data
@@ -266,14 +311,24 @@ def _clean(obj: Any) -> Any:
     return obj
 
 
+def _residual_sd(rep: FitReport) -> float:
+    """Standard deviation of log(loss) about approach 3's law: compare with the repeat noise."""
+    t = rep.table
+    r = np.log(t.loss) - np.log(rep.approach3.params.loss(t.n, t.d))
+    return float(np.sqrt(np.mean(r * r)))
+
+
 def report_dict(rep: FitReport) -> dict[str, Any]:
     """Everything the JSON report holds; floats unrounded."""
     t = rep.table
+    b = rep.bootstrap
+    ivs = lambda group: {k: v.to_dict() for k, v in getattr(b, group).items()} if b is not None else {}  # noqa: E731
     out: dict[str, Any] = {"table": t.source, "n_runs": int(t.n.size), "columns": t.columns, "notes": list(t.notes)}
     if rep.approach1 is not None:
         a1 = rep.approach1
         out["approach1"] = {"a": a1.a, "b": a1.b, "n_opt": a1.n_opt.to_dict(), "d_opt": a1.d_opt.to_dict(),
-                            "source": a1.source, "frontier_points": int(a1.flops.size)}
+                            "source": a1.source, "frontier_points": int(a1.flops.size),
+                            "intervals": ivs("approach1")}
     else:
         out["approach1"] = {"skipped": rep.approach1_skipped}
     if rep.approach2 is not None:
@@ -283,22 +338,27 @@ def report_dict(rep: FitReport) -> dict[str, Any]:
             "budgets": [{"C": p.budget, "n_opt": p.n_opt, "d_opt": p.d_opt, "loss_opt": p.loss_opt,
                          "n_runs": int(p.n.size), "coeffs_ln_n": list(p.coeffs), "used": p.used, "reason": p.reason}
                         for p in a2.profiles],
-            "skipped": list(a2.skipped)}
+            "skipped": list(a2.skipped), "intervals": ivs("approach2")}
     else:
         out["approach2"] = {"skipped": rep.approach2_skipped}
     a3 = rep.approach3
-    out["approach3"] = {**a3.params.to_dict(), "objective": a3.objective, "converged": a3.converged,
+    out["approach3"] = {**a3.params.to_dict(), "objective": a3.objective, "status": a3.status,
+                        "converged": a3.converged, "boundary": list(a3.boundary),
+                        "optimizer_converged": a3.optimizer_converged,
                         "message": a3.message, "n_starts": a3.n_starts, "n_converged_starts": a3.n_converged,
-                        "n_near_best": a3.n_near_best, "huber_delta": a3.delta, "start": list(a3.start)}
-    if rep.bootstrap is not None:
-        b = rep.bootstrap
+                        "n_near_best": a3.n_near_best, "huber_delta": a3.delta, "start": list(a3.start),
+                        "residual_sd_log_loss": _residual_sd(rep), "intervals": ivs("approach3")}
+    if b is not None:
         out["bootstrap"] = {"n_resamples": b.n_resamples, "level": b.level, "seed": b.seed, "note": b.note,
+                            "n_ok_approach1": b.n_ok1, "n_ok_approach2": b.n_ok2,
                             "n_ok_approach3": b.n_ok3, "n_unconverged_approach3": b.n_unconverged3,
-                            "n_ok_approach2": b.n_ok2,
-                            "approach3": {k: v.to_dict() for k, v in b.approach3.items()},
-                            "approach2": {k: v.to_dict() for k, v in b.approach2.items()}}
+                            "n_boundary_approach3": b.n_boundary3,
+                            "approach1": ivs("approach1"), "approach2": ivs("approach2"), "approach3": ivs("approach3")}
     else:
         out["bootstrap"] = None
+    verdict, line = rep.a_consistency()
+    out["consistency"] = {"a_intervals_overlap": verdict, "line": line}
+    out["noise"] = rep.noise
     out["timing_s"] = rep.timing_s
     return _clean(out)
 
@@ -306,28 +366,38 @@ def report_dict(rep: FitReport) -> dict[str, Any]:
 def _interval_text(rep: FitReport, group: str, name: str) -> str:
     b = rep.bootstrap
     iv = None if b is None else getattr(b, group).get(name)
-    return "" if iv is None else f"[{iv.low!r}, {iv.high!r}]"
+    if iv is None:
+        return "" if b is None else "too few refits"
+    return f"[{iv.low!r}, {iv.high!r}]" + (" (widened to the estimate)" if iv.widened else "")
 
 
 def render_markdown(rep: FitReport) -> str:
-    """The Markdown report: parameters unrounded, intervals, the IsoFLOP table and the plots."""
+    """The Markdown report: parameters unrounded, intervals, the IsoFLOP table, the plots, and the consistency line."""
     t, a3 = rep.table, rep.approach3
     level = f"{100 * rep.bootstrap.level:g}%" if rep.bootstrap else "-"
     lines = [f"# Scaling-law fit: {t.source}", "",
              f"{t.n.size} runs; N from `{t.columns['n']}`, D from `{t.columns.get('d', t.columns.get('c'))}`"
              f"{' (D = C / 6N)' if 'c' in t.columns else ''}, loss from `{t.columns['loss']}`.", ""]
     lines += [f"- {note}" for note in t.notes] + ([""] if t.notes else [])
+    if a3.boundary:
+        verdict = f"**boundary solution**: {'; '.join(a3.boundary)} (the data do not pin it down; not converged)"
+    else:
+        verdict = f"converged (scipy L-BFGS-B): **{a3.converged}** ({a3.message})"
     lines += ["## Approach 3: L(N, D) = E + A / N^alpha + B / D^beta", "",
               f"Huber loss (delta {a3.delta!r}) on log loss, summed over runs; L-BFGS from {a3.n_starts} starts, "
               f"{a3.n_converged} converged, {a3.n_near_best} reached the best objective. "
-              f"Converged (scipy L-BFGS-B): **{a3.converged}** ({a3.message}). Objective {a3.objective!r}.", "",
+              f"Status: {verdict}. Objective {a3.objective!r}; residual SD of log loss {_residual_sd(rep)!r}.", "",
               f"| parameter | value | {level} bootstrap interval |", "|---|---|---|"]
     for name, value in a3.params.to_dict().items():
+        if name.startswith("log_"):
+            continue
         lines.append(f"| {name} | {value!r} | {_interval_text(rep, 'approach3', name)} |")
     lines += ["", "## Compute-optimal exponents: N_opt ~ C^a, D_opt ~ C^b", "",
               f"| approach | a | {level} interval | b | {level} interval |", "|---|---|---|---|---|"]
     if rep.approach1 is not None:
-        lines.append(f"| 1 (frontier of {rep.approach1.source}) | {rep.approach1.a!r} |  | {rep.approach1.b!r} |  |")
+        lines.append(f"| 1 (frontier of {rep.approach1.source}) | {rep.approach1.a!r} | "
+                     f"{_interval_text(rep, 'approach1', 'a')} | {rep.approach1.b!r} | "
+                     f"{_interval_text(rep, 'approach1', 'b')} |")
     else:
         lines.append(f"| 1 | skipped: {rep.approach1_skipped} | | | |")
     if rep.approach2 is not None:
@@ -335,26 +405,31 @@ def render_markdown(rep: FitReport) -> str:
                      f"{rep.approach2.b!r} | {_interval_text(rep, 'approach2', 'b')} |")
     else:
         lines.append(f"| 2 | skipped: {rep.approach2_skipped} | | | |")
-    lines.append(f"| 3 (parametric) | {a3.params.a!r} | {_interval_text(rep, 'approach3', 'a')} | "
-                 f"{a3.params.b!r} | {_interval_text(rep, 'approach3', 'b')} |")
+    lines.append(f"| 3 (parametric{', boundary' if a3.boundary else ''}) | {a3.params.a!r} | "
+                 f"{_interval_text(rep, 'approach3', 'a')} | {a3.params.b!r} | {_interval_text(rep, 'approach3', 'b')} |")
     lines += ["", f"Approach 3: N_opt(C) = G (C/6)^a with G = {a3.params.G!r}; D_opt(C) = (C/6)^b / G.", ""]
     if rep.approach2 is not None:
-        lines += ["## IsoFLOP profiles", "", "| C | runs | N_opt | D_opt | loss at N_opt | used |",
-                  "|---|---|---|---|---|---|"]
+        lines += ["## IsoFLOP profiles", "",
+                  "Only budgets whose parabola has its minimum inside the sizes trained enter approach 2.", "",
+                  "| C | runs | N_opt | D_opt | loss at N_opt | used |", "|---|---|---|---|---|---|"]
         for p in rep.approach2.profiles:
             used = "yes" if p.used else f"no: {p.reason}"
             lines.append(f"| {p.budget!r} | {p.n.size} | {p.n_opt!r} | {p.d_opt!r} | {p.loss_opt!r} | {used} |")
         lines += [f"- skipped {s}" for s in rep.approach2.skipped]
         lines.append("")
+    if rep.noise is not None:
+        lines += [f"Run-to-run noise from {rep.noise['repeated_points']} repeated points ({rep.noise['runs']} runs): "
+                  f"SD of log loss {rep.noise['sd_log_loss']!r} (approach 3's residual SD: {_residual_sd(rep)!r}).", ""]
     if rep.bootstrap is not None:
         b = rep.bootstrap
         lines += ["## Bootstrap", "",
-                  f"{b.n_resamples} resamples of the runs with replacement (seed {b.seed}); intervals are the "
-                  f"{100 * (1 - b.level) / 2:g}th and {100 - 100 * (1 - b.level) / 2:g}th percentiles. {b.note}. "
-                  f"Approach 3 refitted {b.n_ok3} times ({b.n_unconverged3} not converged, kept); approach 2 "
-                  f"fitted {b.n_ok2} times.", ""]
+                  f"{b.n_resamples} resamples (seed {b.seed}), {100 * b.level:g}% intervals: {b.note}. Approach 1 "
+                  f"refitted {b.n_ok1} times, approach 2 {b.n_ok2} times, approach 3 {b.n_ok3} times "
+                  f"({b.n_unconverged3} not converged and {b.n_boundary3} on a bound, kept). Every interval contains "
+                  "its point estimate; one widened to reach it says so.", ""]
     lines += ["## Plots", "", "![IsoFLOP profiles](isoflops.png)", "", "![Loss against compute](loss_vs_compute.png)",
               "", "![N_opt against compute](n_opt.png)", ""]
+    lines += ["## Consistency", "", f"Exponent a: {rep.a_consistency()[1]}.", ""]
     return "\n".join(lines)
 
 
@@ -514,11 +589,13 @@ def fit_command(args: argparse.Namespace) -> int:
         print(json.dumps(data))
         return 0
     a3 = rep.approach3.params
+    r3 = rep.approach3
     print(f"approach 3: E={a3.E!r} A={a3.A!r} B={a3.B!r} alpha={a3.alpha!r} beta={a3.beta!r} "
-          f"(converged: {rep.approach3.converged})")
+          f"({r3.status}{': ' + '; '.join(r3.boundary) if r3.boundary else ''})")
     for label, res, skip in (("approach 1", rep.approach1, rep.approach1_skipped),
                              ("approach 2", rep.approach2, rep.approach2_skipped)):
         print(f"{label}: a={res.a!r} b={res.b!r}" if res is not None else f"{label}: skipped ({skip})")
     print(f"approach 3: a={a3.a!r} b={a3.b!r} G={a3.G!r}")
+    print(f"a: {rep.a_consistency()[1]}")
     print(f"wrote {data['outputs']['json']}, {data['outputs']['markdown']} and {len(PLOTS)} plots")
     return 0
