@@ -37,8 +37,16 @@ def cmd_run(args) -> int:
     return 0 if result["state"] == "SUCCEEDED" else 1
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a bad argument is one line (``switchyard: error: ...``) and exit code 2, as every other error."""
+
+    def error(self, message: str):
+        where = self.prog.removeprefix("switchyard").strip()
+        self.exit(2, f"switchyard: error: {where + ': ' if where else ''}{message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="switchyard", description="Train transformer LMs on Ray + DeepSpeed.")
+    parser = OneLineParser(prog="switchyard", description="Train transformer LMs on Ray + DeepSpeed.")
     parser.add_argument("--cluster", default=None, help="cluster.yaml to use (default: ./cluster.yaml or $SWITCHYARD_CLUSTER)")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -70,6 +78,9 @@ def _extra_commands():
     from orchestrator.export import add_export_command
 
     out.append(add_export_command)
+    from orchestrator.cli_data import register as register_data
+
+    out.append(register_data)
     return out
 
 

@@ -318,13 +318,15 @@ def cmd_wait(args) -> int:
 
 
 def register(sub) -> None:
+    from specs.validate import PRIORITY_MAX, PRIORITY_MIN, float_arg, int_arg
+
     p = sub.add_parser("up", help="start (or attach to) the cluster from cluster.yaml and the controller")
     p.set_defaults(func=cmd_up)
     p = sub.add_parser("down", help="stop the controller (and the local Ray head); unfinished jobs resume at `up`")
     p.set_defaults(func=cmd_down)
     p = sub.add_parser("submit", help="queue a job, or start/continue an InstructGPT pipeline file; prints its id")
     p.add_argument("spec")
-    p.add_argument("--priority", type=int, default=None,
+    p.add_argument("--priority", type=int_arg(PRIORITY_MIN, PRIORITY_MAX), default=None,
                    help="higher runs first (default 0; a pipeline file's own priority)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.set_defaults(func=cmd_submit)
@@ -338,12 +340,12 @@ def register(sub) -> None:
     p = sub.add_parser("logs", help="the output of a job's ranks")
     p.add_argument("job")
     p.add_argument("--follow", "-f", action="store_true")
-    p.add_argument("--rank", type=int, default=None)
+    p.add_argument("--rank", type=int_arg(0, 1 << 20), default=None)
     p.set_defaults(func=cmd_logs)
     p = sub.add_parser("cancel", help="cancel a queued or running job")
     p.add_argument("job")
     p.set_defaults(func=cmd_cancel)
     p = sub.add_parser("wait", help="block until a job ends; exit 0 on SUCCEEDED")
     p.add_argument("job")
-    p.add_argument("--timeout", type=float, default=None)
+    p.add_argument("--timeout", type=float_arg(0, 1e9), default=None)
     p.set_defaults(func=cmd_wait)

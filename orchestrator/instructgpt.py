@@ -39,7 +39,8 @@ from pydantic import Field, ValidationError, field_validator
 from data.storage import Storage
 from specs.errors import UsageError
 from orchestrator.job_store import JobRecord, JobState, JobStore, safe_join
-from specs.job import NAME_RE, JobSpec, SpecError, _format_error, _Section, apply_overrides, validate_spec
+from specs.job import NAME_RE, SEED_MAX, JobSpec, SpecError, _format_error, _Section, apply_overrides, validate_spec
+from specs.validate import PRIORITY_MAX, PRIORITY_MIN, InputError, check_plain
 
 STAGES = ("sft", "rm", "ppo")
 RECORD_KIND = "pipeline"
@@ -53,13 +54,13 @@ STAGE_METRICS = {"sft": ("loss", "held_out_loss"), "rm": ("loss", "held_out_loss
 
 
 class ReportSpec(_Section):
-    samples_per_prompt: int = Field(4, ge=1)
+    samples_per_prompt: int = Field(4, ge=1, le=64)
     """Responses sampled per evaluation prompt and policy; a prompt's gold score is their mean."""
-    prompts: int | None = Field(None, ge=1)
+    prompts: int | None = Field(None, ge=1, le=10_000_000)
     """Evaluate on the first N held-out prompts (null = all of them)."""
-    seed: int = Field(0, ge=0)
+    seed: int = Field(0, ge=0, le=SEED_MAX)
     """Seed of the report's sampling."""
-    max_new_tokens: int | None = Field(None, ge=1)
+    max_new_tokens: int | None = Field(None, ge=1, le=1 << 16)
     """Longest sampled response (null = the PPO stage's rlhf.ppo.max_new_tokens)."""
 
 
@@ -68,8 +69,8 @@ class PipelineSpec(_Section):
     """The recipe: instructgpt (SFT -> reward model -> PPO -> report)."""
     name: str
     """Pipeline name; stage jobs are <name>-sft, <name>-rm, <name>-ppo."""
-    priority: int = 0
-    """Priority of every stage job (higher runs first); `submit --priority` overrides it."""
+    priority: int = Field(0, ge=PRIORITY_MIN, le=PRIORITY_MAX)
+    """Priority of every stage job (higher runs first, -1000000 to 1000000); `submit --priority` overrides it."""
     base: dict[str, Any] = Field(default_factory=dict)
     """A job-spec fragment every stage starts from (model, data, resources, parallel, rlhf.data, ...)."""
     sft: dict[str, Any] = Field(default_factory=dict)
@@ -211,9 +212,13 @@ def load_pipeline(raw: Any, source: str, overrides: list[str] | None = None, sto
         raise SpecError(f"{source}: expected a mapping with pipeline, name, base, sft, rm, ppo")
     raw = apply_overrides(raw, overrides or [])
     try:
-        spec = PipelineSpec.model_validate(raw)
+        spec = PipelineSpec.model_validate(raw, strict=True)
     except ValidationError as err:
         raise SpecError(f"{source}: {_format_error(err)}") from None
+    try:  # non-finite numbers and integers past 64 bits anywhere in the file (stage fragments included)
+        check_plain(raw, source)
+    except InputError as err:
+        raise SpecError(str(err)) from None
     _check_fragments(spec, source)
     pdir = pipeline_dir(storage_root, spec.name)
     links = {s: placeholder(pdir, s) for s in STAGES}

@@ -484,9 +484,10 @@ def _check_resources(resources: dict[str, Any]) -> dict[str, Any]:
 
 
 def _check_int(value: Any, what: str, minimum: int | None = None) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or (minimum is not None and value < minimum):
-        bound = f" >= {minimum}" if minimum is not None else ""
-        raise ValueError(f"{what} must be an int{bound}, got {value!r}")
+    """An int (not a bool) >= minimum that SQLite can store (signed 64 bits)."""
+    lo = -(1 << 63) if minimum is None else minimum
+    if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= (1 << 63) - 1:
+        raise ValueError(f"{what} must be an integer from {lo} to {(1 << 63) - 1}, got {value!r}")
     return value
 
 

@@ -197,3 +197,39 @@ def check_int64(value: int, where: str, lo: int = INT64_MIN, hi: int = INT64_MAX
     if not lo <= value <= hi:
         raise InputError(f"{where}: must be an integer from {lo} to {hi}, got {value}")
     return value
+
+
+PRIORITY_MIN, PRIORITY_MAX = -1_000_000, 1_000_000
+"""Job priorities (higher runs first): `submit --priority`, a pipeline file's priority."""
+
+
+def int_arg(lo: int, hi: int):
+    """An argparse ``type=`` for an integer within [lo, hi] (argparse turns the error into one line, exit 2)."""
+    import argparse
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text.strip())
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer from {lo} to {hi}, got {text!r}") from None
+        if not lo <= value <= hi:
+            raise argparse.ArgumentTypeError(f"expected an integer from {lo} to {hi}, got {text}")
+        return value
+    parse.__name__ = "integer"
+    return parse
+
+
+def float_arg(lo: float, hi: float):
+    """An argparse ``type=`` for a finite number within [lo, hi]."""
+    import argparse
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number from {lo:g} to {hi:g}, got {text!r}") from None
+        if not (math.isfinite(value) and lo <= value <= hi):
+            raise argparse.ArgumentTypeError(f"expected a finite number from {lo:g} to {hi:g}, got {text}")
+        return value
+    parse.__name__ = "number"
+    return parse
