@@ -115,14 +115,16 @@ class ShardWriter:
 
         def encode() -> None:
             nonlocal texts, ends, chars, buffered, tokens, documents
-            for ids, end in zip(self.tok.encode_batch(texts), ends):
+            flat: list[int] = []
+            for enc, end in zip(self.tok.tok.encode_batch(texts, add_special_tokens=False), ends):
+                flat.extend(enc.ids)
                 if end:
-                    ids = ids + [eos]
+                    flat.append(eos)
                     documents += 1
-                if ids:
-                    buf.append(np.asarray(ids, dtype=np.int32))
-                    buffered += len(ids)
-                    tokens += len(ids)
+            if flat:
+                buf.append(np.array(flat, dtype=np.int32))
+                buffered += len(flat)
+                tokens += len(flat)
             texts, ends, chars = [], [], 0
             flush(False)
 
