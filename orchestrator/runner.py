@@ -37,7 +37,7 @@ def worker_resources(spec: JobSpec, cluster) -> WorkerResources:
     cpus = r.cpus_per_worker if r.cpus_per_worker is not None else cluster.workers.cpus
     gpus = r.gpus_per_worker if r.gpus_per_worker is not None else cluster.workers.gpus
     threads = r.torch_threads or max(1, int(math.floor(cpus)))
-    return WorkerResources(r.workers, cpus, gpus, threads)
+    return WorkerResources(r.workers, cpus, gpus, threads, cluster.workers.network_interface)
 
 
 def preflight(spec: JobSpec, storage: Storage) -> None:

@@ -66,9 +66,30 @@ class RankWorker:
                 "ip": ray.util.get_node_ip_address(), "pid": os.getpid()}
 
     def free_port(self) -> int:
+        import ray
+
         with socket.socket() as s:
-            s.bind(("", 0))
+            s.bind((ray.util.get_node_ip_address(), 0))
             return s.getsockname()[1]
+
+    def open_probe(self) -> int:
+        """Listen on the node's address for the other ranks' reachability probe; returns the port."""
+        import ray
+
+        from workers.network import Listener
+
+        self._listener = Listener(ray.util.get_node_ip_address())
+        return self._listener.open()
+
+    def probe_peers(self, peers: list) -> list[dict]:
+        from workers.network import probe
+
+        return probe([tuple(p) for p in peers], self.rank)
+
+    def close_probe(self) -> None:
+        listener, self._listener = getattr(self, "_listener", None), None
+        if listener is not None:
+            listener.close()
 
     def prepare_data(self, source, storage) -> str:
         """Rank 0 builds (or finds) the token cache before the others read it."""
@@ -76,10 +97,15 @@ class RankWorker:
 
         return build_token_cache(source, storage)
 
-    def setup(self, master_addr: str, master_port: int) -> None:
+    def setup(self, master_addr: str, master_port: int, interface: str | None = None) -> None:
+        """Join torch.distributed with gloo/NCCL bound to this node's Ray address (never the hostname's)."""
         import deepspeed
+        import ray
         import torch
 
+        from workers.network import collective_env
+
+        os.environ.update(collective_env(ray.util.get_node_ip_address(), interface))
         os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(self.rank),
                           WORLD_SIZE=str(self.world_size), LOCAL_RANK="0")
         if torch.cuda.is_available():

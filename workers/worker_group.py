@@ -18,6 +18,8 @@ class WorkerResources:
     cpus: float
     gpus: float
     threads: int
+    network_interface: str | None = None
+    """Interface the collectives bind to; None: the one holding the node's Ray address."""
 
     def bundles(self) -> list[dict]:
         b = {"CPU": self.cpus}
@@ -63,9 +65,25 @@ class WorkerGroup:
         return self.infos
 
     def init_distributed(self, master_ip: str) -> None:
+        """Check every rank reaches every other at its node's address, then join torch.distributed there."""
+        self.check_reachable()
         port = ray.get(self.actors[0].free_port.remote())
-        ray.get([a.setup.remote(master_ip, port) for a in self.actors])
+        ray.get([a.setup.remote(master_ip, port, self.resources.network_interface) for a in self.actors])
         self.distributed = True
+
+    def check_reachable(self) -> None:
+        """Raise UnreachablePeers (one line naming ranks, nodes and addresses) if some rank cannot reach another."""
+        from workers.network import UnreachablePeers, unreachable_message
+
+        ports = ray.get([a.open_probe.remote() for a in self.actors])
+        peers = [(i["rank"], i["ip"], port) for i, port in zip(self.infos, ports)]
+        try:
+            failures = ray.get([a.probe_peers.remote(peers) for a in self.actors])
+        finally:
+            ray.get([a.close_probe.remote() for a in self.actors])
+        failed = {rank: f for rank, f in enumerate(failures) if f}
+        if failed:
+            raise UnreachablePeers(unreachable_message(self.infos, failed))
 
     def reattach(self, run_dir: str) -> list[dict]:
         """Hand this warm gang to another job of the same shape: no placement, no process start, no rendezvous."""
