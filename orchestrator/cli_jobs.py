@@ -81,7 +81,21 @@ def cmd_down(args) -> int:
 # ---------------------------------------------------------------------- submit
 
 
-def submit_spec(cluster, spec, priority: int, kind: str = "train", parent_id: str | None = None) -> str:
+def local_user() -> str:
+    """The job owner for commands run on the head: the login name, made a safe name."""
+    import getpass
+    import re
+
+    try:
+        name = getpass.getuser()
+    except Exception:  # no passwd entry (some containers)
+        name = os.environ.get("USER") or "local"
+    name = re.sub(r"[^a-z0-9._-]", "-", name.lower()).strip("-.") or "local"
+    return name[:64]
+
+
+def submit_spec(cluster, spec, priority: int, kind: str = "train", parent_id: str | None = None, *,
+                owner: str | None = None, after: tuple[str, ...] | list[str] = ()) -> str:
     from data.storage import Storage
     from orchestrator.job_store import safe_join
     from orchestrator.runner import preflight, worker_resources
@@ -89,11 +103,15 @@ def submit_spec(cluster, spec, priority: int, kind: str = "train", parent_id: st
     storage = Storage(cluster.storage, dict(cluster.storage_options))
     preflight(spec, storage)
     res = worker_resources(spec, cluster)
+    owner = owner or local_user()
+    team = cluster.team_of(owner)
+    quota = cluster.teams.get(team)
     rec = _store(cluster).submit(
         spec.name, kind, spec.to_dict(), priority,
         {"workers": res.workers, "cpus_per_worker": res.cpus, "gpus_per_worker": res.gpus},
         spec.max_restarts, run_dir_for=lambda job_id: safe_join(cluster.storage, f"{spec.name}-{job_id}"),
-        parent_id=parent_id)
+        parent_id=parent_id, owner=owner, team=team, after=list(after),
+        max_queued=quota.queued_jobs if quota is not None and parent_id is None else None)
     return rec.id
 
 

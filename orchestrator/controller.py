@@ -10,6 +10,18 @@ Every half second it ``tick()``s:
    priority: no reserved CPUs, a niced process) and mark the best one;
 5. finish sweeps, and move InstructGPT pipelines on (next stage, report).
 
+Preemption: when ``schedule`` returns ``Preempt`` for a running job, the
+controller moves it to PREEMPTED (recording the job it makes room for) and
+calls its worker group's ``stop()``: every rank finishes the step it is on
+and returns (the loop's stop at a step boundary). The controller then frees
+its gang and requeues it; it resumes from its latest complete checkpoint at
+the exact data position. A job that does not stop within
+``preemption.stop_timeout_s`` is killed and resumes the same way. The
+preempting job's room is reserved by the scheduler until it starts.
+
+When cluster.yaml sets ``api.listen``, the controller also serves the HTTP
+API (``orchestrator.api``) from a thread of its own.
+
 The SQLite job store is the source of truth. A restarted controller finds
 jobs the store says are STARTING/RUNNING/RESTARTING; their rank actors died
 with the old controller, so it requeues them to resume from their latest
@@ -48,6 +60,8 @@ class Active:
     starter: threading.Thread | None = None
     start_error: BaseException | None = None
     started: bool = False
+    preempt: sched.Preempt | None = None   # set once it has been asked to stop for a preemption
+    preempt_at: float = 0.0
 
 
 class Controller:
@@ -67,9 +81,19 @@ class Controller:
         self.eval_jobs: dict[str, dict] = {}  # job_id -> {checkpoint path: ObjectRef}; jobs whose checkpoints need evals
         self._lock = threading.RLock()
         self._stop = threading.Event()
+        self._shares: tuple[float, dict[str, float]] = (0.0, {})  # (computed at, team -> usage / weight)
+        p = self.cluster.preemption
+        self.preemption = sched.PreemptionPolicy(p.enabled, p.min_run_s, p.never_preempt_priority, p.max_per_job,
+                                                 p.backoff_s)
+        self.quotas = {name: sched.TeamQuota(t.cpus, t.gpus, t.weight) for name, t in self.cluster.teams.items()}
         self.pid = os.getpid()
         self.store.set_controller(self.pid, ray.get_runtime_context().gcs_address)
         self._reconcile()
+        self.api = None
+        if self.cluster.api.listen:
+            from orchestrator.api import serve_in_thread
+
+            self.api = serve_in_thread(self.cluster)
         self._thread = threading.Thread(target=self._loop, name="controller-loop", daemon=True)
         self._thread.start()
 
@@ -77,10 +101,13 @@ class Controller:
 
     def ping(self) -> dict:
         return {"pid": self.pid, "address": ray.get_runtime_context().gcs_address,
-                "node": ray.get_runtime_context().get_node_id(), "active": sorted(self.active)}
+                "node": ray.get_runtime_context().get_node_id(), "active": sorted(self.active),
+                "api": self.api.url if self.api is not None else None}
 
     def shutdown(self) -> None:
         self._stop.set()
+        if self.api is not None:
+            self.api.stop()
         with self._lock:
             self._release_warm()
             for act in list(self.active.values()):
@@ -109,11 +136,15 @@ class Controller:
     # ------------------------------------------------------------------ reconcile
 
     def _reconcile(self) -> None:
-        for rec in self.store.list([JobState.STARTING, JobState.RUNNING, JobState.RESTARTING]):
+        for rec in self.store.list([JobState.STARTING, JobState.RUNNING, JobState.RESTARTING, JobState.PREEMPTED]):
             if rec.kind not in TRAINING_KINDS:
                 continue  # sweeps and pipelines are bookkeeping records: nothing of theirs ran
             if rec.cancel_requested:
                 self.store.transition(rec.id, JobState.CANCELLED, "cancelled while the controller was down")
+                continue
+            if rec.state == JobState.PREEMPTED:
+                self.store.transition(rec.id, JobState.QUEUED, f"preempted by {rec.preempted_by}; the controller "
+                                      "restarted while it stopped; resumes from its latest checkpoint")
                 continue
             if rec.state != JobState.RESTARTING:
                 self.store.transition(rec.id, JobState.RESTARTING, "controller restarted; resuming from checkpoint")
@@ -122,6 +153,7 @@ class Controller:
     # ------------------------------------------------------------------ cancel
 
     def _handle_cancels(self) -> None:
+        """A cancel of a running (or stopping) job: stop it now."""
         for job_id, act in list(self.active.items()):
             if act.starter is not None and act.starter.is_alive():
                 continue  # let the gang finish starting, then stop all of it (nothing leaks half-made)
@@ -174,10 +206,15 @@ class Controller:
                 metrics = {k: progress.get(k) for k in ("loss", "tokens_per_s", "last_checkpoint") if progress.get(k) is not None}
                 self.store.update(job_id, step=int(progress["step"]), metrics=metrics)
             if len(ready) < len(refs):
+                if act.preempt is not None and time.time() - act.preempt_at > self.cluster.preemption.stop_timeout_s:
+                    self._requeue_preempted(job_id, act, None, killed=True)
+                continue
+            errors = [r for r in results if "error" in r]
+            if act.preempt is not None and not errors and results[0]["stopped"]:
+                self._requeue_preempted(job_id, act, results[0])
                 continue
             self.active.pop(job_id)
-            errors = [r for r in results if "error" in r]
-            if errors or len(self.warm) >= WARM_MAX:
+            if errors or len(self.warm) >= WARM_MAX or act.preempt is not None:
                 act.run.shutdown()
             else:
                 self.warm.append((time.time(), act.run.release_group()))
@@ -195,9 +232,25 @@ class Controller:
                 if self.store.get(job_id).kind == "sweep-run":
                     self._record_sweep_result(job_id)
 
+    def _requeue_preempted(self, job_id: str, act: Active, result: dict | None, killed: bool = False) -> None:
+        """A preempted job has stopped (or is killed): free its gang and queue it to resume."""
+        progress = act.run.group.progress(timeout_s=1.0) if act.run.group is not None else {}
+        act.run.shutdown()
+        self.active.pop(job_id, None)
+        ckpt = progress.get("last_checkpoint")
+        at = f" at step {result['steps']}" if result else ""
+        how = (f"did not stop within {self.cluster.preemption.stop_timeout_s:g} s and was killed; " if killed
+               else f"stopped{at}; ")
+        self.store.transition(job_id, JobState.QUEUED, (
+            f"preempted by {act.preempt.by}: {how}resumes from "
+            + (f"its checkpoint at step {ckpt}" if ckpt else "its latest complete checkpoint")))
+
     def _on_fault(self, job_id: str, act: Active, err: BaseException) -> None:
         from orchestrator.runner import unwrap_remote_error
 
+        if act.preempt is not None and self.store.get(job_id).state == JobState.PREEMPTED:
+            self._requeue_preempted(job_id, act, None)  # it was stopping anyway; a fault there costs no restart
+            return
         act.run.shutdown()
         self.active.pop(job_id, None)
         cause = unwrap_remote_error(err) if isinstance(err, Exception) else err
@@ -238,6 +291,49 @@ class Controller:
                 for nid, n in nodes.items()}
         return free, total
 
+    def _running_jobs(self) -> list[sched.RunningJob]:
+        """The jobs holding workers, as the scheduler sees them (preemption candidates, quota use)."""
+        out = []
+        for job_id, act in self.active.items():
+            rec = self.store.get(job_id)
+            bundles = sched.bundles_of(rec.resources)
+            infos = act.run.group.infos if act.run.group is not None else []
+            nodes = tuple(i["node"] for i in infos) if len(infos) == len(bundles) else ("?",) * len(bundles)
+            since = rec.running_since if rec.state == JobState.RUNNING and act.started else None
+            out.append(sched.RunningJob(job_id, rec.priority, bundles, nodes, since, rec.preemptions, rec.team,
+                                        stopping=act.preempt is not None))
+        return out
+
+    def _fair_shares(self, now: float) -> dict[str, float]:
+        """Each team's decayed usage / weight, recomputed every 10 s from the store's run history."""
+        at, shares = self._shares
+        if now - at < 10.0:
+            return shares
+        fs = self.cluster.fair_share
+        usage: dict[str, float] = {}
+        for rec in self.store.list():
+            if rec.kind not in TRAINING_KINDS or not rec.resources.get("workers"):
+                continue
+            n = rec.resources["workers"]
+            rate = n * (float(rec.resources.get("cpus_per_worker") or 0)
+                        + fs.gpu_weight * float(rec.resources.get("gpus_per_worker") or 0))
+            u = sched.decayed_usage([(a, b, rate) for a, b in rec.run_intervals], now, fs.half_life_s)
+            usage[rec.team] = usage.get(rec.team, 0.0) + u
+        shares = sched.fair_shares(usage, self.quotas)
+        self._shares = (now, shares)
+        return shares
+
+    def _dep_states(self, queued) -> dict[str, str]:
+        out: dict[str, str] = {}
+        for rec in queued:
+            for d in rec.after:
+                if d not in out:
+                    try:
+                        out[d] = self.store.get(d).state.value
+                    except UsageError:
+                        out[d] = "CANCELLED"  # gone from the store: it can never succeed
+        return out
+
     def _schedule(self) -> None:
         self._expire_warm()
         queued = self.store.list([JobState.QUEUED])
@@ -246,26 +342,44 @@ class Controller:
         if any(a.starter is not None and a.starter.is_alive() for a in self.active.values()):
             return  # one gang at a time: free resources are only known once it is placed
         now = time.time()
-        jobs = [sched.QueuedJob.from_record(r) for r in queued if r.kind in TRAINING_KINDS]
+        queued = [r for r in queued if r.kind in TRAINING_KINDS]
+        deps = self._dep_states(queued)
+        jobs = [sched.QueuedJob.from_record(r, deps) for r in queued]
         if not jobs:
             return
-        head = sched.queue_order(jobs)[0]
-        if not head.cancel_requested:
+        running = self._running_jobs()
+        shares = self._fair_shares(now)
+        head = sched.queue_order(jobs, shares)[0]
+        if (not head.cancel_requested and all(s == "SUCCEEDED" for _, s in head.deps)
+                and sched.over_quota(head, running, self.quotas.get(head.team)) is None):
             warm = self._take_warm(self.store.get(head.job_id))
             if warm is not None:
                 self._start(head.job_id, warm)
                 return
         free, total = self._free_and_total()
         started = False
-        for decision in sched.schedule(jobs, free, total, now=now, backfill_window_s=self.backfill_window_s):
+        decisions = sched.schedule(jobs, free, total, now=now, backfill_window_s=self.backfill_window_s,
+                                   running=running, preemption=self.preemption, quotas=self.quotas, shares=shares)
+        if self.warm and any(isinstance(d, sched.Preempt) for d in decisions):
+            self._release_warm()  # idle warm gangs go before anyone's running job does
+            return
+        position = 0
+        for decision in decisions:
+            if isinstance(decision, (sched.Start, sched.Wait)):
+                position += 1
             if isinstance(decision, sched.Start):
-                self._start(decision.job_id)
-                started = True
-                break  # re-read free resources before starting another
+                if not started:  # re-read free resources before starting another
+                    self._start(decision.job_id)
+                    started = True
+                continue
+            if isinstance(decision, sched.Preempt):
+                self._preempt(decision)
+                continue
             if isinstance(decision, sched.Wait):
                 rec = self.store.get(decision.job_id)
                 if rec.blocked_since is None:
                     self.store.update(decision.job_id, blocked_since=now)
+                self._note_pending(rec, position, decision)
             elif isinstance(decision, sched.Fail):
                 rec = self.store.get(decision.job_id)
                 if any(h.to_state == JobState.RUNNING for h in rec.history):
@@ -280,6 +394,31 @@ class Controller:
                 self.store.transition(decision.job_id, JobState.CANCELLED, "cancelled by user")
         if not started and self.warm:
             self._release_warm()  # warm gangs of another shape hold what the queue needs
+
+    def _preempt(self, decision: sched.Preempt) -> None:
+        act = self.active.get(decision.job_id)
+        if act is None or act.preempt is not None:
+            return
+        from orchestrator.job_store import IllegalTransitionError
+
+        try:
+            self.store.transition(decision.job_id, JobState.PREEMPTED,
+                                  decision.reason + "; checkpointing at the next step boundary",
+                                  preempted_by=decision.by)
+        except IllegalTransitionError:
+            return  # it ended meanwhile
+        act.preempt, act.preempt_at = decision, time.time()
+        act.run.group.stop()
+        print(f"preempting {decision.job_id}: {decision.reason}", flush=True)
+
+    def _note_pending(self, rec, position: int, decision: sched.Wait) -> None:
+        """Record why a queued job waits (status and list show it); written only when it changes."""
+        pending = {"position": position, "waiting_for": decision.waiting_for, "reason": decision.reason}
+        last = rec.history[-1] if rec.history else None
+        if rec.preempted_by and last is not None and last.reason.startswith("preempted by"):
+            pending["preempted_by"] = rec.preempted_by
+        if rec.pending != pending:
+            self.store.update(rec.id, pending=pending)
 
     # ------------------------------------------------------------------ warm gangs
 

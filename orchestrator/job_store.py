@@ -646,6 +646,9 @@ class JobStore:
         with self._write() as conn:
             if parent_id is not None:
                 self._state(conn, parent_id)  # raises JobNotFoundError
+                if not owner:  # a pipeline stage or sweep run belongs to whoever owns the parent
+                    row = conn.execute("SELECT owner, team FROM jobs WHERE id = ?", (parent_id,)).fetchone()
+                    owner, team = row["owner"], row["team"]
             deps = [self._resolve(conn, a) for a in after]
             if max_queued is not None:
                 n = conn.execute("SELECT COUNT(*) FROM jobs WHERE team = ? AND state = ? AND parent_id IS NULL",
@@ -790,6 +793,19 @@ class JobStore:
             conn.execute(f"UPDATE jobs SET {', '.join(f'{c} = ?' for c in sets)} WHERE id = ?",
                          (*sets.values(), job_id))
             return self._load_one(conn, job_id)
+
+    def set_owner(self, job_id: str, owner: str, team: str) -> None:
+        """Give a job and everything under it (pipeline stages, sweep runs) an owner and team."""
+        with self._write() as conn:
+            pending, seen = [job_id], set()
+            self._state(conn, job_id)
+            while pending:
+                jid = pending.pop()
+                if jid in seen:
+                    continue
+                seen.add(jid)
+                conn.execute("UPDATE jobs SET owner = ?, team = ? WHERE id = ?", (owner, team, jid))
+                pending += [r["id"] for r in conn.execute("SELECT id FROM jobs WHERE parent_id = ?", (jid,))]
 
     def request_cancel(self, job_id: str, reason: str = "cancelled by user") -> JobRecord:
         """Ask for a job (and its pipeline or sweep children) to be cancelled.
