@@ -178,6 +178,13 @@ class ParallelSpec(_Section):
     ep: int = Field(1, ge=1, le=4096)
     """Expert-parallel degree for Switch layers (divides the data-parallel size)."""
 
+    @field_validator("zero_stage", mode="before")
+    @classmethod
+    def _stage_not_bool(cls, v):
+        if isinstance(v, bool):  # True == 1 would pass the Literal
+            raise ValueError(f"must be 0, 1, 2 or 3, not {v!r}")
+        return v
+
 
 class CheckpointSpec(_Section):
     every: int = Field(50, ge=1, le=BIG)
