@@ -296,3 +296,28 @@ def test_corpus_and_shards_on_s3_are_range_read(tmp_path, s3_endpoint, small_uni
     for lo in (0, 1000, len(full) - 700):
         assert np.array_equal(cache.tokens[lo:lo + 700], full[lo:lo + 700])
     assert build_token_cache(src, storage, log=lambda *_: None, use_ray=False) == folder
+
+
+def test_cli_data_prepare_then_a_job_reuses_the_cache(ray_cluster, tmp_path, capsys, small_units):
+    from orchestrator.cli import main
+
+    corpus = _corpus(tmp_path / "c", seed=7)
+    store = tmp_path / "store"
+    cfg = tmp_path / "cluster.yaml"
+    cfg.write_text(f"storage: {store}\njob_store: {tmp_path / 'jobs.db'}\n")
+    assert main(["--cluster", str(cfg), "data", "prepare", corpus, "--tokenizer", "bpe", "--vocab-size", "400",
+                 "--actors", "2", "--json"]) == 0
+    out, err = capsys.readouterr()
+    first = json.loads(out.strip().splitlines()[-1])
+    assert not first["already_prepared"] and first["shards"] > 20 and "M tokens/s" in err and "ETA" in err
+    assert main(["--cluster", str(cfg), "data", "prepare", corpus, "--tokenizer", "bpe", "--vocab-size", "400",
+                 "--json"]) == 0
+    again = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert again["already_prepared"] and again["cache"] == first["cache"]
+    # A job's data section with the same fields finds the same cache entry.
+    from tests.conftest import tiny_spec
+
+    spec = tiny_spec(**{"data.corpus": corpus, "data.tokenizer": "bpe", "data.vocab_size": 400, "data.max_docs": None})
+    assert cache_folder(TokenSource.from_spec(spec.data), Storage(str(store))) == first["cache"]
+    assert main(["--cluster", str(cfg), "data", "prepare", str(tmp_path / "nope")]) == 2
+    assert "does not exist" in capsys.readouterr().err
