@@ -5,6 +5,11 @@ write the SQLite job store directly (the store is the source of truth; the
 controller picks new jobs up within a tick), so they are quick and work even
 while the controller restarts. ``up``/``down`` and the cluster view of
 ``status`` connect to Ray.
+
+Remote mode: when cluster.yaml names ``api.url`` (a laptop's cluster.yaml
+needs nothing else), the same commands go through the controller's HTTP API
+(``orchestrator.api_client``) and touch neither Ray nor the job store. The
+spec is validated here and again on the server.
 """
 from __future__ import annotations
 
@@ -31,10 +36,22 @@ def _store(cluster):
     return JobStore(cluster.job_store)
 
 
+def _remote(args):
+    """The API client when cluster.yaml names ``api.url``, else None (run against the head's store and Ray)."""
+    cluster = _cluster(args)
+    if not cluster.api.url:
+        return None
+    from orchestrator.api_client import ApiClient
+
+    return ApiClient.from_cluster(cluster)
+
+
 # ---------------------------------------------------------------------- up / down
 
 
 def cmd_up(args) -> int:
+    if _cluster(args).api.url:
+        raise UsageError("up: run it on the head node (this cluster.yaml names api.url: it is a remote client)")
     import ray
 
     from orchestrator.controller import start_controller
@@ -53,6 +70,8 @@ def cmd_up(args) -> int:
 
 
 def cmd_down(args) -> int:
+    if _cluster(args).api.url:
+        raise UsageError("down: run it on the head node (this cluster.yaml names api.url: it is a remote client)")
     import ray
 
     from orchestrator.controller import stop_controller
@@ -100,6 +119,9 @@ def submit_spec(cluster, spec, priority: int, kind: str = "train", parent_id: st
     from orchestrator.job_store import safe_join
     from orchestrator.runner import preflight, worker_resources
 
+    from specs.paths import check_job_paths
+
+    check_job_paths(spec, cluster.path_roots())  # cluster.yaml's read/write roots (the ranks check again)
     storage = Storage(cluster.storage, dict(cluster.storage_options))
     preflight(spec, storage)
     res = worker_resources(spec, cluster)
@@ -120,7 +142,8 @@ def _controller_alive(store) -> bool:
     return info is not None and time.time() - info.heartbeat < HEARTBEAT_STALE_S
 
 
-def submit_raw(cluster, raw, priority: int = 0, overrides: list[str] | None = None, source: str = "spec") -> str:
+def submit_raw(cluster, raw, priority: int = 0, overrides: list[str] | None = None, source: str = "spec", *,
+               owner: str | None = None, after: list[str] | tuple[str, ...] = ()) -> str:
     """Validate a raw spec (as read from YAML) and queue it; nothing is stored unless it is valid."""
     from specs.job import SpecError, apply_overrides, validate_spec
 
@@ -129,7 +152,11 @@ def submit_raw(cluster, raw, priority: int = 0, overrides: list[str] | None = No
     if not isinstance(raw, dict):
         raise SpecError(f"{source}: expected a mapping of sections (model, data, train, ...)")
     spec = validate_spec(apply_overrides(raw, overrides or []), source=source)
-    return submit_spec(cluster, spec, priority)
+    return submit_spec(cluster, spec, priority, owner=owner, after=after)
+
+
+def _after(args) -> list[str]:
+    return [a.strip() for a in (getattr(args, "after", None) or "").split(",") if a.strip()]
 
 
 def cmd_submit(args) -> int:
@@ -137,16 +164,32 @@ def cmd_submit(args) -> int:
 
     cluster = _cluster(args)
     raw = read_yaml(args.spec)
+    client = _remote(args)
+    if client is not None:
+        from orchestrator.api_client import check_remote_spec
+        from specs.job import apply_overrides
+
+        if isinstance(raw, dict) and "pipeline" not in raw:
+            check_remote_spec(apply_overrides(raw, args.set or []), args.spec)
+        else:
+            check_remote_spec(raw, args.spec)
+        out = client.submit(raw, args.priority, args.set, _after(args), source=os.path.basename(args.spec))
+        print(out["id"])
+        return 0
     if isinstance(raw, dict) and "pipeline" in raw:  # an InstructGPT pipeline file, not one job's spec
         from orchestrator.instructgpt import print_submit_note, submit_pipeline
 
+        if _after(args):
+            raise UsageError("--after: pipelines cannot wait for other jobs yet; submit the pipeline later")
         out = submit_pipeline(cluster, raw, source=args.spec, priority=args.priority, overrides=args.set,
                               log=lambda *a, **k: print(*a, file=sys.stderr, **k))
+        user = local_user()
+        _store(cluster).set_owner(out["id"], user, cluster.team_of(user))
         print_submit_note(out)
         job_id = out["id"]
     else:
         job_id = submit_raw(cluster, raw, 0 if args.priority is None else args.priority, args.set,
-                            source=args.spec)
+                            source=args.spec, after=_after(args))
     print(job_id)
     if not _controller_alive(_store(cluster)):
         print("note: no controller is running; the job waits in the queue until `switchyard up`", file=sys.stderr)
@@ -163,15 +206,31 @@ def _age(ts: float | None) -> str:
     return f"{s:.0f}s" if s < 120 else f"{s / 60:.0f}m" if s < 7200 else f"{s / 3600:.1f}h"
 
 
+def pending_line(job: dict) -> str:
+    """'#2, waiting for quota: ...' for a queued job, '' otherwise (status and list show it)."""
+    p = job.get("pending") or {}
+    if job.get("state") != "QUEUED" or not p:
+        return ""
+    line = f"#{p.get('position')}, waiting for {p.get('waiting_for')}: {p.get('reason')}"
+    if p.get("preempted_by"):
+        line += f" (preempted by {p['preempted_by']})"
+    return line
+
+
 def cmd_list(args) -> int:
-    recs = _store(_cluster(args)).list()
+    client = _remote(args)
+    rows = client.jobs() if client is not None else [r.to_status_dict() for r in _store(_cluster(args)).list()]
     if args.json:
-        print(json.dumps([r.to_status_dict() for r in recs]))
+        print(json.dumps(rows))
         return 0
-    print(f"{'ID':<20} {'NAME':<24} {'STATE':<11} {'PRIO':>4} {'STEP':>7} {'RESTARTS':>8} {'AGE':>6}")
-    for r in sorted(recs, key=lambda r: r.submitted_at):
-        print(f"{r.id:<20} {r.name[:24]:<24} {r.state.value:<11} {r.priority:>4} {r.step or 0:>7} "
-              f"{r.restarts:>8} {_age(r.submitted_at):>6}")
+    print(f"{'ID':<20} {'NAME':<24} {'OWNER':<10} {'STATE':<11} {'PRIO':>4} {'STEP':>7} {'RESTARTS':>8} {'AGE':>6}"
+          "  WHY")
+    for r in sorted(rows, key=lambda r: r["submitted_at"]):
+        why = pending_line(r)
+        if not why and r["state"] == "PREEMPTED":
+            why = f"preempted by {r.get('preempted_by')}; checkpointing"
+        print(f"{r['id']:<20} {r['name'][:24]:<24} {(r.get('owner') or '-')[:10]:<10} {r['state']:<11} "
+              f"{r['priority']:>4} {r['step'] or 0:>7} {r['restarts']:>8} {_age(r['submitted_at']):>6}  {why}")
     return 0
 
 
@@ -229,21 +288,29 @@ def cluster_status(cluster, store) -> dict:
         out["address"], out["nodes"], out["error"] = None, [], str(err)
     from orchestrator.job_store import JobState
 
-    brief = lambda r: {"id": r.id, "name": r.name, "state": r.state.value, "priority": r.priority, "step": r.step}
-    out["queued"] = [brief(r) for r in store.list([JobState.QUEUED])]
-    out["running"] = [brief(r) for r in store.list([JobState.STARTING, JobState.RUNNING, JobState.RESTARTING])]
+    brief = lambda r: {"id": r.id, "name": r.name, "state": r.state.value, "priority": r.priority, "step": r.step,
+                       "owner": r.owner, "team": r.team, "pending": r.pending}
+    queued = sorted(store.list([JobState.QUEUED]),
+                    key=lambda r: ((r.pending or {}).get("position") or 1 << 30, r.submitted_at))
+    out["queued"] = [brief(r) for r in queued]
+    out["running"] = [brief(r) for r in store.list([JobState.STARTING, JobState.RUNNING, JobState.RESTARTING,
+                                                    JobState.PREEMPTED])]
     return out
 
 
 def cmd_status(args) -> int:
     cluster = _cluster(args)
-    store = _store(cluster)
-    if args.job:
+    client = _remote(args)
+    if client is not None:
+        out = client.job(args.job) if args.job else client.cluster()
+        if not args.job:
+            out.setdefault("address", cluster.api.url)
+    elif args.job:
         from data.storage import Storage
 
-        out = job_status(store, args.job, Storage(cluster.storage, dict(cluster.storage_options)))
+        out = job_status(_store(cluster), args.job, Storage(cluster.storage, dict(cluster.storage_options)))
     else:
-        out = cluster_status(cluster, store)
+        out = cluster_status(cluster, _store(cluster))
     if args.json:
         print(json.dumps(out, default=str))
         return 0
@@ -256,8 +323,14 @@ def cmd_status(args) -> int:
     elif args.job:
         m = out.get("metrics") or {}
         print(f"{out['id']}  {out['name']}  {out['state']}  priority {out['priority']}  step {out['step']}  "
-              f"restarts {out['restarts']}")
+              f"restarts {out['restarts']}  owner {out.get('owner') or '-'} ({out.get('team') or '-'})")
         print(f"run_dir: {out['run_dir']}")
+        if pending_line(out):
+            print(f"queued: {pending_line(out)}")
+        if out.get("after"):
+            print(f"after: {', '.join(out['after'])}")
+        if out.get("preemptions"):
+            print(f"preempted {out['preemptions']} time(s), last by {out.get('preempted_by')}")
         if m:
             print("metrics: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in m.items()))
         for e in out.get("evals", []):
@@ -279,7 +352,9 @@ def cmd_status(args) -> int:
                   f"GPU {n['free']['GPU']:g}/{n['total']['GPU']:g} free")
         print(f"running: {len(out['running'])}  queued: {len(out['queued'])}")
         for r in out["running"] + out["queued"]:
-            print(f"  {r['id']} {r['name']} {r['state']} prio {r['priority']} step {r['step']}")
+            why = pending_line(r)
+            print(f"  {r['id']} {r['name']} {r['state']} prio {r['priority']} step {r['step']}"
+                  + (f"  {why}" if why else ""))
     return 0
 
 
@@ -289,6 +364,11 @@ def cmd_status(args) -> int:
 def cmd_logs(args) -> int:
     from data.storage import Storage
 
+    client = _remote(args)
+    if client is not None:
+        for line in client.logs(args.job, args.rank, args.follow):
+            print(line, flush=True)
+        return 0
     cluster = _cluster(args)
     rec = _store(cluster).get(args.job)
     storage = Storage(cluster.storage, dict(cluster.storage_options))
@@ -314,14 +394,61 @@ def cmd_logs(args) -> int:
         time.sleep(1.0)
 
 
+def authorize(cluster, user: str, rec) -> None:
+    """Anyone may read every job; cancelling or changing one needs its owner or an admin."""
+    if rec.owner and rec.owner != user and user not in cluster.admins:
+        raise UsageError(f"{rec.id} belongs to {rec.owner}; only its owner or an admin (admins: in cluster.yaml) "
+                         "may cancel or change it")
+
+
 def cmd_cancel(args) -> int:
-    store = _store(_cluster(args))
-    rec = store.request_cancel(_find_job(store, args.job).id)
+    client = _remote(args)
+    if client is not None:
+        out = client.cancel(args.job)
+        print(f"{out['id']}: {out['state']}" + (" (stopping)" if out["state"] not in ("SUCCEEDED", "FAILED",
+                                                                                      "CANCELLED") else ""))
+        return 0
+    cluster = _cluster(args)
+    store = _store(cluster)
+    rec = _find_job(store, args.job)
+    authorize(cluster, local_user(), rec)
+    rec = store.request_cancel(rec.id)
     print(f"{rec.id}: {rec.state.value}" + (" (stopping)" if not rec.terminal else ""))
     return 0
 
 
+def _remote_wait(client, args) -> int:
+    deadline = time.time() + args.timeout if args.timeout else None
+    while True:
+        left = 60.0 if deadline is None else max(0.0, min(60.0, deadline - time.time()))
+        out = client.wait(args.job, left)
+        if out["state"] in ("SUCCEEDED", "FAILED", "CANCELLED"):
+            break
+        if deadline and time.time() >= deadline:
+            print(f"{out['id']}: still {out['state']} after {args.timeout:g}s", file=sys.stderr)
+            return 3
+    print(f"{out['id']}: {out['state']}" + (f" ({out['reason']})" if out.get("reason") and out["state"] != "SUCCEEDED"
+                                            else ""))
+    return 0 if out["state"] == "SUCCEEDED" else 1
+
+
+def cmd_token(args) -> int:
+    """`switchyard token create USER [--admin]`: on the head (or as an admin over the API); prints the token once."""
+    client = _remote(args)
+    if client is not None:
+        token = client.create_token(args.user, args.admin)["token"]
+    else:
+        token = _store(_cluster(args)).create_token(args.user, args.admin)
+    print(token)
+    print(f"token for {args.user.lower()}{' (admin)' if args.admin else ''}: only its hash is stored, so keep it "
+          "now; on the laptop put it in $SWITCHYARD_TOKEN or ~/.switchyard/token", file=sys.stderr)
+    return 0
+
+
 def cmd_wait(args) -> int:
+    client = _remote(args)
+    if client is not None:
+        return _remote_wait(client, args)
     store = _store(_cluster(args))
     deadline = time.time() + args.timeout if args.timeout else None
     rec = _find_job(store, args.job)
@@ -347,6 +474,8 @@ def register(sub) -> None:
     p.add_argument("--priority", type=int_arg(PRIORITY_MIN, PRIORITY_MAX), default=None,
                    help="higher runs first (default 0; a pipeline file's own priority)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--after", default=None, metavar="JOB[,JOB...]",
+                   help="start only once these jobs have SUCCEEDED (fails if one fails or is cancelled)")
     p.set_defaults(func=cmd_submit)
     p = sub.add_parser("list", help="all jobs")
     p.add_argument("--json", action="store_true")
@@ -367,3 +496,8 @@ def register(sub) -> None:
     p.add_argument("job")
     p.add_argument("--timeout", type=float_arg(0, 1e9), default=None)
     p.set_defaults(func=cmd_wait)
+    p = sub.add_parser("token", help="API tokens: `token create USER [--admin]` prints a new bearer token")
+    p.add_argument("action", choices=["create"])
+    p.add_argument("user")
+    p.add_argument("--admin", action="store_true", help="may cancel or change anyone's job")
+    p.set_defaults(func=cmd_token)
