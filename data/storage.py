@@ -22,6 +22,8 @@ class Storage:
     """Root URI (a local path or scheme://bucket/prefix)."""
     options: dict[str, Any] = field(default_factory=dict)
     """fsspec options for the root's filesystem (e.g. endpoint_url for S3-compatible servers)."""
+    roots: Any = field(default=None, compare=False)
+    """specs.paths.PathRoots a job on this storage may read and write (cluster.yaml paths); None = any."""
 
     @property
     def fs(self) -> fsspec.AbstractFileSystem:

@@ -26,6 +26,12 @@ def cmd_run(args) -> int:
         spec = load_spec(args.spec, args.set)
     else:
         raise UsageError("run: give a SPEC file, or --resume RUN_DIR")
+    from specs.paths import check_job_paths
+
+    roots = cluster.path_roots()
+    check_job_paths(spec, roots, where=args.spec or args.resume)
+    if args.resume and roots is not None and not roots.can_write(args.resume):
+        raise UsageError(f"--resume {args.resume}: not under the storage root or a write root of cluster.yaml")
     log = (lambda *a, **k: print(*a, file=sys.stderr, **k)) if args.json else print
     result = run_job(spec, cluster, resume_dir=args.resume, log=log)
     if args.json:

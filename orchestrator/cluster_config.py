@@ -5,7 +5,6 @@ import os
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from specs.errors import UsageError
@@ -14,13 +13,13 @@ DEFAULT_PATH = "cluster.yaml"
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class RayConfig(_Section):
     address: str = "local"
     """'local' (embedded Ray started by Switchyard), 'auto', or 'ray://host:port'."""
-    num_cpus: int | None = Field(None, ge=1)
+    num_cpus: int | None = Field(None, ge=1, le=1 << 16)
     """CPUs for the embedded local Ray (None = all cores)."""
     namespace: str = "switchyard"
     """Ray namespace of the controller and the jobs."""
@@ -29,9 +28,9 @@ class RayConfig(_Section):
 
 
 class WorkerDefaults(_Section):
-    cpus: float = Field(1, gt=0)
+    cpus: float = Field(1, gt=0, le=1024)
     """CPUs reserved per rank unless the job says otherwise."""
-    gpus: float = Field(0, ge=0)
+    gpus: float = Field(0, ge=0, le=64)
     """GPUs per rank unless the job says otherwise."""
     peak_flops: float | None = Field(None, gt=0)
     """Peak FLOP/s of one worker's device, for MFU."""
@@ -97,6 +96,16 @@ class ApiConfig(_Section):
     """File the CLI reads its bearer token from when the variable is unset."""
 
 
+class PathsConfig(_Section):
+    """Where jobs may read and write (specs.paths): checked at submit and again in the ranks."""
+
+    read: list[str] | None = None
+    """Roots jobs may read from: corpora, model.init_from, rlhf.data files, rlhf.ppo.reward_model
+    (null: the folder of cluster.yaml). The storage root and the write roots are always readable."""
+    write: list[str] = Field(default_factory=list)
+    """Roots jobs may write besides the storage root (e.g. a shared rlhf.data.dir)."""
+
+
 class ClusterConfig(_Section):
     ray: RayConfig = RayConfig()
     storage: str = "./runs"
@@ -113,11 +122,22 @@ class ClusterConfig(_Section):
     """Users who may cancel or change anyone's job."""
     fair_share: FairShareConfig = FairShareConfig()
     api: ApiConfig = ApiConfig()
+    paths: PathsConfig | None = None
+    """Read and write roots of jobs. A cluster.yaml without it reads under its own folder and writes under
+    storage; a ClusterConfig built in code without it (tests) is unrestricted."""
 
     @field_validator("api", mode="before")
     @classmethod
     def _api_url(cls, v: Any) -> Any:
         return {"url": v} if isinstance(v, str) else v
+
+    def path_roots(self):
+        """The normalised roots (specs.paths.PathRoots) jobs are held to, or None for no restriction."""
+        from specs.paths import make_roots
+
+        if self.paths is None:
+            return None
+        return make_roots(self.storage, self.paths.read or [], self.paths.write)
 
     def team_of(self, user: str) -> str:
         """The team ``user`` belongs to (the first listing them), else 'default'."""
@@ -138,19 +158,28 @@ def load_cluster_config(path: str | None = None) -> ClusterConfig:
     path = path or os.environ.get("SWITCHYARD_CLUSTER") or DEFAULT_PATH
     p = Path(path)
     if p.exists():
-        try:
-            raw = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise UsageError(f"{path}: is not valid YAML ({err})") from None
+        from specs.validate import read_plain_yaml
+
+        raw = read_plain_yaml(str(p), what="cluster file")
+        raw = {} if raw is None else raw
+        if not isinstance(raw, dict):
+            raise UsageError(f"{path}: expected a mapping (ray, storage, job_store, workers, ...), "
+                             f"got {type(raw).__name__}")
         base = p.resolve().parent
     elif path != DEFAULT_PATH:
         raise UsageError(f"{path}: no such cluster file")
     else:
         raw, base = {}, Path.cwd()
     try:
-        cfg = ClusterConfig.model_validate(raw)
+        cfg = ClusterConfig.model_validate(raw, strict=True)
     except ValidationError as err:
         e = err.errors()[0]
         loc = ".".join(str(x) for x in e["loc"])
-        raise UsageError(f"{path}: {loc}: {e['msg']}") from None
-    return cfg.model_copy(update={"storage": _resolve(cfg.storage, base), "job_store": _resolve(cfg.job_store, base)})
+        got = e.get("input")
+        shown = f" (got {got!r})" if not isinstance(got, dict) and len(repr(got)) < 60 else ""
+        raise UsageError(f"{path}: {loc or 'cluster'}: {e['msg']}{shown}") from None
+    paths = cfg.paths or PathsConfig()
+    paths = PathsConfig(read=[_resolve(r, base) for r in (paths.read if paths.read is not None else ["."])],
+                        write=[_resolve(w, base) for w in paths.write])
+    return cfg.model_copy(update={"storage": _resolve(cfg.storage, base), "job_store": _resolve(cfg.job_store, base),
+                                  "paths": paths})

@@ -71,7 +71,8 @@ class Controller:
 
         self.cluster = ClusterConfig.model_validate(cluster)
         self.store = JobStore(self.cluster.job_store)
-        self.storage = Storage(self.cluster.storage, dict(self.cluster.storage_options))
+        self.storage = Storage(self.cluster.storage, dict(self.cluster.storage_options),
+                               roots=self.cluster.path_roots())  # the ranks check paths against these
         self.tick_s, self.backfill_window_s = tick_s, backfill_window_s
         self.active: dict[str, Active] = {}
         self._skipped: set[str] = set()

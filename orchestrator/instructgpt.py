@@ -320,6 +320,12 @@ def submit_pipeline(cluster, raw: Any, source: str = "pipeline", priority: int |
     storage = Storage(cluster.storage, dict(cluster.storage_options))
     store = JobStore(cluster.job_store)
     pdir = pipeline_dir(cluster.storage, spec.name)
+    from specs.paths import check_job_paths
+
+    roots = cluster.path_roots() if hasattr(cluster, "path_roots") else None
+    for stage in STAGES:  # cluster.yaml's read/write roots, before anything is written (the ranks check again)
+        check_job_paths(stage_spec(spec, stage, pdir, {s: placeholder(pdir, s) for s in STAGES}, source), roots,
+                        where=f"{source}: {stage} stage")
     check_data_files(spec, storage, source)
     from orchestrator.runner import preflight
 

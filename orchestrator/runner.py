@@ -29,7 +29,9 @@ def new_job_id() -> str:
 
 
 def storage_of(cluster) -> Storage:
-    return Storage(cluster.storage, dict(cluster.storage_options))
+    """The storage jobs use, carrying cluster.yaml's read/write roots to the ranks (specs.paths)."""
+    roots = cluster.path_roots() if hasattr(cluster, "path_roots") else None
+    return Storage(cluster.storage, dict(cluster.storage_options), roots=roots)
 
 
 def worker_resources(spec: JobSpec, cluster) -> WorkerResources:

@@ -94,7 +94,9 @@ class RankWorker:
     def prepare_data(self, source, storage) -> str:
         """Rank 0 builds (or finds) the token cache before the others read it."""
         from data.shards import build_token_cache
+        from specs.paths import check_corpus_readable
 
+        check_corpus_readable(source.corpus, storage)  # cluster.yaml's read roots, again, where the files are read
         return build_token_cache(source, storage)
 
     def setup(self, master_addr: str, master_port: int, interface: str | None = None) -> None:
@@ -129,6 +131,9 @@ class RankWorker:
         if self._stop_early:
             ctx.stop.set()
         self._ctx = ctx
+        from specs.paths import check_job_paths
+
+        check_job_paths(ctx.spec, getattr(ctx.storage, "roots", None), where=f"rank {self.rank}")  # again, here
         try:
             return run(ctx)
         except UserError as err:
