@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import posixpath
+import re
 from typing import Any
 
 import torch
@@ -433,6 +434,29 @@ def save_hf(folder: str, cfg, state: dict[str, torch.Tensor], files: dict[str, s
     return cls
 
 
+SHARD_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}\.safetensors$")
+"""A shard a model.safetensors.index.json may name: one plain file name in the index's own folder."""
+
+
+def _index_shards(index: str, fs) -> list[str]:
+    """The shard file names of a sharded checkpoint's index; HFError unless each stays inside its folder."""
+    try:
+        with fs.open(index, "r") as f:
+            weight_map = json.load(f)["weight_map"]
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as err:
+        raise HFError(f"{index}: not a safetensors index (a JSON object with a weight_map): {err}") from None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise HFError(f"{index}: weight_map must be a non-empty mapping of tensor names to shard files")
+    shards = set()
+    for tensor, name in weight_map.items():
+        # No separators, no '..', no absolute paths, no URIs: a shard is a file next to the index.
+        if not isinstance(name, str) or not SHARD_NAME_RE.match(name) or ".." in name:
+            raise HFError(f"{index}: weight_map[{str(tensor)[:80]!r}] names {str(name)[:80]!r}; a shard must be a "
+                          "plain *.safetensors file name in the index's own folder")
+        shards.add(name)
+    return sorted(shards)
+
+
 def _read_weights(folder: str, fs) -> dict[str, torch.Tensor]:
     from safetensors.torch import load as load_bytes
 
@@ -444,8 +468,7 @@ def _read_weights(folder: str, fs) -> dict[str, torch.Tensor]:
         return read("model.safetensors")
     index = posixpath.join(folder, "model.safetensors.index.json")
     if fs.exists(index):
-        with fs.open(index, "r") as f:
-            shards = sorted(set(json.load(f)["weight_map"].values()))
+        shards = _index_shards(index, fs)
         out: dict[str, torch.Tensor] = {}
         for shard in shards:
             out.update(read(shard))
