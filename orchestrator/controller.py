@@ -49,6 +49,8 @@ TICK_S = 0.5
 WARM_IDLE_S = 30.0   # a finished job's gang stays warm this long for the next job of the same shape
 WARM_MAX = 4         # at most this many warm gangs
 TRAINING_KINDS = ("train", "sweep-run", "pipeline-stage")
+VACATED_GRACE_S = 15.0  # a preempted gang's room counts as spoken for this long (Ray's free view lags its removal)
+PENDING_REFRESH_S = 5.0  # a waiting job's reason text is rewritten at most this often unless what it waits for changes
 
 
 @dataclass
@@ -83,6 +85,7 @@ class Controller:
         self._lock = threading.RLock()
         self._stop = threading.Event()
         self._shares: tuple[float, dict[str, float]] = (0.0, {})  # (computed at, team -> usage / weight)
+        self._vacated: dict[str, tuple[float, sched.RunningJob]] = {}  # preempted job -> (when, what it held)
         p = self.cluster.preemption
         self.preemption = sched.PreemptionPolicy(p.enabled, p.min_run_s, p.never_preempt_priority, p.max_per_job,
                                                  p.backoff_s)
@@ -236,6 +239,8 @@ class Controller:
     def _requeue_preempted(self, job_id: str, act: Active, result: dict | None, killed: bool = False) -> None:
         """A preempted job has stopped (or is killed): free its gang and queue it to resume."""
         progress = act.run.group.progress(timeout_s=1.0) if act.run.group is not None else {}
+        held = self._as_running(job_id, act, self.store.get(job_id))
+        self._vacated[job_id] = (time.time(), sched.RunningJob(**{**held.__dict__, "stopping": True}))
         act.run.shutdown()
         self.active.pop(job_id, None)
         ckpt = progress.get("last_checkpoint")
@@ -292,17 +297,24 @@ class Controller:
                 for nid, n in nodes.items()}
         return free, total
 
+    def _as_running(self, job_id: str, act: Active, rec) -> sched.RunningJob:
+        bundles = sched.bundles_of(rec.resources)
+        infos = act.run.group.infos if act.run.group is not None else []
+        nodes = tuple(i["node"] for i in infos) if len(infos) == len(bundles) else ("?",) * len(bundles)
+        since = rec.running_since if rec.state == JobState.RUNNING and act.started else None
+        return sched.RunningJob(job_id, rec.priority, bundles, nodes, since, rec.preemptions, rec.team,
+                                stopping=act.preempt is not None)
+
     def _running_jobs(self) -> list[sched.RunningJob]:
-        """The jobs holding workers, as the scheduler sees them (preemption candidates, quota use)."""
-        out = []
-        for job_id, act in self.active.items():
-            rec = self.store.get(job_id)
-            bundles = sched.bundles_of(rec.resources)
-            infos = act.run.group.infos if act.run.group is not None else []
-            nodes = tuple(i["node"] for i in infos) if len(infos) == len(bundles) else ("?",) * len(bundles)
-            since = rec.running_since if rec.state == JobState.RUNNING and act.started else None
-            out.append(sched.RunningJob(job_id, rec.priority, bundles, nodes, since, rec.preemptions, rec.team,
-                                        stopping=act.preempt is not None))
+        """The jobs holding workers, as the scheduler sees them (preemption candidates, quota use).
+
+        Gangs of just-preempted jobs are included as stopping for a few seconds: Ray's free view lags
+        their removal, and without them the preempting job would look short of room and preempt again.
+        """
+        out = [self._as_running(job_id, act, self.store.get(job_id)) for job_id, act in self.active.items()]
+        now = time.time()
+        self._vacated = {j: v for j, v in self._vacated.items() if now - v[0] < VACATED_GRACE_S}
+        out += [v for j, (_, v) in self._vacated.items() if j not in self.active]
         return out
 
     def _fair_shares(self, now: float) -> dict[str, float]:
@@ -372,6 +384,7 @@ class Controller:
                 if not started:  # re-read free resources before starting another
                     self._start(decision.job_id)
                     started = True
+                    self._vacated.clear()  # the room preempted jobs left is taken now
                 continue
             if isinstance(decision, sched.Preempt):
                 self._preempt(decision)
@@ -413,12 +426,20 @@ class Controller:
         print(f"preempting {decision.job_id}: {decision.reason}", flush=True)
 
     def _note_pending(self, rec, position: int, decision: sched.Wait) -> None:
-        """Record why a queued job waits (status and list show it); written only when it changes."""
-        pending = {"position": position, "waiting_for": decision.waiting_for, "reason": decision.reason}
+        """Record why a queued job waits (status and list show it).
+
+        Written when its position or what it waits for changes; a reason whose text alone changed (free
+        CPUs, seconds run) at most every PENDING_REFRESH_S, so a long queue is not rewritten every tick.
+        """
+        now = time.time()
+        pending = {"position": position, "waiting_for": decision.waiting_for, "reason": decision.reason, "at": now}
         last = rec.history[-1] if rec.history else None
         if rec.preempted_by and last is not None and last.reason.startswith("preempted by"):
             pending["preempted_by"] = rec.preempted_by
-        if rec.pending != pending:
+        old = rec.pending or {}
+        key = lambda p: (p.get("position"), p.get("waiting_for"), p.get("preempted_by"))
+        if key(old) != key(pending) or (old.get("reason") != pending["reason"]
+                                        and now - (old.get("at") or 0) >= PENDING_REFRESH_S):
             self.store.update(rec.id, pending=pending)
 
     # ------------------------------------------------------------------ warm gangs
