@@ -239,8 +239,9 @@ def load_table(path: str, loss_column: str | None = None) -> FitTable:
 # ----------------------------------------------------------------------------- fitting
 
 
-def run_fits(table: FitTable, *, n_bootstrap: int = 100, seed: int = 0) -> FitReport:
-    """All three approaches and the bootstrap on one table."""
+def run_fits(table: FitTable, *, n_bootstrap: int = 100, seed: int = 0, starts: np.ndarray | None = None,
+             level: float = 0.95) -> FitReport:
+    """All three approaches and the bootstrap on one table (``starts``: approach 3's grid, default Chinchilla's)."""
     timing = {}
     t0 = time.perf_counter()
     a1, a1_skip = None, ""
@@ -258,7 +259,7 @@ def run_fits(table: FitTable, *, n_bootstrap: int = 100, seed: int = 0) -> FitRe
     timing["approaches_1_2"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     try:
-        a3 = fit_approach3(table.n, table.d, table.loss)
+        a3 = fit_approach3(table.n, table.d, table.loss, starts=starts)
     except FitError as err:
         raise UsageError(f"fit: {table.source}: {err}") from None
     timing["approach3"] = time.perf_counter() - t0
@@ -266,7 +267,7 @@ def run_fits(table: FitTable, *, n_bootstrap: int = 100, seed: int = 0) -> FitRe
     if n_bootstrap:
         t0 = time.perf_counter()
         boot = bootstrap(table.n, table.d, table.loss, n_resamples=n_bootstrap, seed=seed, base=a3,
-                         curves=curves)
+                         curves=curves, level=level)
         timing["bootstrap"] = time.perf_counter() - t0
     return FitReport(table, a1, a1_skip, a2, a2_skip, a3, boot, timing, repeat_noise(table))
 
