@@ -189,15 +189,18 @@ def report_inputs(spec: PipelineSpec, pdir: str) -> dict:
     """Where the report reads its held-out prompts and comparisons (the files the stages used)."""
     from data.rlhf_files import RLHFDataFiles
 
-    d = _get(spec.base, "rlhf.data") or {}
-    builtin = "builtin" not in d or d["builtin"] is not None
+    from specs.job import HELD_OUT_OF, RLHFDataSpec
+
+    d = RLHFDataSpec.model_validate(_get(spec.base, "rlhf.data") or {})
     files = RLHFDataFiles.under(data_dir(spec, pdir))
 
     def held_out(own: str, pool: str, default: str) -> tuple[str, bool]:
-        # A held-out file the user gave; else the built-in one; else the tail of the pool, as the stages do.
-        if d.get(own):
-            return d[own], False
-        return (default, False) if builtin else (d[pool], True)
+        # The user's held-out file; else the tail of the user's own pool file; else the built-in held-out
+        # file (RLHFDataSpec.source_of, the rule the stages follow too).
+        source = d.source_of(own)
+        if source == "given":
+            return getattr(d, own), False
+        return (getattr(d, HELD_OUT_OF[own]), True) if source == "tail" else (default, False)
 
     prompts, prompts_tail = held_out("eval_prompts", "prompts", files.eval_prompts)
     comps, comps_tail = held_out("comparisons_heldout", "comparisons", files.rm_heldout)

@@ -274,6 +274,21 @@ class RLHFDataSpec(_Section):
     eval_prompts: str | None = None
     """PPO evaluation and the pipeline report: held-out {prompt} rows."""
 
+    def source_of(self, name: str) -> Literal["given", "builtin", "tail", "none"]:
+        """Where dataset ``name`` comes from: the user's file, the built-in task, or the tail of the user's
+        own pool file (a held-out set left null next to a given pool: never the built-in held-out set)."""
+        if getattr(self, name):
+            return "given"
+        pool = HELD_OUT_OF.get(name)
+        if pool is not None and getattr(self, pool):
+            return "tail"
+        return "builtin" if self.builtin is not None else "tail" if pool is not None else "none"
+
+
+HELD_OUT_OF = {"demonstrations_heldout": "demonstrations", "comparisons_heldout": "comparisons",
+               "eval_prompts": "prompts"}
+"""Each held-out dataset of rlhf.data and the dataset whose tail it defaults to."""
+
 
 class SFTStageSpec(_Section):
     response_only: bool = True

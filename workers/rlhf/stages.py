@@ -88,9 +88,9 @@ def stage_files(spec, run_dir: str) -> StageFiles:
                 "eval_prompts": std.eval_prompts}
     chosen, builtin = {}, {}
     for name, default in defaults.items():
-        given = getattr(d, name)
-        builtin[name] = given is None and d.builtin is not None
-        chosen[name] = given if given is not None else default if d.builtin is not None else None
+        source = d.source_of(name)  # a held-out set next to the user's own pool file is that file's tail
+        builtin[name] = source == "builtin"
+        chosen[name] = getattr(d, name) if source == "given" else default if source == "builtin" else None
     return StageFiles(**chosen, builtin=builtin)
 
 
