@@ -86,20 +86,33 @@ def _read_file(fs, path: str, fmt: str, text_field: str) -> Iterator[str]:
             if text:
                 yield str(text)
     elif fmt == "jsonl":
-        with fs.open(path, "r", compression="infer") as f:
-            for lineno, line in enumerate(f, 1):
+        with fs.open(path, "rb", compression="infer") as f:
+            offset = 0
+            for lineno, raw in enumerate(f, 1):
+                line, at, offset = raw, offset, offset + len(raw)
                 if not line.strip():
                     continue
                 try:
-                    row = json.loads(line)
+                    row = json.loads(_utf8(line, path, at))
                 except json.JSONDecodeError:
                     raise UsageError(f"{path}: line {lineno} is not valid JSON") from None
                 if not isinstance(row, dict) or text_field not in row:
                     raise UsageError(f"{path}: line {lineno} has no {text_field!r} field; set data.text_field")
+                if row[text_field] is None:
+                    raise UsageError(f"{path}: line {lineno} has {text_field!r}: null; remove the line or give text")
                 yield str(row[text_field])
     else:
-        with fs.open(path, "r", encoding="utf-8", errors="replace") as f:
-            yield f.read()
+        with fs.open(path, "rb", compression="infer") as f:
+            text = _utf8(f.read(), path, 0)
+        yield text.replace("\r\n", "\n").replace("\r", "\n") if "\r" in text else text
+
+
+def _utf8(raw: bytes, path: str, offset: int) -> str:
+    """Strict UTF-8: a corpus with invalid bytes is refused with the file and the byte offset, never patched."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise UsageError(f"{path}: invalid UTF-8 at byte {offset + err.start}; re-encode the file as UTF-8") from None
 
 
 def iter_documents(corpus: str, fmt: str = "auto", text_field: str = "text", max_docs: int | None = None,
