@@ -95,8 +95,15 @@ def iter_rows(uri: str) -> Iterator[tuple[int, Any]]:
         for i, row in enumerate(table.to_pylist(), start=1):
             yield i, row
         return
-    with fsspec.open(uri, "rt", compression="infer", encoding="utf-8") as f:
-        for i, line in enumerate(f, start=1):
+    with fsspec.open(uri, "rb", compression="infer") as f:
+        offset = 0
+        for i, raw in enumerate(f, start=1):
+            at, offset = offset, offset + len(raw)
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:  # refused, never patched: the file and the byte are named
+                raise RowError(uri, i, "(row)", f"invalid UTF-8 at byte {at + e.start}; re-encode the file "
+                                                "as UTF-8") from None
             if not line.strip():
                 continue
             try:
@@ -153,6 +160,10 @@ def _text(uri: str, n: int, row: dict, name: str, allow_empty: bool = True) -> s
     return value
 
 
+MAX_RESPONSES = 64
+"""Most responses one comparison row may rank (K; a row's K-choose-2 pairs share one batch element)."""
+
+
 def _comparison(uri: str, n: int, row: dict) -> Comparison:
     prompt = _text(uri, n, row, "prompt", allow_empty=False)
     if "responses" not in row and "chosen" not in row:
@@ -168,6 +179,8 @@ def _comparison(uri: str, n: int, row: dict) -> Comparison:
         raise RowError(uri, n, "responses", f"expected a list of strings, got {type(responses).__name__}")
     if len(responses) < 2:
         raise RowError(uri, n, "responses", f"need at least 2 responses to rank, got {len(responses)}")
+    if len(responses) > MAX_RESPONSES:  # all K-choose-2 pairs of a row train in one batch element
+        raise RowError(uri, n, "responses", f"at most {MAX_RESPONSES} responses per row, got {len(responses)}")
     for j, r in enumerate(responses):
         if not isinstance(r, str):
             raise RowError(uri, n, "responses", f"item {j} is {type(r).__name__} {_one_line(r)}, not a string")
