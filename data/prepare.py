@@ -188,6 +188,10 @@ class Progress:
         self.tokens = sum(e["tokens"] for e in done)
         self.t0, self.bytes0, self.tokens0, self.last = time.time(), self.bytes, self.tokens, 0.0
 
+    def restart(self) -> None:
+        """Rates count from now (the pool's actors are up)."""
+        self.t0, self.bytes0, self.tokens0 = time.time(), self.bytes, self.tokens
+
     def add(self, entry: dict) -> None:
         self.units += 1
         self.bytes += entry["unit"]["nbytes"]
@@ -246,7 +250,9 @@ def _tokenizer(source, folder: str, storage: Storage, units: list[Unit]) -> Text
     return tok
 
 
-def _run_pool(units: list[Unit], writer_args: tuple, progress: Progress, max_actors: int | None) -> list[dict]:
+def _run_pool(units: list[Unit], writer_args: tuple, progress: Progress, max_actors: int | None
+              ) -> tuple[list[dict], float]:
+    """Tokenize ``units`` on a pool of writer actors; return their index entries and the actors' start time."""
     import ray
 
     from orchestrator.runner import unwrap_remote_error
@@ -255,9 +261,13 @@ def _run_pool(units: list[Unit], writer_args: tuple, progress: Progress, max_act
     env = {"TOKENIZERS_PARALLELISM": "false", "RAYON_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
     cls = ray.remote(ShardWriter).options(num_cpus=plan.cpus_per_actor, scheduling_strategy="SPREAD",
                                           max_restarts=2, max_task_retries=2, runtime_env={"env_vars": env})
+    t0 = time.time()
     actors = [cls.remote(*writer_args) for _ in range(plan.actors)]
     queue, inflight, out = list(units), {}, []
     try:
+        ray.get([a.__ray_ready__.remote() for a in actors])
+        started_s = time.time() - t0
+        progress.restart()
         for actor in actors * 2:  # two units queued per actor keep it busy between reports
             if queue:
                 inflight[actor.write.remote(queue.pop(0))] = actor
@@ -275,7 +285,7 @@ def _run_pool(units: list[Unit], writer_args: tuple, progress: Progress, max_act
     finally:
         for actor in actors:
             ray.kill(actor)
-    return out
+    return out, started_s
 
 
 def prepare(source, storage: Storage, folder: str, log=print, max_actors: int | None = None,
@@ -289,6 +299,7 @@ def prepare(source, storage: Storage, folder: str, log=print, max_actors: int | 
     if done:
         log(f"data prepare: resuming, {len(done)} of {len(units)} shards already written")
     todo = [u for u in units if u.index not in done]
+    actors_start_s = 0.0
     progress = Progress(folder, storage, units, list(done.values()), log)
     writer_args = (folder, storage, tok.to_json(), tok.kind, source.text_field)
     if use_ray is None:
@@ -306,7 +317,8 @@ def prepare(source, storage: Storage, folder: str, log=print, max_actors: int | 
             left -= entry["documents"]
             progress.add(entry)
     elif todo and use_ray and len(todo) > 1:
-        for entry in _run_pool(todo, writer_args, progress, max_actors):
+        entries, actors_start_s = _run_pool(todo, writer_args, progress, max_actors)
+        for entry in entries:
             done[entry["unit"]["index"]] = entry
     else:
         writer = ShardWriter(*writer_args)
@@ -321,4 +333,5 @@ def prepare(source, storage: Storage, folder: str, log=print, max_actors: int | 
     return {"tokenizer": tok.kind, "vocab_size": tok.vocab_size, "padded_vocab_size": tok.padded_vocab_size,
             "documents": sum(s["documents"] for s in shards), "tokens": n_tokens, "shards": shards,
             "row_group_tokens": ROW_GROUP_TOKENS, "files": progress.files, "input_bytes": progress.total_bytes,
-            "seconds": round(time.time() - t0, 2)}
+            "seconds": round(time.time() - t0, 2), "actors_start_seconds": round(actors_start_s, 2),
+            "tokenize_seconds": progress.snapshot()["elapsed_s"]}
