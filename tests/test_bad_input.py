@@ -243,3 +243,32 @@ def test_pipeline_file_priority_and_numbers(box, capsys):
                          ("priority: '3'\n", "priority")]:
         pipe.write_text("pipeline: instructgpt\nname: p\n" + body)
         refused(box, capsys, ["submit", str(pipe)], needle)
+
+
+@pytest.mark.parametrize("text, needle", [
+    ("storage: ./r\nstorage: ./s\n", "line 2: duplicate key 'storage'"),
+    ("workers: {cpus: .inf}\n", "workers.cpus"),
+    ("workers: {cpus: '2'}\n", "workers.cpus"),
+    ("workers: {cpus: 100000}\n", "workers.cpus"),
+    ("ray: {num_cpus: 18446744073709551616}\n", "ray.num_cpus"),
+    ("storage: 2024-01-01\n", "a date/time is not allowed"),
+    ("storage: !!binary aGk=\n", "binary data"),
+    ("paths: {read: /data}\n", "paths.read"),
+    ("paths: {reed: [/data]}\n", "paths.reed"),
+    ("- 1\n", "expected a mapping"),
+])
+@pytest.mark.parametrize("command", [["list"], ["submit", "S"], ["run", "S"]])
+def test_bad_cluster_yaml_is_one_line(tmp_path, capsys, text, needle, command):
+    box = Sandbox(tmp_path)
+    box.cluster.write_text(text)
+    (tmp_path / "S").write_text(BASE)
+    line = refused(box, capsys, [str(tmp_path / "S") if a == "S" else a for a in command], needle)
+    assert str(box.cluster) in line
+
+
+@pytest.mark.parametrize("text, needle", [("name: 2024-01-01\n", "date"), ("a: 1\na: 2\n", "duplicate key"),
+                                          ("x: !!set {a: null}\n", "set")])
+def test_sweep_files_are_read_as_plain_yaml(box, capsys, text, needle):
+    sweep = box.root / "sweep.yaml"
+    sweep.write_text(text)
+    refused(box, capsys, ["sweep", str(sweep), "--dry-run"], needle)
