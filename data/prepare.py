@@ -232,7 +232,7 @@ def _done_entries(folder: str, storage: Storage, units: list[Unit]) -> dict[int,
     for u in units:
         if f"shard-{u.index:05d}.json" in names:
             entry = storage.read_json(f"{folder}/shard-{u.index:05d}.json")
-            if entry.get("unit") == u.to_dict():
+            if entry.get("unit") == u.to_dict() and (entry["name"] is None or entry["name"] in names):
                 done[u.index] = entry
     return done
 

@@ -321,3 +321,22 @@ def test_cli_data_prepare_then_a_job_reuses_the_cache(ray_cluster, tmp_path, cap
     assert cache_folder(TokenSource.from_spec(spec.data), Storage(str(store))) == first["cache"]
     assert main(["--cluster", str(cfg), "data", "prepare", str(tmp_path / "nope")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_zstd_jsonl_and_text_are_streamed(tmp_path):
+    folder = tmp_path / "z"
+    folder.mkdir()
+    rows = [{"text": f"row {i} " * (i % 7 + 1)} for i in range(500)]
+    with pa.CompressedOutputStream(str(folder / "a.jsonl.zst"), "zstd") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in rows).encode())
+    with pa.CompressedOutputStream(str(folder / "b.txt.gz"), "gzip") as f:
+        f.write("a whole gzipped document\r\nwith two lines".encode())
+    storage = Storage(str(tmp_path / "store"))
+    cache = TokenCache.load(build_token_cache(TokenSource(str(folder)), storage, log=lambda *_: None,
+                                              use_ray=False), storage)
+    tok = cache.tokenizer
+    expected = []
+    for r in rows:
+        expected += tok.encode(r["text"]) + [tok.eos_id]
+    expected += tok.encode("a whole gzipped document\nwith two lines") + [tok.eos_id]
+    assert np.array_equal(cache.tokens[:], np.array(expected, dtype=np.int32))
