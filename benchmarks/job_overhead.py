@@ -1,7 +1,7 @@
 """Fixed overhead per job: ``switchyard submit`` through the controller against Ray Train's TorchTrainer.
 
 The same trivial job for both: two workers (one CPU, one torch thread each),
-the tiny llama decoder of ``workers.train_loop.model_config``, a few optimizer
+the tiny llama decoder of ``workers.tasks.model_config``, a few optimizer
 steps on the same samples (the job's token cache and ``DataPlan``, each rank
 its share). Switchyard runs it through the controller (``start_controller``,
 started once before anything is timed, as ``switchyard up`` would be;
@@ -185,7 +185,8 @@ def ray_train_loop(config: dict) -> None:
     from data.storage import Storage
     from models.transformer import Decoder
     from specs.job import validate_spec
-    from workers.train_loop import lr_lambda, make_optimizer, model_config
+    from workers.parallel.engine import lr_lambda, make_optimizer
+    from workers.tasks import model_config
 
     torch.set_num_threads(1)
     ctx = ray.train.get_context()

@@ -1,6 +1,6 @@
 """PPO throughput: episodes per second, the time split between phases, and what the KV cache buys.
 
-Runs PPO iterations of ``workers.rlhf.reference.ppo_step`` (generate, score,
+Runs PPO iterations of ``workers.rlhf.steps.ppo_step`` (generate, score,
 advantages, update) on the built-in instruction task with the four InstructGPT
 roles (policy and reference Decoders, reward and value ScalarHeadModels), single
 process, one thread. Weights are freshly initialised: the figures are about
@@ -31,7 +31,8 @@ from models.generate import SamplingConfig, generate
 from models.heads import ScalarHeadModel
 from models.transformer import Decoder, decoder_config
 from workers.rlhf import ppo_math as pm
-from workers.rlhf.reference import PPOConfig, PPORoles, adamw, optimizer_step, ppo_step
+from workers.rlhf.ppo_config import PPOConfig
+from workers.rlhf.steps import PPORoles, adamw, optimizer_step, ppo_step
 
 
 def main() -> None:

@@ -1,6 +1,6 @@
 """Tokens/s of a one-worker ``switchyard run`` against a plain single-process PyTorch loop.
 
-Both train the same decoder (``workers.train_loop.model_config`` of the same
+Both train the same decoder (``workers.tasks.model_config`` of the same
 spec) on the same samples (the job's token cache and ``DataPlan``), with the
 same micro batch, sequence length, optimizer (``make_optimizer``: AdamW with
 the spec's parameter groups), LR schedule, gradient clipping at 1.0 (what
@@ -96,7 +96,8 @@ def baseline_child(args) -> None:
     from data.shards import TokenCache
     from data.storage import Storage
     from models.transformer import Decoder
-    from workers.train_loop import lr_lambda, make_optimizer, model_config
+    from workers.parallel.engine import lr_lambda, make_optimizer
+    from workers.tasks import model_config
 
     torch.set_num_threads(THREADS)
     spec = make_spec(args)

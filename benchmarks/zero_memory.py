@@ -2,7 +2,7 @@
 
 Two Ray actors (the ranks) join torch.distributed over gloo and, for each
 stage, build a fresh model and a DeepSpeed engine with
-``workers.train_loop.build_engine`` (the engine Switchyard trains with). After
+``workers.parallel.engine.build_engine`` (the engine Switchyard trains with). After
 one full step (so Adam's state exists) and the backward pass of a second (so
 gradients exist), each rank counts the bytes of every tensor it holds: the
 module's parameters and their ``.grad``, ZeRO-3's ``ds_tensor`` partitions,
@@ -210,7 +210,8 @@ class MemoryRank:
 
         from data.tokenizer import byte_tokenizer
         from models.transformer import Decoder
-        from workers.train_loop import build_engine, model_config
+        from workers.parallel.engine import build_engine
+        from workers.tasks import model_config
 
         spec = make_spec(preset, stage, precision, micro_batch, seq_len)
         cfg = model_config(spec, byte_tokenizer().padded_vocab_size)

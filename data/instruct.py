@@ -36,7 +36,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
-from data.rlhf_files import Comparison, Demonstration
+from data.records import Comparison, Demonstration
 
 PROMPT_END = "\n"
 WORDS = (

@@ -28,30 +28,10 @@ from typing import Any, Iterable, Iterator
 
 import fsspec
 
+from data import instruct
+from data.records import Comparison, Demonstration
+
 FORMATS = ("jsonl", "parquet")
-
-
-@dataclass(frozen=True)
-class Demonstration:
-    prompt: str
-    """Instruction text, everything the model sees before its answer."""
-    response: str
-    """The demonstrated answer."""
-
-
-@dataclass(frozen=True)
-class Comparison:
-    prompt: str
-    """Instruction text shared by all responses."""
-    responses: tuple[str, ...]
-    """K >= 2 candidate answers, in any order."""
-    ranking: tuple[int, ...]
-    """Indices into ``responses``, best first: a permutation of 0..K-1."""
-
-    @property
-    def ranked(self) -> list[str]:
-        """Responses from best to worst."""
-        return [self.responses[i] for i in self.ranking]
 
 
 # ----------------------------------------------------------------------------- raw rows
@@ -274,8 +254,6 @@ class BuiltinDataConfig:
 
     def task(self, seed_offset: int = 0):
         """The data.instruct.TaskConfig of one prompt stream."""
-        from data import instruct
-
         families = instruct.FAMILIES if self.families is None else tuple(self.families)
         return instruct.TaskConfig(seed=self.seed + seed_offset, families=families)
 
@@ -322,9 +300,6 @@ def write_builtin_prompts(root: str, cfg: BuiltinDataConfig = BuiltinDataConfig(
     the held-out split (``data.instruct``). Comparisons come separately
     (``write_builtin_comparisons``) because they may need the SFT model.
     """
-    # Imported here: data.instruct builds on this module's record types.
-    from data import instruct
-
     files = RLHFDataFiles.under(root, cfg.fmt)
     task = cfg.task()
     write_demonstrations(files.sft_train, instruct.demonstrations(cfg.n_sft, "train", task, cfg.demo_noise))
@@ -341,8 +316,6 @@ def builtin_comparisons(cfg: BuiltinDataConfig = BuiltinDataConfig(), sampler=No
     ``sampler`` (``data.instruct.Sampler``, e.g. the SFT model) contributes
     ``cfg.model_share`` of each prompt's responses; the judge ranks them.
     """
-    from data import instruct
-
     task = cfg.task()
     opts = dict(sampler=sampler, model_share=cfg.model_share, n_samples=cfg.n_samples, min_gap=cfg.min_gap)
     train = instruct.comparisons(cfg.n_rm, cfg.k, "train", task, seed=1, **opts)

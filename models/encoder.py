@@ -25,6 +25,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from models.moe import SwitchConfig, SwitchMLP
+
 IGNORE_INDEX = -100
 
 
@@ -96,8 +98,6 @@ class EncoderConfig:
     def from_dict(cls, d: dict) -> "EncoderConfig":
         d = dict(d)
         if isinstance(d.get("moe"), dict):
-            from models.moe import SwitchConfig
-
             d["moe"] = SwitchConfig(**d["moe"])
         return cls(**d)
 
@@ -196,8 +196,6 @@ class MLP(nn.Module):
 
 def make_mlp(cfg: EncoderConfig, layer: int) -> nn.Module:
     if cfg.moe is not None and cfg.moe.applies_to(layer):
-        from models.moe import SwitchMLP
-
         # Experts are GELU MLPs with biases; SwitchMLP's use the tanh GELU approximation.
         return SwitchMLP(cfg.d_model, cfg.d_ff, "gelu", True, cfg.moe)
     return MLP(cfg)

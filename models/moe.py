@@ -32,7 +32,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models.transformer import MLP
+from models.mlp import MLP
 
 
 @dataclass(frozen=True)

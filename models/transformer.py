@@ -23,6 +23,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from models.mlp import MLP
+from models.moe import SwitchConfig, SwitchMLP
+
 IGNORE_INDEX = -100
 
 
@@ -106,8 +109,6 @@ class DecoderConfig:
     def from_dict(cls, d: dict) -> "DecoderConfig":
         d = dict(d)
         if d.get("moe") is not None and isinstance(d["moe"], dict):
-            from models.moe import SwitchConfig
-
             d["moe"] = SwitchConfig(**d["moe"])
         return cls(**d)
 
@@ -222,27 +223,8 @@ class Attention(nn.Module):
         return F.dropout(self.o_proj(y), self.dropout, self.training)
 
 
-class MLP(nn.Module):
-    def __init__(self, d_model: int, d_ff: int, kind: str, bias: bool, dropout: float):
-        super().__init__()
-        self.kind = kind
-        self.up = nn.Linear(d_model, d_ff, bias=bias)
-        self.gate = nn.Linear(d_model, d_ff, bias=bias) if kind == "swiglu" else None
-        self.down = nn.Linear(d_ff, d_model, bias=bias)
-        self.dropout = dropout
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.gate is not None:
-            h = F.silu(self.gate(x)) * self.up(x)
-        else:
-            h = F.gelu(self.up(x), approximate="tanh")
-        return F.dropout(self.down(h), self.dropout, self.training)
-
-
 def make_mlp(cfg: DecoderConfig, layer: int) -> nn.Module:
     if cfg.moe is not None and cfg.moe.applies_to(layer):
-        from models.moe import SwitchMLP
-
         return SwitchMLP(cfg.d_model, cfg.ff_dim, cfg.mlp, cfg.bias, cfg.moe)
     return MLP(cfg.d_model, cfg.ff_dim, cfg.mlp, cfg.bias, cfg.dropout)
 

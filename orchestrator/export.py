@@ -29,7 +29,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 def export_hf(storage, run_path: str, out: str) -> dict:
     """Write the HF folder ``out`` (local) from a run directory or checkpoint folder; UsageError on bad input."""
     from models.hf import HFError, save_hf
-    from workers.train_loop import run_weights
+    from workers.weights import run_weights
 
     if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
         raise UsageError(f"export: {out} exists and is not an empty folder; choose a new OUT")
@@ -57,7 +57,7 @@ def export_command(args: argparse.Namespace) -> int:
     from orchestrator.cluster_config import load_cluster_config
 
     from data.storage import Storage
-    from workers.train_loop import storage_for
+    from workers.weights import storage_for
 
     cluster = load_cluster_config(args.cluster)
     run_path = args.run_dir.rstrip("/")

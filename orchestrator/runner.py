@@ -20,7 +20,7 @@ from data.shards import TokenSource
 from data.storage import Storage
 from specs.errors import UsageError
 from specs.job import JobSpec, validate_spec
-from workers.train_loop import RunContext
+from workers.kind import RunContext
 from workers.worker_group import PlacementTimeout, WorkerGroup, WorkerResources
 
 
@@ -45,7 +45,7 @@ def worker_resources(spec: JobSpec, cluster) -> WorkerResources:
 def preflight(spec: JobSpec, storage: Storage) -> None:
     """Checks that need the storage but no workers: a missing corpus, weights or dataset file fails
     before anything starts."""
-    from workers.train_loop import storage_for
+    from workers.weights import storage_for
 
     if spec.data.corpus != BUILTIN_STDLIB and not spec.data.corpus.startswith("builtin:"):
         resolve_files(spec.data.corpus, storage.options)

@@ -1,5 +1,13 @@
 """Errors meant for people: one line saying what is wrong and what to do."""
 
 
-class UsageError(Exception):
-    """A user mistake: one line message, exit code 2, nothing started."""
+class UserError(Exception):
+    """A user mistake (bad spec value, missing file, unreachable cluster): one line, no restart.
+
+    The one type for it, raised anywhere (CLI, controller, ranks): the CLI
+    turns it into exit code 2, the controller into FAILED at once.
+    """
+
+
+UsageError = UserError
+"""The name the CLI side has always used; the same class."""

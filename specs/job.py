@@ -23,6 +23,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from specs.errors import UsageError
+from workers.rlhf.ppo_config import PPOConfig, PPOShares
 from specs.validate import INT64_MAX, InputError, check_plain, load_plain_yaml, read_plain_yaml
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
@@ -302,80 +303,14 @@ class RMStageSpec(_Section):
     """Demonstrations scored to set the reward bias (their mean reward becomes 0)."""
 
 
-class PPOStageSpec(_Section):
-    reward_model: str | None = None
-    """The reward model: an RM run directory or checkpoint folder (also initialises the value model)."""
-    rollout_size: int = Field(128, ge=1)
-    """Sequences per rollout (all ranks): rollout_size / samples_per_prompt prompts."""
-    samples_per_prompt: int = Field(4, ge=1)
-    """Responses sampled per prompt (InstructGPT: 1)."""
-    loo_baseline: bool = True
-    """Subtract from each score the mean score of its prompt's other samples (needs samples_per_prompt >= 2)."""
-    minibatch_size: int = Field(64, ge=1)
-    """Sequences per policy/value update (all ranks)."""
-    ppo_epochs: int = Field(2, ge=1)
-    """Passes over each rollout."""
-    value_warmup: int = Field(10, ge=0)
-    """First rollouts train only the value model."""
-    value_lr: float = Field(1e-3, gt=0)
-    """Value-model learning rate (train.lr is the policy's)."""
-    clip: float = Field(0.2, gt=0)
-    """Policy ratio clip epsilon."""
-    value_clip: float = Field(0.2, ge=0)
-    """Value clip around the old values (0 = off)."""
-    gamma: float = Field(1.0, ge=0, le=1)
-    """GAE discount."""
-    lam: float = Field(0.95, ge=0, le=1)
-    """GAE lambda."""
-    kl_beta: float = Field(0.1, ge=0)
-    """Initial per-token KL coefficient beta."""
-    kl_target: float | None = Field(3.0, gt=0)
-    """Adaptive KL target in nats per sequence; null = fixed beta."""
-    kl_horizon: int = Field(2000, ge=1)
-    """Adaptive KL controller horizon in samples."""
-    reward_clip: float = Field(5.0, ge=0)
-    """Clamp reward-model scores to +-this (0 = off)."""
-    no_eos_penalty: float = Field(1.0, ge=0)
-    """Subtracted from the score of a response that never ended."""
-    entropy_coef: float = Field(0.0, ge=0)
-    """Entropy bonus weight."""
-    whiten_advantages: bool = True
-    """Normalise advantages over each rollout (all ranks)."""
-    ptx_coef: float = Field(0.0, ge=0)
-    """PPO-ptx: gamma times the pretraining loss on data.corpus, added to the policy loss (0 = off)."""
-    ema_decay: float | None = Field(0.992, gt=0, lt=1)
-    """EMA of the policy weights, saved with each checkpoint (null = off)."""
-    max_new_tokens: int = Field(40, ge=1)
-    """Most response tokens per sample."""
-    temperature: float = Field(1.0, ge=0)
-    """Rollout sampling temperature."""
-    top_p: float = Field(1.0, gt=0, le=1)
-    """Rollout nucleus sampling."""
-    frozen_zero3: bool = False
-    """Run the frozen reference and reward models as ZeRO-3 inference engines (parameters sharded)."""
-    eval_prompts: int = Field(64, ge=1)
-    """Held-out prompts scored per checkpoint evaluation (reward and KL)."""
-
-    @model_validator(mode="after")
-    def _sizes(self) -> "PPOStageSpec":
-        if self.rollout_size % self.samples_per_prompt:
-            raise ValueError(f"rlhf.ppo.rollout_size: {self.rollout_size} must be a multiple of "
-                             f"rlhf.ppo.samples_per_prompt ({self.samples_per_prompt})")
-        if self.loo_baseline and self.samples_per_prompt < 2:
-            raise ValueError("rlhf.ppo.loo_baseline: needs rlhf.ppo.samples_per_prompt >= 2")
-        if self.minibatch_size > self.rollout_size:
-            raise ValueError(f"rlhf.ppo.minibatch_size: {self.minibatch_size} is larger than "
-                             f"rlhf.ppo.rollout_size ({self.rollout_size})")
-        return self
-
-
 class RLHFSpec(_Section):
     """Settings of the InstructGPT stages (kind: sft, rm, ppo)."""
 
     data: RLHFDataSpec = RLHFDataSpec()
     sft: SFTStageSpec = SFTStageSpec()
     rm: RMStageSpec = RMStageSpec()
-    ppo: PPOStageSpec = PPOStageSpec()
+    ppo: PPOConfig = PPOConfig()
+    """PPO: the one PPO config (workers/rlhf/ppo_config.py), shared with the single-process reference."""
 
 
 class JobSpec(_Section):
@@ -474,14 +409,9 @@ class JobSpec(_Section):
         if d.builtin is None and any(getattr(d, f) is None for f in need):
             raise ValueError(f"rlhf.data.{need[0]}: the {self.kind} stage needs this file (or rlhf.data.builtin)")
         if self.kind == "ppo":
-            w = self.resources.workers
-            for name in ("rollout_size", "minibatch_size"):
-                if getattr(ppo, name) % w:
-                    raise ValueError(f"rlhf.ppo.{name}: {getattr(ppo, name)} must divide evenly over "
-                                     f"resources.workers ({w})")
-            if (ppo.rollout_size // w) % ppo.samples_per_prompt:
-                raise ValueError(f"rlhf.ppo.rollout_size: each rank's share ({ppo.rollout_size // w}) must be a "
-                                 f"multiple of rlhf.ppo.samples_per_prompt ({ppo.samples_per_prompt})")
+            why = ppo.share_error(self.resources.workers)
+            if why:
+                raise ValueError(why)
             if self.train.steps <= ppo.value_warmup:
                 raise ValueError(f"train.steps: {self.train.steps} rollouts must exceed rlhf.ppo.value_warmup "
                                  f"({ppo.value_warmup})")
@@ -496,7 +426,23 @@ class JobSpec(_Section):
     @property
     def samples_per_step(self) -> int:
         """Global batch in samples: micro_batch x grad_accum x dp."""
-        return self.train.micro_batch * self.train.grad_accum * self.dp
+        return self.samples_per_rank * self.dp
+
+    @property
+    def samples_per_rank(self) -> int:
+        """Samples (or records) each data-parallel rank reads per step: micro_batch x grad_accum."""
+        return self.train.micro_batch * self.train.grad_accum
+
+    @property
+    def micro_slices(self) -> list[slice]:
+        """Where each micro-batch sits in a rank's share of a step (grad_accum slices of micro_batch)."""
+        m = self.train.micro_batch
+        return [slice(i * m, (i + 1) * m) for i in range(self.train.grad_accum)]
+
+    @property
+    def ppo_shares(self) -> PPOShares:
+        """Each rank's part of a PPO rollout: sequences, minibatch, prompts per rollout, updates per rollout."""
+        return self.rlhf.ppo.shares(self.resources.workers)
 
     @property
     def tokens_per_step(self) -> int:

@@ -156,7 +156,7 @@ def test_train_export_load_and_start_a_job_from_the_hf_folder(ray_cluster, clust
     from data.storage import Storage
     from orchestrator.runner import run_job
     from tests.conftest import tiny_spec
-    from workers.train_loop import run_weights
+    from workers.weights import run_weights
 
     quiet = dict(log=lambda *a, **k: None)
     a = run_job(tiny_spec(**{"train.steps": 6, "checkpoint.every": 3}), cluster_cfg, **quiet)

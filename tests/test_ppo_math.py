@@ -211,7 +211,7 @@ def _tiny():
 def test_sft_and_rm_steps_learn_on_one_batch():
     from data import instruct
     from models.heads import ScalarHeadModel
-    from workers.rlhf import reference as ref
+    from workers.rlhf import steps as ref
 
     tok, model = _tiny()
     batch = ref.sft_batch(tok, instruct.demonstrations(8))
@@ -248,7 +248,7 @@ def test_ppo_step_runs_all_phases_and_moves_only_the_trained_models():
     from data import instruct
     from models.generate import SamplingConfig
     from models.heads import ScalarHeadModel
-    from workers.rlhf import reference as ref
+    from workers.rlhf import steps as ref
 
     tok, sft = _tiny()
     rm = ScalarHeadModel(copy.deepcopy(sft))

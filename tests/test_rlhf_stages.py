@@ -48,7 +48,7 @@ def chain(ray_cluster, tmp_path_factory):
 
 
 def test_sft_and_rm_stages(chain):
-    from workers.rlhf.weights import load_policy, load_reward_model
+    from workers.weights import load_policy, load_reward_model
 
     cfg, data_dir, sft, rm = chain
     assert set(os.listdir(data_dir)) >= {"sft_train.jsonl", "sft_heldout.jsonl", "rm_train.jsonl", "rm_heldout.jsonl",
@@ -70,8 +70,8 @@ def test_sft_and_rm_stages(chain):
 
 def test_demonstrations_score_zero_on_average(chain):
     from data.rlhf_files import read_demonstrations
-    from workers.rlhf.reference import demo_batches
-    from workers.rlhf.weights import load_reward_model, run_tokenizer
+    from workers.rlhf.steps import demo_batches
+    from workers.weights import load_reward_model, run_tokenizer
 
     cfg, data_dir, sft, rm = chain
     storage = Storage(cfg.storage)
@@ -92,7 +92,7 @@ def ppo_spec(chain, **overrides):
 
 def test_ppo_stage_resumes_where_it_stopped(chain):
     """Four rollouts straight, against two rollouts then a resume to four: the same rollouts, losses and weights."""
-    from workers.rlhf.weights import load_policy
+    from workers.weights import load_policy
 
     cfg = chain[0]
     storage = Storage(cfg.storage)

@@ -9,7 +9,7 @@ from workers.parallel.deepspeed_config import deepspeed_config
 try:
     from workers.parallel.engine import lr_lambda
 except ImportError:  # before the workers/ refactor
-    from workers.train_loop import lr_lambda
+    from workers.parallel.engine import lr_lambda
 
 
 def _err(raw):

@@ -9,6 +9,10 @@ Layout under ``<run_dir>/checkpoints/step_00000100/``::
 A checkpoint is complete only when its manifest exists and every file it lists
 is present with the listed size. Nothing else is ever loaded. Retention deletes
 the manifest first, so a half-deleted checkpoint is already invisible.
+
+``Checkpointer`` is what the training loop talks to: when a step is due for a
+save, writing one (with retention), and how a run resumes from the latest one,
+including the one rule for resuming on another number of workers.
 """
 from __future__ import annotations
 
@@ -20,11 +24,12 @@ import re
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from data.storage import Storage
+from specs.errors import UserError
 
 STEP_RE = re.compile(r"step_(\d{8})$")
 DS_TAG = "ds"
@@ -277,3 +282,91 @@ def apply_retention(storage: Storage, run_dir: str, keep: int, protect: set[str]
         fs.rm(f"{c.path}/manifest.json")  # invisible first, then gone
         fs.rm(c.path, recursive=True)
     return [c.path for c in victims]
+
+
+# ----------------------------------------------------------------------------- what the loop talks to
+
+
+@dataclass
+class CheckpointState:
+    """What a job kind adds to a checkpoint beyond its main engine and the loop's manifest fields."""
+
+    manifest: dict = field(default_factory=dict)
+    """More manifest entries (PPO: the KL coefficient; RM: the reward bias)."""
+    others: dict = field(default_factory=dict)
+    """More engines, name -> engine, saved under DeepSpeed tags ``ds_<name>`` (PPO: the value model)."""
+    tensor_files: dict = field(default_factory=dict)
+    """File name -> state dict rank 0 writes as safetensors (None on the other ranks)."""
+    overrides: dict = field(default_factory=dict)
+    """Entries of the consolidated weights replaced (RM: the reward bias)."""
+    consolidate_engine: bool = True
+    """Write model.safetensors from the main engine's module (False: the kind gives it in tensor_files)."""
+
+
+class Checkpointer:
+    """When to save, writing and retaining checkpoints, and the resume layout of one run. Collective calls
+    say so."""
+
+    def __init__(self, spec, storage: Storage, run_dir: str, rank: int, world_size: int):
+        self.spec, self.storage, self.run_dir = spec, storage, run_dir
+        self.rank, self.world_size = rank, world_size
+        self.last_saved = -1
+
+    def latest(self) -> CheckpointInfo | None:
+        return latest_checkpoint(self.storage, self.run_dir)
+
+    def resume_layout(self, latest: CheckpointInfo | None, reshards: bool) -> bool:
+        """Whether resuming from ``latest`` needs a universal checkpoint (ZeRO state re-partitioned for
+        another number of workers); UserError for a layout this run cannot resume on.
+
+        DeepSpeed's pipeline and expert files are laid out per stage and expert
+        rank, so those resume on the same layout; ZeRO-1/2/3 shards are laid out
+        per data-parallel rank, so another world size converts them (only a
+        kind whose one engine ``reshards``).
+        """
+        if latest is None:
+            return False
+        p, m, world = self.spec.parallel, latest.manifest, self.world_size
+        if m.get("pp", 1) != p.pp:
+            raise UserError(f"parallel.pp: the checkpoint was written by a {m.get('pp', 1)}-stage run; "
+                            f"resume with parallel.pp={m.get('pp', 1)}")
+        if m.get("ep", 1) != p.ep:
+            raise UserError(f"parallel.ep: the checkpoint was written with ep={m.get('ep', 1)}; "
+                            f"resume with parallel.ep={m.get('ep', 1)}")
+        if p.pp > 1 and m.get("world_size") != world:
+            raise UserError(f"resources.workers: a pipeline run resumes on the number of workers it had "
+                            f"({m.get('world_size')}), got {world}")
+        universal = needs_universal(latest, world)
+        if universal and not reshards:
+            raise UserError(f"resources.workers: the {self.spec.kind} stage resumes on the number of workers it had "
+                            f"({m.get('world_size')}), got {world}")
+        return universal
+
+    def prepare_universal(self, latest: CheckpointInfo) -> None:
+        """Collective: rank 0 converts ``latest`` to a universal checkpoint while the others wait."""
+        import torch.distributed as dist
+
+        if self.rank == 0:
+            convert_to_universal(self.storage, latest)
+        dist.barrier()
+
+    def load(self, latest: CheckpointInfo, engine, others: dict, universal: bool) -> None:
+        """Collective: the main engine (universal or not) and the kind's other engines."""
+        load_checkpoint(engine, self.storage, latest, universal=universal)
+        for name, other in others.items():
+            load_checkpoint(other, self.storage, latest, name=name)
+        self.last_saved = latest.step
+
+    def due(self, step: int, last_step: bool) -> bool:
+        """Every checkpoint.every steps, and the last step, once."""
+        return step != self.last_saved and (step % self.spec.checkpoint.every == 0 or last_step)
+
+    def save(self, step: int, engine, manifest: dict, state: CheckpointState) -> str:
+        """Collective: write the checkpoint (manifest last), then retention on rank 0."""
+        path = save_checkpoint(engine, self.storage, self.run_dir, step, {**manifest, **state.manifest},
+                               self.spec.checkpoint.consolidated and state.consolidate_engine, others=state.others,
+                               tensor_files=state.tensor_files, overrides=state.overrides)
+        self.last_saved = step
+        if self.rank == 0:
+            retain(self.storage, self.run_dir, self.spec.checkpoint.keep)
+        return path

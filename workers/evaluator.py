@@ -24,6 +24,7 @@ def evaluate_checkpoint(storage, run_dir: str, ckpt_path: str, step: int, batche
     from specs.job import validate_spec
     from workers.checkpoint import load_consolidated
     from workers.tasks import build_model, config_from_dict, make_task
+    from workers.weights import load_state
 
     info = storage.read_json(f"{run_dir}/data.json")
     spec = validate_spec(storage.read_json(f"{run_dir}/spec.json"))
@@ -32,11 +33,7 @@ def evaluate_checkpoint(storage, run_dir: str, ckpt_path: str, step: int, batche
     cfg = config_from_dict(spec.model.family, storage.read_json(f"{run_dir}/model_config.json")["model"])
     model = build_model(cfg)
     state = load_consolidated(storage, ckpt_path)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    # Tied output weights are stored once (safetensors refuses shared tensors).
-    missing = [k for k in missing if not k.endswith(("lm_head.weight", "decoder.weight"))]
-    if unexpected or missing:
-        raise RuntimeError(f"checkpoint {ckpt_path} does not match the model: missing {missing}, unexpected {unexpected}")
+    load_state(model, state, f"checkpoint {ckpt_path}")
     model.eval()
     cache = TokenCache.load(info["token_cache"], storage)
     plan = DataPlan(cache.tokens, spec.data.seq_len, spec.eval.held_out_tokens, spec.train.seed)
@@ -68,8 +65,8 @@ def evaluate_stage_checkpoint(storage, spec, run_dir: str, ckpt_path: str, step:
     """
     import torch
 
-    from workers.rlhf import stages
-    from workers.rlhf.weights import load_policy, load_reward_model, run_tokenizer
+    from workers.rlhf import datasets as stages
+    from workers.weights import load_policy, load_reward_model, run_tokenizer
 
     tok = run_tokenizer(storage, run_dir)
     files = stages.stage_files(spec, run_dir)
@@ -85,7 +82,7 @@ def evaluate_stage_checkpoint(storage, spec, run_dir: str, ckpt_path: str, step:
         return {"checkpoint": ckpt_path, "step": step, "loss": loss / prompts, "perplexity": None,
                 "tokens": 0, "extra": {"accuracy": right / pairs}}
     from models.generate import SamplingConfig
-    from workers.rlhf.reference import reward_and_kl
+    from workers.rlhf.steps import reward_and_kl
 
     p = spec.rlhf.ppo
     _, prompts = stages.ppo_data(spec, files)

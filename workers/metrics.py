@@ -10,6 +10,8 @@ import json
 import os
 import tempfile
 
+import numpy as np
+
 from data.storage import Storage
 
 # Dense bf16 peak FLOP/s per device, for MFU when cluster.yaml gives none.
@@ -28,6 +30,41 @@ def detect_peak_flops(configured: float | None) -> float | None:
         if key in name:
             return flops
     return None
+
+
+def step_means(rows: list[dict]) -> dict[str, np.ndarray]:
+    """Mean over micro-batches of each named value (scalars and vectors), as float64 arrays."""
+    out: dict[str, np.ndarray] = {}
+    for row in rows:
+        for k, v in row.items():
+            v = np.atleast_1d(np.asarray(v.tolist() if hasattr(v, "tolist") else v, dtype=np.float64))
+            out[k] = out.get(k, 0.0) + v / len(rows)
+    return out
+
+
+def all_sum(values, device=None) -> list[float]:
+    """Collective: the element-wise sum over ranks of a list of numbers (on ``device``: NCCL needs the GPU)."""
+    import torch
+    import torch.distributed as dist
+
+    t = torch.tensor(list(values), dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def reduce_mean_dict(values: dict[str, np.ndarray], device=None) -> dict[str, np.ndarray]:
+    """Collective: one all-reduce for every named value (same keys and shapes on every rank), averaged."""
+    import torch.distributed as dist
+
+    keys = sorted(values)
+    flat = np.concatenate([values[k] for k in keys]) if keys else np.zeros(0)
+    mean = np.asarray(all_sum(flat.tolist(), device)) / dist.get_world_size()
+    out, at = {}, 0
+    for k in keys:
+        n = len(values[k])
+        out[k] = mean[at:at + n]
+        at += n
+    return out
 
 
 class MetricsWriter:

@@ -6,12 +6,14 @@ actor thread, so ``progress()`` and ``stop()`` answer while it trains.
 """
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import sys
 import tempfile
 import threading
-import traceback
+
+log = logging.getLogger(__name__)
 
 
 class RankWorker:
@@ -121,12 +123,12 @@ class RankWorker:
     # ------------------------------------------------------------------ training
 
     def train(self, ctx) -> dict:
-        from workers.train_loop import UserError
+        """The job's training loop, any kind. A UserError travels to the caller as itself: the controller
+        fails the job at once, the CLI exits with code 2."""
+        from specs.errors import UserError
+        from workers.train_loop import train
 
-        if ctx.spec.kind == "pretrain":
-            from workers.train_loop import train as run
-        else:  # an InstructGPT stage: sft, rm or ppo
-            from workers.rlhf.stages import run_stage as run
+        _log_to_rank_log()
         ctx.stop, ctx.progress = threading.Event(), {}
         if self._stop_early:
             ctx.stop.set()
@@ -135,12 +137,12 @@ class RankWorker:
 
         check_job_paths(ctx.spec, getattr(ctx.storage, "roots", None), where=f"rank {self.rank}")  # again, here
         try:
-            return run(ctx)
+            return train(ctx)
         except UserError as err:
-            print(f"[switchyard] user error: {err}", flush=True)
-            return {"error": str(err), "error_kind": "user"}
+            log.error("user error: %s", err)
+            raise
         except Exception:
-            traceback.print_exc()
+            log.exception("training failed")
             raise
         finally:
             self._upload_log()
@@ -158,6 +160,18 @@ class RankWorker:
 
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _log_to_rank_log() -> None:
+    """Records of ``workers.*`` at INFO and above go to this process's stderr (the rank log); once."""
+    logger = logging.getLogger("workers")
+    if not any(getattr(h, "_switchyard", False) for h in logger.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler._switchyard = True
+        handler.setFormatter(logging.Formatter("[switchyard] %(levelname)s %(name)s: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
 
 
 def _has_cuda_env() -> bool:

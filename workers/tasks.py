@@ -16,12 +16,7 @@ import torch.nn.functional as F
 
 from data.sampler import DataPlan
 from models.transformer import Decoder, DecoderConfig, decoder_config, flops_per_token, param_counts
-
-
-class UserError(Exception):
-    """A failure a restart cannot fix (bad spec value found at run time, missing data)."""
-
-
+from specs.errors import UserError
 
 # ----------------------------------------------------------------------------- model
 
@@ -210,6 +205,3 @@ def make_task(spec, cfg, plan: DataPlan, tokenizer):
     if cfg.seq_len < spec.data.seq_len:
         raise UserError(f"data.seq_len: {spec.data.seq_len} is longer than the model's position table ({cfg.seq_len})")
     return MaskedLM(plan, tokenizer, spec.model.family, spec.data.seq_len, spec.train.seed, cfg.nsp)
-
-
-# ----------------------------------------------------------------------------- optimizer and engine

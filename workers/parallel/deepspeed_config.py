@@ -1,4 +1,8 @@
-"""The DeepSpeed config of a job: Switchyard's defaults, then the spec's ``deepspeed:`` block over them."""
+"""The DeepSpeed config of a job's engines: Switchyard's defaults, then the spec's ``deepspeed:`` block over them.
+
+One builder for trained engines (``deepspeed_config``) and frozen inference
+engines (``frozen_deepspeed_config``: PPO's reference and reward models).
+"""
 from __future__ import annotations
 
 import copy
@@ -146,3 +150,22 @@ def deepspeed_config(spec, load_universal: bool = False) -> dict[str, Any]:
     if load_universal:
         base["checkpoint"] = {"load_universal": True}
     return deep_merge(base, check_deepspeed_block(spec.deepspeed))  # checked again: a stored spec may predate the list
+
+
+# What a frozen engine takes from the spec's ``deepspeed:`` block: nothing about optimizers or gradients.
+_TRAINING_ONLY = ("optimizer", "scheduler", "zero_optimization", "gradient_clipping", "gradient_accumulation_steps",
+                  "checkpoint")
+
+
+def frozen_deepspeed_config(spec, world_size: int, zero3: bool) -> dict[str, Any]:
+    """A frozen model's inference engine: ZeRO-3 (parameters sharded over the ranks) or none, the spec's
+    precision and the rest of its ``deepspeed:`` block."""
+    zero: dict[str, Any] = {"stage": 3 if zero3 else 0}
+    base = {
+        "train_batch_size": world_size,
+        "train_micro_batch_size_per_gpu": 1,
+        "zero_optimization": zero,
+        "bf16": {"enabled": spec.train.precision == "bf16"},
+        "steps_per_print": 1 << 30,
+    }
+    return deep_merge(base, {k: v for k, v in spec.deepspeed.items() if k not in _TRAINING_ONLY})

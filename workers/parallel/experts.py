@@ -153,3 +153,36 @@ def moe_param_groups(model: nn.Module, base_groups: list[dict] | None = None) ->
         raise ValueError(f"moe_param_groups: param groups {missing} need a 'name' key")
     groups = [dict(g, params=list(g["params"])) for g in base_groups]
     return split_params_into_different_moe_groups_for_optimizer(groups)
+
+
+def expert_state(engine, ep: int) -> dict[str, torch.Tensor] | None:
+    """Collective: the model's state dict on rank 0 with DeepSpeed MoE layers back in ``SwitchMLP`` names.
+
+    Each rank holds num_experts / ep experts; rank r of an expert-parallel
+    group holds global experts r * local ... (r + 1) * local - 1.
+    """
+    import torch.distributed as dist
+    from deepspeed.utils import groups
+
+    ep_rank = groups._get_expert_parallel_rank(f"ep_size_{ep}")
+    mine: dict[str, torch.Tensor] = {}
+    for name, m in engine.module.named_modules():
+        if not isinstance(m, DeepSpeedSwitch):
+            continue
+        local = m.cfg.num_experts // ep
+        for i, expert in enumerate(m.moe.deepspeed_moe.experts.deepspeed_experts):
+            for k, v in expert.state_dict().items():
+                mine[f"{name}.experts.{ep_rank * local + i}.{k}"] = v.detach().float().cpu().clone()
+    parts = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(mine, parts, dst=0)
+    if dist.get_rank() != 0:
+        return None
+    out = {}
+    for k, v in engine.module.state_dict().items():
+        if ".moe.deepspeed_moe." not in k:
+            out[k] = v.detach().float().clone()
+        elif k.endswith(".moe.deepspeed_moe.gate.wg.weight"):
+            out[k.replace(".moe.deepspeed_moe.gate.wg.weight", ".router.weight")] = v.detach().float().clone()
+    for part in parts:
+        out.update(part)
+    return out

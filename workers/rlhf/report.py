@@ -14,7 +14,7 @@ Given the SFT, RM and PPO run directories, it measures
 
 It writes nothing: the controller stores the returned dict as
 ``<pipeline_dir>/report.json``. Sampling and scoring reuse the single-process
-reference's functions (``workers.rlhf.reference``), so the figures mean the
+reference's functions (``workers.rlhf.steps``), so the figures mean the
 same thing in both.
 """
 from __future__ import annotations
@@ -27,9 +27,9 @@ from data import instruct
 from data.rlhf_files import read_comparisons, read_prompts
 from data.storage import Storage
 from models.generate import SamplingConfig
-from workers.rlhf.reference import gold_scores, reward_and_kl, rm_accuracy, sample_responses, win_rate
-from workers.rlhf.stages import held_out_count, pair_tokens
-from workers.rlhf.weights import load_policy, load_reward_model, run_tokenizer
+from workers.rlhf.datasets import comparison_tokens, held_out_count
+from workers.rlhf.steps import gold_scores, reward_and_kl, rm_accuracy, sample_responses, win_rate
+from workers.weights import load_policy, load_reward_model, run_tokenizer
 
 
 def _mean(xs: list[float]) -> float | None:
@@ -83,6 +83,20 @@ def _tail(rows: list) -> list:
     return rows[-held_out_count(len(rows)):]
 
 
+def _rm_heldout(rm, tok, uri: str, tail: bool) -> tuple[list, int, dict]:
+    """(comparisons kept, comparisons too long, accuracy and loss) of the reward model on held-out rankings."""
+    comps = read_comparisons(uri)
+    if tail:
+        comps = _tail(comps)
+    # As the RM stage does: a comparison with a response too long for the model is left out.
+    longest = [comparison_tokens(tok, c) for c in comps]
+    too_long = sum(n > rm.decoder.cfg.seq_len for n in longest)
+    comps = [c for c, n in zip(comps, longest) if n <= rm.decoder.cfg.seq_len]
+    if not comps:
+        raise ValueError(f"{uri}: no held-out comparison fits the reward model's {rm.decoder.cfg.seq_len} tokens")
+    return comps, too_long, rm_accuracy(rm, tok, comps)
+
+
 def pipeline_report(storage: Storage, sft_run: str, rm_run: str, ppo_run: str, eval_prompts_uri: str,
                     rm_heldout_uri: str, samples_per_prompt: int = 4, seed: int = 0, max_new_tokens: int = 40,
                     max_prompts: int | None = None, rm_heldout_tail: bool = False, eval_prompts_tail: bool = False
@@ -104,17 +118,7 @@ def pipeline_report(storage: Storage, sft_run: str, rm_run: str, ppo_run: str, e
         policies["ema"] = load_policy(storage, ppo_run, which="ema")
 
     t0 = time.perf_counter()
-    comps = read_comparisons(rm_heldout_uri)
-    if rm_heldout_tail:
-        comps = _tail(comps)
-    # As the RM stage does: a comparison with a response too long for the model is left out.
-    longest = [max(pair_tokens(tok, c.prompt, r) for r in c.responses) for c in comps]
-    comps_too_long = sum(n > rm.decoder.cfg.seq_len for n in longest)
-    comps = [c for c, n in zip(comps, longest) if n <= rm.decoder.cfg.seq_len]
-    if not comps:
-        raise ValueError(f"{rm_heldout_uri}: no held-out comparison fits the reward model's "
-                         f"{rm.decoder.cfg.seq_len} tokens")
-    rm_eval = rm_accuracy(rm, tok, comps)
+    comps, comps_too_long, rm_eval = _rm_heldout(rm, tok, rm_heldout_uri, rm_heldout_tail)
     seconds["rm_accuracy"] = time.perf_counter() - t0
 
     prompts = read_prompts(eval_prompts_uri)
