@@ -327,6 +327,19 @@ def fit_approach2(n: np.ndarray, d: np.ndarray, loss: np.ndarray, rtol: float = 
     ``require_inside`` it is reported but left out of the power law.
     """
     n, d, loss = _check_points(n, d, loss)
+    profiles, skipped = isoflop_profiles(n, d, loss, rtol, min_sizes, require_inside)
+    good = [p for p in profiles if p.used]
+    if len(good) < 2:
+        raise FitError(f"approach 2 needs at least two budgets with {min_sizes}+ sizes and a minimum inside "
+                       f"them; got {len(good)}")
+    budgets = np.array([p.budget for p in good])
+    return Approach2Result(tuple(profiles), fit_power_law(budgets, [p.n_opt for p in good]),
+                           fit_power_law(budgets, [p.d_opt for p in good]), tuple(skipped))
+
+
+def isoflop_profiles(n: np.ndarray, d: np.ndarray, loss: np.ndarray, rtol: float = 0.05, min_sizes: int = 3,
+                     require_inside: bool = True) -> tuple[list[IsoFlopProfile], list[str]]:
+    """One parabola per budget with a usable vertex, and a line for each budget without one."""
     c = 6.0 * n * d
     labels = group_budgets(c, rtol)
     profiles, skipped = [], []
@@ -355,13 +368,7 @@ def fit_approach2(n: np.ndarray, d: np.ndarray, loss: np.ndarray, rtol: float = 
         reason = "" if used else f"minimum N={n_opt:.4g} outside the sampled {ns.min():.4g}..{ns.max():.4g}"
         profiles.append(IsoFlopProfile(budget, ns, ls, (c2, c1, c0), n_opt, float(math.exp(math.log(budget / 6) - x_opt)),
                                        float(c0 - c1 * c1 / (4 * c2)), used, reason))
-    good = [p for p in profiles if p.used]
-    if len(good) < 2:
-        raise FitError(f"approach 2 needs at least two budgets with {min_sizes}+ sizes and a minimum inside "
-                       f"them; got {len(good)}")
-    budgets = np.array([p.budget for p in good])
-    return Approach2Result(tuple(profiles), fit_power_law(budgets, [p.n_opt for p in good]),
-                           fit_power_law(budgets, [p.d_opt for p in good]), tuple(skipped))
+    return profiles, skipped
 
 
 # ----------------------------------------------------------------------------- approach 3

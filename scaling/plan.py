@@ -53,6 +53,40 @@ class SweepError(UsageError):
     """A sweep that cannot be planned: one line naming the field and what to do."""
 
 
+class PriorLaw(BaseModel):
+    """A loss law L(N, D) = E + A / N^alpha + B / D^beta believed before the sweep (e.g. an earlier fit.json's
+    approach 3): the planner centres each budget's sizes on its compute-optimal N."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    E: float = Field(ge=0, le=1e3, allow_inf_nan=False)
+    """Irreducible loss."""
+    A: float = Field(gt=0, le=1e30, allow_inf_nan=False)
+    """Model-size coefficient."""
+    B: float = Field(gt=0, le=1e30, allow_inf_nan=False)
+    """Data coefficient."""
+    alpha: float = Field(gt=0, le=4, allow_inf_nan=False)
+    """Exponent of N."""
+    beta: float = Field(gt=0, le=4, allow_inf_nan=False)
+    """Exponent of D."""
+
+    def n_opt(self, c: float) -> float:
+        from scaling.fit import LossParams
+
+        return float(LossParams(self.E, self.A, self.B, self.alpha, self.beta).n_opt(c))
+
+
+class AdaptiveSpec(BaseModel):
+    """The adaptive second round: budgets whose IsoFLOP vertex falls outside their sizes get more sizes."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    rounds: int = Field(1, ge=0, le=3)
+    """Extension rounds after the first (0 = off)."""
+    extra_sizes: int = Field(2, ge=1, le=8)
+    """At most this many sizes added to a budget per round, on the side of its vertex."""
+
+
 class SweepSpec(BaseModel):
     """A sweep YAML, validated at the edge."""
 
@@ -76,8 +110,17 @@ class SweepSpec(BaseModel):
     """Models per budget (3 or more, so a parabola in log N has a vertex)."""
     size_range: float = Field(8.0, gt=1)
     """Largest over smallest target N at one budget; targets are evenly spaced in log N."""
-    tokens_per_param: float = Field(20.0, gt=0)
-    """D/N at the centre of each budget's sizes (Chinchilla found about 20)."""
+    tokens_per_param: float = Field(20.0, gt=0, le=1e6, allow_inf_nan=False)
+    """D/N at the centre of each budget's sizes when there is no prior and no finished budget to go by
+    (Chinchilla found about 20)."""
+    prior: PriorLaw | None = None
+    """A law to centre every budget's sizes on (its compute-optimal N); without one, budgets with finished
+    neighbours are centred on the optimum those predict, the rest on tokens_per_param."""
+    adaptive: AdaptiveSpec = Field(default_factory=AdaptiveSpec)
+    """Extend budgets whose vertex falls outside their sizes once their runs have finished."""
+    repeats: int = Field(1, ge=1, le=16)
+    """Runs per (budget, size), with train.seed = base seed + 0, 1, ...: they measure run-to-run noise,
+    which the fit reports, and the bootstrap resamples them with the rest."""
     head_dim: int = Field(32, ge=2)
     """Width of one attention head; n_heads = d_model / head_dim."""
     width_step: int = Field(32, ge=1)
@@ -293,6 +336,10 @@ class PlannedRun:
     """round(warmup_fraction * steps)."""
     overrides: dict[str, Any] = field(hash=False)
     """Dotted job-spec keys to set on the sweep's job base."""
+    round: int = 1
+    """1 for the planned grid, 2 and up for the adaptive rounds that extend it."""
+    tokens_per_step: int = 0
+    """Tokens per optimizer step of the run's job."""
 
     @property
     def n_params(self) -> int:
@@ -390,30 +437,39 @@ def _section(cls: type[BaseModel], raw: dict[str, Any], name: str) -> Any:
         raise SweepError(f"base.{name}.{loc}: {e['msg'].removeprefix('Value error, ')}") from None
 
 
-def plan_sweep(spec: SweepSpec) -> SweepPlan:
-    """Pick sizes_per_budget shapes per budget and give each run its tokens and job overrides."""
+@dataclass(frozen=True)
+class _Context:
+    job_base: dict[str, Any]
+    data: DataSpec
+    model: ModelSpec
+    vocab: int
+
+
+def _context(spec: SweepSpec) -> _Context:
     job_base = spec.job_base()
     data = _section(DataSpec, job_base.get("data", {}), "data")
     model = _section(ModelSpec, {**job_base.get("model", {}), "family": spec.family, "preset": None}, "model")
-    vocab = spec.vocab_size or job_vocab_size(data)
-    budgets = spec.budget_list()
-    k = spec.sizes_per_budget
-    offsets = spec.size_range ** np.linspace(-0.5, 0.5, k)
-    centres = [math.sqrt(c / (6.0 * spec.tokens_per_param)) for c in budgets]
-    max_target = max(centres) * offsets[-1]
-    ladder = shape_ladder(spec, max_target * spec.size_range ** (1.0 / (k - 1)) * 1.5, vocab_size=vocab,
-                          seq_len=data.seq_len, model=model)
+    return _Context(job_base, data, model, spec.vocab_size or job_vocab_size(data))
+
+
+def _ladder(spec: SweepSpec, ctx: _Context, max_target: float) -> list[ShapeCount]:
+    ladder = shape_ladder(spec, max_target, vocab_size=ctx.vocab, seq_len=ctx.data.seq_len, model=ctx.model)
     if not ladder:
         raise SweepError("the shape ladder is empty; check head_dim, width_step and base.model.n_kv_heads")
+    return ladder
 
-    runs: list[PlannedRun] = []
-    names: set[str] = set()
-    tokens_per_step = 0
-    for budget, centre in zip(budgets, centres):
-        for sc in _pick(ladder, centre * offsets, spec, budget):
-            name = run_name(budget, sc.n_params)
-            if name in names:
-                name = f"{name}-l{sc.n_layers}d{sc.d_model}"
+
+def _runs_for(spec: SweepSpec, ctx: _Context, budget: float, centre: float, shapes: list[ShapeCount],
+              names: set[str], round_no: int = 1) -> list[PlannedRun]:
+    """One PlannedRun per shape (and per repeat) at this budget, each with its validated job overrides."""
+    out = []
+    seed0 = int(ctx.job_base.get("train", {}).get("seed", 0) or 0)
+    for sc in shapes:
+        base_name = run_name(budget, sc.n_params)
+        if base_name in names:
+            base_name = f"{base_name}-l{sc.n_layers}d{sc.d_model}"
+        for rep in range(spec.repeats):
+            name = base_name if spec.repeats == 1 else f"{base_name}-s{rep}"
             names.add(name)
             tokens = max(1, round(budget / (6.0 * sc.n_params)))
             overrides: dict[str, Any] = {
@@ -425,19 +481,165 @@ def plan_sweep(spec: SweepSpec) -> SweepPlan:
                 "model.n_heads": sc.n_heads,
                 "train.tokens": tokens,
             }
+            if spec.repeats > 1:
+                overrides["train.seed"] = seed0 + rep
             source = f"sweep {spec.name}, run {name}"
             try:
                 # Validate once to learn the step count the trainer will use, then again with the warm-up.
-                job = validate_spec(apply_overrides(job_base, overrides), source=source)
+                job = validate_spec(apply_overrides(ctx.job_base, overrides), source=source)
                 steps = job.total_steps
                 overrides["train.warmup_steps"] = round(spec.warmup_fraction * steps)
-                validate_spec(apply_overrides(job_base, overrides), source=source)
+                validate_spec(apply_overrides(ctx.job_base, overrides), source=source)
             except SpecError as err:
                 raise SweepError(f"base does not make a valid job spec: {err}") from None
-            tokens_per_step = job.tokens_per_step
-            runs.append(PlannedRun(name, overrides["name"], budget, float(centre), sc, tokens, steps,
-                                   overrides["train.warmup_steps"], overrides))
-    return SweepPlan(spec, tuple(budgets), tuple(runs), vocab, data.seq_len, tokens_per_step)
+            out.append(PlannedRun(name, overrides["name"], budget, float(centre), sc, tokens, steps,
+                                  overrides["train.warmup_steps"], overrides, round_no, job.tokens_per_step))
+    return out
+
+
+def default_centre(spec: SweepSpec, budget: float) -> float:
+    """The N a budget's sizes are centred on from the spec alone: the prior's N_opt, else sqrt(C / (6 tokens_per_param))."""
+    if spec.prior is not None:
+        return spec.prior.n_opt(budget)
+    return math.sqrt(budget / (6.0 * spec.tokens_per_param))
+
+
+def centres_from_results(budgets: list[float], n: np.ndarray, d: np.ndarray, loss: np.ndarray) -> dict[float, float]:
+    """Predicted N_opt for the budgets that have no runs yet, from the IsoFLOP vertices of those that have.
+
+    With two or more interior vertices: the power law through them
+    (approach 2). With one: that vertex scaled by (C / C_vertex)^0.5, the
+    exponent published fits are near. With none: nothing (the planner then
+    uses ``default_centre``).
+    """
+    from scaling.fit import fit_power_law, isoflop_profiles, point_problem
+
+    n, d, loss = (np.asarray(v, float).ravel() for v in (n, d, loss))
+    if n.size < 3 or point_problem(n, d, loss) is not None:
+        return {}
+    used = [p for p in isoflop_profiles(n, d, loss)[0] if p.used]
+    if not used:
+        return {}
+    if len(used) >= 2:
+        law = fit_power_law(np.array([p.budget for p in used]), np.array([p.n_opt for p in used]))
+        predict = lambda c: float(law(c))  # noqa: E731
+    else:
+        predict = lambda c: float(used[0].n_opt * (c / used[0].budget) ** 0.5)  # noqa: E731
+    have = 6.0 * n * d
+    return {b: predict(b) for b in budgets if not np.any(np.abs(np.log(have / b)) <= math.log1p(0.05))}
+
+
+def plan_sweep(spec: SweepSpec, *, centres: dict[float, float] | None = None,
+               history: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None) -> SweepPlan:
+    """Pick sizes_per_budget shapes per budget, centred on its predicted optimum, and give each run its job.
+
+    A budget's centre is, first, ``centres[budget]`` (what an earlier submit
+    of the same sweep planned, so resubmitting never renames its runs); else,
+    without a ``prior``, the optimum ``history`` (N, D, loss of finished runs)
+    predicts for budgets it has no runs at (``centres_from_results``); else
+    ``default_centre``. The sizes span size_range evenly in log N around it.
+    """
+    ctx = _context(spec)
+    budgets = spec.budget_list()
+    k = spec.sizes_per_budget
+    offsets = spec.size_range ** np.linspace(-0.5, 0.5, k)
+    learned = centres_from_results(budgets, *history) if history is not None and spec.prior is None else {}
+    given = centres or {}
+    chosen = [given.get(c, learned.get(c, default_centre(spec, c))) for c in budgets]
+    ladder = _ladder(spec, ctx, max(chosen) * offsets[-1] * spec.size_range ** (1.0 / (k - 1)) * 1.5)
+    runs: list[PlannedRun] = []
+    names: set[str] = set()
+    for budget, centre in zip(budgets, chosen):
+        runs += _runs_for(spec, ctx, budget, centre, _pick(ladder, centre * offsets, spec, budget), names)
+    return SweepPlan(spec, tuple(budgets), tuple(runs), ctx.vocab, ctx.data.seq_len,
+                     runs[-1].tokens_per_step if runs else 0)
+
+
+@dataclass(frozen=True)
+class Extension:
+    """Why a budget gets more sizes in an adaptive round."""
+
+    budget: float
+    """The budget extended."""
+    side: str
+    """'larger' or 'smaller': where its vertex (or its lowest loss, with no vertex) lies."""
+    reason: str
+    """One line for the log and the sweep record."""
+
+
+def extend_plan(spec: SweepSpec, planned: list[PlannedRun], n: np.ndarray, d: np.ndarray, loss: np.ndarray,
+                round_no: int = 2) -> tuple[list[PlannedRun], list[Extension]]:
+    """The adaptive round: more sizes for every budget whose IsoFLOP minimum lies outside the sizes it trained.
+
+    ``planned`` are the runs so far (any round), ``n, d, loss`` their results.
+    A budget whose parabola's vertex is beyond its largest (smallest) size, or
+    that has no convex parabola and its lowest loss at that end, gets up to
+    ``adaptive.extra_sizes`` new sizes past that end at the budget's own log
+    spacing: enough to reach one step beyond the vertex when it is near,
+    all of them when it is far. Returns the new runs and why.
+    """
+    from scaling.fit import fit_parabola
+
+    if spec.adaptive.rounds < 1 or round_no - 1 > spec.adaptive.rounds:
+        return [], []
+    ctx = _context(spec)
+    n, d, loss = (np.asarray(v, float) for v in (n, d, loss))
+    k = spec.sizes_per_budget
+    step = math.log(spec.size_range) / (k - 1)
+    names = {r.name for r in planned}
+    jobs: list[tuple[float, float, list[float], str]] = []
+    extensions: list[Extension] = []
+    for budget in sorted({r.budget for r in planned}):
+        sel = np.abs(np.log(6.0 * n * d / budget)) <= math.log1p(0.05)
+        ns, ls = n[sel], loss[sel]
+        sizes = np.unique(ns)
+        if sizes.size < 3:
+            continue
+        lo, hi = float(np.log(sizes.min())), float(np.log(sizes.max()))
+        c2, c1, _ = fit_parabola(ns, ls)
+        vertex = -c1 / (2 * c2) if c2 > 0 else None
+        best = float(np.log(ns[int(np.argmin(ls))]))
+        if vertex is not None and vertex > hi:
+            side, far = "larger", vertex - hi
+        elif vertex is not None and vertex < lo:
+            side, far = "smaller", lo - vertex
+        elif vertex is None and best >= hi - 1e-9:
+            side, far = "larger", math.inf
+        elif vertex is None and best <= lo + 1e-9:
+            side, far = "smaller", math.inf
+        else:
+            continue
+        count = min(spec.adaptive.extra_sizes, max(1, math.ceil(far / step) + 1))
+        sign = 1.0 if side == "larger" else -1.0
+        edge = hi if side == "larger" else lo
+        targets = [math.exp(edge + sign * step * j) for j in range(1, count + 1)]
+        where = (f"vertex N={math.exp(vertex):,.0f}" if vertex is not None else "no convex minimum; lowest loss")
+        reason = (f"C={budget:.4g}: {where} beyond the {side} end of its sizes "
+                  f"({math.exp(lo):,.0f}..{math.exp(hi):,.0f}); adding {count} {side} sizes")
+        jobs.append((budget, math.exp(vertex) if vertex is not None else math.exp(edge), targets, side))
+        extensions.append(Extension(budget, side, reason))
+    if not jobs:
+        return [], []
+    ladder = _ladder(spec, ctx, max(max(t) for _, _, t, _ in jobs) * 2.0)
+    taken = {r.n_params for r in planned}
+    new: list[PlannedRun] = []
+    for budget, centre, targets, side in jobs:
+        free = [sc for sc in ladder if sc.n_params not in taken]
+        shapes = []
+        for t in targets:
+            if not free:
+                break
+            sc = min(free, key=lambda s: abs(math.log(s.n_params / t)))
+            if abs(math.log(sc.n_params / t)) > step:
+                continue                              # the ladder has nothing near this size
+            if (side == "larger") != (sc.n_params > max(r.n_params for r in planned if r.budget == budget)):
+                continue
+            shapes.append(sc)
+            free.remove(sc)
+        shapes.sort(key=lambda s: s.n_params)
+        # A budget needs enough tokens for its smallest new size to train at least one step; _runs_for validates.
+        new += _runs_for(spec, ctx, budget, centre, shapes, names, round_no)
+    return new, extensions
 
 
 # ----------------------------------------------------------------------------- loading and printing

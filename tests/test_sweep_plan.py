@@ -8,12 +8,13 @@ from __future__ import annotations
 import math
 import re
 
+import numpy as np
 import pyarrow as pa
 import pytest
 from pydantic import ValidationError
 
 from specs.errors import UsageError
-from specs.job import validate_spec
+from specs.job import apply_overrides, validate_spec
 from scaling.plan import (SweepError, SweepSpec, budgets_from_total, count_shape, format_plan,
                                      load_sweep, plan_sweep, run_name, validate_sweep)
 from scaling.table import COLUMNS, SCHEMA, append_row, make_row, read_results, results_path
@@ -228,3 +229,98 @@ def test_bad_rows_are_refused(tmp_path):
         append_row(str(tmp_path), _row("a/b"))
     with pytest.raises(ValueError, match="final_loss"):
         append_row(str(tmp_path), {**_row("a"), "final_loss": None})
+
+
+# ----------------------------------------------------------------------------- centring and the adaptive round
+
+from scaling.fit import LossParams, isoflop_profiles  # noqa: E402
+from scaling.plan import PriorLaw, centres_from_results, extend_plan  # noqa: E402
+
+# A law whose optimum sits ~3x above the 20-tokens-per-parameter guess on this ladder (a = 0.57).
+TRUTH = LossParams(E=1.0, A=295.0, B=1000.0, alpha=0.3, beta=0.4)
+TINY = dict(name="ad", family="gpt2", vary="width", n_layers=2, head_dim=8, width_step=8,
+            budgets=[1e11, 3e11, 1e12], sizes_per_budget=5, size_range=6,
+            base={"data": {"seq_len": 64}, "train": {"micro_batch": 4}, "resources": {"workers": 1}})
+
+
+def _results(runs):
+    n = np.array([r.n_params for r in runs], float)
+    d = np.array([r.tokens for r in runs], float)
+    return n, d, TRUTH.loss(n, d)
+
+
+def _vertices(runs):
+    n, d, loss = _results(runs)
+    return {round(p.budget, -9): p for p in isoflop_profiles(n, d, loss, require_inside=True)[0]}
+
+
+def test_a_budget_whose_vertex_is_outside_is_extended_and_its_second_vertex_lands_inside():
+    spec = SweepSpec(**TINY)
+    first = list(plan_sweep(spec).runs)
+    outside = [p for p in _vertices(first).values() if not p.used]
+    assert outside, "the rule of thumb should miss this law's optimum"
+    assert all(p.n_opt > p.n.max() for p in outside)                  # the optimum lies above the sizes
+    new, why = extend_plan(spec, first, *_results(first))
+    assert {e.budget for e in why} == {r.budget for r in new} and all(e.side == "larger" for e in why)
+    assert all(r.round == 2 for r in new) and len({r.name for r in first + new}) == len(first) + len(new)
+    for e in why:
+        old_max = max(r.n_params for r in first if r.budget == e.budget)
+        added = [r for r in new if r.budget == e.budget]
+        assert 1 <= len(added) <= spec.adaptive.extra_sizes
+        assert all(r.n_params > old_max for r in added)
+        assert all(abs(6 * r.n_params * r.tokens - r.budget) <= 3 * r.n_params for r in added)
+        validate_spec(apply_overrides(spec.job_base(), added[0].overrides))
+    second = _vertices(first + new)
+    for e in why:
+        p = second[round(e.budget, -9)]
+        assert p.used and p.n.min() <= p.n_opt <= p.n.max(), p.reason
+    # Nothing more to do once every vertex is inside; and the round cap holds.
+    twice = SweepSpec(**{**TINY, "adaptive": {"rounds": 2}})
+    again, _ = extend_plan(twice, first + new, *_results(first + new), round_no=3)
+    assert {r.budget for r in again}.isdisjoint({e.budget for e in why})
+    assert extend_plan(spec, first, *_results(first), round_no=spec.adaptive.rounds + 2) == ([], [])
+    off = SweepSpec(**{**TINY, "adaptive": {"rounds": 0}})
+    assert extend_plan(off, first, *_results(first)) == ([], [])
+
+
+def test_a_prior_law_centres_every_budget_on_its_optimum():
+    prior = {k: getattr(TRUTH, k) for k in ("E", "A", "B", "alpha", "beta")}
+    spec = SweepSpec(**{**TINY, "prior": prior})
+    plan = plan_sweep(spec)
+    for c in plan.budgets:
+        runs = [r for r in plan.runs if r.budget == c]
+        assert runs[0].target_n == pytest.approx(TRUTH.n_opt(c), rel=1e-9)
+        assert runs[0].n_params < TRUTH.n_opt(c) < runs[-1].n_params
+    assert all(p.used for p in _vertices(list(plan.runs)).values())
+    assert extend_plan(spec, list(plan.runs), *_results(plan.runs)) == ([], [])
+    with pytest.raises(SweepError, match="prior.alpha"):
+        validate_sweep({**TINY, "prior": {**prior, "alpha": -1}})
+
+
+def test_budgets_without_runs_are_centred_on_the_optimum_finished_budgets_predict():
+    prior = {k: getattr(TRUTH, k) for k in ("E", "A", "B", "alpha", "beta")}
+    done = [r for r in plan_sweep(SweepSpec(**{**TINY, "prior": prior})).runs if r.budget < 1e12]
+    centres = centres_from_results([1e11, 3e11, 1e12], *_results(done))
+    assert set(centres) == {1e12}
+    assert centres[1e12] == pytest.approx(TRUTH.n_opt(1e12), rel=0.35)
+    plan = plan_sweep(SweepSpec(**TINY), history=_results(done))
+    top = [r for r in plan.runs if r.budget == 1e12]
+    assert top[0].target_n == centres[1e12] and top[0].n_params < TRUTH.n_opt(1e12) < top[-1].n_params
+    # Budgets that have runs keep the centre they were planned with (their runs keep their names).
+    low = [r for r in plan.runs if r.budget == 1e11]
+    assert low[0].target_n == pytest.approx(math.sqrt(1e11 / 120))
+    kept = plan_sweep(SweepSpec(**TINY), centres={1e12: 200000.0}, history=_results(done))
+    assert [r.target_n for r in kept.runs if r.budget == 1e12][0] == 200000.0
+
+
+def test_repeats_give_each_point_seeds():
+    spec = SweepSpec(**{**TINY, "budgets": [3e11], "repeats": 3, "base": {**TINY["base"], "train": {"seed": 7}}})
+    plan = plan_sweep(spec)
+    assert len(plan.runs) == 15 and len({r.name for r in plan.runs}) == 15
+    by_n: dict[int, list] = {}
+    for r in plan.runs:
+        by_n.setdefault(r.n_params, []).append(r)
+    for runs in by_n.values():
+        assert [r.overrides["train.seed"] for r in runs] == [7, 8, 9]
+        assert [r.name.rsplit("-", 1)[1] for r in runs] == ["s0", "s1", "s2"]
+        assert len({r.tokens for r in runs}) == 1
