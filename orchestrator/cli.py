@@ -90,15 +90,18 @@ def _extra_commands():
     return out
 
 
-def _auth_mode_for(args) -> None:
-    """Ray reads RAY_AUTH_MODE when it is imported: decide it before any command imports ray.
+def _ray_env_for(args) -> None:
+    """Ray reads its settings from the environment when it is imported: decide them before any command imports ray.
 
     The local Ray Switchyard starts uses Ray's token authentication with Switchyard's own token
     (kept with its state, see orchestrator/local_head.py), and every command that reaches it uses the same.
+    Ray's uv hook cannot pickle the py_modules Switchyard ships over Ray Client (``ray://``), and
+    Switchyard's packages travel as py_modules anyway, so the hook is off unless the user turned it on.
     """
     from orchestrator.cluster_config import load_cluster_config
     from orchestrator.local_head import use_local_auth
 
+    os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
     cluster = load_cluster_config(args.cluster)
     if cluster.ray.address == "local":
         use_local_auth(cluster)
@@ -108,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        _auth_mode_for(args)
+        _ray_env_for(args)
         return int(args.func(args) or 0)
     except UsageError as err:
         print(f"switchyard: error: {err}", file=sys.stderr)

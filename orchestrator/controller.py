@@ -666,11 +666,16 @@ def get_controller(namespace: str):
 
 def start_controller(cluster, tick_s: float = TICK_S, backfill_window_s: float = 120.0):
     """Start (or find) the detached controller actor; returns its handle once it answers."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
     handle = get_controller(cluster.ray.namespace)
     if handle is None:
         cls = ray.remote(Controller)
+        # On this node, the head: the job store is a file on its disk, and a worker host may be lost.
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
         handle = cls.options(name=CONTROLLER_NAME, namespace=cluster.ray.namespace, lifetime="detached",
                              max_restarts=-1, max_task_retries=-1, num_cpus=0, max_concurrency=8,
+                             scheduling_strategy=here,
                              get_if_exists=True).remote(cluster.model_dump(), tick_s, backfill_window_s)
     ray.get(handle.ping.remote(), timeout=120)
     return handle

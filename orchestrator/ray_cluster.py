@@ -49,30 +49,29 @@ def connect(cluster, *, allow_embedded: bool = True) -> str:
                 raise UsageError("no local Ray cluster is running; start one with `switchyard up`")
         else:
             ray.init(address=address, runtime_env={"py_modules": _py_modules()}, **common)
+    except ray.exceptions.AuthenticationError:
+        raise UsageError(f"the Ray cluster at {address!r} refused this machine's auth token; set RAY_AUTH_TOKEN "
+                         "or RAY_AUTH_TOKEN_PATH to the cluster's token (`ray get-auth-token` on its head)") from None
     except ConnectionError as err:
-        raise UsageError(f"cannot reach the Ray cluster at {address!r} ({err}); check ray.address in cluster.yaml") from None
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        raise UsageError(f"cannot reach the Ray cluster at {address!r} ({first}); check ray.address in cluster.yaml") from None
     return ray.get_runtime_context().gcs_address
 
 
 def cluster_resources() -> dict[str, dict[str, dict[str, float]]]:
-    """{node_id: {'total': {...}, 'free': {...}}} for alive nodes, CPU/GPU only."""
-    out = {}
-    avail_by_node = {}
-    try:
-        from ray._private.state import state as _state
+    """{node_id: {'address', 'total': {CPU, GPU}, 'free': {CPU, GPU}}} for alive nodes: what ``ray status`` shows.
 
-        avail_by_node = _state._available_resources_per_node()
-    except Exception:
-        avail_by_node = {}
-    for node in ray.nodes():
-        if not node.get("Alive"):
-            continue
-        nid = node["NodeID"]
-        total = node.get("Resources", {})
-        free = avail_by_node.get(nid, total)
-        out[nid] = {
-            "address": node.get("NodeManagerAddress"),
-            "total": {k: float(total.get(k, 0.0)) for k in ("CPU", "GPU")},
-            "free": {k: float(free.get(k, 0.0)) for k in ("CPU", "GPU")},
-        }
+    Usage comes from the GCS's cluster status (the source of ``ray status``), so CPUs held by anything
+    on the cluster count as used: Switchyard's gangs, placement groups, and actors that are not ours.
+    """
+    from ray.autoscaler.v2.sdk import get_cluster_status
+
+    status = get_cluster_status(ray.get_runtime_context().gcs_address, timeout=30)
+    out = {}
+    for node in status.active_nodes + status.idle_nodes:
+        usage = {u.resource_name: u for u in (node.resource_usage.usage if node.resource_usage else [])}
+        total = {k: float(usage[k].total) if k in usage else 0.0 for k in ("CPU", "GPU")}
+        used = {k: float(usage[k].used) if k in usage else 0.0 for k in ("CPU", "GPU")}
+        out[node.node_id] = {"address": node.ip_address, "total": total,
+                             "free": {k: max(0.0, total[k] - used[k]) for k in total}}
     return out

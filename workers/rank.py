@@ -109,7 +109,10 @@ class RankWorker:
 
         from workers.network import collective_env
 
-        os.environ.update(collective_env(ray.util.get_node_ip_address(), interface))
+        node_ip = ray.util.get_node_ip_address()
+        os.environ.update(collective_env(node_ip, interface))
+        print(f"[switchyard] rank {self.rank} collectives on {os.environ['GLOO_SOCKET_IFNAME']} ({node_ip}), "
+              f"rendezvous at {master_addr}:{master_port}", flush=True)
         os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(self.rank),
                           WORLD_SIZE=str(self.world_size), LOCAL_RANK="0")
         if torch.cuda.is_available():
