@@ -20,9 +20,10 @@ import re
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from specs.errors import UsageError
+from specs.validate import INT64_MAX, InputError, check_plain, load_plain_yaml, read_plain_yaml
 from workers.rlhf.ppo_config import PPOConfig, PPOShares
 from specs.validate import INT64_MAX, InputError, check_plain, load_plain_yaml, read_plain_yaml
 
@@ -33,6 +34,17 @@ SEED_MAX = (1 << 31) - 1
 BIG = 10**12
 """Upper bound of counts (steps, tokens per eval, intervals): far past any real run, far inside int64."""
 ENCODER_FAMILIES = ("bert", "roberta", "albert")
+
+
+def _plain_text(v: str | None) -> str | None:
+    """Paths and names: no control characters (a NUL makes every OS call fail), at most 4096 characters."""
+    if v is not None and (len(v) > 4096 or any(ord(c) < 32 or ord(c) == 127 for c in v)):
+        raise ValueError("must be at most 4096 characters with no control characters (NUL, newline, ...)")
+    return v
+
+
+PathStr = Annotated[str, AfterValidator(_plain_text)]
+"""A path or URI field of the spec (checked against cluster.yaml's roots at submit: specs.paths)."""
 
 
 class SpecError(UsageError):
@@ -87,7 +99,7 @@ class ModelSpec(_Section):
     """Dropout probability."""
     moe: MoESpec | None = None
     """Switch Transformer layers in place of some MLPs."""
-    init_from: str | None = None
+    init_from: PathStr | None = None
     """Start from these weights: a run directory, a checkpoint folder, or a Hugging Face folder."""
 
     @property
@@ -96,11 +108,11 @@ class ModelSpec(_Section):
 
 
 class DataSpec(_Section):
-    corpus: str = "builtin:stdlib"
+    corpus: PathStr = "builtin:stdlib"
     """Text source: 'builtin:stdlib' or an fsspec URI/glob of .txt, .jsonl (a 'text' field) or .parquet files."""
     format: Literal["auto", "text", "jsonl", "parquet"] = "auto"
     """Input format; 'auto' decides by file extension."""
-    text_field: str = "text"
+    text_field: Annotated[str, Field(min_length=1, max_length=256), AfterValidator(_plain_text)] = "text"
     """Field/column holding the text in JSONL and Parquet inputs."""
     tokenizer: Literal["byte", "bpe"] = "byte"
     """'byte' (256 byte symbols + specials) or 'bpe' trained locally on the corpus."""
@@ -260,19 +272,19 @@ class RLHFDataSpec(_Section):
 
     builtin: BuiltinTaskSpec | None = BuiltinTaskSpec()
     """The built-in task that fills in every file left null; null = every file the stage needs must be given."""
-    dir: str | None = None
+    dir: PathStr | None = None
     """Folder for the built-in task's files (default: <run_dir>/rlhf_data; a pipeline shares one)."""
-    demonstrations: str | None = None
+    demonstrations: PathStr | None = None
     """SFT: {prompt, response} rows."""
-    demonstrations_heldout: str | None = None
+    demonstrations_heldout: PathStr | None = None
     """SFT held-out loss: {prompt, response} rows (default: the last 5% of demonstrations)."""
-    comparisons: str | None = None
+    comparisons: PathStr | None = None
     """RM: {prompt, responses, ranking} or {prompt, chosen, rejected} rows."""
-    comparisons_heldout: str | None = None
+    comparisons_heldout: PathStr | None = None
     """RM held-out accuracy: comparison rows (default: the last 5% of comparisons)."""
-    prompts: str | None = None
+    prompts: PathStr | None = None
     """PPO: {prompt} rows to sample on."""
-    eval_prompts: str | None = None
+    eval_prompts: PathStr | None = None
     """PPO evaluation and the pipeline report: held-out {prompt} rows."""
 
     def source_of(self, name: str) -> Literal["given", "builtin", "tail", "none"]:

@@ -92,8 +92,13 @@ def _describe(roots: PathRoots, write: bool) -> str:
 def check_job_paths(spec, roots: PathRoots | None, where: str = "spec") -> None:
     """Raise PathNotAllowedError (one line naming the field) unless every path of ``spec`` is allowed.
 
-    ``roots`` None means no restriction (a Storage made without cluster.yaml, e.g. in unit tests).
+    ``roots`` None means no restriction (a Storage made without cluster.yaml, e.g. in unit tests); paths
+    with control characters (a NUL fails every OS call) are refused either way.
     """
+    for field in ("data.corpus",) + READ_FIELDS + WRITE_FIELDS:
+        uri = _get(spec, field)
+        if isinstance(uri, str) and any(ord(c) < 32 or ord(c) == 127 for c in uri):
+            raise PathNotAllowedError(f"{where}: {field}: {uri!r} contains control characters; give a plain path")
     if roots is None:
         return
     corpus = spec.data.corpus

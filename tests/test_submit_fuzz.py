@@ -36,11 +36,17 @@ _ENV = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH")
 
 
 def _strip_optional(ann) -> tuple[Any, bool]:
+    ann = _unannotated(ann)
     args = typing.get_args(ann)
     if typing.get_origin(ann) in (typing.Union, types.UnionType) and type(None) in args:
         rest = [a for a in args if a is not type(None)]
-        return (rest[0] if len(rest) == 1 else typing.Union[tuple(rest)]), True
+        return _unannotated(rest[0] if len(rest) == 1 else typing.Union[tuple(rest)]), True
     return ann, False
+
+
+def _unannotated(ann):
+    """Annotated[str, validators] -> str (the validators are what the bad values probe)."""
+    return typing.get_args(ann)[0] if typing.get_origin(ann) is typing.Annotated else ann
 
 
 def _bounds(field) -> dict[str, float]:
@@ -108,7 +114,7 @@ def bad_values(ann, optional: bool, bounds: dict) -> list[str]:
             vals.append(_y(float(bounds["lt"])))
         return vals
     if ann is str:
-        return base + ["5", "1.5", "true", "[a]", "{a: 1}"]
+        return base + ["5", "1.5", "true", "[a]", "{a: 1}", '"a\\0b"', '"x\\ny"', "'" + "y" * 5000 + "'"]
     if origin is Literal:
         choices = typing.get_args(ann)
         vals = base + ["[x]", "{a: 1}", "'no-such-choice'", "99", "-1", "1.5"]
