@@ -7,7 +7,15 @@ Parquet table (``sweep_table``) and, once every run has ended, fits the table
 (``fit_report``) into ``<sweep_dir>/fit/``.
 
 Submitting the same sweep again resumes it: runs with a results row, or with a
-job still queued or running, are not submitted again.
+job still queued or running, are not submitted again. ``plan.json`` keeps each
+budget's centre and every adaptive run, so a resubmit plans the same runs;
+budgets new to the sweep are centred on the optimum its finished budgets
+predict (``scaling.plan.centres_from_results``) unless the sweep has a prior.
+
+When every run has ended, ``extend_sweep`` (called by the controller before
+the fit) adds the adaptive round: more sizes for budgets whose IsoFLOP vertex
+lies outside their sizes (``scaling.plan.extend_plan``), recorded in
+``rounds.json``. The fit runs once no round adds anything.
 """
 from __future__ import annotations
 
@@ -15,10 +23,12 @@ import json
 import posixpath
 import sys
 
+from dataclasses import dataclass
+
 from data.storage import Storage
 from specs.errors import UsageError
 from orchestrator.job_store import JobState, JobStore, safe_join
-from specs.job import validate_spec
+from specs.job import apply_overrides, validate_spec
 
 DEFAULT_FLOPS_PER_S = 2.0e10  # per worker, CPU-ish; used only for the time estimate in the plan
 
@@ -46,24 +56,78 @@ def _parent(store: JobStore, name: str):
     return None
 
 
+@dataclass(frozen=True)
+class RunRecord:
+    """A run as plan.json keeps it: enough to resubmit it and to plan the next round."""
+
+    name: str
+    job_name: str
+    budget: float
+    n_params: int
+    round: int
+    centre: float
+    overrides: dict
+
+
+def _plan_entry(r) -> dict:
+    return {"run_id": r.name, "job_name": r.job_name, "budget": r.budget, "n_params": r.n_params,
+            "n_params_non_embedding": r.n_params_non_embedding, "tokens": r.tokens, "steps": r.steps,
+            "d_model": r.shape.d_model, "n_layers": r.shape.n_layers, "n_heads": r.shape.n_heads,
+            "round": r.round, "centre": r.target_n, "overrides": r.overrides}
+
+
+def read_plan(storage: Storage, sdir: str) -> list[RunRecord]:
+    """The runs an earlier submit or adaptive round planned (empty for a new sweep)."""
+    path = f"{sdir}/plan.json"
+    if not storage.exists(path):
+        return []
+    out = []
+    for e in storage.read_json(path):
+        if "overrides" not in e:            # written before plan.json kept overrides: plan afresh
+            return []
+        out.append(RunRecord(e["run_id"], e["job_name"], float(e["budget"]), int(e["n_params"]),
+                             int(e.get("round", 1)), float(e.get("centre", 0.0)), dict(e["overrides"])))
+    return out
+
+
+def _history(sdir: str):
+    """(N, D, loss) of the runs in the sweep's table, held-out loss where there is one, or None."""
+    import numpy as np
+
+    from scaling.table import read_results
+
+    table = read_results(sdir)
+    if table.num_rows == 0:
+        return None
+    held = table.column("held_out_loss").to_pylist()
+    final = table.column("final_loss").to_pylist()
+    loss = np.array([h if h is not None else f for h, f in zip(held, final)], float)
+    n = np.array(table.column("n_params").to_pylist(), float)
+    d = np.array(table.column("tokens").to_pylist(), float)
+    ok = np.isfinite(loss) & (loss > 0)
+    return n[ok], d[ok], loss[ok]
+
+
 def submit_sweep(cluster, path: str, dry_run: bool = False, flops_per_s: float | None = None, log=print) -> dict:
     from scaling.plan import format_plan, load_sweep, plan_sweep
 
     spec = load_sweep(path)
-    plan = plan_sweep(spec)
+    storage = _storage(cluster)
+    sdir = sweep_dir(cluster, spec.name)
+    before = read_plan(storage, sdir)
+    centres = {r.budget: r.centre for r in before if r.round == 1}
+    plan = plan_sweep(spec, centres=centres, history=_history(sdir) if storage.exists(sdir) else None)
+    planned = {r.name for r in plan.runs}
+    extra = [r for r in before if r.round > 1 and r.name not in planned]     # adaptive rounds of earlier submits
     workers = plan.tokens_per_step and validate_spec(plan.job_spec(plan.runs[0])).resources.workers
     rate = flops_per_s or DEFAULT_FLOPS_PER_S * workers
     log(format_plan(plan, flops_per_second=rate))
     if dry_run:
-        return {"sweep": spec.name, "runs": len(plan.runs), "submitted": [], "dry_run": True}
-    storage = _storage(cluster)
-    sdir = sweep_dir(cluster, spec.name)
+        return {"sweep": spec.name, "runs": len(plan.runs) + len(extra), "submitted": [], "dry_run": True}
     storage.makedirs(sdir)
     storage.write_json(f"{sdir}/sweep.json", spec.model_dump(mode="json"))
-    storage.write_json(f"{sdir}/plan.json", [{
-        "run_id": r.name, "job_name": r.job_name, "budget": r.budget, "n_params": r.n_params,
-        "n_params_non_embedding": r.n_params_non_embedding, "tokens": r.tokens, "steps": r.steps,
-        "d_model": r.shape.d_model, "n_layers": r.shape.n_layers, "n_heads": r.shape.n_heads} for r in plan.runs])
+    old = {e["run_id"]: e for e in storage.read_json(f"{sdir}/plan.json")} if extra else {}
+    storage.write_json(f"{sdir}/plan.json", [_plan_entry(r) for r in plan.runs] + [old[r.name] for r in extra])
     store = JobStore(cluster.job_store)
     parent = _parent(store, spec.name)
     if parent is None:
@@ -78,14 +142,15 @@ def submit_sweep(cluster, path: str, dry_run: bool = False, flops_per_s: float |
     done = finished_runs(storage, sdir)
     live = {c.name for c in store.list(parent_id=parent.id) if not c.terminal}
     submitted = []
-    for run in plan.runs:
-        if run.name in done or run.job_name in live:
+    todo = [(r.name, r.job_name, r.overrides) for r in plan.runs] + [(r.name, r.job_name, r.overrides) for r in extra]
+    for name, job_name, overrides in todo:
+        if name in done or job_name in live:
             continue
-        job_spec = validate_spec(plan.job_spec(run), source=f"{path} run {run.name}")
+        job_spec = validate_spec(apply_overrides(spec.job_base(), overrides), source=f"{path} run {name}")
         submitted.append(_submit_child(cluster, job_spec, spec.priority, parent.id))
     log(f"sweep {spec.name}: {len(submitted)} runs submitted, {len(done)} already finished, "
         f"{len(live)} still queued or running; table in {sdir}")
-    return {"sweep": spec.name, "id": parent.id, "sweep_dir": sdir, "runs": len(plan.runs),
+    return {"sweep": spec.name, "id": parent.id, "sweep_dir": sdir, "runs": len(todo),
             "submitted": submitted, "finished": sorted(done)}
 
 
@@ -113,8 +178,9 @@ def sweep_status(cluster, name: str) -> dict:
     counts: dict[str, int] = {}
     for c in children:
         counts[c.state.value] = counts.get(c.state.value, 0) + 1
+    planned = len(read_plan(storage, sdir)) or parent.spec["runs"]
     return {"sweep": name, "id": parent.id, "state": parent.state.value, "sweep_dir": sdir,
-            "runs": parent.spec["runs"], "results": len(done), "jobs": counts,
+            "runs": planned, "results": len(done), "jobs": counts,
             "fit": f"{sdir}/fit/fit.json" if storage.exists(f"{sdir}/fit/fit.json") else None,
             "reason": parent.reason}
 
@@ -142,6 +208,41 @@ def record_result(store: JobStore, storage: Storage, job_id: str) -> None:
                    spec_hash=spec.spec_hash(), held_out_loss=m.get("held_out_loss"),
                    curve_path=f"{rec.run_dir}/metrics.jsonl")
     append_row(sdir, row)
+
+
+def extend_sweep(cluster, store: JobStore, storage: Storage, parent) -> list[str]:
+    """The next adaptive round of a sweep whose runs have all ended: submit it and return the job ids.
+
+    Budgets whose IsoFLOP vertex lies outside their sizes get up to
+    ``adaptive.extra_sizes`` sizes on the side of the vertex, at most
+    ``adaptive.rounds`` times; the reasons go to ``rounds.json``. An empty
+    list means no round is due: fit the table.
+    """
+    from scaling.plan import extend_plan, validate_sweep
+
+    sdir = parent.spec["sweep_dir"]
+    if not storage.exists(f"{sdir}/sweep.json"):
+        return []
+    spec = validate_sweep(storage.read_json(f"{sdir}/sweep.json"), source=f"{sdir}/sweep.json")
+    before = read_plan(storage, sdir)
+    history = _history(sdir)
+    if not before or history is None:
+        return []
+    round_no = max(r.round for r in before) + 1
+    new, why = extend_plan(spec, before, *history, round_no=round_no)
+    if not new:
+        return []
+    storage.write_json(f"{sdir}/plan.json", storage.read_json(f"{sdir}/plan.json") + [_plan_entry(r) for r in new])
+    rounds = storage.read_json(f"{sdir}/rounds.json") if storage.exists(f"{sdir}/rounds.json") else []
+    rounds.append({"round": round_no, "runs": [r.name for r in new], "reasons": [e.reason for e in why]})
+    storage.write_json(f"{sdir}/rounds.json", rounds)
+    ids = []
+    for r in new:
+        job_spec = validate_spec(apply_overrides(spec.job_base(), r.overrides), source=f"sweep {spec.name} run {r.name}")
+        ids.append(_submit_child(cluster, job_spec, spec.priority, parent.id))
+    print(f"sweep {spec.name}: adaptive round {round_no}: {len(new)} runs; " + "; ".join(e.reason for e in why),
+          flush=True)
+    return ids
 
 
 def fit_sweep(storage: Storage, sdir: str) -> dict:
