@@ -101,6 +101,9 @@ class Api:
         r.add_get(f"{PREFIX}/sweeps/{{name}}", self.sweep)
         r.add_get(f"{PREFIX}/sweeps/{{name}}/fit", self.sweep_fit)
         r.add_post(f"{PREFIX}/tokens", self.create_token)
+        from orchestrator import dashboard  # the web pages at /dashboard/ and their JSON, same token auth
+
+        dashboard.add_routes(app, self)
         return app
 
     @web.middleware
