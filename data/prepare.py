@@ -22,6 +22,7 @@ equal share of the budget each, at most ``BPE_TRAIN_DOCS`` documents.
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import time
@@ -79,6 +80,8 @@ class ShardWriter:
 
         self.folder, self.storage, self.text_field = folder, storage, text_field
         self.tok = TextTokenizer(Tokenizer.from_str(tokenizer_json), kind)
+        # The same ids as encode_batch without computing character offsets (tokenizers >= 0.20).
+        self._encode_batch = getattr(self.tok.tok, "encode_batch_fast", self.tok.tok.encode_batch)
 
     def write(self, unit: Unit, max_docs: int | None = None) -> dict:
         """Tokenize ``unit`` into ``shard-<index>.parquet``; return (and store) its index entry."""
@@ -115,14 +118,15 @@ class ShardWriter:
 
         def encode() -> None:
             nonlocal texts, ends, chars, buffered, tokens, documents
-            flat: list[int] = []
-            for enc, end in zip(self.tok.tok.encode_batch(texts, add_special_tokens=False), ends):
-                flat.extend(enc.ids)
+            parts: list[list[int]] = []
+            for enc, end in zip(self._encode_batch(texts, add_special_tokens=False), ends):
+                parts.append(enc.ids)
                 if end:
-                    flat.append(eos)
+                    parts.append([eos])
                     documents += 1
-            if flat:
-                buf.append(np.array(flat, dtype=np.int32))
+            flat = np.fromiter(itertools.chain.from_iterable(parts), dtype=np.int32)
+            if len(flat):
+                buf.append(flat)
                 buffered += len(flat)
                 tokens += len(flat)
             texts, ends, chars = [], [], 0
