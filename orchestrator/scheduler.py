@@ -187,7 +187,7 @@ class QueuedJob:
                        blocked_since: float | None = None, cancel_requested: bool = False, team: str = "",
                        deps: tuple[tuple[str, str], ...] = ()) -> QueuedJob:
         """Build from the job store's ``{workers, cpus_per_worker, gpus_per_worker}``."""
-        return cls(job_id, priority, submitted_at, _bundles(resources), blocked_since, cancel_requested, team,
+        return cls(job_id, priority, submitted_at, bundles_of(resources), blocked_since, cancel_requested, team,
                    tuple(deps))
 
     @classmethod
@@ -201,7 +201,8 @@ class QueuedJob:
                                   record.blocked_since, record.cancel_requested, getattr(record, "team", ""), deps)
 
 
-def _bundles(resources: Mapping[str, Any]) -> tuple[Bundle, ...]:
+def bundles_of(resources: Mapping[str, Any]) -> tuple[Bundle, ...]:
+    """One bundle per worker from the job store's ``{workers, cpus_per_worker, gpus_per_worker}``."""
     bundle = Bundle(float(resources.get("cpus_per_worker") or 0), float(resources.get("gpus_per_worker") or 0))
     return (bundle,) * int(resources["workers"])
 
@@ -503,6 +504,14 @@ def _add_use(in_use: dict[str, list[float]], team: str, bundles: Sequence[Bundle
     use = in_use.setdefault(team, [0.0, 0.0])
     use[0] += sum(b.cpus for b in bundles)
     use[1] += sum(b.gpus for b in bundles)
+
+
+def over_quota(job: QueuedJob, running: Iterable[RunningJob], quota: TeamQuota | None) -> str | None:
+    """Why starting ``job`` now would take its team over ``quota`` given the ``running`` jobs, or None."""
+    in_use: dict[str, list[float]] = {}
+    for r in running:
+        _add_use(in_use, r.team, r.bundles)
+    return _over_quota(job, in_use, quota)
 
 
 def _over_quota(job: QueuedJob, in_use: Mapping[str, list[float]], quota: TeamQuota | None) -> str | None:
