@@ -323,12 +323,18 @@ def submit_pipeline(cluster, raw: Any, source: str = "pipeline", priority: int |
     storage = Storage(cluster.storage, dict(cluster.storage_options))
     store = JobStore(cluster.job_store)
     pdir = pipeline_dir(cluster.storage, spec.name)
-    from specs.paths import check_job_paths
+    from specs.paths import PathNotAllowedError, check_job_paths
 
     roots = cluster.path_roots() if hasattr(cluster, "path_roots") else None
     for stage in STAGES:  # cluster.yaml's read/write roots, before anything is written (the ranks check again)
-        check_job_paths(stage_spec(spec, stage, pdir, {s: placeholder(pdir, s) for s in STAGES}, source), roots,
-                        where=f"{source}: {stage} stage")
+        try:
+            check_job_paths(stage_spec(spec, stage, pdir, {s: placeholder(pdir, s) for s in STAGES}, source), roots,
+                            where="")
+        except PathNotAllowedError as err:  # name the field where the file sets it, as stage_spec does
+            field, _, rest = str(err).removeprefix(": ").partition(": ")
+            where = next((w for w in (stage, "base") if _get(getattr(spec, w), field) is not None), None)
+            raise SpecError(f"{source}: {where}.{field}: {rest}" if where else f"{source}: {stage} stage: {field}: "
+                            f"{rest}") from None
     check_data_files(spec, storage, source)
     from orchestrator.runner import preflight
 

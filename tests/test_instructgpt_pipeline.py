@@ -77,7 +77,7 @@ def _cli_submit(tmp_path, raw: dict, capsys, extra=()):
      "ppo.rlhf.ppo.rollout_size"),
     (lambda p: p["base"]["model"].update(family="bert"), "base.model.family"),
     (lambda p: p["base"]["rlhf"]["data"].update(eval_prompts="/nowhere/e.jsonl"),
-     "base.rlhf.data.eval_prompts: no such file"),
+     "base.rlhf.data.eval_prompts: /nowhere/e.jsonl is outside the read roots of cluster.yaml"),
     (lambda p: p["report"].update(samples_per_prompt=0), "report.samples_per_prompt"),
 ])
 def test_bad_pipeline_file_fails_in_one_line_naming_the_field_and_writes_nothing(tmp_path, capsys, change, field):
