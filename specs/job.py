@@ -25,7 +25,6 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 from specs.errors import UsageError
 from specs.validate import INT64_MAX, InputError, check_plain, load_plain_yaml, read_plain_yaml
 from workers.rlhf.ppo_config import PPOConfig, PPOShares
-from specs.validate import INT64_MAX, InputError, check_plain, load_plain_yaml, read_plain_yaml
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 DECODER_FAMILIES = ("gpt2", "llama", "palm")
