@@ -324,3 +324,20 @@ def test_repeats_give_each_point_seeds():
         assert [r.overrides["train.seed"] for r in runs] == [7, 8, 9]
         assert [r.name.rsplit("-", 1)[1] for r in runs] == ["s0", "s1", "s2"]
         assert len({r.tokens for r in runs}) == 1
+
+
+def test_the_example_sweep_plans_four_budgets_on_bpe_with_the_adaptive_round():
+    import os
+
+    spec = load_sweep(os.path.join(os.path.dirname(__file__), "..", "examples", "isoflop.yaml"))
+    plan = plan_sweep(spec)
+    assert len(plan.budgets) >= 4 and spec.adaptive.rounds >= 1
+    job = validate_spec(plan.job_spec(plan.runs[0]))
+    assert job.data.tokenizer == "bpe" and plan.vocab_size == job.data.vocab_size
+    for c in plan.budgets:
+        runs = [r for r in plan.runs if r.budget == c]
+        assert len(runs) == spec.sizes_per_budget
+        assert runs[0].n_params < runs[0].target_n < runs[-1].n_params          # the grid straddles its centre
+        assert min(r.steps for r in runs) >= 250                                # no budget too small to train
+    # Planned compute stays near 2.8e13 FLOPs (with attention): ~3.4x the 3-budget example timed at 10 minutes.
+    assert sum(r.flops_with_attention for r in plan.runs) < 3.5e13
