@@ -32,17 +32,32 @@ from __future__ import annotations
 import json
 import os
 import threading
+import logging
 import time
-import traceback
 from dataclasses import dataclass
 
 import ray
 
 from data.storage import Storage
+from orchestrator import failure_policy
 from orchestrator import scheduler as sched
 from specs.errors import UsageError
 from orchestrator.job_store import JobState, JobStore
 from specs.job import validate_spec
+from workers.worker_group import poll
+
+log = logging.getLogger(__name__)
+
+
+def _log_to_stderr() -> None:
+    """The controller's records (``orchestrator.*``, INFO and above) go to its process's stderr; once."""
+    logger = logging.getLogger("orchestrator")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+
 
 CONTROLLER_NAME = "switchyard-controller"
 TICK_S = 0.5
@@ -120,12 +135,13 @@ class Controller:
     # ------------------------------------------------------------------ loop
 
     def _loop(self) -> None:
+        _log_to_stderr()
         while not self._stop.is_set():
             try:
                 self.tick()
                 self.store.heartbeat(self.pid)
             except Exception:  # the loop must survive anything one job does
-                traceback.print_exc()
+                log.exception("controller tick failed")
             self._stop.wait(self.tick_s)
 
     def tick(self) -> None:
@@ -190,42 +206,27 @@ class Controller:
                            for w in act.run.workers]
                 self.store.transition(job_id, JobState.RUNNING, "all workers started", workers=workers)
                 self.storage.write_json(f"{self.store.get(job_id).run_dir}/workers.json", workers)
-            refs = act.run.refs
-            ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
-            failure = None
-            results = []
-            for ref in ready:
-                try:
-                    results.append(ray.get(ref))
-                except ray.exceptions.RayActorError as err:  # the root cause: a rank's process is gone
-                    failure = err
-                    break
-                except Exception as err:  # a rank raised (often a peer's death seen through gloo)
-                    failure = failure or err
-            if failure is not None:
-                self._on_fault(job_id, act, failure)
+            status = poll(act.run.refs)                     # one value for the gang: results or the root cause
+            if status.error is not None:
+                self._on_fault(job_id, act, status.error)
                 continue
             progress = act.run.group.progress(timeout_s=1.0)
             if progress.get("step") is not None:
                 metrics = {k: progress.get(k) for k in ("loss", "tokens_per_s", "last_checkpoint") if progress.get(k) is not None}
                 self.store.update(job_id, step=int(progress["step"]), metrics=metrics)
-            if len(ready) < len(refs):
+            if not status.done:
                 if act.preempt is not None and time.time() - act.preempt_at > self.cluster.preemption.stop_timeout_s:
                     self._requeue_preempted(job_id, act, None, killed=True)
                 continue
-            errors = [r for r in results if "error" in r]
-            if act.preempt is not None and not errors and results[0]["stopped"]:
-                self._requeue_preempted(job_id, act, results[0])
+            r = status.results[0]
+            if act.preempt is not None and r["stopped"]:
+                self._requeue_preempted(job_id, act, r)
                 continue
             self.active.pop(job_id)
-            if errors or len(self.warm) >= WARM_MAX or act.preempt is not None:
+            if len(self.warm) >= WARM_MAX or act.preempt is not None:
                 act.run.shutdown()
             else:
                 self.warm.append((time.time(), act.run.release_group()))
-            if errors:
-                self.store.transition(job_id, JobState.FAILED, errors[0]["error"])
-                continue
-            r = results[0]
             metrics = {"loss": r["final_loss"], "first_loss": r["first_loss"], "tokens_per_s": r["tokens_per_s"]}
             if r.get("final_eval"):
                 metrics.update(r["final_eval"])
@@ -252,22 +253,15 @@ class Controller:
             + (f"its checkpoint at step {ckpt}" if ckpt else "its latest complete checkpoint")))
 
     def _on_fault(self, job_id: str, act: Active, err: BaseException) -> None:
-        from orchestrator.runner import unwrap_remote_error
-
+        """A rank failed: the failure policy decides restart or fail, and the log says which and why."""
         if act.preempt is not None and self.store.get(job_id).state == JobState.PREEMPTED:
             self._requeue_preempted(job_id, act, None)  # it was stopping anyway; a fault there costs no restart
             return
         act.run.shutdown()
         self.active.pop(job_id, None)
-        cause = unwrap_remote_error(err) if isinstance(err, Exception) else err
-        user = isinstance(cause, UsageError)
-        message = str(cause).strip().splitlines()[-1] if str(cause).strip() else type(cause).__name__
-        message = message[:300]
-        if isinstance(err, ray.exceptions.RayActorError):
-            message = "a rank's process died or its node was lost"
         rec = self.store.get(job_id)
-        decision = sched.on_failure(rec.restarts, rec.max_restarts, "user" if user else "infra", message,
-                                    job_id=job_id)
+        decision = failure_policy.decide(err, rec.restarts, rec.max_restarts, job_id)
+        log.warning("job %s: %s: %s", job_id, type(decision).__name__.lower(), decision.reason)
         if isinstance(decision, sched.Restart):
             self.store.transition(job_id, JobState.RESTARTING, decision.reason)
             self.store.transition(job_id, JobState.QUEUED, "waiting to restart from the latest checkpoint")
@@ -423,7 +417,7 @@ class Controller:
             return  # it ended meanwhile
         act.preempt, act.preempt_at = decision, time.time()
         act.run.group.stop()
-        print(f"preempting {decision.job_id}: {decision.reason}", flush=True)
+        log.info("preempting %s: %s", decision.job_id, decision.reason)
 
     def _note_pending(self, rec, position: int, decision: sched.Wait) -> None:
         """Record why a queued job waits (status and list show it).
@@ -516,7 +510,7 @@ class Controller:
                     try:
                         self._record_eval(job_id, ray.get(ref))
                     except Exception as err:  # e.g. retention removed the checkpoint first
-                        print(f"evaluation of {path} skipped: {str(err).strip().splitlines()[-1]}", flush=True)
+                        log.warning("evaluation of %s skipped: %s", path, str(err).strip().splitlines()[-1])
                         self._skipped.add(path)
             if inflight:
                 continue
@@ -542,7 +536,7 @@ class Controller:
         try:
             record_result(self.store, self.storage, job_id)
         except Exception as err:  # the job's result stays in the store; the row can be re-derived
-            print(f"could not record sweep row for {job_id}: {err}", flush=True)
+            log.warning("could not record sweep row for %s: %s", job_id, err)
 
     def _extend_sweep(self, parent) -> bool:
         """Submit a sweep's adaptive round (orchestrator.sweep.extend_sweep); True if it added runs."""
@@ -601,7 +595,7 @@ class Controller:
                 self._advance_pipeline(parent)
             except Exception as err:  # a pipeline that cannot go on ends; the others carry on
                 message = str(err).strip().splitlines()[-1][:300] if str(err).strip() else type(err).__name__
-                traceback.print_exc()
+                log.exception("pipeline %s stopped", parent.id)
                 if not self.store.get(parent.id).terminal:
                     self.store.transition(parent.id, JobState.FAILED, f"pipeline stopped: {message}")
 

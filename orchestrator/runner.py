@@ -86,8 +86,10 @@ def feasible(res: WorkerResources) -> str | None:
 
 
 def unwrap_remote_error(err: Exception) -> Exception:
-    cause = getattr(err, "cause", None)
-    return cause if isinstance(cause, UsageError) else err
+    """The UserError a rank raised inside Ray's task error, else ``err`` (``failure_policy.root_cause``)."""
+    from orchestrator.failure_policy import root_cause
+
+    return root_cause(err)
 
 
 @dataclass
@@ -131,11 +133,8 @@ class JobRun:
         return len(ready) == len(self.refs)
 
     def result(self) -> dict:
-        results = ray.get(self.refs)
-        for r in results:
-            if "error" in r:
-                return r
-        return results[0]
+        """Rank 0's result; a rank's exception (a UserError among them) is raised as Ray's task error."""
+        return ray.get(self.refs)[0]
 
     def shutdown(self) -> None:
         if self.group is not None:
@@ -191,8 +190,6 @@ def run_job(spec: JobSpec, cluster, resume_dir: str | None = None, log=print) ->
                     bar.set_postfix(loss=f"{p['loss']:.4f}", tok_s=f"{p.get('tokens_per_s') or 0:.0f}")
                 bar.refresh()
         summary = job.result()
-        if "error" in summary:
-            raise UsageError(summary["error"])
         bar.n = summary["steps"]
         bar.refresh()
         state = "SUCCEEDED" if not summary["stopped"] else "CANCELLED"

@@ -32,6 +32,40 @@ class PlacementTimeout(Exception):
     """The cluster could not place every worker of the job in time."""
 
 
+@dataclass(frozen=True)
+class PollStatus:
+    """The ranks of a running job in one value: how many returned, their results, or why one failed."""
+
+    finished: int
+    """Ranks whose ``train`` returned (or raised)."""
+    total: int
+    """Ranks of the job."""
+    results: list
+    """Results of the ranks that returned."""
+    error: BaseException | None = None
+    """The root cause when a rank failed: a lost rank process first, else the first exception raised."""
+
+    @property
+    def done(self) -> bool:
+        """Every rank returned a result."""
+        return self.error is None and self.finished == self.total
+
+
+def poll(refs: list, timeout_s: float = 0.0) -> PollStatus:
+    """The status of ``train_async``'s refs, waiting at most ``timeout_s`` for all of them."""
+    ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+    results, error = [], None
+    for ref in ready:
+        try:
+            results.append(ray.get(ref))
+        except ray.exceptions.RayActorError as err:  # the root cause: a rank's process is gone
+            error = err
+            break
+        except Exception as err:  # a rank raised (a UserError, or a peer's death seen through gloo)
+            error = error or err
+    return PollStatus(len(ready), len(refs), results, error)
+
+
 class WorkerGroup:
     def __init__(self, resources: WorkerResources, run_dir: str, storage, name: str = "job"):
         self.resources, self.run_dir, self.storage, self.name = resources, run_dir, storage, name

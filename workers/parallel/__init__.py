@@ -1,1 +1,2 @@
-"""Parallelism wrappers around single-device models: DeepSpeed config, pipeline stages, expert parallelism."""
+"""Parallelism wrappers around single-device models: DeepSpeed config, engine building, pipeline stages,
+expert parallelism."""

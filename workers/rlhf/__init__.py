@@ -1,6 +1,7 @@
 """RLHF stages (InstructGPT): SFT, reward model on K-way rankings, PPO with KL and ptx.
 
-``ppo_math`` holds the pure tensor functions; ``reference`` runs the whole
-recipe in one process with plain PyTorch, from step functions that DeepSpeed
-workers reuse with their engines.
+``ppo_math`` holds the pure tensor functions and ``ppo_config`` the one PPO
+config; ``steps`` the batches and step functions the DeepSpeed stages
+(``stages``, on ``datasets``) and the single-process ``reference`` share;
+``report`` measures a finished pipeline.
 """

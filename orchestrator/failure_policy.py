@@ -1,0 +1,37 @@
+"""The failure policy: a failed rank's error becomes a decision, ``Restart`` or ``Fail``, with its reason.
+
+The worker group reports one ``PollStatus`` (``workers/worker_group.py``);
+when it carries an error, ``decide`` says what the controller does, as Ray
+Train v2's ``FailurePolicy`` does: a ``UserError`` (bad spec value, missing
+file) fails at once, anything else is an infrastructure fault that restarts
+from the latest checkpoint until ``max_restarts`` is used up
+(``scheduler.on_failure``).
+"""
+from __future__ import annotations
+
+import ray
+
+from orchestrator import scheduler as sched
+from specs.errors import UserError
+
+
+def root_cause(err: BaseException) -> BaseException:
+    """The exception a rank raised, unwrapped from Ray's task error when it is a UserError."""
+    cause = getattr(err, "cause", None)
+    return cause if isinstance(cause, UserError) else err
+
+
+def describe(err: BaseException) -> tuple[str, str]:
+    """(error kind "user" or "infra", one line for people) of a rank's failure."""
+    if isinstance(err, ray.exceptions.RayActorError):
+        return "infra", "a rank's process died or its node was lost"
+    cause = root_cause(err)
+    text = str(cause).strip()
+    message = (text.splitlines()[-1] if text else type(cause).__name__)[:300]
+    return ("user" if isinstance(cause, UserError) else "infra"), message
+
+
+def decide(err: BaseException, restarts: int, max_restarts: int, job_id: str) -> sched.Restart | sched.Fail:
+    """What to do about a job whose rank failed with ``err`` after ``restarts`` restarts."""
+    kind, message = describe(err)
+    return sched.on_failure(restarts, max_restarts, kind, message, job_id=job_id)
