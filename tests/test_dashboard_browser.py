@@ -1,0 +1,230 @@
+"""The dashboard in a real headless browser (Debian's chromium driven by Playwright) against a live local
+cluster: a real controller serving the API, a job training, another waiting for room.
+
+Screenshots go to build/test-artifacts/dashboard/ (or $SWITCHYARD_TEST_ARTIFACTS). Without chromium
+(`apt-get install chromium`; `make install` does it as root) or the playwright package the tests skip and
+say which is missing. Every wait is for a state the page must reach; nothing here measures time.
+"""
+import os
+import shutil
+
+import pytest
+
+from orchestrator.cli_jobs import submit_spec
+from orchestrator.cluster_config import ClusterConfig
+from orchestrator.job_store import JobState, JobStore
+from tests.conftest import tiny_spec, wait_for
+
+pytestmark = [pytest.mark.ray, pytest.mark.e2e]
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CHROMIUM = os.environ.get("SWITCHYARD_CHROMIUM", "/usr/bin/chromium")
+ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+ARTIFACTS = os.environ.get("SWITCHYARD_TEST_ARTIFACTS", os.path.join(ROOT, "build", "test-artifacts", "dashboard"))
+PAGE_MS = 60_000       # a page reaching a state it must reach
+TRAINING_MS = 240_000  # the training job moving on (new steps, a checkpoint evaluated)
+
+
+def _playwright():
+    if not (os.path.exists(CHROMIUM) or shutil.which("chromium")):
+        pytest.skip(f"no chromium at {CHROMIUM}: `apt-get install chromium` (make install does it as root) "
+                    "to run the dashboard's browser tests")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.skip("the playwright package is missing: pip install -e '.[test]'")
+    return sync_playwright
+
+
+@pytest.fixture(scope="module")
+def browser():
+    sync_playwright = _playwright()
+    os.makedirs(ARTIFACTS, exist_ok=True)
+    with sync_playwright() as p:
+        exe = CHROMIUM if os.path.exists(CHROMIUM) else shutil.which("chromium")
+        b = p.chromium.launch(executable_path=exe, args=ARGS, headless=True)
+        yield b
+        b.close()
+
+
+@pytest.fixture(scope="module")
+def live(ray_cluster, storage_root, tmp_path_factory, browser):
+    """A controller serving the API and the dashboard; alice's job training and her second job waiting."""
+    from orchestrator.controller import start_controller, stop_controller
+
+    tmp = tmp_path_factory.mktemp("dash")
+    cfg = ClusterConfig.model_validate({"storage": storage_root, "job_store": str(tmp / "jobs.db"),
+                                        "ray": {"namespace": f"ctl-dash-{tmp.name}"},
+                                        "api": {"listen": "127.0.0.1:0"}})
+    store = JobStore(cfg.job_store)
+    tokens = {u: store.create_token(u) for u in ("alice", "bob")}
+    handle = start_controller(cfg, tick_s=0.3, backfill_window_s=120)
+    import ray
+
+    url = ray.get(handle.ping.remote())["api"]
+    # Trains until cancelled: 2 of the head's 4 CPUs; a checkpoint (and its evaluation) every 10 steps.
+    train = submit_spec(cfg, tiny_spec(name="live", **{"train.steps": 100000, "checkpoint.every": 10,
+                                                       "checkpoint.keep": 2}), priority=0, owner="alice")
+    wait_for(lambda: store.get(train).state == JobState.RUNNING, timeout=300, what="the job RUNNING")
+    # Needs all 4 CPUs: waits for capacity behind the running job.
+    waiting = submit_spec(cfg, tiny_spec(name="big", **{"resources.workers": 2, "resources.cpus_per_worker": 2,
+                                                        "resources.torch_threads": 1}), priority=0, owner="alice")
+    yield {"cfg": cfg, "store": store, "url": url, "tokens": tokens, "train": train, "waiting": waiting}
+    for job in (train, waiting):
+        if not store.get(job).terminal:
+            store.request_cancel(job)
+    wait_for(lambda: all(store.get(j).terminal for j in (train, waiting)), timeout=120, what="jobs cancelled")
+    stop_controller(cfg.ray.namespace)
+
+
+def sign_in(browser, url, token):
+    page = browser.new_page(viewport={"width": 1366, "height": 900})  # a laptop screen
+    page.set_default_timeout(PAGE_MS)
+    page.goto(f"{url}/dashboard/")
+    page.fill("#token", token)
+    page.click("#signin")
+    page.wait_for_selector("#top:not([hidden])")
+    return page
+
+
+def shot(page, name):
+    page.screenshot(path=os.path.join(ARTIFACTS, f"{name}.png"), full_page=True)
+
+
+def until(page, cond, timeout_ms, what):
+    """Poll ``cond()`` from here (the page's CSP forbids the string eval of page.wait_for_function)."""
+    for _ in range(timeout_ms // 500):
+        if cond():
+            return
+        page.wait_for_timeout(500)
+    raise AssertionError(f"the page never showed {what}")
+
+
+def points(page, chart):
+    return int(page.get_attribute(f"svg#{chart}", "data-points") or 0)
+
+
+def test_no_token_or_a_bad_one_is_refused(live, browser):
+    page = browser.new_page()
+    page.set_default_timeout(PAGE_MS)
+    page.goto(f"{live['url']}/dashboard/")
+    assert page.is_visible("#login-form") and not page.is_visible("#top")
+    # The page's own requests without a token, and with a wrong one: 401, no data.
+    codes = page.evaluate("""async () => {
+        const plain = await fetch('/api/v1/jobs');
+        const wrong = await fetch('/api/v1/jobs', {headers: {Authorization: 'Bearer nope'}});
+        return [plain.status, wrong.status, (await plain.json()).error];
+    }""")
+    assert codes[:2] == [401, 401] and "no token" in codes[2]
+    page.fill("#token", live["tokens"]["alice"] + "x")
+    page.click("#signin")
+    page.wait_for_selector("#login-error:has-text('unknown or revoked token')")
+    assert not page.is_visible("#top") and page.inner_text("#main") == ""
+    shot(page, "login-refused")
+    page.close()
+
+
+def test_cluster_page_shows_nodes_and_the_controller(live, browser):
+    page = sign_in(browser, live["url"], live["tokens"]["alice"])
+    page.wait_for_selector("#who:has-text('alice')")
+    page.wait_for_selector("#nodes tbody tr td code")
+    assert "RUNNING" in page.inner_text("#controller")
+    assert "/ 4" in page.inner_text("#nodes")  # the head's 4 CPUs
+    page.wait_for_selector(f"#cluster-page a[href='#/job/{live['train']}']")
+    shot(page, "cluster")
+    page.close()
+
+
+def test_queue_shows_why_a_job_waits(live, browser):
+    page = sign_in(browser, live["url"], live["tokens"]["bob"])
+    page.goto(f"{live['url']}/dashboard/#/queue")
+    row = f"#queued tr[data-job='{live['waiting']}']"
+    page.wait_for_selector(f"{row} td.pending-reason:not(:has-text('not looked at yet'))")
+    reason = live["store"].get(live["waiting"]).pending
+    cells = page.inner_text(row)
+    assert reason["waiting_for"] in cells and reason["reason"][:30] in cells and "alice" in cells
+    assert page.is_visible(f"#running tr[data-job='{live['train']}']")
+    shot(page, "queue")
+    page.close()
+
+
+def test_job_page_curves_grow_while_it_trains(live, browser):
+    page = sign_in(browser, live["url"], live["tokens"]["alice"])
+    page.goto(f"{live['url']}/dashboard/#/job/{live['train']}")
+    page.wait_for_selector("svg#chart-loss[data-points]:not([data-points='0'])")
+    first = points(page, "chart-loss")
+    # Without reloading, the same chart gains points as steps are logged.
+    until(page, lambda: points(page, "chart-loss") > first, TRAINING_MS, "more points on the loss curve")
+    assert points(page, "chart-lr") > 0 and points(page, "chart-tokens_per_s") > 0
+    assert page.get_attribute("svg#chart-loss path.series", "d").count("L") >= first
+    assert "RUNNING" in page.inner_text("#job-head") and page.is_enabled("#cancel")
+    assert page.locator("#timeline rect.segment[data-state='RUNNING']").count() >= 1
+    assert page.locator("#workers tbody tr").count() == 2
+    until(page, lambda: "[switchyard] rank" in page.inner_text("#log"), PAGE_MS, "the ranks' log lines")
+    # A checkpoint gets evaluated: the table fills in and the best checkpoint is named.
+    page.wait_for_selector("#evals tr.best", timeout=TRAINING_MS)
+    best = live["store"].get(live["train"]).best_checkpoint
+    assert best and best in page.inner_text("#best-checkpoint")
+    shot(page, "job")
+    page.close()
+
+
+def test_cancel_from_the_page_only_for_your_own_job(live, browser):
+    store, job = live["store"], live["waiting"]
+    bob = sign_in(browser, live["url"], live["tokens"]["bob"])
+    bob.goto(f"{live['url']}/dashboard/#/job/{job}")
+    bob.wait_for_selector("#cancel")
+    assert bob.is_disabled("#cancel") and "only alice" in bob.get_attribute("#cancel", "title")
+    # Forcing it from bob's page is refused by the server.
+    code = bob.evaluate("""async ([id, token]) => (await fetch(`/api/v1/jobs/${id}/cancel`,
+        {method: 'POST', headers: {Authorization: `Bearer ${token}`}})).status""", [job, live["tokens"]["bob"]])
+    assert code == 403 and not store.get(job).cancel_requested
+    shot(bob, "cancel-refused")
+    bob.close()
+    alice = sign_in(browser, live["url"], live["tokens"]["alice"])
+    alice.goto(f"{live['url']}/dashboard/#/job/{job}")
+    alice.click("#cancel:not([disabled])")
+    alice.click("#cancel-yes")
+    alice.wait_for_selector("#job-head .state[data-state='CANCELLED']")
+    assert store.get(job).state == JobState.CANCELLED
+    assert alice.is_disabled("#cancel")
+    shot(alice, "cancelled")
+    alice.close()
+
+
+def test_pipeline_and_sweep_pages(tmp_path, browser):
+    """Pipeline and sweep records and files as real runs leave them (tests/dashboard_data.py), on an API
+    server of their own: training a pipeline or a sweep for real takes many minutes."""
+    from orchestrator.api import serve_in_thread
+    from tests.dashboard_data import REPORT, make_pipeline, make_sweep
+
+    cfg = ClusterConfig.model_validate({"storage": str(tmp_path / "runs"), "job_store": str(tmp_path / "jobs.db")})
+    token = JobStore(cfg.job_store).create_token("carol")
+    pid = make_pipeline(cfg, "igpt")
+    sweep = make_sweep(cfg, "iso")
+    srv = serve_in_thread(cfg, "127.0.0.1:0")
+    try:
+        page = sign_in(browser, srv.url, token)
+        page.goto(f"{srv.url}/dashboard/#/pipelines")
+        page.click(f"#pipelines a[href='#/pipeline/{pid}']")
+        page.wait_for_selector("#rm-accuracy")
+        assert page.inner_text("#rm-accuracy") == f"{100 * REPORT['rm_heldout_accuracy']:.1f}%"
+        assert page.inner_text("#win-rate").startswith("75.") and page.inner_text("#kl") == "0.93"
+        assert page.locator("#stages tr[data-stage] .state[data-state='SUCCEEDED']").count() == 3
+        assert "reverse" in page.inner_text("#families") and "0.685" in page.inner_text("#policies")
+        shot(page, "pipeline")
+        page.goto(f"{srv.url}/dashboard/#/sweeps")
+        page.click("#sweeps a[href='#/sweep/iso']")
+        page.wait_for_selector("svg#isoflop[data-points='12']")
+        assert page.locator("svg#isoflop circle.dot").count() == 12
+        assert page.locator("svg#isoflop path.marker").count() == 3  # a vertex per budget
+        assert page.locator("svg#isoflop path.series[data-name$='parabola']").count() == 3
+        assert page.inner_text("#sweep-results") == "12 / 12"
+        law = page.inner_text("#law tr[data-param='E']")
+        assert law.startswith("E") and "[" in law  # value and its interval
+        assert page.locator("#exponents tbody tr").count() == 3 and len(sweep["runs"]) == 12
+        shot(page, "sweep")
+        page.close()
+    finally:
+        srv.stop()
