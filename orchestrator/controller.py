@@ -387,6 +387,9 @@ class Controller:
                 rec = self.store.get(decision.job_id)
                 if rec.blocked_since is None:
                     self.store.update(decision.job_id, blocked_since=now)
+                elif not started and self._resume_elastic(rec, free, now):
+                    started = True
+                    continue
                 self._note_pending(rec, position, decision)
             elif isinstance(decision, sched.Fail):
                 rec = self.store.get(decision.job_id)
@@ -394,6 +397,9 @@ class Controller:
                     # It ran before and lost a node: wait for capacity to come back instead of failing.
                     if rec.blocked_since is None:
                         self.store.update(decision.job_id, blocked_since=now)
+                    elif not started and self._resume_elastic(rec, free, now):
+                        started = True
+                        continue
                     if rec.reason != f"waiting for capacity: {decision.reason}":
                         self.store.update(decision.job_id, reason=f"waiting for capacity: {decision.reason}")
                 else:
@@ -466,6 +472,26 @@ class Controller:
             group.shutdown()
         self.warm = []
 
+    def _resume_elastic(self, rec, free, now: float) -> bool:
+        """An elastic job that lost workers and waited its elastic_wait_s resumes on as many as fit now."""
+        from orchestrator import elastic
+
+        ran_before = any(h.to_state == JobState.RUNNING for h in rec.history)
+        if not elastic.waited_long_enough(rec.spec, ran_before, rec.blocked_since, now):
+            return False
+        resize = elastic.resize(rec.spec, lambda w: sched.fits(sched.bundles_of(dict(rec.resources, workers=w)),
+                                                                free))
+        if resize is None:
+            return False
+        spec = resize.apply(rec.spec)
+        validate_spec(spec, source=f"job {rec.id}")
+        note = (f"elastic: resuming on {resize.workers} of {rec.resources['workers']} workers "
+                f"(train.grad_accum {rec.spec['train']['grad_accum']} -> {resize.grad_accum}, same global batch)")
+        log.info("%s: %s", rec.id, note)
+        self.store.update(rec.id, spec=spec, resources=dict(rec.resources, workers=resize.workers), reason=note)
+        self._start(rec.id)
+        return True
+
     def _start(self, job_id: str, warm=None) -> None:
         from orchestrator.runner import JobRun, worker_resources
 
@@ -477,6 +503,8 @@ class Controller:
             return
         resume = rec.restarts > 0 or bool(rec.history and any(t.to_state == JobState.RUNNING for t in rec.history))
         how = "warm workers reused" if warm is not None else "resources available"
+        if (rec.reason or "").startswith("elastic:"):
+            how = rec.reason  # say in the history that it resumes on fewer workers
         self.store.transition(job_id, JobState.STARTING, how + (" (resuming)" if resume else ""))
         run = JobRun(spec, self.storage, rec.run_dir, worker_resources(spec, self.cluster),
                      self.cluster.workers.peak_flops)

@@ -449,6 +449,8 @@ _UPDATABLE: dict[str, tuple[str, bool]] = {
     "blocked_since": ("blocked_since", False),
     "preempted_by": ("preempted_by", False),
     "pending": ("pending_json", True),
+    "spec": ("spec_json", True),  # an elastic job resized after losing workers
+    "resources": ("resources_json", True),
 }
 
 _RESOURCE_KEYS = ("workers", "cpus_per_worker", "gpus_per_worker")

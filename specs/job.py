@@ -178,6 +178,13 @@ class ResourcesSpec(_Section):
     """GPUs per rank (default from cluster.yaml); > 0 uses NCCL and the GPU."""
     torch_threads: int | None = Field(None, ge=1, le=1024)
     """torch intra-op threads per rank (default: the rank's CPUs, at least 1)."""
+    elastic: bool = False
+    """After losing workers, resume on fewer (down to min_workers) when they do not come back within
+    elastic_wait_s; train.grad_accum rises to keep the global batch, so the per-step losses carry on."""
+    min_workers: int | None = Field(None, ge=1, le=4096)
+    """The fewest workers an elastic job resumes on (default 1)."""
+    elastic_wait_s: float = Field(60.0, ge=0, le=86400)
+    """How long an elastic job that lost workers waits for capacity before resuming on fewer, seconds."""
 
 
 class ParallelSpec(_Section):
@@ -379,6 +386,12 @@ class JobSpec(_Section):
             raise ValueError(f"parallel.ep: {p.ep} must divide the data-parallel size ({dp})")
         if m.moe is not None and m.moe.num_experts % p.ep:
             raise ValueError(f"parallel.ep: {p.ep} must divide model.moe.num_experts ({m.moe.num_experts})")
+        if r.min_workers is not None and not r.elastic:
+            raise ValueError("resources.min_workers: only elastic jobs resume on fewer workers; set resources.elastic")
+        if r.elastic and (self.kind != "pretrain" or p.pp > 1):
+            raise ValueError("resources.elastic: only pretraining jobs without pipeline stages resume elastically")
+        if r.elastic and (r.min_workers or 1) > r.workers:
+            raise ValueError(f"resources.min_workers: must be at most resources.workers ({r.workers})")
         if p.offload_optimizer and p.zero_stage == 0:
             raise ValueError("parallel.offload_optimizer: needs parallel.zero_stage >= 1")
         if p.pp > 1 and self.train.grad_accum < p.pp:

@@ -131,3 +131,33 @@ def test_losing_a_host_restarts_on_a_replacement_with_equal_losses(hosts, two_ho
         assert _losses(hosts, cluster, status["run_dir"]) == pytest.approx(reference, rel=1e-6, abs=1e-6)
     finally:
         hosts.sy("head", cluster, "down", check=False)
+
+
+def test_an_elastic_job_finishes_on_the_hosts_that_remain_with_equal_losses(hosts, two_host_run):
+    """No replacement this time: after resources.elastic_wait_s the job resumes on one host, grad_accum 2."""
+    _, reference = two_host_run
+    cluster = _cluster_file(hosts, "elastic", os.path.join(hosts.workdir, "runs"))
+    alive = [n for n in ("w1", "w2", "w3") if n in hosts.hosts and n != "w2"]  # w2's cable is out
+    hosts.wait_nodes(1 + len(alive))
+    hosts.sy("head", cluster, "up")
+    try:
+        job = hosts.sy("head", cluster, "submit", EXAMPLE, *SPEC, "--set", "resources.elastic=true",
+                       "--set", "resources.min_workers=1", "--set", "resources.elastic_wait_s=5").stdout.strip()
+        deadline = time.time() + 600
+        while True:
+            status = json.loads(hosts.sy("head", cluster, "status", job, "--json").stdout)
+            if (status.get("step") or 0) > EVERY:
+                break
+            assert status["state"] in ("QUEUED", "STARTING", "RUNNING"), status
+            assert time.time() < deadline, "the job never passed its first checkpoint"
+            time.sleep(1.0)
+        victim = next(n for n in alive if hosts.hosts[n].ip in {w["ip"] for w in status["workers"]}
+                      and n != "w1") if len(alive) > 1 else "w1"
+        hosts.cut(victim)
+        assert hosts.sy("head", cluster, "wait", job, "--timeout", "600", check=False,
+                        timeout=700).returncode == 0
+        status = json.loads(hosts.sy("head", cluster, "status", job, "--json").stdout)
+        assert any(t["reason"].startswith("elastic: resuming on 1 of 2 workers") for t in status["history"])
+        assert _losses(hosts, cluster, status["run_dir"]) == pytest.approx(reference, rel=1e-3, abs=1e-3)
+    finally:
+        hosts.sy("head", cluster, "down", check=False)
