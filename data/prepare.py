@@ -186,7 +186,8 @@ class Progress:
     def __init__(self, folder: str, storage: Storage, units: list[Unit], done: list[dict], log):
         self.folder, self.storage, self.log = folder, storage, log
         self.total_units, self.total_bytes = len(units), sum(u.nbytes for u in units)
-        self.files = len({u.path for u in units})
+        self.files = len({u.path for u in units if u.fmt != "stdlib"}) + sum(u.end - u.start for u in units
+                                                                          if u.fmt == "stdlib")
         self.units = len(done)
         self.bytes = sum(e["unit"]["nbytes"] for e in done)
         self.tokens = sum(e["tokens"] for e in done)

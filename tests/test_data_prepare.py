@@ -340,3 +340,18 @@ def test_zstd_jsonl_and_text_are_streamed(tmp_path):
         expected += tok.encode(r["text"]) + [tok.eos_id]
     expected += tok.encode("a whole gzipped document\nwith two lines") + [tok.eos_id]
     assert np.array_equal(cache.tokens[:], np.array(expected, dtype=np.int32))
+
+
+def test_builtin_corpus_units_keep_the_document_order(tmp_path):
+    storage = Storage(str(tmp_path / "store"))
+    cache = TokenCache.load(build_token_cache(TokenSource("builtin:stdlib", max_docs=700), storage,
+                                              log=lambda *_: None, use_ray=False), storage)
+    assert np.array_equal(cache.tokens[:], _expected_builtin(cache.tokenizer, 700))
+    assert len(splits.plan_units("builtin:stdlib")) > 1  # the stdlib's files are cut into several units
+
+
+def _expected_builtin(tok, n):
+    ids = []
+    for doc in iter_documents("builtin:stdlib", max_docs=n):
+        ids += tok.encode(doc) + [tok.eos_id]
+    return np.array(ids, dtype=np.int32)
