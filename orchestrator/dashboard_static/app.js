@@ -379,7 +379,7 @@ async function jobPage(id) {
     const wkeys = [...new Set((job.workers || []).flatMap(w => Object.keys(w)))];
     workersCard.replaceChildren(h("h2", {}, "Workers"),
       table(wkeys.length ? wkeys : ["rank"], (job.workers || []).map(w => tr(wkeys.map(k =>
-        k === "node" ? h("code", {title: w[k]}, short(w[k])) : fmt(w[k])))), {id: "workers"}));
+        k === "node" ? h("code", {title: w[k]}, short(w[k])) : w[k] === undefined ? "–" : String(w[k])))), {id: "workers"}));
     if (job.stages) {
       stagesCard.replaceChildren(card("Stages", table(["job", "name", "state", "step"], job.stages.map(s =>
         tr([jobLink(s.id), s.name, stateBadge(s.state), fmt(s.step)])))));
@@ -485,6 +485,9 @@ async function pipelinePage(id) {
     } else {
       const pols = Object.entries(r.policies || {});
       const fams = Object.entries(r.gold_by_family || {});
+      const ORDER = ["sft", "ppo", "ema"];
+      const rank = n => (ORDER.indexOf(n) + 1) || ORDER.length + 1;
+      pols.sort(([a], [b]) => rank(a) - rank(b));
       const polNames = pols.map(([n]) => n);
       kids.push(card("Report", h("div", {class: "figures", id: "report"},
           h("div", {}, h("div", {class: "label"}, "RM held-out accuracy"),
@@ -577,6 +580,7 @@ async function sweepPage(name) {
       chartBox,
     ];
     const chart = SyChart.create(chartBox, {title: "IsoFLOP profiles (stars: parabola vertices)", logX: true,
+                                            width: 1100, height: 380, yTicks: 6,
                                             xLabel: "parameters N", id: "isoflop", empty: "no finished runs yet"});
     const series = isoflopSeries(s);
     chart.setData(series);

@@ -9,7 +9,7 @@
 
 const SyChart = (() => {
   const NS = "http://www.w3.org/2000/svg";
-  const W = 560, H = 230, M = {left: 58, right: 14, top: 22, bottom: 34};
+  const M = {left: 58, right: 14, top: 22, bottom: 34};
   const PALETTE = ["#2f6fde", "#d14343", "#1f9d55", "#c98a00", "#7b4fd6", "#0f9bb0", "#d6487e", "#5b6b82"];
 
   function el(tag, attrs, text) {
@@ -50,6 +50,7 @@ const SyChart = (() => {
 
   function create(container, opts) {
     opts = opts || {};
+    const W = opts.width || 560, H = opts.height || 230;  // viewBox units: a wide chart gets a wide box
     const svg = el("svg", {viewBox: `0 0 ${W} ${H}`, class: "chart", role: "img",
                            "aria-label": opts.title || "chart", "data-points": 0});
     if (opts.id) svg.id = opts.id;
@@ -75,7 +76,7 @@ const SyChart = (() => {
       y0 -= pad; y1 += pad;
       if (!opts.logY && opts.zeroY && y0 > 0) y0 = 0;
       const xs = opts.logX ? logTicks(x0, x1) : niceTicks(x0, x1, 6);
-      const ys = opts.logY ? logTicks(y0, y1) : niceTicks(y0, y1, 4);
+      const ys = opts.logY ? logTicks(y0, y1) : niceTicks(y0, y1, opts.yTicks || 4);
       [x0, x1, y0, y1] = [xs.lo, xs.hi, ys.lo, ys.hi];
       const px = x => M.left + (x - x0) / (x1 - x0) * (W - M.left - M.right);
       const py = y => H - M.bottom - (y - y0) / (y1 - y0) * (H - M.top - M.bottom);
