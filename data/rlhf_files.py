@@ -8,7 +8,8 @@ A user brings their own data as files, never code. Three kinds, one object
   ``{"prompt": str, "responses": [str, ...K], "ranking": [int, ...K]}``
   with ``ranking`` the indices into ``responses`` from best to worst, or a pair
   ``{"prompt": str, "chosen": str, "rejected": str}`` (read as K = 2);
-* prompts (PPO, evaluation):  ``{"prompt": str}``.
+* prompts (PPO, evaluation):  ``{"prompt": str}``; evaluation prompts may also carry
+  ``"reference"``: one string or a list of acceptable answers (``read_eval_prompts``).
 
 The format follows the file name: ``.jsonl`` (optionally ``.jsonl.gz``, any
 fsspec compression) or ``.parquet``. Loaders check every row, and a bad row
@@ -192,6 +193,34 @@ def read_comparisons(uri: str) -> list[Comparison]:
 def read_prompts(uri: str) -> list[str]:
     """Validated ``{prompt}`` rows."""
     out = [_text(uri, n, _object(uri, n, row), "prompt", allow_empty=False) for n, row in iter_rows(uri)]
+    return _non_empty(uri, out)
+
+
+def _references(uri: str, n: int, row: dict) -> tuple[str, ...] | None:
+    """A row's acceptable answers: ``reference`` as one string or a list of strings; None when absent."""
+    value = row.get("reference")
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, (list, tuple)) or not value:
+        raise RowError(uri, n, "reference", f"expected a string or a non-empty list of strings, got {_one_line(value)}")
+    for j, r in enumerate(value):
+        if not isinstance(r, str):
+            raise RowError(uri, n, "reference", f"item {j} is {type(r).__name__} {_one_line(r)}, not a string")
+    return tuple(value)
+
+
+def read_eval_prompts(uri: str) -> list[tuple[str, tuple[str, ...] | None]]:
+    """Validated ``{prompt, reference?}`` rows: (prompt, its acceptable answers or None) per row.
+
+    ``reference`` (optional) is one string or a list of acceptable answers; the report judges the
+    policies' responses against it (exact match and token F1).
+    """
+    out = []
+    for n, row in iter_rows(uri):
+        row = _object(uri, n, row)
+        out.append((_text(uri, n, row, "prompt", allow_empty=False), _references(uri, n, row)))
     return _non_empty(uri, out)
 
 

@@ -558,8 +558,15 @@ def format_status(out: dict) -> list[str]:
                      f"{_fmt(r.get('seconds'))} s): RM held-out accuracy {_fmt(r.get('rm_heldout_accuracy'))}, "
                      f"PPO win-rate vs SFT {_fmt(r.get('ppo_win_rate_vs_sft'))}")
         for name, p in sorted(pol.items(), key=lambda kv: ("sft", "ppo", "ema").index(kv[0])):
+            judged = (f"  exact match {_fmt(p.get('exact_match'))}  F1 {_fmt(p.get('f1'))}"
+                      if p.get("f1") is not None else "")
             lines.append(f"  {name:<4} gold {_fmt(p.get('gold'))}  reward {_fmt(p.get('reward'))}  "
-                         f"kl {_fmt(p.get('kl'))} nats/seq")
+                         f"kl {_fmt(p.get('kl'))} nats/seq{judged}")
+        ref = r.get("reference_judge") or {}
+        if ref.get("reference_prompts"):
+            lines.append(f"  reference judge ({ref['reference_prompts']} prompts, token F1): PPO win-rate vs SFT "
+                         f"{_fmt(ref.get('ppo_win_rate_vs_sft'))}"
+                         + (f", EMA {_fmt(ref['ema_win_rate_vs_sft'])}" if "ema_win_rate_vs_sft" in ref else ""))
         if r.get("gold_note"):
             lines.append(f"  note: {r['gold_note']}")
     return lines

@@ -10,7 +10,14 @@ Given the SFT, RM and PPO run directories, it measures
   reward-model score and the KL to the reference (the SFT policy) in nats per
   sequence;
 * the win-rate of PPO (and EMA) over SFT judged per prompt by the gold judge
-  (ties count half), and the gold means per instruction family.
+  (ties count half), and the gold means per instruction family;
+* for evaluation prompts whose rows carry ``reference`` (a user's own task:
+  one string or a list of acceptable answers), the reference judge: each
+  policy's exact match and token F1 against the best-matching reference
+  (SQuAD's normalisation: lower case, no punctuation or articles), and the
+  win-rate of PPO (and EMA) over SFT by per-prompt F1, ties half.
+
+``judged_prompts`` says how many prompts each judge covered.
 
 It writes nothing: the controller stores the returned dict as
 ``<pipeline_dir>/report.json``. Sampling and scoring reuse the single-process
@@ -19,12 +26,15 @@ same thing in both.
 """
 from __future__ import annotations
 
+import re
+import string
 import time
+from collections import Counter
 
 import torch
 
 from data import instruct
-from data.rlhf_files import read_comparisons, read_prompts
+from data.rlhf_files import read_comparisons, read_eval_prompts
 from data.storage import Storage
 from models.generate import SamplingConfig
 from workers.rlhf.datasets import comparison_tokens, held_out_count
@@ -78,6 +88,57 @@ def gold_summary(prompts: list[str], responses: dict[str, list[list[str]]]) -> d
     return out
 
 
+def normalize_answer(text: str) -> list[str]:
+    """Tokens of an answer as SQuAD's judge compares them: lower case, no punctuation or articles."""
+    text = "".join(ch for ch in text.lower() if ch not in _PUNCT)
+    return re.sub(r"\b(a|an|the)\b", " ", text).split()
+
+
+_PUNCT = frozenset(string.punctuation)
+
+
+def exact_match(response: str, references: tuple[str, ...]) -> float:
+    """1.0 when the normalised response equals a normalised reference, else 0.0."""
+    got = normalize_answer(response)
+    return float(any(got == normalize_answer(r) for r in references))
+
+
+def token_f1(response: str, references: tuple[str, ...]) -> float:
+    """Best token F1 (harmonic mean of token precision and recall) of the response over the references."""
+    got = normalize_answer(response)
+    best = 0.0
+    for ref in references:
+        want = normalize_answer(ref)
+        if not got or not want:
+            best = max(best, float(got == want))
+            continue
+        common = sum((Counter(got) & Counter(want)).values())
+        if common:
+            p, r = common / len(got), common / len(want)
+            best = max(best, 2 * p * r / (p + r))
+    return best
+
+
+def reference_summary(references: list[tuple[str, ...] | None], responses: dict[str, list[list[str]]]) -> dict:
+    """The reference judge: per policy, mean exact match and token F1 over the prompts with references
+    (a prompt's score is the mean over its samples), and win-rates over SFT by per-prompt F1, ties half.
+
+    ``responses``: policy name -> per prompt, its sampled texts; "sft" must be one of them. Prompts
+    without references are left out; with none at all every figure is None.
+    """
+    judged = [i for i, r in enumerate(references) if r]
+    out: dict = {"reference_prompts": len(judged), "metric": "token_f1", "policies": {}}
+    f1: dict[str, list[float]] = {}
+    for name, rs in responses.items():
+        em = [_mean([exact_match(x, references[i]) for x in rs[i]]) for i in judged]
+        f1[name] = [_mean([token_f1(x, references[i]) for x in rs[i]]) for i in judged]
+        out["policies"][name] = {"exact_match": _mean(em), "f1": _mean(f1[name])}
+    for name in responses:
+        if name != "sft":
+            out[f"{name}_win_rate_vs_sft"] = win_rate(f1[name], f1["sft"]) if judged else None
+    return out
+
+
 def _tail(rows: list) -> list:
     """The held-out tail the stages split off a dataset given without a held-out file."""
     return rows[-held_out_count(len(rows)):]
@@ -121,13 +182,14 @@ def pipeline_report(storage: Storage, sft_run: str, rm_run: str, ppo_run: str, e
     comps, comps_too_long, rm_eval = _rm_heldout(rm, tok, rm_heldout_uri, rm_heldout_tail)
     seconds["rm_accuracy"] = time.perf_counter() - t0
 
-    prompts = read_prompts(eval_prompts_uri)
+    rows = read_eval_prompts(eval_prompts_uri)
     if eval_prompts_tail:
-        prompts = _tail(prompts)
+        rows = _tail(rows)
     limit = sft.cfg.seq_len - max_new_tokens
-    fitting = [p for p in prompts if len(tok.encode(p)) <= limit]
-    too_long = len(prompts) - len(fitting)
-    prompts = fitting[:max_prompts] if max_prompts is not None else fitting
+    fitting = [(p, r) for p, r in rows if len(tok.encode(p)) <= limit]
+    too_long = len(rows) - len(fitting)
+    fitting = fitting[:max_prompts] if max_prompts is not None else fitting
+    prompts, references = [p for p, _ in fitting], [r for _, r in fitting]
     if not prompts:
         raise ValueError(f"{eval_prompts_uri}: no evaluation prompt leaves room for {max_new_tokens} new tokens "
                          f"in the model's {sft.cfg.seq_len}")
@@ -138,6 +200,7 @@ def pipeline_report(storage: Storage, sft_run: str, rm_run: str, ppo_run: str, e
                  for name, model in policies.items()}
     seconds["sampling"] = time.perf_counter() - t0
     gold = gold_summary(prompts, responses)
+    judge = reference_summary(references, responses)
     t0 = time.perf_counter()
     scored = {name: reward_and_kl(model, sft, rm, tok, prompts, sampling, generator)
               for name, model in policies.items()}
@@ -160,9 +223,15 @@ def pipeline_report(storage: Storage, sft_run: str, rm_run: str, ppo_run: str, e
         "gold_note": gold["gold_note"],
         "ppo_win_rate_vs_sft": gold.get("ppo_win_rate_vs_sft"),
         "gold_by_family": gold["gold_by_family"],
-        # Per policy: gold-judge mean, mean RM score, KL to the SFT reference (nats per sequence).
+        # How many of the prompts each judge scored (a prompt may have both, or neither).
+        "judged_prompts": {"gold": gold["gold_prompts"], "reference": judge["reference_prompts"],
+                           "none": sum(1 for p, r in fitting if not r and _family(p) is None)},
+        # The reference judge (rows with ``reference``): win-rates by per-prompt token F1, ties half.
+        "reference_judge": {k: v for k, v in judge.items() if k != "policies"},
+        # Per policy: gold-judge mean, mean RM score, KL to the SFT reference (nats per sequence), and the
+        # reference judge's exact match and token F1 (None without references).
         "policies": {name: {"gold": gold[f"{name}_gold"], "reward": scored[name]["reward"],
-                            "kl": scored[name]["kl"]} for name in policies},
+                            "kl": scored[name]["kl"], **judge["policies"][name]} for name in policies},
     }
     if "ema" in policies:
         report["ema_win_rate_vs_sft"] = gold.get("ema_win_rate_vs_sft")
