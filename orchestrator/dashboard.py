@@ -77,6 +77,11 @@ def _static_names() -> set[str]:
     return {n for n in os.listdir(STATIC_DIR) if os.path.splitext(n)[1] in CONTENT_TYPES}
 
 
+def _read_static(name: str) -> bytes:
+    with open(os.path.join(STATIC_DIR, name), "rb") as f:
+        return f.read()
+
+
 @web.middleware
 async def _shell(request: web.Request, handler):
     """``/`` and ``/dashboard`` redirect to ``/dashboard/``, which is index.html; ``/dashboard/NAME`` a static
@@ -89,8 +94,7 @@ async def _shell(request: web.Request, handler):
     name = path[len(PAGE) + 1:] or "index.html"
     if name not in _static_names():  # plain names only: no folders, no '..'
         return web.json_response({"error": f"no dashboard file {name!r}"}, status=404)
-    with open(os.path.join(STATIC_DIR, name), "rb") as f:
-        body = f.read()
+    body = await asyncio.to_thread(_read_static, name)
     ctype = CONTENT_TYPES[os.path.splitext(name)[1]]
     return web.Response(body=body, content_type=ctype, charset="utf-8" if ctype.startswith("text") else None,
                         headers=SHELL_HEADERS)
@@ -157,11 +161,13 @@ class Dashboard:
                         key=lambda r: ((r.pending or {}).get("position") or 1 << 30, r.submitted_at))
         preemptions = []
         for rec in live:
-            for h in rec.history:
-                if h.to_state == JobState.PREEMPTED:
-                    preemptions.append({"id": rec.id, "name": rec.name, "owner": rec.owner, "state": rec.state.value,
-                                        "at": h.ts, "reason": h.reason, "by": rec.preempted_by,
-                                        "preemptions": rec.preemptions})
+            times = [h for h in rec.history if h.to_state == JobState.PREEMPTED]
+            for i, h in enumerate(times):
+                # The store keeps who preempted a job last; earlier times say so in their reason.
+                preemptions.append({"id": rec.id, "name": rec.name, "owner": rec.owner, "state": rec.state.value,
+                                    "at": h.ts, "reason": h.reason,
+                                    "by": rec.preempted_by if i == len(times) - 1 else None,
+                                    "preemptions": rec.preemptions})
         preemptions.sort(key=lambda p: -p["at"])
         return {"queued": [_brief(r) for r in queued],
                 "running": [_brief(r) for r in live if r.state != JobState.QUEUED],
