@@ -20,8 +20,14 @@ parameters):
 
 Epoch AI's replication found Chinchilla's optimiser stopped early and its
 intervals were implausibly narrow, so this module checks convergence
-(scipy's L-BFGS-B has the last word on the chosen optimum), reports bootstrap
-percentile intervals over resampled runs, and never rounds a parameter.
+(scipy's L-BFGS-B has the last word on the chosen optimum, inside
+``param_bounds``; an optimum on a bound is a boundary solution, never
+"converged"), and never rounds a parameter. Intervals come from a bootstrap
+that redraws runs within each budget and refits all three approaches; each is
+a percentile interval (BCa on request) widened to its point estimate when
+that falls outside, and says so. Degenerate tables (``point_problem``) and
+budgets with no usable vertex are refused or skipped with one line, never a
+traceback.
 
 Why the grid runs in a vectorised L-BFGS of our own: scipy's L-BFGS-B costs
 about 7 ms per start on 300 runs here (some 60 iterations, most of it

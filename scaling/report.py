@@ -8,8 +8,16 @@ against common aliases. If the table names per-run loss curves
 (``curve_path`` to a metrics.jsonl), approach 1 uses them; otherwise it uses
 the final losses.
 
+A user's table with a non-finite or non-positive value, N or D out of range,
+or fewer than two distinct N or D is refused in one line (exit code 2) before
+anything is written; a sweep directory's runs without a finite loss (diverged
+or never evaluated) are left out with a note.
+
 Outputs, in ``--out`` (any fsspec URI): ``fit.json`` and ``fit.md`` with every
-parameter unrounded, and three PNG plots: IsoFLOP profiles with their
+parameter unrounded, intervals for every parameter and exponent of all three
+approaches, approach 3's status (converged, boundary, not converged), the
+run-to-run noise of repeated points, a closing line on whether the
+approaches' intervals for a overlap, and three PNG plots: IsoFLOP profiles with their
 parabolas, loss against compute with the frontier, and N_opt(C) with the runs.
 """
 from __future__ import annotations
@@ -460,9 +468,10 @@ def plot_isoflops(rep: FitReport) -> bytes:
     if profiles:
         for i, p in enumerate(profiles):
             color = cmap(i / max(1, len(profiles) - 1))
-            ax.scatter(p.n, p.loss, color=color, s=18, label=f"C={p.budget:.3g}")
+            ax.scatter(p.n, p.loss, color=color, s=18,
+                       label=f"C={p.budget:.3g}" + ("" if p.used else " (vertex outside: not used)"))
             grid = np.geomspace(p.n.min() / 1.2, p.n.max() * 1.2, 100)
-            ax.plot(grid, p.predict(grid), color=color, lw=1)
+            ax.plot(grid, p.predict(grid), color=color, lw=1, ls="-" if p.used else ":")
             ax.scatter([p.n_opt], [p.loss_opt], color=color, marker="*", s=120 if p.used else 60,
                        edgecolors="black", linewidths=0.6, zorder=3)
         ax.legend(fontsize=7, ncol=2)
