@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install clean
+.PHONY: demo test install clean bench
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,6 +25,11 @@ demo: $(STAMP)
 # cache left on this machine by earlier runs can make them pass.
 test: $(STAMP)
 	HOME=$$(mktemp -d) TMPDIR=$$(mktemp -d) $(BIN)/python -m pytest -q -x --durations=15
+
+# Every benchmark in benchmarks/, one after another, into benchmarks/results.json; then README.md's
+# figures table is regenerated from that file. BENCH_ARGS="--only ppo fit_speed --merge" runs some.
+bench: $(STAMP)
+	$(BIN)/python -m benchmarks $(BENCH_ARGS)
 
 clean:
 	rm -rf runs .switchyard .pytest_cache

@@ -30,6 +30,10 @@ ratio is the warm per-job overhead (median); the cold job is reported apart. The
 one-time tokenization of the corpus is done before anything is timed (later
 jobs on the same data reuse the cache) and reported separately.
 
+Targets, all in ``met`` (``met_by_target`` says which): on a warm gang, start and total
+overhead at most TARGET_FRACTION of Ray Train's; the cold first job's start and total at
+most COLD_TARGET_FRACTION of Ray Train's (a first job is never slower to start than Ray Train).
+
 Run: ``.venv/bin/python benchmarks/job_overhead.py [--steps 5] [--repeats 2]``.
 The last line printed is one JSON object. Needs ``ray[train]``.
 """
@@ -52,6 +56,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
 TARGET_FRACTION = 0.1  # Switchyard's overhead at most this fraction of Ray Train's
+COLD_TARGET_FRACTION = 1.0  # a cold first job's overhead at most Ray Train's
 WORKERS = 2
 POLL_S = 0.05
 
@@ -334,13 +339,17 @@ def main() -> None:
     cold_start, cold_total = sy_cold[0]["start_overhead_s"], sy_cold[0]["total_overhead_s"]
     rt_start, rt_total = med(rt_runs, "start_overhead_s"), med(rt_runs, "total_overhead_s")
     f_start, f_total = sy_start / rt_start, sy_total / rt_total
-    ok = f_start <= TARGET_FRACTION and f_total <= TARGET_FRACTION
+    met_by_target = {"warm_start": f_start <= TARGET_FRACTION, "warm_total": f_total <= TARGET_FRACTION,
+                     "cold_start": cold_start / rt_start <= COLD_TARGET_FRACTION,
+                     "cold_total": cold_total / rt_total <= COLD_TARGET_FRACTION}
+    ok = all(met_by_target.values())
     print(f"\nmedians over {args.repeats} run(s) each (switchyard: jobs on a warm gang; its cold first job apart):")
     print(f"  start overhead (submit/fit -> first optimizer step): switchyard {sy_start:.2f} s "
           f"(cold {cold_start:.2f} s), ray train {rt_start:.2f} s, ratio {f_start:.3f} (cold {cold_start / rt_start:.3f})")
     print(f"  total overhead (wall - time in steps):               switchyard {sy_total:.2f} s "
           f"(cold {cold_total:.2f} s), ray train {rt_total:.2f} s, ratio {f_total:.3f} (cold {cold_total / rt_total:.3f})")
-    print(f"  target: switchyard <= {TARGET_FRACTION:g} x ray train per job: {'met' if ok else 'MISSED'}")
+    print(f"  target: switchyard <= {TARGET_FRACTION:g} x ray train per job on a warm gang, a cold job <= "
+          f"{COLD_TARGET_FRACTION:g} x: {'met' if ok else 'MISSED'} ({met_by_target})")
     print(json.dumps({
         "benchmark": "job_overhead", "workers": WORKERS, "steps": args.steps, "zero_stage": args.zero_stage,
         "repeats": args.repeats, "switchyard_start_overhead_s": round(sy_start, 3),
@@ -349,7 +358,8 @@ def main() -> None:
         "switchyard_cold_total_overhead_s": round(cold_total, 3), "ray_train_start_overhead_s": round(rt_start, 3),
         "ray_train_total_overhead_s": round(rt_total, 3), "ratio_start": round(f_start, 4),
         "ratio_total": round(f_total, 4), "ratio_start_cold": round(cold_start / rt_start, 4),
-        "ratio_total_cold": round(cold_total / rt_total, 4), "target_ratio": TARGET_FRACTION, "met": ok,
+        "ratio_total_cold": round(cold_total / rt_total, 4), "target_ratio": TARGET_FRACTION,
+        "target_ratio_cold": COLD_TARGET_FRACTION, "met_by_target": met_by_target, "met": ok,
         "tokenize_s": round(tokenize_s, 3), "controller_start_s": round(controller_s, 3),
         "load_average": [round(load_before, 2), round(load_after, 2)],
         "switchyard_runs": sy_cold + sy_warm, "ray_train_runs": rt_runs,

@@ -26,7 +26,9 @@ still unbalanced router from dropping tokens.
 
 Run: ``.venv/bin/python benchmarks/moe.py [--steps 1000] [--d-model 32] [--every 2] [--experts 8]``
 (about 5 min of one core for the defaults).
-The last line printed is one JSON object with every figure.
+The last line printed is one JSON object with every figure. Targets, all in ``met``:
+Switch's tokens/s at least MIN_TOKENS_PER_S_RATIO of dense's, and Switch's held-out
+cross-entropy no higher than dense's at equal steps.
 """
 from __future__ import annotations
 
@@ -49,6 +51,7 @@ from models.moe import SwitchConfig, SwitchMLP
 from models.transformer import Decoder, active_params, decoder_config, param_counts
 
 WARMUP_STEPS = 3  # not timed: first-call allocations
+MIN_TOKENS_PER_S_RATIO = 0.8  # Switch tokens/s over dense tokens/s at the same active parameters
 
 
 def docstring_tokens(max_bytes: int) -> torch.Tensor:
@@ -194,6 +197,10 @@ def main() -> None:
         "switch_dropped_mean": round(sum(dropped) / len(dropped), 4),
         "seconds": round(time.perf_counter() - started, 1),
     }
+    result["met_by_target"] = {"tokens_per_s_ratio": tps["switch"] / tps["dense"] >= MIN_TOKENS_PER_S_RATIO,
+                               "eval_ce_not_worse": eval_ce["switch"] <= eval_ce["dense"]}
+    result["targets"] = {"tokens_per_s_ratio": MIN_TOKENS_PER_S_RATIO, "eval_ce_diff_switch_minus_dense": 0.0}
+    result["met"] = all(result["met_by_target"].values())
     print(f"params total   dense {result['params_total']['dense']:,}  switch {result['params_total']['switch']:,}")
     print(f"params active  dense {result['params_active']['dense']:,}  switch {result['params_active']['switch']:,}")
     print(f"tokens/s       dense {tps['dense']:.0f}  switch {tps['switch']:.0f}  "

@@ -11,7 +11,8 @@ cache and without it (recomputing the whole sequence for every new token), and
 checks that both sample the same tokens.
 
 Run: ``.venv/bin/python benchmarks/ppo.py [--preset tiny] [--iters 4] [--rollout 32] [--new-tokens 32]``.
-The last line printed is one JSON object.
+The last line printed is one JSON object. Targets, all in ``met``: generation with the
+KV cache samples the same tokens as without it, and is at least MIN_KV_SPEEDUP times faster.
 """
 from __future__ import annotations
 
@@ -33,6 +34,9 @@ from models.transformer import Decoder, decoder_config
 from workers.rlhf import ppo_math as pm
 from workers.rlhf.ppo_config import PPOConfig
 from workers.rlhf.steps import PPORoles, adamw, optimizer_step, ppo_step
+
+
+MIN_KV_SPEEDUP = 2.0  # generation without the cache over with it (measured 8.7x at 32 new tokens)
 
 
 def main() -> None:
@@ -109,6 +113,9 @@ def main() -> None:
         "time_split": {k: round(v, 4) for k, v in split.items()},
         "generate_s_with_cache": round(cached, 4), "generate_s_without_cache": round(uncached, 4),
         "kv_cache_speedup": round(uncached / cached, 3), "same_tokens": same,
+        "targets": {"kv_cache_speedup": MIN_KV_SPEEDUP, "same_tokens": True},
+        "met_by_target": {"kv_cache_speedup": uncached / cached >= MIN_KV_SPEEDUP, "same_tokens": same},
+        "met": bool(same and uncached / cached >= MIN_KV_SPEEDUP),
     }))
 
 

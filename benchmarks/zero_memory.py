@@ -24,7 +24,9 @@ theory needs no master copy, so it shows up as measured excess.
 
 Run: ``.venv/bin/python benchmarks/zero_memory.py [--preset mini] [--precision fp32,bf16]
 [--stages 0,1,2,3] [--verbose]``. The last line printed is one JSON object with every figure
-(``max_ratio_to_theory`` holds the headline ratios).
+(``max_ratio_to_theory`` holds the headline ratios). Target, in ``met``: every stage and
+precision within MAX_RATIO_TO_THEORY of the paper's accounting on its worst rank (the fp32 master
+copy DeepSpeed keeps at ZeRO >= 1 under fp32 training is the known excess, about 1.25).
 """
 from __future__ import annotations
 
@@ -40,6 +42,7 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 WORLD_SIZE = 2
+MAX_RATIO_TO_THEORY = 1.3  # measured / theory bytes per parameter, worst rank, any stage and precision
 # Bytes per parameter of each part, before sharding.
 THEORY = {"fp32": {"params": 4, "grads": 4, "optimizer": 8},
           "bf16": {"params": 2, "grads": 2, "optimizer": 12}}
@@ -339,6 +342,8 @@ def main() -> None:
             f" = {v['max_ratio_to_theory']:.3f}" for s, v in out.items()))
     figures["max_ratio_to_theory"] = {f"{precision}/zero{s}": round(v["max_ratio_to_theory"], 4)
                                       for precision, out in figures["precisions"].items() for s, v in out.items()}
+    figures["target_max_ratio_to_theory"] = MAX_RATIO_TO_THEORY
+    figures["met"] = all(v <= MAX_RATIO_TO_THEORY for v in figures["max_ratio_to_theory"].values())
     print(json.dumps(figures))
 
 
