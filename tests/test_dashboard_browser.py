@@ -81,6 +81,12 @@ def live(ray_cluster, storage_root, tmp_path_factory, browser):
 def sign_in(browser, url, token):
     page = browser.new_page(viewport={"width": 1366, "height": 900})  # a laptop screen
     page.set_default_timeout(PAGE_MS)
+    # Script errors and refused content (the page's CSP) fail the test in shot(); a refused request
+    # (401, 403) the page itself made is no error of the page.
+    page.errors = []
+    page.on("pageerror", lambda err: page.errors.append(str(err)))
+    page.on("console", lambda msg: msg.type == "error" and "Failed to load resource" not in msg.text
+            and page.errors.append(msg.text))
     page.goto(f"{url}/dashboard/")
     page.fill("#token", token)
     page.click("#signin")
@@ -90,6 +96,7 @@ def sign_in(browser, url, token):
 
 def shot(page, name):
     page.screenshot(path=os.path.join(ARTIFACTS, f"{name}.png"), full_page=True)
+    assert not getattr(page, "errors", []), page.errors
 
 
 def until(page, cond, timeout_ms, what):
@@ -133,6 +140,12 @@ def test_cluster_page_shows_nodes_and_the_controller(live, browser):
     assert "/ 4" in page.inner_text("#nodes")  # the head's 4 CPUs
     page.wait_for_selector(f"#cluster-page a[href='#/job/{live['train']}']")
     shot(page, "cluster")
+    page.click("#nav a[data-page='jobs']")
+    page.wait_for_selector(f"#jobs a[href='#/job/{live['train']}']")
+    page.fill("#filter", "big")
+    page.wait_for_selector(f"#jobs a[href='#/job/{live['train']}']", state="detached")
+    assert page.is_visible(f"#jobs a[href='#/job/{live['waiting']}']")
+    shot(page, "jobs")
     page.close()
 
 
