@@ -241,3 +241,45 @@ def test_pipeline_and_sweep_pages(tmp_path, browser):
         page.close()
     finally:
         srv.stop()
+
+
+def test_timeline_shows_preemptions_and_restarts_and_mfu_is_drawn(tmp_path, browser):
+    """A job preempted once and restarted once, with MFU in its metrics (a GPU cluster's rows), on an API
+    server of its own."""
+    import json
+
+    from orchestrator.api import serve_in_thread
+    from orchestrator.cli_jobs import submit_raw
+
+    cfg = ClusterConfig.model_validate({"storage": str(tmp_path / "runs"), "job_store": str(tmp_path / "jobs.db")})
+    store = JobStore(cfg.job_store)
+    token = store.create_token("alice")
+    raw = {"name": "gpujob", "model": {"family": "llama", "preset": "tiny"},
+           "data": {"corpus": "builtin:stdlib", "seq_len": 64, "max_docs": 300},
+           "train": {"steps": 4, "micro_batch": 4}, "resources": {"workers": 1, "cpus_per_worker": 1}}
+    job, urgent = (submit_raw(cfg, {**raw, "name": n}, 0, [], owner="alice") for n in ("gpujob", "urgent"))
+    for state in (JobState.STARTING, JobState.RUNNING):
+        store.transition(job, state, state.value.lower())
+    store.transition(job, JobState.PREEMPTED, f"preempted by {urgent}", preempted_by=urgent)
+    for state, why in ((JobState.QUEUED, f"preempted by {urgent}; requeued"), (JobState.STARTING, "resources"),
+                       (JobState.RUNNING, "all workers started"), (JobState.RESTARTING, "rank 1 died"),
+                       (JobState.STARTING, "restart 1"), (JobState.RUNNING, "all workers started")):
+        store.transition(job, state, why)
+    run_dir = store.get(job).run_dir
+    os.makedirs(run_dir, exist_ok=True)
+    with open(os.path.join(run_dir, "metrics.jsonl"), "w") as f:
+        f.writelines(json.dumps({"step": s, "loss": 3.0 - s / 10, "lr": 1e-3, "tokens_per_s": 5e4, "mfu": 0.4})
+                     + "\n" for s in range(1, 9))
+    srv = serve_in_thread(cfg, "127.0.0.1:0")
+    try:
+        page = sign_in(browser, srv.url, token)
+        page.goto(f"{srv.url}/dashboard/#/job/{job}")
+        page.wait_for_selector("svg#chart-mfu[data-points='8']")
+        assert points(page, "chart-loss") == 8
+        assert page.locator("#timeline line.event.PREEMPTED").count() == 1
+        assert page.locator("#timeline line.event.RESTARTING").count() == 1
+        assert urgent in page.inner_text("#job-head") and "preempted by" in page.inner_text("#history")
+        shot(page, "timeline")
+        page.close()
+    finally:
+        srv.stop()

@@ -271,7 +271,7 @@ const CURVES = [
 function timeline(job) {
   const NS = "http://www.w3.org/2000/svg";
   const svg = document.createElementNS(NS, "svg");
-  const W = 1000, H = 54;
+  const W = 1000, H = 72;
   svg.setAttribute("viewBox", `0 0 ${W} ${H}`);
   svg.setAttribute("class", "timeline chart");
   svg.id = "timeline";
@@ -286,6 +286,7 @@ function timeline(job) {
     svg.appendChild(e);
     return e;
   };
+  let events = 0, lastLabel = -1e9;
   hist.forEach((hh, i) => {
     const end = i + 1 < hist.length ? hist[i + 1].ts : t1;
     const rect = add("rect", {x: x(hh.ts), y: 8, width: Math.max(x(end) - x(hh.ts), 2), height: 18,
@@ -294,13 +295,17 @@ function timeline(job) {
     title.textContent = `${hh.to} at ${clock(hh.ts)}: ${hh.reason}`;
     rect.appendChild(title);
     if (hh.to === "RESTARTING" || hh.to === "PREEMPTED") {
-      add("line", {x1: x(hh.ts), x2: x(hh.ts), y1: 4, y2: 32, stroke: "#1d2330", "stroke-width": 1.5,
+      // Labels close together go on alternate rows.
+      const row = x(hh.ts) - lastLabel < 70 ? (events + 1) % 2 : 0;
+      events = row;
+      lastLabel = x(hh.ts);
+      add("line", {x1: x(hh.ts), x2: x(hh.ts), y1: 4, y2: 32 + 11 * row, stroke: "#1d2330", "stroke-width": 1.5,
                    class: `event ${hh.to}`});
-      add("text", {x: x(hh.ts) + 2, y: 44}, hh.to === "RESTARTING" ? "restart" : "preempted");
+      add("text", {x: x(hh.ts) + 2, y: 40 + 11 * row}, hh.to === "RESTARTING" ? "restart" : "preempted");
     }
   });
-  add("text", {x: 10, y: 52}, clock(t0));
-  add("text", {x: W - 10, y: 52, "text-anchor": "end"}, TERMINAL.has(job.state) ? clock(t1) : "now");
+  add("text", {x: 10, y: H - 4}, clock(t0));
+  add("text", {x: W - 10, y: H - 4, "text-anchor": "end"}, TERMINAL.has(job.state) ? clock(t1) : "now");
   return svg;
 }
 
