@@ -2,6 +2,7 @@
 which resumes exactly; owners, quotas and dependencies through the real controller."""
 import json
 import os
+import time
 
 import pytest
 
@@ -100,3 +101,34 @@ def test_quota_and_dependencies_through_the_controller(preempting_controller):
         wait_for(lambda: store.get(j).terminal, timeout=300, what=f"{j} ends")
         assert store.get(j).state == JobState.SUCCEEDED, store.get(j).reason
     assert store.get(second).started_at >= store.get(first).finished_at
+
+
+def test_two_jobs_of_alternating_priority_do_not_ping_pong(preempting_controller):
+    """Each time one job gets the cluster, the other is raised above it: the cap ends the exchange."""
+    cfg, _ = preempting_controller
+    store = JobStore(cfg.job_store)
+    spec = dict(**BIG, **{"resources.workers": 2, "train.steps": 20, "train.micro_batch": 2, "checkpoint.every": 2})
+    a = submit_spec(cfg, tiny_spec(name="ping", **spec), priority=0, owner="alice")
+    wait_for(lambda: store.get(a).state == JobState.RUNNING, what="ping RUNNING")
+    b = submit_spec(cfg, tiny_spec(name="pong", **spec), priority=1, owner="bob")
+    top, holder = 1, a
+    deadline = time.time() + 600
+    while not (store.get(a).terminal and store.get(b).terminal):
+        assert time.time() < deadline, "the two jobs did not finish"
+        recs = {j: store.get(j) for j in (a, b)}
+        running = [j for j, r in recs.items() if r.state == JobState.RUNNING]
+        if len(running) == 1 and running[0] != holder:  # the other one got the cluster: raise the loser
+            holder = running[0]
+            loser = b if holder == a else a
+            if not recs[loser].terminal:
+                top += 1
+                store.update(loser, priority=top)
+        time.sleep(0.3)
+    recs = {j: store.get(j) for j in (a, b)}
+    for r in recs.values():
+        assert r.state == JobState.SUCCEEDED, r.reason
+        assert r.preemptions <= 2  # max_per_job
+    total = sum(r.preemptions for r in recs.values())
+    assert 1 <= total <= 4
+    # However often it moved, each job's curve is the uninterrupted one.
+    assert _losses(recs[a].run_dir) == pytest.approx(_losses(recs[b].run_dir), rel=1e-4, abs=1e-4)
