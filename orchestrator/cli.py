@@ -2,10 +2,10 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
+from orchestrator import json_output
 from specs.errors import UsageError
 
 
@@ -35,7 +35,7 @@ def cmd_run(args) -> int:
     log = (lambda *a, **k: print(*a, file=sys.stderr, **k)) if args.json else print
     result = run_job(spec, cluster, resume_dir=args.resume, log=log)
     if args.json:
-        print(json.dumps(result))
+        print(json_output.dumps(result))
     else:
         fmt = lambda v: "-" if v is None else f"{v:.4f}"
         print(f"{result['state']}: {result['id']} steps={result['steps'] or '-'} "

@@ -1,9 +1,9 @@
 """``switchyard data prepare``: tokenize a corpus into the shared token cache, on the cluster, ahead of jobs."""
 from __future__ import annotations
 
-import json
 import sys
 
+from orchestrator import json_output
 from specs.errors import UsageError
 
 
@@ -33,7 +33,7 @@ def cmd_data_prepare(args) -> int:
                "documents": m["documents"], "tokens": m["tokens"], "shards": len(m["shards"]),
                "tokenizer": m["tokenizer"], "vocab_size": m["vocab_size"], "seconds": m.get("seconds")}
     if args.json:
-        print(json.dumps(summary))
+        print(json_output.dumps(summary))
     else:
         what = "already prepared" if cached else "prepared"
         print(f"{what}: {m['documents']} documents, {m['tokens']} tokens in {len(m['shards'])} shards "

@@ -13,12 +13,12 @@ spec is validated here and again on the server.
 """
 from __future__ import annotations
 
-import json
 import os
 import posixpath
 import sys
 import time
 
+from orchestrator import json_output
 from specs.errors import UsageError
 
 HEARTBEAT_STALE_S = 15.0
@@ -221,7 +221,7 @@ def cmd_list(args) -> int:
     client = _remote(args)
     rows = client.jobs() if client is not None else [r.to_status_dict() for r in _store(_cluster(args)).list()]
     if args.json:
-        print(json.dumps(rows))
+        print(json_output.dumps(rows))
         return 0
     print(f"{'ID':<20} {'NAME':<24} {'OWNER':<10} {'STATE':<11} {'PRIO':>4} {'STEP':>7} {'RESTARTS':>8} {'AGE':>6}"
           "  WHY")
@@ -312,7 +312,7 @@ def cmd_status(args) -> int:
     else:
         out = cluster_status(cluster, _store(cluster))
     if args.json:
-        print(json.dumps(out, default=str))
+        print(json_output.dumps(out, default=str))
         return 0
     if args.job and out["kind"] == "pipeline":
         from orchestrator.instructgpt import format_status

@@ -30,6 +30,7 @@ complete checkpoint with their exact data position.
 from __future__ import annotations
 
 import json
+import math
 import os
 import threading
 import logging
@@ -106,6 +107,7 @@ class Controller:
                                                  p.backoff_s)
         self.quotas = {name: sched.TeamQuota(t.cpus, t.gpus, t.weight) for name, t in self.cluster.teams.items()}
         self.pid = os.getpid()
+        refuse_second_controller(self.store, self.pid)
         self.store.set_controller(self.pid, ray.get_runtime_context().gcs_address)
         self._reconcile()
         self.api = None
@@ -507,7 +509,7 @@ class Controller:
             how = rec.reason  # say in the history that it resumes on fewer workers
         self.store.transition(job_id, JobState.STARTING, how + (" (resuming)" if resume else ""))
         run = JobRun(spec, self.storage, rec.run_dir, worker_resources(spec, self.cluster),
-                     self.cluster.workers.peak_flops)
+                     self.cluster.workers.peak_flops, owner="controller", job_id=job_id)
         act = Active(job_id, run)
 
         def start() -> None:
@@ -681,7 +683,10 @@ class Controller:
             for e in rec.evals:
                 f.write(json.dumps(e.to_dict()) + "\n")
         self.storage.fs.mv(f"{rec.run_dir}/evals.jsonl.tmp", f"{rec.run_dir}/evals.jsonl")
-        best = min(rec.evals, key=lambda e: e.loss)
+        finite = [e for e in rec.evals if e.loss is not None and math.isfinite(e.loss)]
+        if not finite:
+            return  # a NaN or infinite evaluation loss is never the best
+        best = min(finite, key=lambda e: e.loss)
         if rec.best_checkpoint != best.checkpoint:
             self.storage.write_json(f"{rec.run_dir}/best_checkpoint.json",
                                     {"path": best.checkpoint, "step": best.step, "loss": best.loss})
@@ -689,6 +694,26 @@ class Controller:
 
 
 # ---------------------------------------------------------------------- handles
+
+
+CONTROLLER_STALE_S = 60.0  # a recorded controller silent this long is gone even if its pid was reused
+
+
+def refuse_second_controller(store: JobStore, pid: int | None) -> None:
+    """One controller per job store: while another one lives (its heartbeat fresh, its process there),
+    this one is refused."""
+    other = store.controller()
+    if other is None or other.pid == pid or time.time() - other.heartbeat > CONTROLLER_STALE_S:
+        return
+    try:
+        os.kill(other.pid, 0)
+    except ProcessLookupError:
+        return  # it died (Ray restarts a crashed controller in a new process)
+    except PermissionError:
+        pass
+    raise UsageError(f"controller: another controller (pid {other.pid}, Ray at {other.address}) owns the job "
+                     f"store {store.path}; use it, or stop it with "
+                     "`switchyard down` first")
 
 
 def get_controller(namespace: str):
@@ -704,6 +729,7 @@ def start_controller(cluster, tick_s: float = TICK_S, backfill_window_s: float =
 
     handle = get_controller(cluster.ray.namespace)
     if handle is None:
+        refuse_second_controller(JobStore(cluster.job_store), None)  # one line here, not an actor's traceback
         cls = ray.remote(Controller)
         # On this node, the head: the job store is a file on its disk, and a worker host may be lost.
         here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)

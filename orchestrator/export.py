@@ -18,9 +18,9 @@ Which family maps to which class is in ``models/hf.py``. A folder like this
 from __future__ import annotations
 
 import argparse
-import json
 import os
 
+from orchestrator import json_output
 from specs.errors import UsageError
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
@@ -64,7 +64,7 @@ def export_command(args: argparse.Namespace) -> int:
     storage = storage_for(run_path, Storage(cluster.storage, dict(cluster.storage_options)))
     result = export_hf(storage, run_path, args.out)
     if args.json:
-        print(json.dumps(result))
+        print(json_output.dumps(result))
     else:
         print(f"exported {result['family']} from {result['checkpoint']} as {result['class']} to {result['out']}")
     return 0

@@ -20,6 +20,7 @@ from data.shards import TokenSource
 from data.storage import Storage
 from specs.errors import UsageError
 from specs.job import JobSpec, validate_spec
+from workers.checkpoint import begin_attempt, current_attempt
 from workers.kind import RunContext
 from workers.worker_group import PlacementTimeout, WorkerGroup, WorkerResources
 
@@ -101,6 +102,9 @@ class JobRun:
     run_dir: str
     resources: WorkerResources
     peak_flops: float | None = None
+    owner: str = "run"
+    """Who runs the attempts: "controller" or "run" (``switchyard run``), recorded in attempt.json."""
+    job_id: str | None = None
     group: WorkerGroup | None = None
     refs: list | None = None
     workers: list | None = None
@@ -125,7 +129,9 @@ class JobRun:
         self.storage.write_json(f"{self.run_dir}/data.json", {"token_cache": cache})
         if not self.group.distributed:
             self.group.init_distributed(self.workers[0]["ip"])
-        ctx = RunContext(self.spec, self.storage, self.run_dir, cache, resume, self.peak_flops)
+        # A new attempt fences every earlier one: their ranks can no longer publish a checkpoint.
+        attempt = begin_attempt(self.storage, self.run_dir, self.owner, self.job_id)
+        ctx = RunContext(self.spec, self.storage, self.run_dir, cache, resume, self.peak_flops, attempt=attempt)
         self.refs = self.group.train_async(ctx)
 
     def done(self, timeout_s: float = 0.0) -> bool:
@@ -167,6 +173,7 @@ def run_job(spec: JobSpec, cluster, resume_dir: str | None = None, log=print) ->
     if resume_dir:
         run_dir = resume_dir.rstrip("/")
         job_id = run_dir.rsplit("/", 1)[-1]
+        refuse_owned_resume(cluster, storage, run_dir)
     else:
         job_id = new_job_id()
         run_dir = storage.path(f"{spec.name}-{job_id}")
@@ -220,6 +227,23 @@ def run_job(spec: JobSpec, cluster, resume_dir: str | None = None, log=print) ->
     return {"id": job_id, "state": state, "run_dir": run_dir, "steps": summary.get("steps"),
             "first_loss": summary.get("first_loss"), "final_loss": summary.get("final_loss"),
             "tokens_per_s": summary.get("tokens_per_s"), "final_eval": summary.get("final_eval")}
+
+
+def refuse_owned_resume(cluster, storage: Storage, run_dir: str) -> None:
+    """``run --resume`` of a run directory the controller owns (its job is not over) is refused: two
+    writers of one run would overwrite each other's checkpoints."""
+    from orchestrator.job_store import JobStore
+
+    owner = current_attempt(storage, run_dir) or {}
+    if owner.get("owner") != "controller" or not owner.get("job_id"):
+        return
+    try:
+        rec = JobStore(cluster.job_store).get(owner["job_id"])
+    except Exception:  # not in this job store (another cluster's run): its attempt file is all we know
+        return
+    if not rec.terminal:
+        raise UsageError(f"--resume {run_dir}: the run belongs to job {rec.id} of the controller "
+                         f"({rec.state.value}); wait for it to end or `switchyard cancel {rec.id}` first")
 
 
 def _last_line(err: Exception) -> str:

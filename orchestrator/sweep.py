@@ -19,10 +19,10 @@ lies outside their sizes (``scaling.plan.extend_plan``), recorded in
 """
 from __future__ import annotations
 
-import json
 import posixpath
 import sys
 
+from orchestrator import json_output
 from dataclasses import dataclass
 
 from data.storage import Storage
@@ -274,7 +274,7 @@ def cmd_sweep(args) -> int:
             raise UsageError("sweep status: give the sweep's name")
         out = sweep_status(cluster, args.name)
         if args.json:
-            print(json.dumps(out))
+            print(json_output.dumps(out))
         else:
             jobs = ", ".join(f"{k.lower()} {v}" for k, v in sorted(out["jobs"].items()))
             print(f"sweep {out['sweep']} ({out['id']}): {out['state']}; {out['results']}/{out['runs']} runs in the "
@@ -284,5 +284,5 @@ def cmd_sweep(args) -> int:
     log = (lambda *a, **k: print(*a, file=sys.stderr, **k)) if args.json else print
     out = submit_sweep(cluster, args.target, dry_run=args.dry_run, flops_per_s=args.flops_per_s, log=log)
     if args.json:
-        print(json.dumps(out))
+        print(json_output.dumps(out))
     return 0

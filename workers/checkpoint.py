@@ -1,14 +1,27 @@
-"""Checkpoints: every rank's DeepSpeed shards, a manifest written last, retention.
+"""Checkpoints: every rank's DeepSpeed shards, a manifest written last, retention, one writer per run.
 
 Layout under ``<run_dir>/checkpoints/step_00000100/``::
 
     ds/...               DeepSpeed's files (model states, each rank's ZeRO shards)
     model.safetensors    consolidated fp32 weights (optional, written by rank 0)
-    manifest.json        written last, by rank 0, after every rank has uploaded
+    manifest.json        written last, by rank 0, after every rank has uploaded:
+                         each file's size and sha256, the attempt that wrote it
 
 A checkpoint is complete only when its manifest exists and every file it lists
-is present with the listed size. Nothing else is ever loaded. Retention deletes
-the manifest first, so a half-deleted checkpoint is already invisible.
+is present with the listed size; a resume also checks every file's sha256 and
+skips (with a line in the log) a checkpoint that fails, for the one before it.
+Retention deletes the manifest first, so a half-deleted checkpoint is already
+invisible.
+
+One writer per run directory. Whoever starts an attempt of a run (the
+controller, or ``switchyard run``) writes ``<run_dir>/attempt.json`` with a new
+attempt token first (``begin_attempt``). Ranks upload a checkpoint into
+``checkpoints/.staging/<attempt>/step_N`` (an earlier attempt's zombie ranks
+have a staging folder of their own, so they never touch this attempt's files);
+rank 0 then checks that its attempt is still the current one, moves the
+staged folder into place and writes the manifest, checking again right before.
+A rank of an attempt that is not the current one writes no manifest, runs no
+retention and stops with ``FencedOut``.
 
 ``Checkpointer`` is what the training loop talks to: when a step is due for a
 save, writing one (with retention), and how a run resumes from the latest one,
@@ -17,8 +30,14 @@ including the one rule for resuming on another number of workers.
 from __future__ import annotations
 
 import contextlib
+import errno
+import hashlib
 import importlib
+import json
+import logging
 import os
+import secrets
+import socket
 import posixpath
 import re
 import shutil
@@ -31,9 +50,14 @@ import torch
 from data.storage import Storage
 from specs.errors import UserError
 
+log = logging.getLogger(__name__)
+
 STEP_RE = re.compile(r"step_(\d{8})$")
 DS_TAG = "ds"
 UNIVERSAL_TAG = "ds_universal"
+STAGING = ".staging"
+ATTEMPT_FILE = "attempt.json"
+CHUNK = 1 << 20  # bytes read at a time while hashing
 
 
 # The only non-tensor types DeepSpeed's checkpoint files hold (besides builtins and tensors).
@@ -85,6 +109,64 @@ class CheckpointInfo:
     manifest: dict
 
 
+class FencedOut(UserError):
+    """This rank's attempt is no longer the run's current one: another attempt owns the run directory."""
+
+
+class StorageFault(UserError):
+    """The storage refused a write (read-only, full, over quota): retrying cannot help, the job fails."""
+
+
+STORAGE_ERRNOS = {errno.EROFS: "is read-only", errno.EACCES: "refuses writes (permission denied)",
+                  errno.EPERM: "refuses writes (operation not permitted)", errno.ENOSPC: "is full (no space left)",
+                  errno.EDQUOT: "is over its quota"}
+
+
+def storage_fault(err: OSError, where: str, intact: int | None = None) -> StorageFault | None:
+    """The one-line StorageFault for a write the storage refused, or None for another OSError."""
+    why = STORAGE_ERRNOS.get(err.errno)
+    if why is None:
+        return None
+    kept = (f"; the checkpoint at step {intact} is intact" if intact is not None and intact >= 0
+            else "; no checkpoint was written")
+    return StorageFault(f"storage: {where} {why} ({err.filename or err}){kept}; free space or make it writable, "
+                        "then resume")
+
+
+def begin_attempt(storage: Storage, run_dir: str, owner: str, job_id: str | None = None) -> str:
+    """Start a new attempt of the run: ``attempt.json`` names it (the fence); returns its token.
+
+    Called by whoever starts the ranks (the controller, ``switchyard run``), before they start. From then
+    on the ranks of every earlier attempt can write no manifest and run no retention.
+    """
+    number = int((current_attempt(storage, run_dir) or {}).get("number", 0)) + 1
+    token = f"{number:04d}-{secrets.token_hex(4)}"
+    storage.makedirs(run_dir)
+    storage.write_json(f"{run_dir}/{ATTEMPT_FILE}", {"attempt": token, "number": number, "owner": owner,
+                                                     "job_id": job_id, "host": socket.gethostname(),
+                                                     "pid": os.getpid(), "time": time.time()})
+    return token
+
+
+def current_attempt(storage: Storage, run_dir: str) -> dict | None:
+    """The run's ``attempt.json`` (None when no attempt was ever recorded)."""
+    try:
+        return storage.read_json(f"{run_dir}/{ATTEMPT_FILE}")
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def is_current(storage: Storage, run_dir: str, attempt: str | None) -> bool:
+    """Whether ``attempt`` may write the run's manifests (None: an unfenced writer, e.g. a unit test)."""
+    if attempt is None:
+        return True
+    return (current_attempt(storage, run_dir) or {}).get("attempt") == attempt
+
+
+def staging_dir(run_dir: str, attempt: str | None, step: int) -> str:
+    return posixpath.join(run_dir, "checkpoints", STAGING, attempt or "unfenced", f"step_{step:08d}")
+
+
 def _is_complete(storage: Storage, path: str) -> dict | None:
     fs = storage.fs
     manifest_uri = f"{path}/manifest.json"
@@ -104,27 +186,70 @@ def _is_complete(storage: Storage, path: str) -> dict | None:
     return manifest
 
 
+def _sha256(fs, uri: str) -> str:
+    h = hashlib.sha256()
+    with fs.open(uri, "rb") as f:
+        while chunk := f.read(CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def verify(storage: Storage, ckpt: CheckpointInfo) -> str | None:
+    """Why ``ckpt``'s files do not match its manifest's sha256 sums; None when every one does.
+
+    (A manifest written before checksums has sizes only: those were checked when it was listed.)
+    """
+    for rel, want in sorted((ckpt.manifest.get("sha256") or {}).items()):
+        try:
+            got = _sha256(storage.fs, f"{ckpt.path}/{rel}")
+        except OSError as err:
+            return f"{rel} cannot be read ({err})"
+        if got != want:
+            return f"{rel} has sha256 {got[:12]}..., the manifest says {want[:12]}..."
+    return None
+
+
+def checkpoint_folders(storage: Storage, run_dir: str) -> list[int]:
+    """Steps of every ``step_N`` folder of a run, complete or not, oldest first."""
+    root = posixpath.join(run_dir, "checkpoints")
+    if not storage.fs.exists(root):
+        return []
+    return sorted(int(m.group(1)) for e in storage.fs.ls(root, detail=False)
+                  if (m := STEP_RE.search(e.rstrip("/"))))
+
+
 def list_checkpoints(storage: Storage, run_dir: str, complete_only: bool = True) -> list[CheckpointInfo]:
     """Checkpoints of a run, oldest first."""
-    root = posixpath.join(run_dir, "checkpoints")
-    fs = storage.fs
-    if not fs.exists(root):
-        return []
     out = []
-    for entry in fs.ls(root, detail=False):
-        m = STEP_RE.search(entry.rstrip("/"))
-        if not m:
-            continue
-        path = checkpoint_dir(run_dir, int(m.group(1)))
+    for step in checkpoint_folders(storage, run_dir):
+        path = checkpoint_dir(run_dir, step)
         manifest = _is_complete(storage, path) if complete_only else {}
         if manifest is not None:
-            out.append(CheckpointInfo(int(m.group(1)), path, manifest))
-    return sorted(out, key=lambda c: c.step)
+            out.append(CheckpointInfo(step, path, manifest))
+    return out
 
 
 def latest_checkpoint(storage: Storage, run_dir: str) -> CheckpointInfo | None:
     done = list_checkpoints(storage, run_dir)
     return done[-1] if done else None
+
+
+def resume_choice(storage: Storage, run_dir: str) -> CheckpointInfo | None:
+    """The newest complete checkpoint whose files match their checksums; a failing one is skipped with a
+    line in the log. UserError when the run has checkpoint folders but none is complete and intact
+    (resuming at step 0 would silently throw the run away)."""
+    done = list_checkpoints(storage, run_dir)
+    for ckpt in reversed(done):
+        problem = verify(storage, ckpt)
+        if problem is None:
+            return ckpt
+        log.warning("checkpoint %s skipped: %s; trying the one before it", ckpt.path, problem)
+    folders = checkpoint_folders(storage, run_dir)
+    if folders:
+        bad = ", ".join(f"step_{s:08d}" for s in folders[-3:])
+        raise UserError(f"resume: {run_dir} has checkpoint folders ({bad}) but none is complete and intact "
+                        "(manifest, sizes and sha256); nothing to resume from: start a new run")
+    return None
 
 
 def consolidated_state_dict(engine) -> dict[str, torch.Tensor] | None:
@@ -158,49 +283,129 @@ def save_safetensors(state: dict[str, torch.Tensor], path: str) -> None:
     save_file(out, path)
 
 
+def upload_hashed(storage: Storage, local_dir: str, uri: str) -> dict[str, list]:
+    """Upload every file under ``local_dir`` to ``uri``, hashing while it streams; {rel: [size, sha256]}."""
+    fs = storage.fs
+    out = {}
+    for dirpath, _, names in os.walk(local_dir):
+        for name in names:
+            src = os.path.join(dirpath, name)
+            rel = os.path.relpath(src, local_dir).replace(os.sep, "/")
+            dst = posixpath.join(uri, rel)
+            if storage.is_local:
+                os.makedirs(os.path.dirname(storage.local_path(dst)), exist_ok=True)
+            h, size = hashlib.sha256(), 0
+            with open(src, "rb") as f, fs.open(dst, "wb") as g:
+                while chunk := f.read(CHUNK):
+                    h.update(chunk)
+                    g.write(chunk)
+                    size += len(chunk)
+            out[rel] = [size, h.hexdigest()]
+    return out
+
+
 def save_checkpoint(engine, storage: Storage, run_dir: str, step: int, extra: dict, consolidated: bool = True,
                     others: dict | None = None, tensor_files: dict[str, dict | None] | None = None,
-                    overrides: dict[str, torch.Tensor] | None = None) -> str:
+                    overrides: dict[str, torch.Tensor] | None = None, attempt: str | None = None,
+                    intact: int | None = None) -> str:
     """Collective: every rank calls it. Returns the checkpoint URI.
 
     ``others`` are more engines of the same job (PPO's value model), saved
     under DeepSpeed tags ``ds_<name>``. ``tensor_files`` maps a file name to
     a state dict rank 0 writes as safetensors (None on other ranks).
-    ``overrides`` replace entries of the consolidated weights.
+    ``overrides`` replace entries of the consolidated weights. ``attempt`` is
+    this run's attempt token (``begin_attempt``): every rank uploads into the
+    attempt's staging folder, rank 0 publishes it only while the attempt is
+    current. Every rank raises the same error when one failed: FencedOut,
+    StorageFault (``intact``: the step of the last checkpoint, for its message).
     """
     import torch.distributed as dist
 
-    rank = dist.get_rank()
-    path = checkpoint_dir(run_dir, step)
-    staging = tempfile.mkdtemp(prefix=f"sy-ckpt-r{rank}-")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    path, staged = checkpoint_dir(run_dir, step), staging_dir(run_dir, attempt, step)
+    local = tempfile.mkdtemp(prefix=f"sy-ckpt-r{rank}-")
+    mine: dict = {}
     try:
-        engine.save_checkpoint(staging, tag=DS_TAG, save_latest=False)
+        engine.save_checkpoint(local, tag=DS_TAG, save_latest=False)
         for name, other in (others or {}).items():
-            other.save_checkpoint(staging, tag=f"{DS_TAG}_{name}", save_latest=False)
+            other.save_checkpoint(local, tag=f"{DS_TAG}_{name}", save_latest=False)
         state = consolidated_state_dict(engine) if consolidated else None
         if state is not None:
-            save_safetensors({**state, **(overrides or {})}, os.path.join(staging, "model.safetensors"))
+            save_safetensors({**state, **(overrides or {})}, os.path.join(local, "model.safetensors"))
         for name, tensors in (tensor_files or {}).items():
             if tensors is not None:
-                save_safetensors(tensors, os.path.join(staging, name))
-        storage.put_dir(staging, path)
-        dist.barrier()
-        if rank == 0:
-            files = {rel: storage.fs.size(f"{path}/{rel}") for rel in _list_rel(storage, path)}
-            manifest = dict(extra, step=step, files=files, world_size=dist.get_world_size(),
-                            zero_stage=engine.zero_optimization_stage(), time=time.time())
-            storage.write_json(f"{path}/manifest.json", manifest)
-        dist.barrier()
+                save_safetensors(tensors, os.path.join(local, name))
+        mine = {"files": upload_hashed(storage, local, staged)}
+    except OSError as err:  # reported to rank 0 so every rank stops with the same error, none hangs
+        fault = storage_fault(err, f"{run_dir} (checkpoint step {step})", intact)
+        mine = {"error": str(fault or f"checkpoint step {step}: {err}"), "storage": fault is not None}
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(local, ignore_errors=True)
+    parts = [None] * world if rank == 0 else None
+    dist.gather_object(mine, parts, dst=0)
+    verdict = [_publish(storage, run_dir, step, extra, parts, world, engine.zero_optimization_stage(), attempt,
+                        intact) if rank == 0 else None]
+    dist.broadcast_object_list(verdict, src=0)
+    kind, message = verdict[0] or (None, None)
+    if kind == "fenced":
+        raise FencedOut(message)
+    if kind == "storage":
+        raise StorageFault(message)
+    if kind is not None:
+        raise OSError(message)
     return path
 
 
-def _list_rel(storage: Storage, path: str) -> list[str]:
+def _publish(storage: Storage, run_dir: str, step: int, extra: dict, parts: list[dict], world: int,
+             zero_stage: int, attempt: str | None, intact: int | None) -> tuple[str, str] | None:
+    """Rank 0: move the attempt's staged checkpoint into place and write its manifest, if the attempt is
+    still the current one; returns None, or (``"fenced" | "storage" | "error"``, message)."""
+    failed = [p for p in parts if "error" in p]
+    if failed:
+        return ("storage" if failed[0]["storage"] else "error"), failed[0]["error"]
     fs = storage.fs
-    base = fs._strip_protocol(path).rstrip("/")
-    return sorted(p[len(base):].lstrip("/") for p in fs.find(path)
-                  if not p.endswith("manifest.json") and f"/{UNIVERSAL_TAG}/" not in p)
+    path, staged = checkpoint_dir(run_dir, step), staging_dir(run_dir, attempt, step)
+
+    def fenced() -> tuple[str, str] | None:
+        if is_current(storage, run_dir, attempt):
+            return None
+        now = (current_attempt(storage, run_dir) or {}).get("attempt")
+        log.warning("attempt %s is not the current one (%s): step %d not published, no retention", attempt, now,
+                    step)
+        return "fenced", (f"checkpoint: attempt {attempt} of {run_dir} is no longer the current one ({now} is); "
+                          "this rank stops without writing")
+
+    try:
+        if (why := fenced()) is not None:
+            return why
+        files = {rel: info for p in parts for rel, info in p["files"].items()}
+        if fs.exists(path):  # an earlier attempt's unfinished folder of this step: invisible first, then gone
+            if fs.exists(f"{path}/manifest.json"):
+                fs.rm(f"{path}/manifest.json")
+            fs.rm(path, recursive=True)
+        fs.mv(staged, path, recursive=True)
+        manifest = dict(extra, step=step, files={rel: info[0] for rel, info in sorted(files.items())},
+                        sha256={rel: info[1] for rel, info in sorted(files.items())}, world_size=world,
+                        zero_stage=zero_stage, attempt=attempt, time=time.time())
+        if (why := fenced()) is not None:  # checked again right before the manifest makes it visible
+            return why
+        storage.write_json(f"{path}/manifest.json", manifest)
+        _drop_staging(storage, run_dir, attempt)
+    except OSError as err:
+        fault = storage_fault(err, f"{run_dir} (checkpoint step {step})", intact)
+        return ("storage", str(fault)) if fault is not None else ("error", f"checkpoint step {step}: {err}")
+    return None
+
+
+def _drop_staging(storage: Storage, run_dir: str, attempt: str | None) -> None:
+    """What is left in the staging area: this attempt's empty folders, other attempts' partial uploads."""
+    root = posixpath.join(run_dir, "checkpoints", STAGING)
+    fs = storage.fs
+    try:
+        if fs.exists(root):
+            fs.rm(root, recursive=True)
+    except OSError:  # a zombie still writing its own staged files: they go next time
+        pass
 
 
 def needs_universal(ckpt: CheckpointInfo, world_size: int) -> bool:
@@ -266,11 +471,26 @@ def load_consolidated(storage: Storage, ckpt_path: str, name: str = "model.safet
         return load_bytes(f.read())
 
 
+def unevaluated(storage: Storage, run_dir: str) -> set[str]:
+    """Checkpoints the controller will evaluate and has not yet (those with consolidated weights, not in
+    ``evals.jsonl``); empty when no controller runs the run (``switchyard run``: nothing evaluates them)."""
+    if (current_attempt(storage, run_dir) or {}).get("owner") != "controller":
+        return set()
+    done = set()
+    if storage.exists(f"{run_dir}/evals.jsonl"):
+        for line in storage.read_text(f"{run_dir}/evals.jsonl").splitlines():
+            with contextlib.suppress(ValueError, AttributeError):
+                done.add(json.loads(line).get("checkpoint"))
+    return {c.path for c in list_checkpoints(storage, run_dir)
+            if "model.safetensors" in c.manifest.get("files", {}) and c.path not in done}
+
+
 def retain(storage: Storage, run_dir: str, keep: int) -> list[str]:
-    """``apply_retention`` that never deletes the run's best checkpoint (best_checkpoint.json); rank 0 only."""
+    """``apply_retention`` that never deletes the run's best checkpoint (best_checkpoint.json) nor one the
+    controller has not evaluated yet; rank 0 only."""
     best_uri = f"{run_dir}/best_checkpoint.json"
     protect = {storage.read_json(best_uri).get("path", "")} if storage.exists(best_uri) else set()
-    return apply_retention(storage, run_dir, keep, protect)
+    return apply_retention(storage, run_dir, keep, protect | unevaluated(storage, run_dir))
 
 
 def apply_retention(storage: Storage, run_dir: str, keep: int, protect: set[str] = frozenset()) -> list[str]:
@@ -307,13 +527,37 @@ class Checkpointer:
     """When to save, writing and retaining checkpoints, and the resume layout of one run. Collective calls
     say so."""
 
-    def __init__(self, spec, storage: Storage, run_dir: str, rank: int, world_size: int):
+    def __init__(self, spec, storage: Storage, run_dir: str, rank: int, world_size: int,
+                 attempt: str | None = None):
         self.spec, self.storage, self.run_dir = spec, storage, run_dir
         self.rank, self.world_size = rank, world_size
+        self.attempt = attempt
+        """This run's attempt token (``begin_attempt``); None: unfenced."""
         self.last_saved = -1
 
     def latest(self) -> CheckpointInfo | None:
         return latest_checkpoint(self.storage, self.run_dir)
+
+    def resume_point(self) -> CheckpointInfo | None:
+        """Collective: the checkpoint every rank resumes from (``resume_choice``, decided by rank 0, which
+        reads the files once); a UserError on every rank when the run cannot be resumed."""
+        import torch.distributed as dist
+
+        choice: list = [None]
+        if self.rank == 0:
+            try:
+                ckpt = resume_choice(self.storage, self.run_dir)
+                choice[0] = ("ok", ckpt.step if ckpt is not None else None)
+            except UserError as err:
+                choice[0] = ("refused", str(err))
+        dist.broadcast_object_list(choice, src=0)
+        what, value = choice[0]
+        if what == "refused":
+            raise UserError(value)
+        if value is None:
+            return None
+        self.last_saved = value
+        return next(c for c in list_checkpoints(self.storage, self.run_dir) if c.step == value)
 
     def resume_layout(self, latest: CheckpointInfo | None, reshards: bool) -> bool:
         """Whether resuming from ``latest`` needs a universal checkpoint (ZeRO state re-partitioned for
@@ -362,11 +606,12 @@ class Checkpointer:
         return step != self.last_saved and (step % self.spec.checkpoint.every == 0 or last_step)
 
     def save(self, step: int, engine, manifest: dict, state: CheckpointState) -> str:
-        """Collective: write the checkpoint (manifest last), then retention on rank 0."""
+        """Collective: write the checkpoint (manifest last), then retention on rank 0 while the attempt is current."""
         path = save_checkpoint(engine, self.storage, self.run_dir, step, {**manifest, **state.manifest},
                                self.spec.checkpoint.consolidated and state.consolidate_engine, others=state.others,
-                               tensor_files=state.tensor_files, overrides=state.overrides)
+                               tensor_files=state.tensor_files, overrides=state.overrides, attempt=self.attempt,
+                               intact=self.last_saved)
         self.last_saved = step
-        if self.rank == 0:
+        if self.rank == 0 and is_current(self.storage, self.run_dir, self.attempt):  # a zombie never deletes
             retain(self.storage, self.run_dir, self.spec.checkpoint.keep)
         return path

@@ -39,6 +39,9 @@ class RunContext:
     """Set to stop at the next step; made on the rank (events do not pickle)."""
     progress: dict | None = None
     """Step, loss, throughput and last checkpoint, read by ``RankWorker.progress``."""
+    attempt: str | None = None
+    """This attempt's token (``workers.checkpoint.begin_attempt``): only the current attempt publishes
+    checkpoints and runs retention. None: unfenced (in-process tests)."""
 
 
 @dataclass

@@ -42,12 +42,23 @@ def step_means(rows: list[dict]) -> dict[str, np.ndarray]:
     return out
 
 
-def all_sum(values, device=None) -> list[float]:
-    """Collective: the element-wise sum over ranks of a list of numbers (on ``device``: NCCL needs the GPU)."""
+def collective_device():
+    """The device a rank's collectives run on: its GPU under NCCL (which has no CPU tensors), else the CPU."""
     import torch
     import torch.distributed as dist
 
-    t = torch.tensor(list(values), dtype=torch.float64, device=device)
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def all_sum(values, device=None) -> list[float]:
+    """Collective: the element-wise sum over ranks of a list of numbers, on ``device`` (None: the rank's
+    ``collective_device``; a CPU tensor fails under NCCL)."""
+    import torch
+    import torch.distributed as dist
+
+    t = torch.tensor(list(values), dtype=torch.float64, device=device if device is not None else collective_device())
     dist.all_reduce(t)
     return t.tolist()
 

@@ -25,7 +25,7 @@ import numpy as np
 
 from data.sampler import DataState
 from specs.errors import UserError
-from workers.checkpoint import CheckpointInfo, Checkpointer
+from workers.checkpoint import CheckpointInfo, Checkpointer, storage_fault
 from workers.kind import JobKind, RankEnv, RunContext
 from workers.metrics import MetricsWriter, reduce_mean_dict, step_means
 
@@ -56,8 +56,8 @@ def train(ctx: RunContext) -> dict:
     env = RankEnv.current(ctx)
     spec = env.spec
     builder = _kinds()[spec.kind]
-    checkpointer = Checkpointer(spec, env.storage, env.run_dir, env.rank, env.world)
-    latest = checkpointer.latest() if ctx.resume else None
+    checkpointer = Checkpointer(spec, env.storage, env.run_dir, env.rank, env.world, attempt=ctx.attempt)
+    latest = checkpointer.resume_point() if ctx.resume else None   # checksums checked; a bad one is skipped
     universal = checkpointer.resume_layout(latest, builder.reshards)
     if universal:
         checkpointer.prepare_universal(latest)
@@ -65,7 +65,13 @@ def train(ctx: RunContext) -> dict:
     state = LoopState()
     if latest is not None:
         state.step, state.position = resume(kind, checkpointer, latest, universal, spec.total_steps)
-    return run(env, kind, checkpointer, state)
+    try:
+        return run(env, kind, checkpointer, state)
+    except OSError as err:  # the storage refused a write (metrics, logs): fail with that reason, no restart
+        fault = storage_fault(err, env.run_dir, checkpointer.last_saved)
+        if fault is None:
+            raise
+        raise fault from None
 
 
 def resume(kind: JobKind, checkpointer: Checkpointer, latest: CheckpointInfo, universal: bool,

@@ -39,7 +39,7 @@ from models.transformer import Decoder
 from specs.errors import UserError
 from workers.checkpoint import CheckpointInfo, CheckpointState, consolidated_state_dict, load_consolidated
 from workers.kind import RankEnv
-from workers.metrics import all_sum
+from workers.metrics import all_sum, collective_device
 from workers.parallel.engine import build_engine, frozen_engine
 from workers.rlhf import ppo_math as pm
 from workers.rlhf.datasets import (comparison_tokens, ensure_builtin_comparisons, ensure_builtin_prompts, fitting,
@@ -316,9 +316,9 @@ class PPOStage(_StageBasics):
 def _reduce_sum(t: torch.Tensor) -> torch.Tensor:
     import torch.distributed as dist
 
-    out = t.detach().clone()
+    out = t.detach().to(collective_device(), copy=True)  # callers pass CPU scalars too; NCCL wants the GPU
     dist.all_reduce(out)
-    return out
+    return out.to(t.device)
 
 
 def _ptx_source(env: RankEnv) -> Callable[[int], object]:

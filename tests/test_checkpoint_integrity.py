@@ -1,0 +1,156 @@
+"""Checkpoint integrity on plain files (no Ray): checksums, the attempt fence, refusals, retention, NaN evals,
+storage faults, one controller per store, --json after a divergence."""
+import errno
+import json
+import logging
+import math
+import os
+import subprocess
+import sys
+import time
+from types import SimpleNamespace
+
+import pytest
+
+from data.storage import Storage
+from specs.errors import UserError
+from workers import checkpoint as ck
+
+
+def _write(storage, run_dir, step, attempt=None, payload=b"0123456789", model=False):
+    """A checkpoint as the ranks leave it: files staged by ``upload_hashed``, published by ``_publish``."""
+    local = os.path.join(storage.local_path(run_dir), f".src-{step}")
+    os.makedirs(os.path.join(local, "ds"), exist_ok=True)
+    with open(os.path.join(local, "ds", "shard.pt"), "wb") as f:
+        f.write(payload)
+    if model:
+        with open(os.path.join(local, "model.safetensors"), "wb") as f:
+            f.write(b"weights")
+    files = ck.upload_hashed(storage, local, ck.staging_dir(run_dir, attempt, step))
+    verdict = ck._publish(storage, run_dir, step, {"data": {}}, [{"files": files}], 1, 1, attempt, None)
+    return ck.checkpoint_dir(run_dir, step), verdict
+
+
+@pytest.fixture
+def run(tmp_path):
+    st = Storage(str(tmp_path))
+    run_dir = str(tmp_path / "run")
+    st.makedirs(run_dir)
+    return st, run_dir
+
+
+def test_manifest_has_each_files_sha256_and_the_attempt(run):
+    st, run_dir = run
+    attempt = ck.begin_attempt(st, run_dir, "run")
+    path, verdict = _write(st, run_dir, 4, attempt)
+    assert verdict is None
+    m = st.read_json(f"{path}/manifest.json")
+    assert m["files"] == {"ds/shard.pt": 10}
+    assert len(m["sha256"]["ds/shard.pt"]) == 64 and m["attempt"] == attempt
+    assert not st.exists(f"{run_dir}/checkpoints/{ck.STAGING}")   # staging is gone once published
+    assert ck.verify(st, ck.latest_checkpoint(st, run_dir)) is None
+
+
+def test_a_corrupt_shard_of_the_same_size_falls_back_to_the_previous_checkpoint(run, caplog):
+    st, run_dir = run
+    _write(st, run_dir, 4)
+    newest, _ = _write(st, run_dir, 8)
+    shard = os.path.join(newest, "ds", "shard.pt")
+    with open(shard, "r+b") as f:  # one flipped byte, the size unchanged
+        f.write(b"X")
+    assert os.path.getsize(shard) == 10
+    assert [c.step for c in ck.list_checkpoints(st, run_dir)] == [4, 8]   # sizes alone cannot see it
+    with caplog.at_level(logging.WARNING, logger="workers.checkpoint"):
+        chosen = ck.resume_choice(st, run_dir)
+    assert chosen.step == 4
+    assert any("step_00000008 skipped: ds/shard.pt has sha256" in r.getMessage() for r in caplog.records)
+
+
+def test_resume_is_refused_when_folders_exist_but_none_is_complete(run):
+    st, run_dir = run
+    assert ck.resume_choice(st, run_dir) is None          # a run that never checkpointed starts at step 0
+    path, _ = _write(st, run_dir, 4)
+    os.remove(os.path.join(path, "manifest.json"))        # died before the manifest
+    bad, _ = _write(st, run_dir, 8)
+    with open(os.path.join(bad, "ds", "shard.pt"), "r+b") as f:
+        f.write(b"Y")
+    with pytest.raises(UserError, match=r"resume: .* has checkpoint folders \(step_00000004, step_00000008\) "
+                                        r"but none is complete and intact"):
+        ck.resume_choice(st, run_dir)
+
+
+def test_a_writer_of_an_earlier_attempt_publishes_nothing(run):
+    st, run_dir = run
+    first = ck.begin_attempt(st, run_dir, "controller", "job-1")
+    _write(st, run_dir, 4, first)
+    second = ck.begin_attempt(st, run_dir, "controller", "job-1")
+    assert second != first and st.read_json(f"{run_dir}/attempt.json")["number"] == 2
+    path, verdict = _write(st, run_dir, 8, first)                     # the zombie keeps writing
+    assert verdict[0] == "fenced" and f"attempt {first}" in verdict[1] and second in verdict[1]
+    assert not st.exists(path)                                        # its files never reached step_8
+    assert [c.step for c in ck.list_checkpoints(st, run_dir)] == [4]
+    _, verdict = _write(st, run_dir, 8, second)
+    assert verdict is None and ck.latest_checkpoint(st, run_dir).manifest["attempt"] == second
+
+
+def test_retention_never_deletes_a_checkpoint_the_controller_has_not_evaluated(run):
+    st, run_dir = run
+    ck.begin_attempt(st, run_dir, "controller", "job-1")
+    paths = [_write(st, run_dir, s, model=True)[0] for s in (2, 4, 6, 8)]
+    st.write_text(f"{run_dir}/evals.jsonl", json.dumps({"checkpoint": paths[1], "loss": 1.0}) + "\n")
+    assert ck.retain(st, run_dir, keep=1) == [paths[1]]               # only the evaluated one goes
+    assert [c.step for c in ck.list_checkpoints(st, run_dir)] == [2, 6, 8]
+    ck.begin_attempt(st, run_dir, "run")                              # `switchyard run`: nothing evaluates
+    assert ck.retain(st, run_dir, keep=1) == [paths[0], paths[2]]
+
+
+def test_a_nan_evaluation_is_never_the_best(tmp_path):
+    from orchestrator.controller import Controller
+    from orchestrator.job_store import JobStore
+
+    st, store = Storage(str(tmp_path)), JobStore(str(tmp_path / "jobs.db"))
+    rec = store.submit("t", "train", {}, 0, {"workers": 1, "cpus_per_worker": 1, "gpus_per_worker": 0}, 0,
+                       lambda i: str(tmp_path / i))
+    st.makedirs(rec.run_dir)
+    fake = SimpleNamespace(store=store, storage=st)
+    Controller._record_eval(fake, rec.id, {"checkpoint": "a", "step": 2, "loss": float("nan")})
+    assert store.get(rec.id).best_checkpoint is None and not st.exists(f"{rec.run_dir}/best_checkpoint.json")
+    Controller._record_eval(fake, rec.id, {"checkpoint": "b", "step": 4, "loss": 2.5})
+    Controller._record_eval(fake, rec.id, {"checkpoint": "c", "step": 6, "loss": float("nan")})
+    assert store.get(rec.id).best_checkpoint == "b"
+    assert st.read_json(f"{rec.run_dir}/best_checkpoint.json")["path"] == "b"
+
+
+def test_storage_faults_are_one_line_naming_what_is_intact():
+    full = ck.storage_fault(OSError(errno.ENOSPC, "No space left on device", "/s/run/x"), "/s/run", 4)
+    assert isinstance(full, UserError) and "\n" not in str(full)
+    assert "/s/run is full (no space left)" in str(full) and "the checkpoint at step 4 is intact" in str(full)
+    ro = ck.storage_fault(OSError(errno.EROFS, "Read-only file system", "/s/run/x"), "/s/run", -1)
+    assert "is read-only" in str(ro) and "no checkpoint was written" in str(ro)
+    assert ck.storage_fault(OSError(errno.ECONNRESET, "reset"), "/s/run", 4) is None  # a retryable fault
+
+
+def test_a_second_controller_is_refused_while_the_first_lives(tmp_path):
+    from orchestrator.controller import refuse_second_controller
+    from orchestrator.job_store import JobStore
+
+    store = JobStore(str(tmp_path / "jobs.db"))
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        store.set_controller(other.pid, "127.0.0.1:6379")
+        with pytest.raises(UserError, match=f"another controller \\(pid {other.pid}"):
+            refuse_second_controller(store, os.getpid())
+        refuse_second_controller(store, other.pid)                    # itself, restarted by Ray: fine
+    finally:
+        other.kill()
+        other.wait()
+    refuse_second_controller(store, os.getpid())                      # it died: this one may take over
+
+
+def test_json_output_writes_non_finite_numbers_as_null():
+    from orchestrator import json_output
+
+    text = json_output.dumps({"loss": float("nan"), "evals": [{"ppl": float("inf")}, 1.5], "t": (-math.inf,)})
+    assert json.loads(text) == {"loss": None, "evals": [{"ppl": None}, 1.5], "t": [None]}
+    assert "NaN" not in text and "Infinity" not in text
+    assert json.loads(json_output.dumps({"when": time}, default=str))["when"].startswith("<module")
