@@ -255,6 +255,13 @@ def job_status(store, job_id: str, storage=None) -> dict:
 
         return pipeline_status(store, storage, rec)
     out = rec.to_status_dict()
+    if storage is not None and rec.run_dir:
+        from workers import phases
+
+        startup = phases.read(storage, rec.run_dir)  # the phase a starting job is in (workers/phases.py)
+        out["startup"] = None if startup is None else {
+            "phase": startup.get("phase"), "current": None if rec.terminal else phases.describe(startup),
+            "summary": phases.summary(startup)}
     children = store.list(parent_id=rec.id)
     if children:
         out["stages"] = [{"id": c.id, "name": c.name, "state": c.state.value, "step": c.step} for c in children]
@@ -327,6 +334,11 @@ def cmd_status(args) -> int:
         print(f"run_dir: {out['run_dir']}")
         if pending_line(out):
             print(f"queued: {pending_line(out)}")
+        startup = out.get("startup") or {}
+        if startup.get("current"):
+            print(f"starting: {startup['current']}")
+        elif startup.get("summary") and out["state"] in ("RUNNING", "STARTING"):
+            print(startup["summary"])
         if out.get("after"):
             print(f"after: {', '.join(out['after'])}")
         if out.get("preemptions"):
@@ -374,7 +386,12 @@ def cmd_logs(args) -> int:
     storage = Storage(cluster.storage, dict(cluster.storage_options))
     log_dir = posixpath.join(rec.run_dir, "logs")
     offsets: dict[str, int] = {}
+    from workers.phases import Watcher
+
+    startup = Watcher(storage, rec.run_dir)  # the start-up phases (workers/phases.py) come first
     while True:
+        for line in startup.poll():
+            print(line)
         files = sorted(storage.fs.glob(f"{log_dir}/rank_*.log")) if storage.exists(log_dir) else []
         files = [f for f in files if args.rank is None or f.endswith(f"rank_{args.rank}.log")]
         for f in files:

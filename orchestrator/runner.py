@@ -10,6 +10,7 @@ import math
 import os
 import secrets
 import sys
+import threading
 import time
 from dataclasses import dataclass
 
@@ -21,6 +22,7 @@ from data.storage import Storage
 from specs.errors import UsageError
 from specs.job import JobSpec, validate_spec
 from workers.checkpoint import begin_attempt, current_attempt
+from workers import phases
 from workers.kind import RunContext
 from workers.worker_group import PlacementTimeout, WorkerGroup, WorkerResources
 
@@ -108,19 +110,32 @@ class JobRun:
     group: WorkerGroup | None = None
     refs: list | None = None
     workers: list | None = None
+    started: float | None = None
+    """When this attempt began (its start-up record is kept from then; None: at ``start``)."""
+
+    def _phase(self, phase: str, detail: str = "") -> None:
+        """Record the start-up phase this attempt is in (``workers/phases.py``; run, status and logs show it)."""
+        rec = phases.read(self.storage, self.run_dir)
+        fresh = rec is None or rec.get("started", 0) < (self.started or time.time()) - 1.0
+        phases.enter(self.storage, self.run_dir, phase, detail, fresh=fresh)
+        self.started = self.started or time.time()
 
     def start(self, resume: bool, reserve_timeout_s: float | None = 120.0, warm: WorkerGroup | None = None) -> None:
         """Place the gang (or take over a warm one), build the token cache, start training on every rank."""
         if warm is not None:
+            self._phase("reusing_gang", f"{self.resources.workers} rank process(es) of the previous job")
             self.group = warm
             self.workers = warm.reattach(self.run_dir)
         else:
+            self._phase("waiting_for_gang", gang_wait_detail(self.resources, reserve_timeout_s))
             self.group = WorkerGroup(self.resources, self.run_dir, self.storage, name=self.spec.name)
             if not self.group.reserve(reserve_timeout_s):
                 self.group.shutdown()
                 raise PlacementTimeout(f"resources: could not place {self.resources.workers} workers within "
                                        f"{reserve_timeout_s:g}s; is another job holding the cluster?")
+            self._phase("starting_workers", f"{self.resources.workers} rank process(es)")
             self.workers = self.group.start()
+        self._phase("preparing_data", f"{self.spec.data.corpus}: tokenizing on rank 0 unless its token cache exists")
         try:
             cache = ray.get(self.group.actors[0].prepare_data.remote(TokenSource.from_spec(self.spec.data),
                                                                      self.storage))
@@ -128,6 +143,7 @@ class JobRun:
             raise unwrap_remote_error(err) from None
         self.storage.write_json(f"{self.run_dir}/data.json", {"token_cache": cache})
         if not self.group.distributed:
+            self._phase("joining", f"{self.resources.workers} rank(s), rendezvous at {self.workers[0]['ip']}")
             self.group.init_distributed(self.workers[0]["ip"])
         # A new attempt fences every earlier one: their ranks can no longer publish a checkpoint.
         attempt = begin_attempt(self.storage, self.run_dir, self.owner, self.job_id)
@@ -152,11 +168,60 @@ class JobRun:
         return group
 
 
-def _progress_bar(total: int, desc: str):
+def gang_wait_detail(res: WorkerResources, timeout_s: float | None) -> str:
+    """What waiting for the gang waits for: the bundles, and what the cluster has free now."""
+    want = f"{res.workers} x {res.cpus:g} CPU" + (f" + {res.gpus:g} GPU" if res.gpus else "") + " in one placement group"
+    try:
+        from orchestrator.ray_cluster import cluster_resources
+
+        nodes = cluster_resources().values()
+        free, total = sum(n["free"]["CPU"] for n in nodes), sum(n["total"]["CPU"] for n in nodes)
+        want += f"; {free:g} of {total:g} CPUs free now"
+    except Exception:
+        pass
+    return want + (f"; gives up after {timeout_s:g} s" if timeout_s else "")
+
+
+def _progress_bar(total: int, desc: str, initial: int = 0):
+    """The step bar, made at the first step so that its clock and rate leave start-up out."""
     from tqdm import tqdm
 
-    return tqdm(total=total, desc=desc, unit="step", file=sys.stderr, dynamic_ncols=True,
-                disable=not sys.stderr.isatty() and os.environ.get("SWITCHYARD_PROGRESS") != "1")
+    return tqdm(total=total, desc=desc, unit="step", file=sys.stderr, dynamic_ncols=True, initial=initial,
+                disable=not _show_progress())
+
+
+def _show_progress() -> bool:
+    return sys.stderr.isatty() or os.environ.get("SWITCHYARD_PROGRESS") == "1"
+
+
+def _watch_startup(watcher: phases.Watcher, log, stop: threading.Event, skip: int = 0) -> None:
+    """Until the first step (or ``stop``): print each start-up phase as it begins, and on a terminal keep one
+    status line with the current phase and its elapsed time."""
+    from tqdm import tqdm
+
+    line = tqdm(total=0, bar_format="{desc}", file=sys.stderr, dynamic_ncols=True, disable=not _show_progress())
+    try:
+        while not stop.is_set():
+            for text in watcher.poll():
+                if skip:
+                    skip -= 1
+                    continue
+                log(text)
+            if watcher.done:
+                break
+            line.set_description_str(f"  {watcher.current() or ''}")
+            stop.wait(0.5)
+        line.close()
+        for _ in range(8):  # the phases a short last interval held, and where the time went (rank 0 writes
+            for text in watcher.poll():  # it just after the first step)
+                log(text)
+            if watcher.done:
+                break
+            time.sleep(0.25)
+    except Exception:  # the display is advisory: the job goes on
+        pass
+    finally:
+        line.close()
 
 
 def run_job(spec: JobSpec, cluster, resume_dir: str | None = None, log=print) -> dict:
@@ -166,7 +231,9 @@ def run_job(spec: JobSpec, cluster, resume_dir: str | None = None, log=print) ->
     storage = storage_of(cluster)
     res = worker_resources(spec, cluster)
     preflight(spec, storage)
-    connect(cluster)
+    t_connect = time.time()
+    log(f"startup: {phases.PHASES['connecting']} (address: {cluster.ray.address})")
+    address = connect(cluster)
     why = feasible(res)
     if why:
         raise UsageError(why)
@@ -183,22 +250,32 @@ def run_job(spec: JobSpec, cluster, resume_dir: str | None = None, log=print) ->
     unit = "rollouts" if spec.kind == "ppo" else "steps"
     log(f"job {job_id}: {what}{spec.model.family}/{spec.model.preset or 'custom'} on {res.workers} worker(s), "
         f"ZeRO-{spec.parallel.zero_stage}, {spec.total_steps} {unit} -> {run_dir}")
-    job = JobRun(spec, storage, run_dir, res, cluster.workers.peak_flops)
+    job = JobRun(spec, storage, run_dir, res, cluster.workers.peak_flops, started=t_connect)
+    phases.enter(storage, run_dir, "connecting", str(address or ""), now=t_connect, fresh=True)
+    stop_watch, watcher = threading.Event(), phases.Watcher(storage, run_dir, t_connect)
+    watch = threading.Thread(target=_watch_startup, args=(watcher, log, stop_watch), kwargs={"skip": 1},
+                             daemon=True, name="startup-phases")
+    watch.start()
     state = "FAILED"
     summary: dict = {}
-    bar = _progress_bar(spec.total_steps, spec.name)
+    bar = None
     try:
         job.start(resume=resume_dir is not None)
         while not job.done(timeout_s=0.5):
             p = job.group.progress(timeout_s=2.0)
-            if p.get("step") is not None:
+            if bar is None and p.get("step") is not None and p["step"] > (p.get("start_step") or 0):
+                stop_watch.set()
+                watch.join(timeout=5)
+                bar = _progress_bar(spec.total_steps, spec.name, initial=p["step"])
+            if bar is not None and p.get("step") is not None:
                 bar.n = p["step"]
                 if p.get("loss") is not None:
                     bar.set_postfix(loss=f"{p['loss']:.4f}", tok_s=f"{p.get('tokens_per_s') or 0:.0f}")
                 bar.refresh()
         summary = job.result()
-        bar.n = summary["steps"]
-        bar.refresh()
+        if bar is not None:
+            bar.n = summary["steps"]
+            bar.refresh()
         state = "SUCCEEDED" if not summary["stopped"] else "CANCELLED"
     except KeyboardInterrupt:
         log("\ninterrupted: stopping the workers; the last complete checkpoint stays usable "
@@ -222,7 +299,10 @@ def run_job(spec: JobSpec, cluster, resume_dir: str | None = None, log=print) ->
         log(f"a worker failed: {_last_line(err)} (see {run_dir}/logs/)")
         state = "FAILED"
     finally:
-        bar.close()
+        stop_watch.set()
+        watch.join(timeout=5)
+        if bar is not None:
+            bar.close()
         job.shutdown()
     return {"id": job_id, "state": state, "run_dir": run_dir, "steps": summary.get("steps"),
             "first_loss": summary.get("first_loss"), "final_loss": summary.get("final_loss"),

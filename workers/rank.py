@@ -99,7 +99,14 @@ class RankWorker:
         from specs.paths import check_corpus_readable
 
         check_corpus_readable(source.corpus, storage)  # cluster.yaml's read roots, again, where the files are read
-        return build_token_cache(source, storage)
+
+        def progress(line: str) -> None:  # data/prepare.py's progress, also the start-up phase's detail
+            print(line, flush=True)
+            phases.set_detail(self.storage, self.run_dir, line)
+
+        from workers import phases
+
+        return build_token_cache(source, storage, log=progress)
 
     def setup(self, master_addr: str, master_port: int, interface: str | None = None) -> None:
         """Join torch.distributed with gloo/NCCL bound to this node's Ray address (never the hostname's)."""

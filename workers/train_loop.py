@@ -26,6 +26,7 @@ import numpy as np
 from data.sampler import DataState
 from specs.errors import UserError
 from workers.checkpoint import CheckpointInfo, Checkpointer, storage_fault
+from workers import phases
 from workers.kind import JobKind, RankEnv, RunContext
 from workers.metrics import MetricsWriter, reduce_mean_dict, step_means
 
@@ -61,10 +62,14 @@ def train(ctx: RunContext) -> dict:
     universal = checkpointer.resume_layout(latest, builder.reshards)
     if universal:
         checkpointer.prepare_universal(latest)
+    startup = phases.for_rank(env.rank, env.storage, env.run_dir)   # rank 0 records; run, status, logs show
+    startup.enter("building_engines", f"{spec.kind}, ZeRO-{spec.parallel.zero_stage}, {env.world} rank(s)")
     kind = builder(env, latest, universal)
     state = LoopState()
     if latest is not None:
+        startup.enter("loading_checkpoint", latest.path)
         state.step, state.position = resume(kind, checkpointer, latest, universal, spec.total_steps)
+    startup.enter("first_step", f"step {state.step + 1}")
     try:
         return run(env, kind, checkpointer, state)
     except OSError as err:  # the storage refused a write (metrics, logs): fail with that reason, no restart
@@ -124,6 +129,7 @@ def run(env: RankEnv, kind: JobKind, checkpointer: Checkpointer, state: LoopStat
         state.first_loss = loss if state.first_loss is None else state.first_loss
         state.last_loss = loss
         ctx.progress.update(step=state.step, loss=loss, tokens_per_s=tps)
+        phases.for_rank(env.rank, env.storage, env.run_dir).stepped()   # the first step ends start-up
         if env.rank == 0 and (state.step % spec.train.log_every == 0 or state.step == total):
             writer.log(_row(kind, state, loss, lr, reduced, seconds, time.time() - t_start))
         if stop > 0:
