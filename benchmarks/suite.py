@@ -148,6 +148,7 @@ def run_one(name: str, quick: bool = False, timeout: float | None = None, log=pr
     shown = " ".join(["python", cmd[1], *args])
     log(f"== {name}: {shown}")
     env = dict(os.environ, PYTHONUNBUFFERED="1")
+    commit = git_commit()  # the tree the benchmark starts on (others may commit while it runs)
     t0 = time.time()
     lines: list[str] = []
     try:
@@ -166,7 +167,7 @@ def run_one(name: str, quick: bool = False, timeout: float | None = None, log=pr
     result = last_json("".join(lines))
     entry = {"script": b.script, "command": shown, "quick": quick, "rc": rc, "seconds": seconds,
              "met": result.get("met") if result else None, "result": result,
-             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), **git_commit()}
+             "date": datetime.datetime.fromtimestamp(t0, datetime.timezone.utc).isoformat(timespec="seconds"), **commit}
     if rc != 0 or result is None:
         entry["error"] = "".join(lines[-20:]) or f"exit code {rc}, no output"
     if result is not None and "met" not in result:
