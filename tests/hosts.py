@@ -61,6 +61,7 @@ class Hosts:
     tag: str = field(default_factory=lambda: f"{os.getpid() % 100000}")
     hosts: dict[str, Host] = field(default_factory=dict)
     env: dict[str, str] = field(default_factory=dict)
+    down: set[str] = field(default_factory=set)
 
     def __post_init__(self) -> None:
         self.bridge = f"sybr{self.tag}"
@@ -95,9 +96,15 @@ class Hosts:
     def cut(self, name: str) -> None:
         """Pull the host's cable: its link on the bridge goes down, its processes keep running."""
         _ip("-n", self.bridge, "link", "set", self.hosts[name].link, "down")
+        self.down.add(name)
 
     def restore(self, name: str) -> None:
         _ip("-n", self.bridge, "link", "set", self.hosts[name].link, "up")
+        self.down.discard(name)
+
+    def workers_up(self) -> list[str]:
+        """Worker hosts (all but the first, the head) whose cable is in."""
+        return [n for n in list(self.hosts)[1:] if n not in self.down]
 
     # ------------------------------------------------------------------ processes
 
