@@ -129,6 +129,13 @@ def test_losing_a_host_restarts_on_a_replacement_with_equal_losses(hosts, two_ho
         nodes = {w["ip"] for w in status["workers"]} if status.get("workers") else set()
         assert hosts.hosts["w2"].ip not in nodes
         assert _losses(hosts, cluster, status["run_dir"]) == pytest.approx(reference, rel=1e-6, abs=1e-6)
+        # The lost host's cable goes back in. Ray declared its raylet dead; it and its stale rank must corrupt nothing.
+        hosts.restore("w2")
+        hosts.down.add("w2")  # not a node of the cluster any more
+        time.sleep(10.0)
+        after = json.loads(hosts.sy("head", cluster, "status", job, "--json").stdout)
+        assert after["state"] == "SUCCEEDED" and after["step"] == STEPS
+        assert _losses(hosts, cluster, status["run_dir"]) == pytest.approx(reference, rel=1e-6, abs=1e-6)
     finally:
         hosts.sy("head", cluster, "down", check=False)
 
