@@ -194,7 +194,7 @@ def _show_progress() -> bool:
     return sys.stderr.isatty() or os.environ.get("SWITCHYARD_PROGRESS") == "1"
 
 
-def _watch_startup(watcher: phases.Watcher, log, stop: threading.Event, skip: int = 0) -> None:
+def _watch_startup(watcher: phases.Watcher, log, stop: threading.Event) -> None:
     """Until the first step (or ``stop``): print each start-up phase as it begins, and on a terminal keep one
     status line with the current phase and its elapsed time."""
     from tqdm import tqdm
@@ -203,9 +203,6 @@ def _watch_startup(watcher: phases.Watcher, log, stop: threading.Event, skip: in
     try:
         while not stop.is_set():
             for text in watcher.poll():
-                if skip:
-                    skip -= 1
-                    continue
                 log(text)
             if watcher.done:
                 break
@@ -231,8 +228,7 @@ def run_job(spec: JobSpec, cluster, resume_dir: str | None = None, log=print) ->
     storage = storage_of(cluster)
     res = worker_resources(spec, cluster)
     preflight(spec, storage)
-    t_connect = time.time()
-    log(f"startup: {phases.PHASES['connecting']} (address: {cluster.ray.address})")
+    t_connect = time.time()  # printed once connected: a cluster that cannot be reached stays one line (exit 2)
     address = connect(cluster)
     why = feasible(res)
     if why:
@@ -253,8 +249,8 @@ def run_job(spec: JobSpec, cluster, resume_dir: str | None = None, log=print) ->
     job = JobRun(spec, storage, run_dir, res, cluster.workers.peak_flops, started=t_connect)
     phases.enter(storage, run_dir, "connecting", str(address or ""), now=t_connect, fresh=True)
     stop_watch, watcher = threading.Event(), phases.Watcher(storage, run_dir, t_connect)
-    watch = threading.Thread(target=_watch_startup, args=(watcher, log, stop_watch), kwargs={"skip": 1},
-                             daemon=True, name="startup-phases")
+    watch = threading.Thread(target=_watch_startup, args=(watcher, log, stop_watch), daemon=True,
+                             name="startup-phases")
     watch.start()
     state = "FAILED"
     summary: dict = {}
