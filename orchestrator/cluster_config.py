@@ -36,6 +36,9 @@ class WorkerDefaults(_Section):
     """Peak FLOP/s of one worker's device, for MFU."""
     network_interface: str | None = Field(None, pattern=r"^[A-Za-z0-9_.:@-]{1,15}$")
     """Interface the ranks' collectives bind to (e.g. eth1); default: the one holding the node's Ray address."""
+    start_timeout_s: float = Field(1800, gt=0, le=7 * 86400)
+    """Seconds a job may stay STARTING (gang placement, rank start, data preparation, rendezvous); past it the
+    job fails, naming the phase it was in."""
 
 
 class PreemptionConfig(_Section):

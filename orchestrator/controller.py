@@ -66,6 +66,7 @@ WARM_IDLE_S = 30.0   # a finished job's gang stays warm this long for the next j
 WARM_MAX = 4         # at most this many warm gangs
 TRAINING_KINDS = ("train", "sweep-run", "pipeline-stage")
 VACATED_GRACE_S = 15.0  # a preempted gang's room counts as spoken for this long (Ray's free view lags its removal)
+PARENT_SETTLE_S = 60.0  # a pipeline or sweep parent still QUEUED/STARTING this long after its submit was interrupted
 PENDING_REFRESH_S = 5.0  # a waiting job's reason text is rewritten at most this often unless what it waits for changes
 
 
@@ -80,6 +81,8 @@ class Active:
     started: bool = False
     preempt: sched.Preempt | None = None   # set once it has been asked to stop for a preemption
     preempt_at: float = 0.0
+    since: float = 0.0                     # when it entered STARTING
+    abort: tuple | None = None             # (state, reason) once a start is cancelled or past its deadline
 
 
 class Controller:
@@ -154,6 +157,7 @@ class Controller:
             self._evaluate_checkpoints()
             self._finish_sweeps()
             self._advance_pipelines()
+            self._settle_parents()
 
     # ------------------------------------------------------------------ reconcile
 
@@ -178,7 +182,9 @@ class Controller:
         """A cancel of a running (or stopping) job: stop it now."""
         for job_id, act in list(self.active.items()):
             if act.starter is not None and act.starter.is_alive():
-                continue  # let the gang finish starting, then stop all of it (nothing leaks half-made)
+                if act.abort is None and self.store.get(job_id).cancel_requested:
+                    self._abort_start(act, JobState.CANCELLED, "cancelled by user while starting")
+                continue  # the starter ends soon; _watch_running then stops whatever it made
             rec = self.store.get(job_id)
             if rec.cancel_requested and not rec.terminal:
                 act.run.shutdown()
@@ -187,9 +193,36 @@ class Controller:
 
     # ------------------------------------------------------------------ running jobs
 
+    def _abort_start(self, act: Active, state: JobState, reason: str) -> None:
+        """Stop a start in flight (data preparation, placement, rendezvous): its ranks are killed now, so the
+        starter thread ends; ``_watch_running`` then frees what it made and records ``state``."""
+        act.abort = (state, reason)
+        log.warning("job %s: start aborted: %s", act.job_id, reason)
+        act.run.shutdown()
+
+    def _start_deadline(self, job_id: str, act: Active) -> None:
+        """A job STARTING longer than workers.start_timeout_s fails, naming the phase it was in."""
+        limit = self.cluster.workers.start_timeout_s
+        if act.abort is not None or time.time() - act.since <= limit:
+            return
+        from workers import phases
+
+        try:
+            where = phases.describe(phases.read(self.storage, self.store.get(job_id).run_dir))
+        except Exception:  # the phase is advisory
+            where = None
+        self._abort_start(act, JobState.FAILED, f"startup: not running after {limit:g} s (workers.start_timeout_s)"
+                          + (f"; it was {where}" if where else ""))
+
     def _watch_running(self) -> None:
         for job_id, act in list(self.active.items()):
             if act.starter is not None and act.starter.is_alive():
+                self._start_deadline(job_id, act)
+                continue
+            if act.abort is not None:
+                act.run.shutdown()  # again: whatever the starter made after the first shutdown
+                self.active.pop(job_id)
+                self.store.transition(job_id, act.abort[0], act.abort[1])
                 continue
             if act.start_error is not None:
                 from workers.worker_group import PlacementTimeout
@@ -510,7 +543,7 @@ class Controller:
         self.store.transition(job_id, JobState.STARTING, how + (" (resuming)" if resume else ""))
         run = JobRun(spec, self.storage, rec.run_dir, worker_resources(spec, self.cluster),
                      self.cluster.workers.peak_flops, owner="controller", job_id=job_id)
-        act = Active(job_id, run)
+        act = Active(job_id, run, since=time.time())
 
         def start() -> None:
             try:
@@ -611,6 +644,25 @@ class Controller:
                 self.store.transition(parent.id, JobState.FAILED, fit_note)
             else:
                 self.store.transition(parent.id, JobState.SUCCEEDED, f"{len(children)} runs; {fit_note}")
+
+    def _settle_parents(self) -> None:
+        """A pipeline or sweep parent whose submit was interrupted (left QUEUED or STARTING): RUNNING when it
+        has children still to run, else FAILED; never left waiting for a submit that will not finish."""
+        from orchestrator import instructgpt as pl
+
+        now = time.time()
+        for parent in self.store.list([JobState.QUEUED, JobState.STARTING]):
+            if parent.kind not in ("sweep", pl.RECORD_KIND):
+                continue
+            if parent.history and now - parent.history[-1].ts < PARENT_SETTLE_S:
+                continue  # a submit may still be under way
+            if any(not c.terminal for c in self.store.list(parent_id=parent.id)):
+                if parent.state == JobState.QUEUED:
+                    self.store.transition(parent.id, JobState.STARTING, "submission interrupted; its runs are queued")
+                self.store.transition(parent.id, JobState.RUNNING, "submission completed by the controller")
+            else:
+                self.store.transition(parent.id, JobState.FAILED, "submission was interrupted before any run was "
+                                      "queued; submit it again")
 
     # ------------------------------------------------------------------ InstructGPT pipelines
 

@@ -359,9 +359,10 @@ def submit_pipeline(cluster, raw: Any, source: str = "pipeline", priority: int |
                             f"{state['stages'][stage]['run_dir']}; rename the pipeline to run it again")
     out = {"name": spec.name, "pipeline_dir": pdir, "done": done, "submitted": None}
     parent = find_parent(store, spec.name)
-    if parent is not None and parent.state == JobState.QUEUED:  # an earlier submit stopped half way
+    if parent is not None and parent.state in (JobState.QUEUED, JobState.STARTING):  # a submit stopped half way
         if any(not c.terminal for c in store.list(parent_id=parent.id)):
-            store.transition(parent.id, JobState.STARTING, "pipeline submitted")
+            if parent.state == JobState.QUEUED:
+                store.transition(parent.id, JobState.STARTING, "pipeline submitted")
             parent = store.transition(parent.id, JobState.RUNNING, "submission completed")
         else:
             store.transition(parent.id, JobState.FAILED, "submission was interrupted")

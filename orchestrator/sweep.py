@@ -136,6 +136,10 @@ def submit_sweep(cluster, path: str, dry_run: bool = False, flops_per_s: float |
                               run_dir_for=lambda _id: sdir)
         store.transition(parent.id, JobState.STARTING, "sweep submitted")
         store.transition(parent.id, JobState.RUNNING, f"{len(plan.runs)} runs planned")
+    elif parent.state in (JobState.QUEUED, JobState.STARTING):  # an earlier submit stopped half way
+        if parent.state == JobState.QUEUED:
+            store.transition(parent.id, JobState.STARTING, "sweep submitted")
+        parent = store.transition(parent.id, JobState.RUNNING, "submission completed")
     elif parent.terminal:
         raise UsageError(f"sweep {spec.name} already ended ({parent.state.value}); its table is in {sdir}. "
                          f"Rename the sweep to run it again")

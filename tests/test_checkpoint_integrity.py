@@ -154,3 +154,106 @@ def test_json_output_writes_non_finite_numbers_as_null():
     assert json.loads(text) == {"loss": None, "evals": [{"ppl": None}, 1.5], "t": [None]}
     assert "NaN" not in text and "Infinity" not in text
     assert json.loads(json_output.dumps({"when": time}, default=str))["when"].startswith("<module")
+
+
+def _bare_controller(tmp_path, clock):
+    """A Controller without its __init__ (no Ray): a store, a storage, no jobs running."""
+    from orchestrator.cluster_config import ClusterConfig
+    from orchestrator.controller import Controller
+    from orchestrator.job_store import JobStore
+
+    ctl = Controller.__new__(Controller)
+    ctl.cluster = ClusterConfig.model_validate({"storage": str(tmp_path / "runs"), "job_store": str(tmp_path / "j.db"),
+                                                "workers": {"start_timeout_s": 5}})
+    ctl.store = JobStore(ctl.cluster.job_store, clock=clock)
+    ctl.storage = Storage(str(tmp_path / "runs"))
+    ctl.active, ctl.eval_jobs = {}, {}
+    return ctl
+
+
+def _record(store, name, kind="train", parent=None, tmp=""):
+    return store.submit(name, kind, {}, 0, {"workers": 1 if kind == "train" else 0, "cpus_per_worker": 1,
+                                            "gpus_per_worker": 0}, 0, lambda i: f"{tmp}/{i}", parent_id=parent)
+
+
+def test_parents_of_an_interrupted_submit_never_stay_starting(tmp_path, monkeypatch):
+    from orchestrator import controller as controller_module
+    from orchestrator.job_store import JobState
+
+    now = [1000.0]
+    ctl = _bare_controller(tmp_path, lambda: now[0])
+    monkeypatch.setattr(controller_module.time, "time", lambda: now[0])
+    with_run = _record(ctl.store, "sw", "sweep", tmp=str(tmp_path))
+    ctl.store.transition(with_run.id, JobState.STARTING, "sweep submitted")   # ... and the submit died here
+    _record(ctl.store, "sw-run", parent=with_run.id, tmp=str(tmp_path))
+    empty = _record(ctl.store, "pl", "pipeline", tmp=str(tmp_path))            # died before its first stage
+    ctl._settle_parents()
+    assert ctl.store.get(with_run.id).state == JobState.STARTING             # a submit may still be under way
+    now[0] += 120
+    ctl._settle_parents()
+    assert ctl.store.get(with_run.id).state == JobState.RUNNING
+    assert ctl.store.get(empty.id).state == JobState.FAILED
+    assert "submission was interrupted" in ctl.store.get(empty.id).reason
+
+
+class _SlowStart:
+    """A JobRun whose start blocks (a long data preparation) until its ranks are killed."""
+
+    def __init__(self):
+        import threading
+
+        self.killed, self.shutdowns = threading.Event(), 0
+
+    def start(self):
+        if not self.killed.wait(30):
+            return
+        raise RuntimeError("the rank actor died")  # what ray.get of a killed rank raises
+
+    def shutdown(self):
+        self.shutdowns += 1
+        self.killed.set()
+
+
+@pytest.mark.parametrize("how", ["deadline", "cancel"])
+def test_a_start_past_its_deadline_fails_and_a_start_can_be_cancelled(tmp_path, monkeypatch, how):
+    import threading
+
+    from orchestrator import controller as controller_module
+    from orchestrator.controller import Active
+    from orchestrator.job_store import JobState
+
+    now = [1000.0]
+    ctl = _bare_controller(tmp_path, lambda: now[0])
+    monkeypatch.setattr(controller_module.time, "time", lambda: now[0])
+    rec = _record(ctl.store, "slow", tmp=str(tmp_path))
+    ctl.store.transition(rec.id, JobState.STARTING, "resources available")
+    run = _SlowStart()
+    act = Active(rec.id, run, since=now[0])
+
+    def start():
+        try:
+            run.start()
+        except BaseException as err:
+            act.start_error = err
+
+    act.starter = threading.Thread(target=start, daemon=True)
+    act.starter.start()
+    ctl.active[rec.id] = act
+    ctl._handle_cancels()
+    ctl._watch_running()
+    assert run.shutdowns == 0 and ctl.store.get(rec.id).state == JobState.STARTING
+    if how == "deadline":
+        now[0] += 6                                   # past workers.start_timeout_s = 5
+    else:
+        ctl.store.request_cancel(rec.id)
+    ctl._handle_cancels()
+    ctl._watch_running()                              # the ranks are killed: the starter ends
+    act.starter.join(10)
+    ctl._watch_running()
+    rec = ctl.store.get(rec.id)
+    assert rec.id not in ctl.active and run.shutdowns >= 2
+    if how == "deadline":
+        assert rec.state == JobState.FAILED and rec.restarts == 0
+        assert rec.reason.startswith("startup: not running after 5 s (workers.start_timeout_s)")
+    else:
+        assert rec.state == JobState.CANCELLED and rec.reason == "cancelled by user while starting"
