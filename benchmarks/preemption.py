@@ -84,7 +84,7 @@ def main() -> None:
     from orchestrator.runner import run_job
 
     tmp = tempfile.mkdtemp(prefix="sy-preempt-")
-    ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False, namespace="bench-preempt")
+    ray.init(address="local", num_cpus=args.cpus, include_dashboard=False, log_to_driver=False, namespace="bench-preempt")
     cfg = ClusterConfig.model_validate({"storage": f"{tmp}/runs", "job_store": f"{tmp}/jobs.db",
                                         "ray": {"namespace": "bench-preempt"},
                                         "preemption": {"min_run_s": 0, "backoff_s": 0}})
