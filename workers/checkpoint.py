@@ -538,6 +538,10 @@ class Checkpointer:
     def latest(self) -> CheckpointInfo | None:
         return latest_checkpoint(self.storage, self.run_dir)
 
+    def is_current(self) -> bool:
+        """Whether this rank's attempt still owns the run directory (reads ``attempt.json``)."""
+        return is_current(self.storage, self.run_dir, self.attempt)
+
     def resume_point(self) -> CheckpointInfo | None:
         """Collective: the checkpoint every rank resumes from (``resume_choice``, decided by rank 0, which
         reads the files once); a UserError on every rank when the run cannot be resumed."""

@@ -107,7 +107,8 @@ def run(env: RankEnv, kind: JobKind, checkpointer: Checkpointer, state: LoopStat
     t_start = time.time()
 
     def save() -> None:
-        writer.sync()
+        if env.rank == 0 and checkpointer.is_current():  # a zombie never overwrites the metrics (remote storage)
+            writer.sync()
         manifest = {"data": kind.order.state(state.position).to_dict(), "spec_hash": spec.spec_hash(),
                     "kind": spec.kind, "loss": state.last_loss}
         checkpointer.save(state.step, kind.engine, manifest, kind.checkpoint_state(state.step))
