@@ -113,6 +113,9 @@ def run(env: RankEnv, kind: JobKind, checkpointer: Checkpointer, state: LoopStat
                     "kind": spec.kind, "loss": state.last_loss}
         checkpointer.save(state.step, kind.engine, manifest, kind.checkpoint_state(state.step))
         ctx.progress["last_checkpoint"] = state.step
+        saved.append(state.step)
+
+    saved: list[int] = []
 
     while state.step < total:
         t0 = time.time()
@@ -133,11 +136,12 @@ def run(env: RankEnv, kind: JobKind, checkpointer: Checkpointer, state: LoopStat
         phases.for_rank(env.rank, env.storage, env.run_dir).stepped()   # the first step ends start-up
         if env.rank == 0 and (state.step % spec.train.log_every == 0 or state.step == total):
             writer.log(_row(kind, state, loss, lr, reduced, seconds, time.time() - t_start))
-        if stop > 0:
+        if stop > 0:  # preemption, cancel or Ctrl-C: every step done so far is kept
+            save()
             break
         if checkpointer.due(state.step, last_step=state.step == total):
             save()
-    if state.step == total and checkpointer.due(state.step, last_step=True):
+    if state.step == total and state.step not in saved and checkpointer.due(state.step, last_step=True):
         save()                                          # stopped right at the last step
     final_eval = kind.evaluate() if state.step == total else None
     writer.close()
