@@ -379,11 +379,17 @@ def _publish(storage: Storage, run_dir: str, step: int, extra: dict, parts: list
         if (why := fenced()) is not None:
             return why
         files = {rel: info for p in parts for rel, info in p["files"].items()}
+        if not storage.is_local:
+            fs.invalidate_cache()  # the other ranks' uploads are not in this process's listing cache
         if fs.exists(path):  # an earlier attempt's unfinished folder of this step: invisible first, then gone
             if fs.exists(f"{path}/manifest.json"):
                 fs.rm(f"{path}/manifest.json")
             fs.rm(path, recursive=True)
-        fs.mv(staged, path, recursive=True)
+        if storage.is_local:
+            fs.mv(staged, path, recursive=True)  # one rename
+        else:  # an object store has no rename: copy the files every rank listed, server-side
+            for rel in sorted(files):
+                fs.copy(f"{staged}/{rel}", f"{path}/{rel}")
         manifest = dict(extra, step=step, files={rel: info[0] for rel, info in sorted(files.items())},
                         sha256={rel: info[1] for rel, info in sorted(files.items())}, world_size=world,
                         zero_stage=zero_stage, attempt=attempt, time=time.time())
