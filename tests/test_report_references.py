@@ -109,3 +109,49 @@ def test_report_on_a_users_files_with_references(tmp_path, monkeypatch):
     text = "\n".join(format_status({"id": "p1", "name": "p", "state": "SUCCEEDED", "priority": 0,
                                     "pipeline_dir": str(tmp_path), "stages": [], "report": report}))
     assert "reference judge (3 prompts, token F1): PPO win-rate vs SFT" in text and "exact match 1" in text
+
+
+@pytest.mark.ray
+def test_pipeline_stages_on_user_files_then_the_report_judges_references(ray_cluster, tmp_path):
+    """SFT -> RM -> PPO as jobs on a user's own files (no built-in task), then the report on the trained
+    checkpoints: per-policy exact match and F1, a win-rate by the reference judge, no gold judge."""
+    from data.storage import Storage
+    from orchestrator.cluster_config import ClusterConfig
+    from tests.test_rlhf_stages import run, stage_spec
+
+    answers = {"colour of grass": "green", "colour of snow": "white", "colour of the sky": "blue",
+               "colour of coal": "black", "colour of blood": "red", "colour of a lemon": "yellow"}
+    qa = [(f"Q{i}: the {q}?\nA: ", a) for i in range(8) for q, a in answers.items()]
+    files = {
+        "demonstrations": _jsonl(tmp_path / "sft.jsonl", [{"prompt": p, "response": a} for p, a in qa]),
+        "comparisons": _jsonl(tmp_path / "cmp.jsonl", [{"prompt": p, "chosen": a, "rejected": "no idea"}
+                                                       for p, a in qa[:24]]),
+        "prompts": _jsonl(tmp_path / "ppo.jsonl", [{"prompt": p} for p, _ in qa]),
+        "eval_prompts": _jsonl(tmp_path / "eval.jsonl",
+                               [{"prompt": p, "reference": [a, f"{a}."]} for p, a in qa[-6:]]
+                               + [{"prompt": "Say anything.\nA: "}]),
+    }
+    data = {"rlhf.data.builtin": None, **{f"rlhf.data.{k}": v for k, v in files.items()}}
+    cfg = ClusterConfig.model_validate({"storage": str(tmp_path / "runs"), "job_store": str(tmp_path / "jobs.db")})
+    dirs = str(tmp_path / "data")
+    one = {"resources.workers": 1, "eval.batches": 1}
+    sft = run(stage_spec("sft", dirs, **{**data, **one, "train.steps": 6, "train.micro_batch": 8}), cfg)
+    rm = run(stage_spec("rm", dirs, **{**data, **one, "train.steps": 2, "train.micro_batch": 4,
+                                       "model.init_from": sft["run_dir"]}), cfg)
+    ppo = run(stage_spec("ppo", dirs, **{**data, **one, "train.steps": 2, "train.lr": 1e-4,
+                                         "model.init_from": sft["run_dir"], "rlhf.ppo.reward_model": rm["run_dir"],
+                                         "rlhf.ppo.rollout_size": 4, "rlhf.ppo.samples_per_prompt": 2,
+                                         "rlhf.ppo.minibatch_size": 4, "rlhf.ppo.value_warmup": 1,
+                                         "rlhf.ppo.eval_prompts": 2}), cfg)
+    report = rp.pipeline_report(Storage(cfg.storage), sft["run_dir"], rm["run_dir"], ppo["run_dir"],
+                                files["eval_prompts"], files["comparisons"], samples_per_prompt=2, max_new_tokens=8,
+                                rm_heldout_tail=True)
+    assert report["prompts"] == 7 and report["judged_prompts"] == {"gold": 0, "reference": 6, "none": 1}
+    assert report["reference_judge"]["reference_prompts"] == 6
+    assert set(report["policies"]) == {"sft", "ppo", "ema"}
+    for p in report["policies"].values():
+        assert 0 <= p["exact_match"] <= p["f1"] <= 1 and p["gold"] is None
+    for name in ("ppo", "ema"):
+        w = report["reference_judge"][f"{name}_win_rate_vs_sft"]
+        assert 0 <= w <= 1 and (w * 12) == int(w * 12)  # per-prompt wins, ties half, over 6 prompts
+    assert report["ppo_win_rate_vs_sft"] is None and "no gold judge" in report["gold_note"]  # gold: as before
