@@ -21,6 +21,10 @@ class RankWorker:
         self.rank, self.world_size = rank, world_size
         self.run_dir, self.storage = run_dir, storage
         os.environ.setdefault("DS_ACCELERATOR", "cpu" if not _has_cuda_env() else "cuda")
+        # DeepSpeed's compiled ops, built once by `make install` into the environment (never rebuilt per HOME).
+        prebuilt = os.path.join(sys.prefix, "torch_extensions")
+        if os.path.isdir(prebuilt):
+            os.environ.setdefault("TORCH_EXTENSIONS_DIR", prebuilt)
         os.environ["OMP_NUM_THREADS"] = str(threads)
         import torch
 
