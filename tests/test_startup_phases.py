@@ -113,3 +113,39 @@ def test_cold_start_prints_each_phase_and_status_shows_them(ray_cluster, tmp_pat
     st = job_status(store, rec.id, Storage(cfg.storage))
     assert st["startup"]["phase"] == "waiting_for_gang"
     assert st["startup"]["current"].startswith("waiting for the gang for ") and "1 x 1 CPU" in st["startup"]["current"]
+
+
+def test_status_and_logs_show_the_phase_of_a_starting_job(tmp_path, capsys):
+    import argparse
+
+    import yaml
+
+    from orchestrator import cli_jobs
+    from orchestrator.job_store import JobState, JobStore
+
+    cfg_path = tmp_path / "cluster.yaml"
+    cfg_path.write_text(yaml.safe_dump({"storage": str(tmp_path / "runs"), "job_store": str(tmp_path / "jobs.db")}))
+    run = str(tmp_path / "runs" / "t-sy-1")
+    os.makedirs(os.path.join(run, "logs"))
+    store = JobStore(str(tmp_path / "jobs.db"))
+    rec = store.submit("t", "train", {}, 0, {"workers": 1, "cpus_per_worker": 1, "gpus_per_worker": 0}, 0,
+                       run_dir_for=lambda job_id: run)
+    store.transition(rec.id, JobState.STARTING, "test")
+    storage = Storage(str(tmp_path / "runs"))
+    phases.enter(storage, run, "waiting_for_gang", "1 x 1 CPU in one placement group; 0 of 2 CPUs free now", fresh=True)
+    args = argparse.Namespace(cluster=str(cfg_path), job=rec.id, json=False, rank=None, follow=False)
+    assert cli_jobs.cmd_status(args) == 0
+    out = capsys.readouterr().out
+    import re
+
+    assert re.search(r"starting: waiting for the gang for \d+ s \(starting for \d+ s\): 1 x 1 CPU in one placement "
+                     r"group; 0 of 2 CPUs free now", out), out
+    phases.enter(storage, run, "preparing_data", "builtin:stdlib")
+    phases.set_detail(storage, run, "data prepare: 2/4 shards of 1 file(s), 1.0/2.0 MB, 0.50 M tokens/s, ETA 2s")
+    with open(os.path.join(run, "logs", "rank_0.log"), "w") as f:
+        f.write("[switchyard] rank 0/1 pid 1 on host\n")
+    assert cli_jobs.cmd_logs(args) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("startup +0.0s: waiting for the gang (1 x 1 CPU")
+    assert out[1].startswith("startup +") and "preparing data (data prepare: 2/4 shards" in out[1]  # latest detail
+    assert out[2:] == ["[switchyard] rank 0/1 pid 1 on host"]
