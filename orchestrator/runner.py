@@ -199,11 +199,13 @@ def _watch_startup(watcher: phases.Watcher, log, stop: threading.Event) -> None:
     status line with the current phase and its elapsed time."""
     from tqdm import tqdm
 
-    line = tqdm(total=0, bar_format="{desc}", file=sys.stderr, dynamic_ncols=True, disable=not _show_progress())
+    line = tqdm(total=0, bar_format="{desc}", file=sys.stderr, dynamic_ncols=True, leave=False,
+                disable=not _show_progress())
     try:
         while not stop.is_set():
             for text in watcher.poll():
-                log(text)
+                with line.external_write_mode():  # the status line steps aside for the printed line
+                    log(text)
             if watcher.done:
                 break
             line.set_description_str(f"  {watcher.current() or ''}")
@@ -308,18 +310,21 @@ def run_job(spec: JobSpec, cluster, resume_dir: str | None = None, log=print) ->
 def refuse_owned_resume(cluster, storage: Storage, run_dir: str) -> None:
     """``run --resume`` of a run directory the controller owns (its job is not over) is refused: two
     writers of one run would overwrite each other's checkpoints."""
-    from orchestrator.job_store import JobStore
+    from orchestrator.job_store import JobState, JobStore
 
-    owner = current_attempt(storage, run_dir) or {}
-    if owner.get("owner") != "controller" or not owner.get("job_id"):
-        return
-    try:
-        rec = JobStore(cluster.job_store).get(owner["job_id"])
-    except Exception:  # not in this job store (another cluster's run): its attempt file is all we know
-        return
-    if not rec.terminal:
-        raise UsageError(f"--resume {run_dir}: the run belongs to job {rec.id} of the controller "
-                         f"({rec.state.value}); wait for it to end or `switchyard cancel {rec.id}` first")
+    store = JobStore(cluster.job_store)
+    live = [JobState.QUEUED, JobState.STARTING, JobState.RUNNING, JobState.RESTARTING, JobState.PREEMPTED]
+    owners = [r for r in store.list(live) if (r.run_dir or "").rstrip("/") == run_dir.rstrip("/")]
+    attempt = current_attempt(storage, run_dir) or {}
+    if not owners and attempt.get("owner") == "controller" and attempt.get("job_id"):
+        try:  # a run directory named differently in this store (moved, a symlink): its attempt file says
+            owners = [store.get(attempt["job_id"])]
+        except Exception:  # not in this job store (another cluster's run)
+            owners = []
+    for rec in owners:
+        if not rec.terminal:
+            raise UsageError(f"--resume {run_dir}: the run belongs to job {rec.id} of the controller "
+                             f"({rec.state.value}); wait for it to end or `switchyard cancel {rec.id}` first")
 
 
 def _last_line(err: Exception) -> str:
