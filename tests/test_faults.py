@@ -83,9 +83,12 @@ def test_run_resume_of_a_run_the_controller_owns_is_refused(ray_cluster, cluster
     rec = store.submit("t", "train", spec.to_dict(), 0, {"workers": 2, "cpus_per_worker": 1, "gpus_per_worker": 0},
                        0, lambda i: str(tmp_path / "runs" / i))
     st = Storage(cluster_cfg.storage)
-    ck.begin_attempt(st, rec.run_dir, "controller", rec.id)
     with pytest.raises(UserError, match=f"belongs to job {rec.id} of the controller \\(QUEUED\\)"):
-        run_job(spec, cluster_cfg, resume_dir=rec.run_dir, log=lambda *a, **k: None)
+        run_job(spec, cluster_cfg, resume_dir=rec.run_dir, log=lambda *a, **k: None)   # the store says so
+    moved = str(tmp_path / "moved")
+    ck.begin_attempt(st, moved, "controller", rec.id)    # a run directory the store knows by another name
+    with pytest.raises(UserError, match=f"belongs to job {rec.id} of the controller"):
+        run_job(spec, cluster_cfg, resume_dir=moved, log=lambda *a, **k: None)
     store.request_cancel(rec.id)
 
 
