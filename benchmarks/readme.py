@@ -127,7 +127,7 @@ def render_table(results: dict) -> str:
             if e.get("machine") and e["machine"] != results.get("machine"):
                 notes.append(_machine(e["machine"]))
             if e.get("seconds") is not None:
-                notes.append(f"{_g(e['seconds'])} s")
+                notes.append(f"{e['seconds']:.0f} s")
             measured += f" ({'; '.join(notes)})"
         command = e.get("command") if e else f"python benchmarks/{b.script}"
         lines.append(f"| `{_cell(command)}` | {_cell(b.what)} | {_cell(b.target)} | {_cell(measured)} | {met} |")
