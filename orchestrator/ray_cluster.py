@@ -7,8 +7,11 @@ then Switchyard's packages travel with the job as Ray py_modules.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import sys
+import tempfile
 
 import ray
 
@@ -48,7 +51,13 @@ def connect(cluster, *, allow_embedded: bool = True) -> str:
             else:
                 raise UsageError("no local Ray cluster is running; start one with `switchyard up`")
         else:
-            ray.init(address=address, runtime_env={"py_modules": _py_modules()}, **common)
+            with _quiet_stderr() as said:  # Ray's C++ client retries loudly; the user gets one line
+                try:
+                    ray.init(address=address, runtime_env={"py_modules": _py_modules()}, **common)
+                except ConnectionError:
+                    if "InvalidAuthToken" in said():
+                        raise ray.exceptions.AuthenticationError("InvalidAuthToken") from None
+                    raise
     except ray.exceptions.AuthenticationError:
         raise UsageError(f"the Ray cluster at {address!r} refused this machine's auth token; set RAY_AUTH_TOKEN "
                          "or RAY_AUTH_TOKEN_PATH to the cluster's token (`ray get-auth-token` on its head)") from None
@@ -56,6 +65,23 @@ def connect(cluster, *, allow_embedded: bool = True) -> str:
         first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
         raise UsageError(f"cannot reach the Ray cluster at {address!r} ({first}); check ray.address in cluster.yaml") from None
     return ray.get_runtime_context().gcs_address
+
+
+@contextlib.contextmanager
+def _quiet_stderr():
+    """Send this process's stderr (file descriptor 2, where Ray's C++ core logs) to a file meanwhile;
+    yields a function returning what was written, which is dropped afterwards."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile(mode="w+b") as f:
+        os.dup2(f.fileno(), 2)
+        said = lambda: (f.flush(), f.seek(0), f.read().decode("utf-8", "replace"))[-1]
+        try:
+            yield said
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
 
 
 def cluster_resources() -> dict[str, dict[str, dict[str, float]]]:
