@@ -51,6 +51,7 @@ def connect(cluster, *, allow_embedded: bool = True) -> str:
             else:
                 raise UsageError("no local Ray cluster is running; start one with `switchyard up`")
         else:
+            _check_reachable(address)
             with _quiet_stderr() as said:  # Ray's C++ client retries loudly; the user gets one line
                 try:
                     ray.init(address=address, runtime_env={"py_modules": _py_modules()}, **common)
@@ -65,6 +66,22 @@ def connect(cluster, *, allow_embedded: bool = True) -> str:
         first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
         raise UsageError(f"cannot reach the Ray cluster at {address!r} ({first}); check ray.address in cluster.yaml") from None
     return ray.get_runtime_context().gcs_address
+
+
+def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """A HOST:PORT or ray://HOST:PORT address must answer TCP at once: Ray itself retries for minutes."""
+    import socket
+
+    hostport = address.removeprefix("ray://")
+    host, _, port = hostport.rpartition(":")
+    if address == "auto" or not host or not port.isdigit():
+        return
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout_s):
+            pass
+    except OSError as err:
+        raise UsageError(f"cannot reach the Ray cluster at {address!r} ({err.strerror or type(err).__name__}); "
+                         "check ray.address in cluster.yaml and that the head is up") from None
 
 
 @contextlib.contextmanager
