@@ -177,8 +177,9 @@ def test_job_page_curves_grow_while_it_trains(live, browser):
     until(page, lambda: "[switchyard] rank" in page.inner_text("#log"), PAGE_MS, "the ranks' log lines")
     # A checkpoint gets evaluated: the table fills in and the best checkpoint is named.
     page.wait_for_selector("#evals tr.best", timeout=TRAINING_MS)
-    best = live["store"].get(live["train"]).best_checkpoint
-    assert best and best in page.inner_text("#best-checkpoint")
+    # The page polls; the store may name a newer best a moment before the page shows it.
+    until(page, lambda: (live["store"].get(live["train"]).best_checkpoint or "\0")
+          in page.inner_text("#best-checkpoint"), PAGE_MS, "the store's best checkpoint on the page")
     shot(page, "job")
     page.close()
 
