@@ -34,7 +34,12 @@ def _stdlib_files() -> list[str]:
 
 def stdlib_docstrings() -> Iterator[str]:
     """Docstrings of the Python standard library (~1.5 MB of English), parsed with ast: nothing is imported."""
-    for path in _stdlib_files():
+    return docstrings_of(_stdlib_files())
+
+
+def docstrings_of(paths: list[str]) -> Iterator[str]:
+    """The docstrings (at least _MIN_DOC_CHARS long) of these Python files, in order; unparsable files are skipped."""
+    for path in paths:
         try:
             with open(path, encoding="utf-8") as f:
                 tree = ast.parse(f.read())

@@ -414,21 +414,9 @@ def _arrow_docs(fs, unit: Unit, text_field: str) -> Iterator[str]:
 
 
 def _stdlib_docs(unit: Unit) -> Iterator[str]:
-    import ast
+    from data.corpus import docstrings_of
 
-    from data.corpus import _MIN_DOC_CHARS
-
-    for path in _stdlib_files()[unit.start:unit.end]:
-        try:
-            with open(path, encoding="utf-8") as f:
-                tree = ast.parse(f.read())
-        except (SyntaxError, UnicodeDecodeError, ValueError):
-            continue
-        for node in ast.walk(tree):
-            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
-                doc = ast.get_docstring(node)
-                if doc and len(doc) >= _MIN_DOC_CHARS:
-                    yield doc
+    return docstrings_of(_stdlib_files()[unit.start:unit.end])
 
 
 def read_unit(unit: Unit, text_field: str = "text", storage_options: dict | None = None

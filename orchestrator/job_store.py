@@ -799,15 +799,9 @@ class JobStore:
     def set_owner(self, job_id: str, owner: str, team: str) -> None:
         """Give a job and everything under it (pipeline stages, sweep runs) an owner and team."""
         with self._write() as conn:
-            pending, seen = [job_id], set()
             self._state(conn, job_id)
-            while pending:
-                jid = pending.pop()
-                if jid in seen:
-                    continue
-                seen.add(jid)
+            for jid in _with_descendants(conn, job_id):
                 conn.execute("UPDATE jobs SET owner = ?, team = ? WHERE id = ?", (owner, team, jid))
-                pending += [r["id"] for r in conn.execute("SELECT id FROM jobs WHERE parent_id = ?", (jid,))]
 
     def request_cancel(self, job_id: str, reason: str = "cancelled by user") -> JobRecord:
         """Ask for a job (and its pipeline or sweep children) to be cancelled.
@@ -820,15 +814,9 @@ class JobStore:
         """
         with self._write() as conn:
             now = self._clock()
-            pending, seen = [job_id], set()
             self._state(conn, job_id)
-            while pending:
-                jid = pending.pop()
-                if jid in seen:
-                    continue
-                seen.add(jid)
+            for jid in _with_descendants(conn, job_id):
                 state = self._state(conn, jid)
-                pending += [r["id"] for r in conn.execute("SELECT id FROM jobs WHERE parent_id = ?", (jid,))]
                 if state.terminal:
                     continue
                 if state is JobState.QUEUED:
@@ -935,6 +923,18 @@ class JobStore:
 
 
 # ---------------------------------------------------------------------- row decoding
+
+
+def _with_descendants(conn: sqlite3.Connection, job_id: str) -> Iterator[str]:
+    """The job, then every job under it (pipeline stages, sweep runs), each once."""
+    pending, seen = [job_id], set()
+    while pending:
+        jid = pending.pop()
+        if jid in seen:
+            continue
+        seen.add(jid)
+        yield jid
+        pending += [r["id"] for r in conn.execute("SELECT id FROM jobs WHERE parent_id = ?", (jid,))]
 
 
 def _encode_fields(fields: dict[str, Any]) -> dict[str, Any]:
