@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from models.gpt3 import GPT3_PRESETS
 from models.mlp import MLP
 from models.moe import SwitchConfig, SwitchMLP
 
@@ -128,6 +129,7 @@ PRESETS: dict[str, dict] = {
     "medium": dict(d_model=512, n_layers=8, n_heads=8, seq_len=512),    # ~25M
     "base": dict(d_model=768, n_layers=12, n_heads=12, seq_len=1024),   # GPT-2 small sized
     "large": dict(d_model=1024, n_layers=24, n_heads=16, seq_len=1024),  # GPT-2 medium sized
+    **GPT3_PRESETS,                                                      # gpt3-small ... gpt3-175b (models/gpt3.py)
 }
 
 
