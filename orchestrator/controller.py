@@ -29,8 +29,6 @@ complete checkpoint with their exact data position.
 """
 from __future__ import annotations
 
-import json
-import math
 import os
 import threading
 import logging
@@ -42,6 +40,8 @@ import ray
 from data.storage import Storage
 from orchestrator import failure_policy
 from orchestrator import scheduler as sched
+from orchestrator.evaluations import CheckpointEvaluations
+from orchestrator.parent_jobs import ParentJobs
 from specs.errors import UsageError
 from orchestrator.job_store import JobState, JobStore
 from specs.job import validate_spec
@@ -66,7 +66,6 @@ WARM_IDLE_S = 30.0   # a finished job's gang stays warm this long for the next j
 WARM_MAX = 4         # at most this many warm gangs
 TRAINING_KINDS = ("train", "sweep-run", "pipeline-stage")
 VACATED_GRACE_S = 15.0  # a preempted gang's room counts as spoken for this long (Ray's free view lags its removal)
-PARENT_SETTLE_S = 60.0  # a pipeline or sweep parent still QUEUED/STARTING this long after its submit was interrupted
 PENDING_REFRESH_S = 5.0  # a waiting job's reason text is rewritten at most this often unless what it waits for changes
 
 
@@ -85,7 +84,7 @@ class Active:
     abort: tuple | None = None             # (state, reason) once a start is cancelled or past its deadline
 
 
-class Controller:
+class Controller(CheckpointEvaluations, ParentJobs):
     def __init__(self, cluster: dict, tick_s: float = TICK_S, backfill_window_s: float = 120.0):
         from orchestrator.cluster_config import ClusterConfig
         import orchestrator.runner  # noqa: F401  (imports torch now, not when the first job starts)
@@ -557,193 +556,6 @@ class Controller:
         act.starter = threading.Thread(target=start, name=f"start-{job_id}", daemon=True)
         self.active[job_id] = act
         act.starter.start()
-
-    # ------------------------------------------------------------------ checkpoint evaluation
-
-    def _evaluate_checkpoints(self) -> None:
-        """One evaluation in flight per job; a job leaves the list once every checkpoint it kept is evaluated."""
-        from workers.checkpoint import list_checkpoints
-        from workers.evaluator import evaluate_checkpoint
-
-        for job_id, inflight in list(self.eval_jobs.items()):
-            for path, ref in list(inflight.items()):
-                ready, _ = ray.wait([ref], timeout=0)
-                if ready:
-                    inflight.pop(path)
-                    try:
-                        self._record_eval(job_id, ray.get(ref))
-                    except Exception as err:  # e.g. retention removed the checkpoint first
-                        log.warning("evaluation of %s skipped: %s", path, str(err).strip().splitlines()[-1])
-                        self._skipped.add(path)
-            if inflight:
-                continue
-            rec = self.store.get(job_id)
-            done = {e.checkpoint for e in rec.evals} | self._skipped
-            todo = [c for c in list_checkpoints(self.storage, rec.run_dir)
-                    if c.path not in done and "model.safetensors" in c.manifest.get("files", {})]
-            if not todo:
-                if job_id not in self.active:
-                    self.eval_jobs.pop(job_id)
-                continue
-            ckpt = todo[0]
-            task = ray.remote(evaluate_checkpoint).options(num_cpus=0, max_retries=1)
-            inflight[ckpt.path] = task.remote(self.storage, rec.run_dir, ckpt.path, ckpt.step,
-                                              rec.spec.get("eval", {}).get("batches", 8),
-                                              rec.spec.get("train", {}).get("micro_batch", 8))
-
-    # ------------------------------------------------------------------ sweeps
-
-    def _record_sweep_result(self, job_id: str) -> None:
-        from orchestrator.sweep import record_result
-
-        try:
-            record_result(self.store, self.storage, job_id)
-        except Exception as err:  # the job's result stays in the store; the row can be re-derived
-            log.warning("could not record sweep row for %s: %s", job_id, err)
-
-    def _extend_sweep(self, parent) -> bool:
-        """Submit a sweep's adaptive round (orchestrator.sweep.extend_sweep); True if it added runs."""
-        from orchestrator.sweep import extend_sweep
-
-        try:
-            return bool(extend_sweep(self.cluster, self.store, self.storage, parent))
-        except Exception as err:  # the sweep is fitted as it stands
-            print(f"could not extend sweep {parent.name}: {err}", flush=True)
-            return False
-
-    def _finish_sweeps(self) -> None:
-        """A sweep whose runs have all ended gets its fit (a Ray task), then SUCCEEDED or FAILED."""
-        from orchestrator.sweep import fit_sweep
-
-        for parent in self.store.list([JobState.RUNNING]):
-            if parent.kind != "sweep":
-                continue
-            children = self.store.list(parent_id=parent.id)
-            if not children or any(not c.terminal for c in children):
-                continue
-            ref = self._fits.get(parent.id)
-            if ref is None:
-                if self._extend_sweep(parent):
-                    continue  # an adaptive round was submitted: fit once it has ended
-                task = ray.remote(fit_sweep).options(num_cpus=0, max_retries=0)
-                self._fits[parent.id] = task.remote(self.storage, parent.spec["sweep_dir"])
-                continue
-            if not ray.wait([ref], timeout=0)[0]:
-                continue
-            self._fits.pop(parent.id)
-            failed = [c for c in children if c.state != JobState.SUCCEEDED]
-            try:
-                ray.get(ref)
-                fit_note = f"fit in {parent.spec['sweep_dir']}/fit"
-            except Exception as err:
-                fit_note = f"fit failed: {str(err).strip().splitlines()[-1][:200]}"
-            if failed:
-                self.store.transition(parent.id, JobState.FAILED, f"{len(failed)} of {len(children)} runs did not "
-                                      f"succeed; {fit_note}")
-            elif fit_note.startswith("fit failed"):
-                self.store.transition(parent.id, JobState.FAILED, fit_note)
-            else:
-                self.store.transition(parent.id, JobState.SUCCEEDED, f"{len(children)} runs; {fit_note}")
-
-    def _settle_parents(self) -> None:
-        """A pipeline or sweep parent whose submit was interrupted (left QUEUED or STARTING): RUNNING when it
-        has children still to run, else FAILED; never left waiting for a submit that will not finish."""
-        from orchestrator import instructgpt as pl
-
-        now = time.time()
-        for parent in self.store.list([JobState.QUEUED, JobState.STARTING]):
-            if parent.kind not in ("sweep", pl.RECORD_KIND):
-                continue
-            if parent.history and now - parent.history[-1].ts < PARENT_SETTLE_S:
-                continue  # a submit may still be under way
-            if any(not c.terminal for c in self.store.list(parent_id=parent.id)):
-                if parent.state == JobState.QUEUED:
-                    self.store.transition(parent.id, JobState.STARTING, "submission interrupted; its runs are queued")
-                self.store.transition(parent.id, JobState.RUNNING, "submission completed by the controller")
-            else:
-                self.store.transition(parent.id, JobState.FAILED, "submission was interrupted before any run was "
-                                      "queued; submit it again")
-
-    # ------------------------------------------------------------------ InstructGPT pipelines
-
-    def _advance_pipelines(self) -> None:
-        """Each running pipeline: queue its next stage, record a finished one, run the report, or end it."""
-        from orchestrator import instructgpt as pl
-
-        for parent in self.store.list([JobState.RUNNING]):
-            if parent.kind != pl.RECORD_KIND:
-                continue
-            try:
-                self._advance_pipeline(parent)
-            except Exception as err:  # a pipeline that cannot go on ends; the others carry on
-                message = str(err).strip().splitlines()[-1][:300] if str(err).strip() else type(err).__name__
-                log.exception("pipeline %s stopped", parent.id)
-                if not self.store.get(parent.id).terminal:
-                    self.store.transition(parent.id, JobState.FAILED, f"pipeline stopped: {message}")
-
-    def _advance_pipeline(self, parent) -> None:
-        from orchestrator import instructgpt as pl
-
-        pdir = parent.spec["pipeline_dir"]
-        state = pl.read_state(self.storage, pdir) or {"name": parent.name, "stages": {}}
-        ref = self._reports.get(parent.id)
-        if ref is not None:
-            if not ray.wait([ref], timeout=0)[0]:
-                return
-            self._reports.pop(parent.id)
-            try:
-                report = ray.get(ref)
-            except Exception as err:
-                why = str(err).strip().splitlines()[-1][:300] if str(err).strip() else type(err).__name__
-                self.store.transition(parent.id, JobState.FAILED, f"report failed: {why}")
-                return
-            self.storage.write_json(f"{pdir}/report.json", report)
-            self.store.update(parent.id, report=report)
-            self.store.transition(parent.id, JobState.SUCCEEDED, f"every stage done; report in {pdir}/report.json")
-            return
-        children = self.store.list(parent_id=parent.id)
-        decision = pl.decide(parent, children, state, set(self.eval_jobs),
-                             self.storage.exists(f"{pdir}/report.json"))
-        if isinstance(decision, pl.Wait):
-            return
-        if isinstance(decision, pl.StageDone):
-            pl.record_stage_done(self.store, self.storage, parent, state, decision.stage, decision.job_id)
-        elif isinstance(decision, pl.SubmitStage):
-            spec = pl.PipelineSpec.model_validate(parent.spec["pipeline"])
-            rec = pl.submit_stage(self.cluster, self.store, self.storage, parent, spec, decision.stage, state,
-                                  source=f"pipeline {parent.name}")
-            self.store.update(parent.id, reason=f"stage {decision.stage} queued ({rec.id})")
-        elif isinstance(decision, pl.RunReport):
-            task = ray.remote(pl.run_report).options(num_cpus=0, max_retries=0)
-            self._reports[parent.id] = task.remote(self.storage, pl.report_args(parent, state))
-            self.store.update(parent.id, reason="every stage done; writing the report")
-        elif isinstance(decision, pl.Finish):
-            if decision.state == JobState.SUCCEEDED and parent.report is None:
-                self.store.update(parent.id, report=self.storage.read_json(f"{pdir}/report.json"))
-            self.store.transition(parent.id, decision.state, decision.reason)
-
-    # ------------------------------------------------------------------ evaluation results
-
-    def _record_eval(self, job_id: str, result: dict) -> None:
-        # Stage kinds report no perplexity (rm, ppo): NaN makes the store keep None rather than exp(loss).
-        ppl = result.get("perplexity")
-        self.store.add_eval(job_id, result["checkpoint"], result["step"], result["loss"],
-                            float("nan") if ppl is None else ppl,
-                            extra={"tokens": result.get("tokens"), **(result.get("extra") or {})})
-        rec = self.store.get(job_id)
-        with self.storage.fs.open(f"{rec.run_dir}/evals.jsonl.tmp", "w") as f:
-            for e in rec.evals:
-                f.write(json.dumps(e.to_dict()) + "\n")
-        self.storage.fs.mv(f"{rec.run_dir}/evals.jsonl.tmp", f"{rec.run_dir}/evals.jsonl")
-        finite = [e for e in rec.evals if e.loss is not None and math.isfinite(e.loss)]
-        if not finite:
-            return  # a NaN or infinite evaluation loss is never the best
-        best = min(finite, key=lambda e: e.loss)
-        if rec.best_checkpoint != best.checkpoint:
-            self.storage.write_json(f"{rec.run_dir}/best_checkpoint.json",
-                                    {"path": best.checkpoint, "step": best.step, "loss": best.loss})
-            self.store.update(job_id, best_checkpoint=best.checkpoint)
-
 
 # ---------------------------------------------------------------------- handles
 
