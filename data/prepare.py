@@ -76,6 +76,7 @@ class ShardWriter:
     """Tokenizes units into shards. A plain class: ``ray.remote`` is applied where the pool spawns it."""
 
     def __init__(self, folder: str, storage: Storage, tokenizer_json: str, kind: str, text_field: str):
+        import pyarrow.parquet  # noqa: F401  (imported before the actor reports ready, not inside the first unit)
         from tokenizers import Tokenizer
 
         self.folder, self.storage, self.text_field = folder, storage, text_field

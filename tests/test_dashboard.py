@@ -61,7 +61,7 @@ def test_the_shell_needs_no_token_and_the_data_does(server):
     status, headers, body = get(srv, "/dashboard/")
     assert status == 200 and b'id="login-form"' in body and headers["Content-Type"].startswith("text/html")
     assert "script-src 'self'" in headers["Content-Security-Policy"]
-    for name in ("app.js", "chart.js", "style.css"):
+    for name in ("app.js", "pages.js", "job.js", "chart.js", "style.css"):
         assert status_of(srv, f"/dashboard/{name}") == 200
     assert get(srv, "/")[2] == body  # / redirects to the dashboard
     assert status_of(srv, "/dashboard/..%2Fapi.py") == 404
