@@ -158,6 +158,21 @@ def _rm_heldout(rm, tok, uri: str, tail: bool) -> tuple[list, int, dict]:
     return comps, too_long, rm_accuracy(rm, tok, comps)
 
 
+def _fitting_prompts(uri: str, tail: bool, tok, seq_len: int, max_new_tokens: int, max_prompts: int | None
+                     ) -> tuple[list[tuple[str, str | None]], int]:
+    """The (prompt, reference) rows that leave ``max_new_tokens`` in the context, and how many did not."""
+    rows = read_eval_prompts(uri)
+    if tail:
+        rows = _tail(rows)
+    fitting = [(p, r) for p, r in rows if len(tok.encode(p)) <= seq_len - max_new_tokens]
+    too_long = len(rows) - len(fitting)
+    fitting = fitting[:max_prompts] if max_prompts is not None else fitting
+    if not fitting:
+        raise ValueError(f"{uri}: no evaluation prompt leaves room for {max_new_tokens} new tokens "
+                         f"in the model's {seq_len}")
+    return fitting, too_long
+
+
 def pipeline_report(storage: Storage, sft_run: str, rm_run: str, ppo_run: str, eval_prompts_uri: str,
                     rm_heldout_uri: str, samples_per_prompt: int = 4, seed: int = 0, max_new_tokens: int = 40,
                     max_prompts: int | None = None, rm_heldout_tail: bool = False, eval_prompts_tail: bool = False
@@ -182,17 +197,9 @@ def pipeline_report(storage: Storage, sft_run: str, rm_run: str, ppo_run: str, e
     comps, comps_too_long, rm_eval = _rm_heldout(rm, tok, rm_heldout_uri, rm_heldout_tail)
     seconds["rm_accuracy"] = time.perf_counter() - t0
 
-    rows = read_eval_prompts(eval_prompts_uri)
-    if eval_prompts_tail:
-        rows = _tail(rows)
-    limit = sft.cfg.seq_len - max_new_tokens
-    fitting = [(p, r) for p, r in rows if len(tok.encode(p)) <= limit]
-    too_long = len(rows) - len(fitting)
-    fitting = fitting[:max_prompts] if max_prompts is not None else fitting
+    fitting, too_long = _fitting_prompts(eval_prompts_uri, eval_prompts_tail, tok, sft.cfg.seq_len, max_new_tokens,
+                                         max_prompts)
     prompts, references = [p for p, _ in fitting], [r for _, r in fitting]
-    if not prompts:
-        raise ValueError(f"{eval_prompts_uri}: no evaluation prompt leaves room for {max_new_tokens} new tokens "
-                         f"in the model's {sft.cfg.seq_len}")
     sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=1.0, eos_id=tok.eos_id, pad_id=tok.pad_id)
     generator = torch.Generator().manual_seed(seed)
     t0 = time.perf_counter()
