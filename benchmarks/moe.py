@@ -108,7 +108,7 @@ def held_out_ce(model: Decoder, stream: torch.Tensor, batch: int, seq: int) -> f
     return total / (n * seq)
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--family", default="llama", help="decoder family (gpt2, llama, palm)")
     p.add_argument("--preset", default="mini", help="decoder size preset")
@@ -122,24 +122,11 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=4e-3)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args()
-    torch.set_num_threads(args.threads)
-    started = time.perf_counter()
+    return p.parse_args()
 
-    stream = docstring_tokens(2_000_000)
-    split = int(0.95 * len(stream))
-    train, held_out = stream[:split], stream[split:]
 
-    size = dict(seq_len=args.seq, d_model=args.d_model or None)                  # None keeps the preset's
-    dense_cfg = decoder_config(args.family, args.preset, **size)
-    switch_cfg = decoder_config(args.family, args.preset, **size,
-                                moe=SwitchConfig(num_experts=args.experts, every=args.every,
-                                                 capacity_factor_train=args.capacity_factor))
-    models, optimizers = {}, {}
-    for name, cfg in (("dense", dense_cfg), ("switch", switch_cfg)):
-        torch.manual_seed(args.seed)
-        models[name] = Decoder(cfg)
-        optimizers[name] = torch.optim.AdamW(models[name].parameters(), lr=args.lr, weight_decay=0.0)
+def train_both(args, models: dict, optimizers: dict, train, switch_cfg) -> tuple[dict, dict, list]:
+    """Train the dense and the Switch model on the same windows; (timed seconds, train CE, dropped)."""
 
     def lr_at(step: int) -> float:                                              # warm-up then cosine to 10%
         warm = max(1, args.steps // 20)
@@ -174,6 +161,30 @@ def main() -> None:
         if step % 50 == 0 or step == args.steps - 1:
             print(f"step {step:4d}  dense ce {train_ce['dense'][-1]:.3f}  switch ce {train_ce['switch'][-1]:.3f}"
                   f"  switch dropped {dropped[-1]:.3f}", flush=True)
+    return seconds, train_ce, dropped
+
+
+def main() -> None:
+    args = parse_args()
+    torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+
+    stream = docstring_tokens(2_000_000)
+    split = int(0.95 * len(stream))
+    train, held_out = stream[:split], stream[split:]
+
+    size = dict(seq_len=args.seq, d_model=args.d_model or None)                  # None keeps the preset's
+    dense_cfg = decoder_config(args.family, args.preset, **size)
+    switch_cfg = decoder_config(args.family, args.preset, **size,
+                                moe=SwitchConfig(num_experts=args.experts, every=args.every,
+                                                 capacity_factor_train=args.capacity_factor))
+    models, optimizers = {}, {}
+    for name, cfg in (("dense", dense_cfg), ("switch", switch_cfg)):
+        torch.manual_seed(args.seed)
+        models[name] = Decoder(cfg)
+        optimizers[name] = torch.optim.AdamW(models[name].parameters(), lr=args.lr, weight_decay=0.0)
+
+    seconds, train_ce, dropped = train_both(args, models, optimizers, train, switch_cfg)
 
     eval_ce = {name: held_out_ce(model, held_out, args.batch, args.seq) for name, model in models.items()}
 
