@@ -14,14 +14,17 @@ Endpoints (all JSON unless noted; ``{id}`` takes a unique id prefix too):
     GET  /api/v1/cluster                   controller, queue (in order, with pending reasons), running, teams
     GET  /api/v1/jobs[?state=S&owner=U]    [job]  (job = the status dict of `switchyard status --json`)
     POST /api/v1/jobs                      {spec, priority?, set?, after?} -> {id, ...}; a spec with
-                                           `pipeline:` starts an InstructGPT pipeline
+                                           `pipeline:` starts an InstructGPT pipeline, one with `budgets:`
+                                           a sweep (as POST /sweeps); `after` holds every kind
     GET  /api/v1/jobs/{id}                 job (a pipeline's stages and report included)
     PATCH /api/v1/jobs/{id}                {priority} -> job  (owner or admin)
-    POST /api/v1/jobs/{id}/cancel          -> job  (owner or admin)
+    POST /api/v1/jobs/{id}/cancel          -> job  (owner or admin; {id} may be a pipeline's or sweep's name)
     GET  /api/v1/jobs/{id}/wait?timeout=S  job once terminal, or after S s (at most 60) as it is
     GET  /api/v1/jobs/{id}/logs?rank=R&follow=1   text/plain, streamed while the job runs
-    POST /api/v1/sweeps                    {sweep: YAML text, dry_run?} -> the plan/submission summary
-    GET  /api/v1/sweeps/{name}             sweep progress
+    POST /api/v1/sweeps                    {sweep: mapping or YAML text, dry_run?, after?, priority?,
+                                           flops_per_s?} -> the submission summary and the plan's `log`;
+                                           the caller owns the sweep (resubmitting one: owner or admin)
+    GET  /api/v1/sweeps/{name}             sweep progress (owner, after, runs, results, fit)
     GET  /api/v1/sweeps/{name}/fit         the fit results (fit.json) once the sweep is fitted
     POST /api/v1/tokens                    {user, admin?} -> {user, admin, token}  (admins only)
 
@@ -37,10 +40,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import posixpath
 import ssl
-import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -49,6 +50,7 @@ from aiohttp import web
 
 from orchestrator.job_store import JobNotFoundError, JobState, JobStore
 from specs.errors import UsageError
+from specs.job import apply_overrides
 
 log = logging.getLogger(__name__)
 
@@ -144,10 +146,10 @@ class Api:
             raise ApiError(400, "the request body must be a JSON object")
         return body
 
-    def _own(self, caller: Caller, rec) -> None:
+    def _own(self, caller: Caller, rec, what: str = "cancel or change") -> None:
         if not caller.admin and rec.owner != caller.user:
             raise ApiError(403, f"{rec.id} belongs to {rec.owner or 'nobody'}; only its owner or an admin may "
-                                "cancel or change it")
+                                f"{what} it")
 
     @staticmethod
     def _run(fn, *args, **kwargs):
@@ -227,15 +229,15 @@ class Api:
         if not (isinstance(after, list) and all(isinstance(a, str) for a in after)):
             raise ApiError(400, "after must be a list of job ids")
         source = str(body.get("source") or "spec")[:200]
+        from orchestrator.sweep import is_sweep_file
+
+        if is_sweep_file(raw):
+            return self._submit_sweep(caller, {**body, "sweep": apply_overrides(raw, overrides)})
         if "pipeline" in raw:
             from orchestrator.instructgpt import submit_pipeline
 
-            if after:
-                raise ApiError(400, "after: pipelines cannot wait for other jobs yet; submit the pipeline later")
-            out = submit_pipeline(self.cluster, raw, source=source, priority=priority, overrides=overrides,
-                                  log=lambda *a, **k: None)
-            self.store.set_owner(out["id"], caller.user, self.cluster.team_of(caller.user))
-            return out
+            return submit_pipeline(self.cluster, raw, source=source, priority=priority, overrides=overrides,
+                                   log=lambda *a, **k: None, owner=caller.user, after=after)
         job_id = submit_raw(self.cluster, raw, 0 if priority is None else priority, overrides, source=source,
                             owner=caller.user, after=after)
         return {"id": job_id}
@@ -252,7 +254,9 @@ class Api:
         return _json(await self._run(self._status, rec.id))
 
     async def cancel(self, request):
-        rec = await self._run(self.store.get, request.match_info["id"])
+        from orchestrator.cli_jobs import find_job  # an id, or a pipeline's or sweep's name
+
+        rec = await self._run(find_job, self.store, request.match_info["id"])
         self._own(request["caller"], rec)
         await self._run(self.store.request_cancel, rec.id)
         return _json(await self._run(self._status, rec.id))
@@ -311,24 +315,39 @@ class Api:
 
     async def submit_sweep(self, request):
         body = await self._body(request)
-        text = body.get("sweep")
-        if not isinstance(text, str):
-            raise ApiError(400, "sweep: send the sweep file's YAML text")
-        caller = request["caller"]
-        return _json(await self._run(self._submit_sweep, caller, text, bool(body.get("dry_run"))), 201)
+        return _json(await self._run(self._submit_sweep, request["caller"], body), 201)
 
-    def _submit_sweep(self, caller: Caller, text: str, dry_run: bool) -> dict:
-        from orchestrator.sweep import submit_sweep
+    def _submit_sweep(self, caller: Caller, body: dict) -> dict:
+        """Validate the sweep here whatever the client did; resubmitting someone else's sweep is theirs or an admin's."""
+        import yaml
 
-        with tempfile.TemporaryDirectory() as tmp:
-            path = os.path.join(tmp, "sweep.yaml")
-            with open(path, "w") as f:
-                f.write(text)
-            lines: list[str] = []
-            out = submit_sweep(self.cluster, path, dry_run=dry_run, log=lambda *a, **k: lines.append(" ".join(map(str, a))))
-        if not dry_run and isinstance(out, dict) and out.get("id"):
-            self.store.set_owner(out["id"], caller.user, self.cluster.team_of(caller.user))
-        return {**(out if isinstance(out, dict) else {"result": out}), "log": lines}
+        from orchestrator.sweep import find_sweep, submit_sweep
+        from scaling.plan import validate_sweep
+
+        raw, after, rate = body.get("sweep"), body.get("after") or [], body.get("flops_per_s")
+        if isinstance(raw, str):
+            try:
+                raw = yaml.safe_load(raw)
+            except yaml.YAMLError as err:
+                raise ApiError(400, f"sweep: not valid YAML: {str(err).splitlines()[0]}") from None
+        if not isinstance(raw, dict):
+            raise ApiError(400, "sweep: send the sweep file's contents (a mapping or its YAML text)")
+        if not (isinstance(after, list) and all(isinstance(a, str) for a in after)):
+            raise ApiError(400, "after must be a list of job ids")
+        if rate is not None and (not isinstance(rate, (int, float)) or isinstance(rate, bool) or not rate > 0):
+            raise ApiError(400, "flops_per_s must be a positive number")
+        source = str(body.get("source") or "sweep")[:200]
+        if body.get("priority") is not None:
+            raw = {**raw, "priority": body["priority"]}
+        spec = validate_sweep(raw, source=source)
+        parent = find_sweep(self.store, spec.name)
+        if parent is not None and not body.get("dry_run"):
+            self._own(caller, parent, "resubmit")
+        lines: list[str] = []
+        out = submit_sweep(self.cluster, spec, dry_run=bool(body.get("dry_run")), flops_per_s=rate, source=source,
+                           log=lambda *a, **k: lines.append(" ".join(map(str, a))), owner=caller.user,
+                           admin=caller.admin, after=after)
+        return {**out, "log": lines}
 
     async def sweep(self, request):
         from orchestrator.sweep import sweep_status

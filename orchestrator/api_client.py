@@ -7,7 +7,8 @@ nor aiohttp. The token comes from the environment variable ``api.token_env``
 
 Files on the laptop are refused, not uploaded: a spec that names a path that
 exists on this machine but is no URI (``data.corpus``, ``model.init_from``,
-``rlhf.data.*``, ``rlhf.ppo.reward_model``) fails here with one line saying
+``rlhf.data.*``, ``rlhf.ppo.reward_model``, also in a pipeline's stages or a
+sweep's ``base``) fails here with one line saying
 to put the file in the cluster's storage and name its URI. Paths that do not
 exist here are passed on: they may be paths on the cluster, and the server
 checks them.
@@ -114,8 +115,11 @@ class ApiClient:
     def cluster(self) -> dict:
         return self.call("GET", "/cluster")
 
-    def submit_sweep(self, text: str, dry_run: bool = False) -> dict:
-        return self.call("POST", "/sweeps", {"sweep": text, "dry_run": dry_run})
+    def submit_sweep(self, sweep: dict | str, dry_run: bool = False, flops_per_s: float | None = None,
+                     after: list[str] | None = None, source: str = "sweep", priority: int | None = None) -> dict:
+        """``sweep``: the sweep file's contents (a mapping, or its YAML text)."""
+        return self.call("POST", "/sweeps", {"sweep": sweep, "dry_run": dry_run, "flops_per_s": flops_per_s,
+                                             "after": after or [], "source": source, "priority": priority})
 
     def sweep(self, name: str) -> dict:
         return self.call("GET", f"/sweeps/{urllib.parse.quote(name)}")
@@ -137,7 +141,7 @@ class ApiRequestError(UsageError):
 
 # ---------------------------------------------------------------------- laptop-side checks
 
-_FILE_FIELDS = (("data", "corpus"), ("model", "init_from"), ("rlhf", "ppo", "reward_model"),
+_FILE_FIELDS = (("data", "corpus"), ("model", "init_from"), ("distill", "teacher"), ("rlhf", "ppo", "reward_model"),
                 ("rlhf", "data", "demonstrations"), ("rlhf", "data", "demonstrations_heldout"),
                 ("rlhf", "data", "comparisons"), ("rlhf", "data", "comparisons_heldout"),
                 ("rlhf", "data", "prompts"), ("rlhf", "data", "eval_prompts"))
@@ -146,7 +150,7 @@ _FILE_FIELDS = (("data", "corpus"), ("model", "init_from"), ("rlhf", "ppo", "rew
 def local_files(raw: dict) -> list[tuple[str, str]]:
     """(field, path) of every file the spec names that exists on this machine and is no URI."""
     out = []
-    sections = [raw] + [v for k, v in raw.items() if k in ("sft", "rm", "ppo", "common") and isinstance(v, dict)]
+    sections = [raw] + [v for k, v in raw.items() if k in ("base", "sft", "rm", "ppo", "common") and isinstance(v, dict)]
     for sec in sections:
         for path in _FILE_FIELDS:
             v = sec
@@ -169,8 +173,14 @@ def check_remote_spec(raw, source: str) -> None:
 
         # The model-shape check builds a model config with torch; a laptop without torch leaves it to the server.
         validate_spec(raw, source=source, check_model=importlib.util.find_spec("torch") is not None)
-    files = local_files(raw if "pipeline" not in raw else (raw.get("pipeline") or {}))
+    refuse_local_files(raw, source)
+
+
+def refuse_local_files(raw: dict, source: str, prefix: str = "") -> None:
+    """One line naming the first field of ``raw`` (a job spec, a pipeline file or a sweep's base) that names
+    a file on this machine."""
+    files = local_files(raw)
     if files:
         field, path = files[0]
-        raise UsageError(f"{source}: {field}: {path} is a file on this machine, which the cluster cannot read; "
-                         "copy it to the cluster's storage (e.g. s3://bucket/...) and name that URI")
+        raise UsageError(f"{source}: {prefix}{field}: {path} is a file on this machine, which the cluster cannot "
+                         "read; copy it to the cluster's storage (e.g. s3://bucket/...) and name that URI")

@@ -76,9 +76,9 @@ def _extra_commands():
 
     out = [register_jobs, register_sweep]
     try:
-        from scaling.report import add_fit_command
+        from orchestrator.sweep import register_fit
 
-        out.append(add_fit_command)
+        out.append(register_fit)
     except ImportError:
         pass
     from orchestrator.export import add_export_command

@@ -160,11 +160,18 @@ def _after(args) -> list[str]:
 
 
 def cmd_submit(args) -> int:
+    from orchestrator.sweep import is_sweep_file
     from specs.job import read_yaml
 
     cluster = _cluster(args)
     raw = read_yaml(args.spec)
     client = _remote(args)
+    log = lambda *a, **k: print(*a, file=sys.stderr, **k)  # noqa: E731  (stdout is the id alone)
+    if client is not None and is_sweep_file(raw):
+        from orchestrator.sweep import submit_remote
+
+        print(submit_remote(client, raw, args.spec, args.priority, args.set, _after(args), log=log)["id"])
+        return 0
     if client is not None:
         from orchestrator.api_client import check_remote_spec
         from specs.job import apply_overrides
@@ -176,15 +183,16 @@ def cmd_submit(args) -> int:
         out = client.submit(raw, args.priority, args.set, _after(args), source=os.path.basename(args.spec))
         print(out["id"])
         return 0
-    if isinstance(raw, dict) and "pipeline" in raw:  # an InstructGPT pipeline file, not one job's spec
+    if is_sweep_file(raw):  # a scaling-law sweep: the same as `switchyard sweep FILE`
+        from orchestrator.sweep import submit_sweep, sweep_of_file
+
+        _, spec = sweep_of_file(raw, args.spec, args.priority, args.set)
+        job_id = submit_sweep(cluster, spec, source=args.spec, after=_after(args), log=log)["id"]
+    elif isinstance(raw, dict) and "pipeline" in raw:  # an InstructGPT pipeline file, not one job's spec
         from orchestrator.instructgpt import print_submit_note, submit_pipeline
 
-        if _after(args):
-            raise UsageError("--after: pipelines cannot wait for other jobs yet; submit the pipeline later")
         out = submit_pipeline(cluster, raw, source=args.spec, priority=args.priority, overrides=args.set,
-                              log=lambda *a, **k: print(*a, file=sys.stderr, **k))
-        user = local_user()
-        _store(cluster).set_owner(out["id"], user, cluster.team_of(user))
+                              log=log, after=_after(args))
         print_submit_note(out)
         job_id = out["id"]
     else:
@@ -234,22 +242,23 @@ def cmd_list(args) -> int:
     return 0
 
 
-def _find_job(store, key: str):
-    """A job by id (or unique id prefix), or the newest pipeline of that name."""
+def find_job(store, key: str):
+    """A job by id (or unique id prefix), or the newest pipeline or the sweep of that name."""
     from orchestrator.job_store import JobNotFoundError
     from orchestrator.instructgpt import find_parent
+    from orchestrator.sweep import find_sweep
 
     try:
         return store.get(key)
     except JobNotFoundError:
-        rec = find_parent(store, key.strip().lower())
+        rec = find_parent(store, key.strip().lower()) or find_sweep(store, key.strip().lower())
         if rec is None:
             raise
         return rec
 
 
 def job_status(store, job_id: str, storage=None) -> dict:
-    rec = _find_job(store, job_id)
+    rec = find_job(store, job_id)
     if rec.kind == "pipeline" and storage is not None:
         from orchestrator.instructgpt import pipeline_status
 
@@ -411,11 +420,11 @@ def cmd_logs(args) -> int:
         time.sleep(1.0)
 
 
-def authorize(cluster, user: str, rec) -> None:
-    """Anyone may read every job; cancelling or changing one needs its owner or an admin."""
+def authorize(cluster, user: str, rec, what: str = "cancel or change") -> None:
+    """Anyone may read every job; cancelling or changing one (or resubmitting a sweep) needs its owner or an admin."""
     if rec.owner and rec.owner != user and user not in cluster.admins:
         raise UsageError(f"{rec.id} belongs to {rec.owner}; only its owner or an admin (admins: in cluster.yaml) "
-                         "may cancel or change it")
+                         f"may {what} it")
 
 
 def cmd_cancel(args) -> int:
@@ -427,7 +436,7 @@ def cmd_cancel(args) -> int:
         return 0
     cluster = _cluster(args)
     store = _store(cluster)
-    rec = _find_job(store, args.job)
+    rec = find_job(store, args.job)
     authorize(cluster, local_user(), rec)
     rec = store.request_cancel(rec.id)
     print(f"{rec.id}: {rec.state.value}" + (" (stopping)" if not rec.terminal else ""))
@@ -468,7 +477,7 @@ def cmd_wait(args) -> int:
         return _remote_wait(client, args)
     store = _store(_cluster(args))
     deadline = time.time() + args.timeout if args.timeout else None
-    rec = _find_job(store, args.job)
+    rec = find_job(store, args.job)
     while not rec.terminal:
         if deadline and time.time() > deadline:
             print(f"{rec.id}: still {rec.state.value} after {args.timeout:g}s", file=sys.stderr)

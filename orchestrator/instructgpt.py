@@ -305,7 +305,7 @@ def submit_stage(cluster, store: JobStore, storage: Storage, parent: JobRecord, 
     reuse = before.get("run_dir") if before.get("spec") == job_spec.to_dict() else None
     rec = store.submit(job_spec.name, STAGE_KIND, job_spec.to_dict(), parent.priority,
                        {"workers": res.workers, "cpus_per_worker": res.cpus, "gpus_per_worker": res.gpus},
-                       job_spec.max_restarts, parent_id=parent.id,
+                       job_spec.max_restarts, parent_id=parent.id, after=parent.after,
                        run_dir_for=lambda job_id: reuse or safe_join(cluster.storage, f"{job_spec.name}-{job_id}"))
     state["stages"][stage] = {"job_id": rec.id, "run_dir": rec.run_dir, "state": "SUBMITTED",
                               "spec": job_spec.to_dict(), "resumed": reuse is not None, "submitted_at": time.time()}
@@ -314,10 +314,13 @@ def submit_stage(cluster, store: JobStore, storage: Storage, parent: JobRecord, 
 
 
 def submit_pipeline(cluster, raw: Any, source: str = "pipeline", priority: int | None = None,
-                    overrides: list[str] | None = None, log=print) -> dict:
+                    overrides: list[str] | None = None, log=print, *, owner: str | None = None,
+                    after: list[str] | tuple[str, ...] = ()) -> dict:
     """Validate a pipeline file and start (or continue) it; returns {id, name, pipeline_dir, submitted, done}.
 
-    Nothing is written unless the file and every stage spec are valid and the data files exist.
+    Nothing is written unless the file and every stage spec are valid and the data files exist. The
+    pipeline and its stages belong to ``owner`` (default: the local user). Its stages wait for ``after``
+    (``--after``); a dependency that fails or is cancelled fails the stage, and so the pipeline, saying so.
     """
     spec = load_pipeline(raw, source, overrides, cluster.storage)
     storage = Storage(cluster.storage, dict(cluster.storage_options))
@@ -377,9 +380,12 @@ def submit_pipeline(cluster, raw: Any, source: str = "pipeline", priority: int |
     parent_spec = {"pipeline": spec.model_dump(mode="json"), "pipeline_dir": pdir, "source": source}
     # QUEUED while its first stage is queued: the controller only advances RUNNING pipelines, so it
     # cannot queue the same stage a second time in between.
+    from orchestrator.cli_jobs import local_user
+
+    owner = owner or local_user()
     parent = store.submit(spec.name, RECORD_KIND, parent_spec, priority,
                           {"workers": 0, "cpus_per_worker": 0, "gpus_per_worker": 0}, 0,
-                          run_dir_for=lambda _id: pdir)
+                          run_dir_for=lambda _id: pdir, owner=owner, team=cluster.team_of(owner), after=after)
     state.update(name=spec.name, parent_id=parent.id, pipeline=parent_spec["pipeline"])
     storage.makedirs(pdir)
     write_state(storage, pdir, state)

@@ -11,10 +11,23 @@ import time
 import ray
 
 from orchestrator.job_store import JobState
+from specs.errors import UsageError
 
 log = logging.getLogger(__name__)
 
 PARENT_SETTLE_S = 60.0  # a pipeline or sweep parent still QUEUED/STARTING this long after its submit was interrupted
+
+
+def failed_dependency(store, parent) -> str | None:
+    """Why a sweep submitted with ``--after`` cannot run: a dependency that failed or was cancelled."""
+    for dep in parent.after:
+        try:
+            state = store.get(dep).state
+        except UsageError:
+            state = JobState.CANCELLED  # gone from the store: it can never succeed
+        if state in (JobState.FAILED, JobState.CANCELLED):
+            return f"dependency {dep} ended {state.value}: the sweep's runs need it to succeed, so none ran"
+    return None
 
 
 class ParentJobs:
@@ -49,6 +62,13 @@ class ParentJobs:
             if not children or any(not c.terminal for c in children):
                 continue
             ref = self._fits.get(parent.id)
+            if ref is None and parent.cancel_requested:  # its runs were cancelled with it: no fit
+                self.store.transition(parent.id, JobState.CANCELLED, "cancelled by user")
+                continue
+            dead = failed_dependency(self.store, parent)
+            if ref is None and dead:  # its runs never ran (the scheduler failed them): nothing to fit
+                self.store.transition(parent.id, JobState.FAILED, dead)
+                continue
             if ref is None:
                 if self._extend_sweep(parent):
                     continue  # an adaptive round was submitted: fit once it has ended

@@ -49,7 +49,13 @@ def finished_runs(storage: Storage, sdir: str) -> set[str]:
             if not posixpath.basename(p).startswith(".")}
 
 
-def _parent(store: JobStore, name: str):
+def is_sweep_file(raw) -> bool:
+    """A sweep file, not one job's spec or a pipeline file: it names budgets (``submit`` takes all three)."""
+    return isinstance(raw, dict) and "pipeline" not in raw and ("budgets" in raw or "total_budget" in raw)
+
+
+def find_sweep(store: JobStore, name: str):
+    """The sweep record of this name, or None."""
     for rec in store.list():
         if rec.kind == "sweep" and rec.name == name:
             return rec
@@ -108,10 +114,23 @@ def _history(sdir: str):
     return n[ok], d[ok], loss[ok]
 
 
-def submit_sweep(cluster, path: str, dry_run: bool = False, flops_per_s: float | None = None, log=print) -> dict:
-    from scaling.plan import format_plan, load_sweep, plan_sweep
+def submit_sweep(cluster, path, dry_run: bool = False, flops_per_s: float | None = None, log=print, *,
+                 owner: str | None = None, admin: bool = False, after: list[str] | tuple[str, ...] = (),
+                 source: str | None = None) -> dict:
+    """Plan the sweep (a YAML path, or a validated ``SweepSpec`` with ``source`` naming it) and submit its runs.
 
-    spec = load_sweep(path)
+    The sweep belongs to ``owner`` (default: the local user) and so do its runs; resubmitting someone
+    else's sweep needs its owner or an admin (``admin``, or ``admins:`` of cluster.yaml), as cancelling it does. Every run waits for ``after``
+    (``--after``): a dependency that fails or is cancelled fails the runs, and the sweep with that reason.
+    """
+    from orchestrator.cli_jobs import authorize, local_user
+    from scaling.plan import SweepSpec, format_plan, load_sweep, plan_sweep
+
+    if owner is None:
+        owner, admin = local_user(), False
+
+    spec = path if isinstance(path, SweepSpec) else load_sweep(path)
+    path = source or (spec.name if isinstance(path, SweepSpec) else path)
     storage = _storage(cluster)
     sdir = sweep_dir(cluster, spec.name)
     before = read_plan(storage, sdir)
@@ -129,11 +148,14 @@ def submit_sweep(cluster, path: str, dry_run: bool = False, flops_per_s: float |
     old = {e["run_id"]: e for e in storage.read_json(f"{sdir}/plan.json")} if extra else {}
     storage.write_json(f"{sdir}/plan.json", [_plan_entry(r) for r in plan.runs] + [old[r.name] for r in extra])
     store = JobStore(cluster.job_store)
-    parent = _parent(store, spec.name)
+    parent = find_sweep(store, spec.name)
+    if parent is not None and not admin:
+        authorize(cluster, owner, parent, "resubmit")
     if parent is None:
         parent = store.submit(spec.name, "sweep", {"sweep_dir": sdir, "runs": len(plan.runs)}, spec.priority,
                               {"workers": 0, "cpus_per_worker": 0, "gpus_per_worker": 0}, 0,
-                              run_dir_for=lambda _id: sdir)
+                              run_dir_for=lambda _id: sdir, owner=owner, team=cluster.team_of(owner),
+                              after=list(after))
         store.transition(parent.id, JobState.STARTING, "sweep submitted")
         store.transition(parent.id, JobState.RUNNING, f"{len(plan.runs)} runs planned")
     elif parent.state in (JobState.QUEUED, JobState.STARTING):  # an earlier submit stopped half way
@@ -151,14 +173,14 @@ def submit_sweep(cluster, path: str, dry_run: bool = False, flops_per_s: float |
         if name in done or job_name in live:
             continue
         job_spec = validate_spec(apply_overrides(spec.job_base(), overrides), source=f"{path} run {name}")
-        submitted.append(_submit_child(cluster, job_spec, spec.priority, parent.id))
+        submitted.append(_submit_child(cluster, job_spec, spec.priority, parent.id, parent.after))
     log(f"sweep {spec.name}: {len(submitted)} runs submitted, {len(done)} already finished, "
         f"{len(live)} still queued or running; table in {sdir}")
     return {"sweep": spec.name, "id": parent.id, "sweep_dir": sdir, "runs": len(todo),
-            "submitted": submitted, "finished": sorted(done)}
+            "submitted": submitted, "finished": sorted(done), "owner": parent.owner, "after": list(parent.after)}
 
 
-def _submit_child(cluster, spec, priority: int, parent_id: str) -> str:
+def _submit_child(cluster, spec, priority: int, parent_id: str, after: tuple[str, ...] = ()) -> str:
     from orchestrator.runner import preflight, worker_resources
 
     preflight(spec, _storage(cluster))
@@ -166,13 +188,14 @@ def _submit_child(cluster, spec, priority: int, parent_id: str) -> str:
     rec = JobStore(cluster.job_store).submit(
         spec.name, "sweep-run", spec.to_dict(), priority,
         {"workers": res.workers, "cpus_per_worker": res.cpus, "gpus_per_worker": res.gpus}, spec.max_restarts,
-        run_dir_for=lambda job_id: safe_join(cluster.storage, f"{spec.name}-{job_id}"), parent_id=parent_id)
+        run_dir_for=lambda job_id: safe_join(cluster.storage, f"{spec.name}-{job_id}"), parent_id=parent_id,
+        after=after)
     return rec.id
 
 
 def sweep_status(cluster, name: str) -> dict:
     store = JobStore(cluster.job_store)
-    parent = _parent(store, name)
+    parent = find_sweep(store, name)
     if parent is None:
         raise UsageError(f"no sweep named {name!r}; `switchyard list` shows the jobs")
     storage = _storage(cluster)
@@ -186,7 +209,7 @@ def sweep_status(cluster, name: str) -> dict:
     return {"sweep": name, "id": parent.id, "state": parent.state.value, "sweep_dir": sdir,
             "runs": planned, "results": len(done), "jobs": counts,
             "fit": f"{sdir}/fit/fit.json" if storage.exists(f"{sdir}/fit/fit.json") else None,
-            "reason": parent.reason}
+            "reason": parent.reason, "owner": parent.owner, "team": parent.team, "after": list(parent.after)}
 
 
 # ---------------------------------------------------------------------- controller side
@@ -243,7 +266,7 @@ def extend_sweep(cluster, store: JobStore, storage: Storage, parent) -> list[str
     ids = []
     for r in new:
         job_spec = validate_spec(apply_overrides(spec.job_base(), r.overrides), source=f"sweep {spec.name} run {r.name}")
-        ids.append(_submit_child(cluster, job_spec, spec.priority, parent.id))
+        ids.append(_submit_child(cluster, job_spec, spec.priority, parent.id, parent.after))
     print(f"sweep {spec.name}: adaptive round {round_no}: {len(new)} runs; " + "; ".join(e.reason for e in why),
           flush=True)
     return ids
@@ -265,28 +288,111 @@ def register(sub) -> None:
     p.add_argument("--dry-run", action="store_true", help="show the plan, submit nothing")
     p.add_argument("--flops-per-s", type=float, default=None,
                    help="throughput for the time estimate (default 2e10 per worker)")
+    p.add_argument("--after", default=None, metavar="JOB[,JOB...]",
+                   help="start the runs only once these jobs have SUCCEEDED (the sweep fails if one does not)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_sweep)
 
 
+def print_sweep_status(out: dict, as_json: bool) -> None:
+    if as_json:
+        print(json_output.dumps(out))
+        return
+    jobs = ", ".join(f"{k.lower()} {v}" for k, v in sorted(out["jobs"].items()))
+    print(f"sweep {out['sweep']} ({out['id']}): {out['state']}; {out['results']}/{out['runs']} runs in the "
+          f"table; jobs: {jobs or 'none'}; owner {out.get('owner') or '-'}")
+    print(f"table: {out['sweep_dir']}/results" + (f"; fit: {out['fit']}" if out["fit"] else ""))
+    if out.get("after"):
+        print(f"after: {', '.join(out['after'])}")
+    if out.get("reason") and out["state"] in ("FAILED", "CANCELLED"):
+        print(f"reason: {out['reason']}")
+
+
+def sweep_of_file(raw, source: str, priority: int | None = None, overrides: list[str] | tuple[str, ...] = ()):
+    """(raw, SweepSpec) of a sweep file given to ``submit``, with its --priority and --set applied."""
+    from scaling.plan import validate_sweep
+
+    raw = apply_overrides(raw, list(overrides)) if isinstance(raw, dict) else raw
+    if priority is not None and isinstance(raw, dict):
+        raw["priority"] = priority
+    return raw, validate_sweep(raw, source=source)
+
+
+def submit_remote(client, raw, source: str, priority: int | None = None, overrides: list[str] | tuple[str, ...] = (),
+                  after: list[str] | tuple[str, ...] = (), dry_run: bool = False, flops_per_s: float | None = None,
+                  log=print) -> dict:
+    """Validate a sweep file here (the server validates and plans it again), refuse laptop files in its base,
+    and send it over the API."""
+    from orchestrator.api_client import refuse_local_files
+
+    raw, spec = sweep_of_file(raw, source, priority, overrides)
+    refuse_local_files(spec.base, source, prefix="base.")
+    out = client.submit_sweep(raw, dry_run=dry_run, flops_per_s=flops_per_s, after=list(after),
+                              source=posixpath.basename(source))
+    for line in out.pop("log", []):
+        log(line)
+    return out
+
+
 def cmd_sweep(args) -> int:
+    from orchestrator.cli_jobs import _after, _remote
     from orchestrator.cluster_config import load_cluster_config
 
     cluster = load_cluster_config(args.cluster)
+    client = _remote(args)
     if args.target == "status":
         if not args.name:
             raise UsageError("sweep status: give the sweep's name")
-        out = sweep_status(cluster, args.name)
-        if args.json:
-            print(json_output.dumps(out))
-        else:
-            jobs = ", ".join(f"{k.lower()} {v}" for k, v in sorted(out["jobs"].items()))
-            print(f"sweep {out['sweep']} ({out['id']}): {out['state']}; {out['results']}/{out['runs']} runs in the "
-                  f"table; jobs: {jobs or 'none'}")
-            print(f"table: {out['sweep_dir']}/results" + (f"; fit: {out['fit']}" if out["fit"] else ""))
+        print_sweep_status(client.sweep(args.name) if client else sweep_status(cluster, args.name), args.json)
         return 0
     log = (lambda *a, **k: print(*a, file=sys.stderr, **k)) if args.json else print
-    out = submit_sweep(cluster, args.target, dry_run=args.dry_run, flops_per_s=args.flops_per_s, log=log)
+    if client is not None:
+        from specs.job import read_yaml
+
+        out = submit_remote(client, read_yaml(args.target), args.target, after=_after(args), dry_run=args.dry_run,
+                            flops_per_s=args.flops_per_s, log=log)
+    else:
+        out = submit_sweep(cluster, args.target, dry_run=args.dry_run, flops_per_s=args.flops_per_s, log=log,
+                           after=_after(args))
     if args.json:
         print(json_output.dumps(out))
+    return 0
+
+
+# ---------------------------------------------------------------------- `fit` from a laptop
+
+
+def register_fit(sub) -> None:
+    """``fit TABLE`` (scaling.report) fits a table here; from a laptop it also takes a sweep's name."""
+    from scaling.report import add_fit_command
+
+    p = add_fit_command(sub)
+    p.set_defaults(func=cmd_fit)
+
+
+def cmd_fit(args) -> int:
+    """A table or URI this machine can read is fitted here. Otherwise, with ``api.url`` in cluster.yaml,
+    TABLE names a sweep and the controller's fit of it is fetched (--out keeps its fit.json here)."""
+    import os
+
+    from orchestrator.cli_jobs import _remote
+    from scaling.report import fit_command, summary_lines
+
+    client = None if "://" in args.table or os.path.exists(args.table) else _remote(args)
+    if client is None:
+        return fit_command(args)
+    if args.bootstrap != 100 or args.seed != 0 or args.loss_column:
+        raise UsageError(f"fit {args.table}: over the API this shows the controller's fit of sweep {args.table}; "
+                         "--bootstrap, --seed and --loss-column apply to a table fitted on this machine")
+    data = client.sweep_fit(args.table)
+    if args.out:
+        out = Storage(args.out)
+        out.makedirs(args.out)
+        out.write_json(out.path("fit.json"), data)
+    if args.json:
+        print(json_output.dumps(data))
+        return 0
+    print("\n".join(summary_lines(data)))
+    print(f"fit of sweep {args.table}: {data['outputs']['json']} on the cluster"
+          + (f"; fit.json written to {args.out}" if args.out else ""))
     return 0

@@ -598,14 +598,19 @@ def fit_command(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(data))
         return 0
-    a3 = rep.approach3.params
-    r3 = rep.approach3
-    print(f"approach 3: E={a3.E!r} A={a3.A!r} B={a3.B!r} alpha={a3.alpha!r} beta={a3.beta!r} "
-          f"({r3.status}{': ' + '; '.join(r3.boundary) if r3.boundary else ''})")
-    for label, res, skip in (("approach 1", rep.approach1, rep.approach1_skipped),
-                             ("approach 2", rep.approach2, rep.approach2_skipped)):
-        print(f"{label}: a={res.a!r} b={res.b!r}" if res is not None else f"{label}: skipped ({skip})")
-    print(f"approach 3: a={a3.a!r} b={a3.b!r} G={a3.G!r}")
-    print(f"a: {rep.a_consistency()[1]}")
+    print("\n".join(summary_lines(data)))
     print(f"wrote {data['outputs']['json']}, {data['outputs']['markdown']} and {len(PLOTS)} plots")
     return 0
+
+
+def summary_lines(data: dict[str, Any]) -> list[str]:
+    """The fit in a few lines, from the report dict (so a fit.json fetched from the API prints the same)."""
+    a3 = data["approach3"]
+    out = [f"approach 3: E={a3['E']!r} A={a3['A']!r} B={a3['B']!r} alpha={a3['alpha']!r} beta={a3['beta']!r} "
+           f"({a3['status']}{': ' + '; '.join(a3['boundary']) if a3['boundary'] else ''})"]
+    for label, key in (("approach 1", "approach1"), ("approach 2", "approach2")):
+        res = data[key]
+        out.append(f"{label}: a={res['a']!r} b={res['b']!r}" if "a" in res else f"{label}: skipped ({res['skipped']})")
+    out.append(f"approach 3: a={a3['a']!r} b={a3['b']!r} G={a3['G']!r}")
+    out.append(f"a: {data['consistency']['line']}")
+    return out

@@ -192,3 +192,125 @@ def test_cli_over_the_api_from_a_machine_without_ray_or_the_job_store(tmp_path):
         assert not (laptop_dir / "nothing").exists()  # the laptop never made a job store or storage
     finally:
         _sy(head, "down", check=False)
+
+
+# ---------------------------------------------------------------------- sweeps, fits and pipelines over the API
+
+SWEEP = {"name": "apisweep", "family": "llama", "vary": "width", "n_layers": 1, "head_dim": 8, "width_step": 8,
+         "budgets": [2.0e10, 8.0e10], "sizes_per_budget": 3, "size_range": 4,
+         "base": {"data": {"corpus": "builtin:stdlib", "seq_len": 32, "max_docs": 100},
+                  "train": {"micro_batch": 4, "lr": 3.0e-3}, "resources": {"workers": 1}}}
+
+
+def _fit_the_table(sdir):
+    """Rows on a known law L = 1.8 + 400/N^0.34 + 400/D^0.28 for the planned runs, fitted into fit.json as the
+    controller does, but from 16 starts, with no bootstrap and no plots (they only add seconds here)."""
+    import numpy as np
+
+    from scaling.report import load_table, report_dict, run_fits
+    from scaling.table import append_row, make_row
+
+    for e in json.load(open(os.path.join(sdir, "plan.json"))):
+        n, d = e["n_params"], e["tokens"]
+        append_row(sdir, make_row(run_id=e["run_id"], family="llama", n_params=n, tokens=d,
+                                  n_params_non_embedding=e["n_params_non_embedding"], attention_flops_per_token=0.0,
+                                  final_loss=1.8 + 400 / n ** 0.34 + 400 / d ** 0.28, spec_hash="law"))
+    starts = np.array([[la, lb, 0.5, al, be] for la in (5.0, 10.0) for lb in (5.0, 10.0) for al in (0.5, 1.0)
+                       for be in (0.5, 1.0)])
+    data = report_dict(run_fits(load_table(sdir), n_bootstrap=0, starts=starts))
+    os.makedirs(os.path.join(sdir, "fit"))
+    with open(os.path.join(sdir, "fit", "fit.json"), "w") as f:
+        json.dump({**data, "outputs": {"json": os.path.join(sdir, "fit", "fit.json")}}, f)
+    return data
+
+
+def _laptop(tmp_path, srv) -> str:
+    laptop = tmp_path / "laptop.yaml"
+    laptop.write_text(f"api: {srv.url}\njob_store: {tmp_path / 'nothing' / 'jobs.db'}\n"
+                      f"storage: {tmp_path / 'nothing' / 'runs'}\n")
+    return str(laptop)
+
+
+def test_sweeps_over_the_api_have_owners_status_and_fit_results_also_from_a_laptop(server, tmp_path, monkeypatch,
+                                                                                  capsys):
+    from orchestrator.cli import main
+
+    cfg, srv, tokens = server
+    alice, bob, ops = (client(srv, tokens[u]) for u in ("alice", "bob", "ops"))
+    with pytest.raises(ApiRequestError) as err:  # validated on the server whatever the client did
+        alice.submit_sweep({**SWEEP, "sizes_per_budget": 2})
+    assert err.value.status == 400 and "sizes_per_budget" in str(err.value)
+    out = alice.submit_sweep(SWEEP)
+    assert out["owner"] == "alice" and len(out["submitted"]) == 6 and any("6 runs submitted" in x for x in out["log"])
+    store = JobStore(cfg.job_store)
+    assert {(r.owner, r.team) for r in store.list(parent_id=out["id"])} == {("alice", "nlp")}
+    status = bob.sweep("apisweep")
+    assert status["state"] == "RUNNING" and status["runs"] == 6 and status["jobs"] == {"QUEUED": 6}
+    assert status["owner"] == "alice" and status["fit"] is None
+    with pytest.raises(ApiRequestError) as err:
+        bob.sweep_fit("apisweep")
+    assert err.value.status == 404 and "no fit yet" in str(err.value)
+    for attempt in (lambda: bob.cancel(out["id"]), lambda: bob.cancel("apisweep"), lambda: bob.submit_sweep(SWEEP)):
+        with pytest.raises(ApiRequestError) as err:
+            attempt()
+        assert err.value.status == 403 and "belongs to alice" in str(err.value)
+    assert ops.submit_sweep(SWEEP)["submitted"] == []  # an admin may resubmit it; nothing new to run
+
+    written = _fit_the_table(status["sweep_dir"])
+    fit = bob.sweep_fit("apisweep")
+    assert fit["approach3"] == json.loads(json.dumps(written["approach3"]))
+    assert fit["approach3"]["alpha"] == pytest.approx(0.34, abs=0.02)
+
+    # The CLI with api: in its cluster.yaml: sweep status; then from a machine without Ray or the job store,
+    # the fit (kept with --out) and a sweep file given to submit.
+    laptop, bob_env = _laptop(tmp_path, srv), {"SWITCHYARD_TOKEN": tokens["bob"]}
+    monkeypatch.setenv("SWITCHYARD_TOKEN", tokens["bob"])
+    assert main(["--cluster", laptop, "sweep", "status", "apisweep"]) == 0
+    shown = capsys.readouterr().out
+    assert "sweep apisweep" in shown and "6/6 runs in the table" in shown and "owner alice" in shown
+    printed = _sy(laptop, "fit", "apisweep", "--out", str(tmp_path / "mine"), env=bob_env, laptop=True).stdout
+    assert f"alpha={fit['approach3']['alpha']!r}" in printed
+    assert json.load(open(tmp_path / "mine" / "fit.json")) == fit
+    (tmp_path / "s.yaml").write_text(json.dumps({**SWEEP, "name": "bobs"}))
+    sid = _sy(laptop, "submit", str(tmp_path / "s.yaml"), env=bob_env, laptop=True).stdout.strip()
+    assert store.get(sid).kind == "sweep" and store.get(sid).owner == "bob"
+    assert not (tmp_path / "nothing").exists()
+
+    assert alice.cancel("apisweep")["id"] == out["id"]
+    assert {r.state for r in store.list(parent_id=out["id"])} == {JobState.CANCELLED}
+
+
+def test_after_holds_a_pipeline_and_a_sweep_and_a_cancelled_dependency_fails_them_saying_why(server):
+    from orchestrator import instructgpt as pl
+    from orchestrator import scheduler as sched
+    from orchestrator.parent_jobs import failed_dependency
+    from tests.test_instructgpt_pipeline import tiny_pipeline
+
+    cfg, srv, tokens = server
+    alice, bob = client(srv, tokens["alice"]), client(srv, tokens["bob"])
+    store = JobStore(cfg.job_store)
+    first = alice.submit(SPEC)["id"]
+    pid = alice.submit(tiny_pipeline(), after=[first])["id"]
+    sweep = alice.submit_sweep(SWEEP, after=[first[:-2]])  # a unique prefix is resolved to the id
+    parent, sweep_parent = store.get(pid), store.get(sweep["id"])
+    [sft] = store.list(parent_id=pid)
+    runs = store.list(parent_id=sweep["id"])
+    assert parent.after == sft.after == sweep_parent.after == (first,) and {r.after for r in runs} == {(first,)}
+    assert bob.job(pid)["after"] == [first] and bob.sweep("apisweep")["after"] == [first]
+    with pytest.raises(ApiRequestError) as err:
+        bob.cancel(pid)
+    assert err.value.status == 403
+    assert failed_dependency(store, sweep_parent) is None
+
+    alice.cancel(first)
+    # What the controller does next, step by step: its scheduler fails the stage and the runs...
+    queued = [sft] + runs
+    decisions = sched.schedule([sched.QueuedJob.from_record(r, {first: "CANCELLED"}) for r in queued],
+                               {"n0": {"CPU": 8.0, "GPU": 0.0}}, {"n0": {"CPU": 8.0, "GPU": 0.0}}, now=0.0)
+    assert {type(d) for d in decisions} == {sched.Fail} and len(decisions) == 7
+    for d in decisions:
+        store.transition(d.job_id, JobState.FAILED, d.reason)
+    # ...and the pipeline and the sweep end FAILED with that reason.
+    decision = pl.decide(store.get(pid), store.list(parent_id=pid), None, set(), False)
+    assert decision.state == JobState.FAILED and f"dependency {first} ended CANCELLED" in decision.reason
+    assert failed_dependency(store, sweep_parent).startswith(f"dependency {first} ended CANCELLED")
