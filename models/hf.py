@@ -11,6 +11,7 @@ loads an exported folder:
 | bert    | BertForPreTraining (or BertForMaskedLM) | names; the MLM decoder is the word table (tied)         |
 | roberta | BertForMaskedLM                         | no segment table: one all-zero row (type_vocab_size=1). Not RobertaForMaskedLM: it offsets positions by padding_idx + 1 |
 | albert  | AlbertForPreTraining (or AlbertForMaskedLM) | factorized embedding, shared layer = one layer group |
+| electra | ElectraForPreTraining (export only)     | the discriminator: shared embeddings, its blocks, RTD head (``models/hf_electra.py``) |
 | palm    | refused                                 | the parallel attention + MLP block has no HF class      |
 
 Switch (MoE) layers are refused both ways: no HF class routes top-1 with a
@@ -33,7 +34,7 @@ from models.encoder import EncoderConfig
 from models.transformer import DecoderConfig
 
 HF_CLASSES = {"llama": "LlamaForCausalLM", "gpt2": "GPT2LMHeadModel", "bert": "BertForMaskedLM",
-              "roberta": "BertForMaskedLM", "albert": "AlbertForMaskedLM"}
+              "roberta": "BertForMaskedLM", "albert": "AlbertForMaskedLM", "electra": "ElectraForPreTraining"}
 
 # transformers writes config.json as a diff against these class defaults (transformers 4.x and 5.x).
 HF_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -62,7 +63,11 @@ class HFError(ValueError):
 
 
 def structural_family(cfg) -> str:
-    """The family a config's structure matches: llama | gpt2 | palm | bert | roberta | albert."""
+    """The family a config's structure matches: llama | gpt2 | palm | bert | roberta | albert | electra."""
+    from models.electra import ElectraConfig
+
+    if isinstance(cfg, ElectraConfig):
+        return "electra"
     if isinstance(cfg, EncoderConfig):
         if cfg.share_layers or cfg.emb_dim != cfg.d_model:
             return "albert"
@@ -225,8 +230,10 @@ def to_hf(cfg, state: dict[str, torch.Tensor]) -> tuple[dict, dict[str, torch.Te
     """Our config and state dict -> (config.json dict, HF state dict), or HFError."""
     hf_class(cfg)                                                      # refuses what has no HF class
     sd = {k: v.detach().float().cpu() for k, v in state.items()}
+    from models.hf_electra import electra_to_hf
+
     convert = {"llama": _llama_to_hf, "gpt2": _gpt2_to_hf, "bert": _bert_to_hf, "roberta": _bert_to_hf,
-               "albert": _albert_to_hf}[structural_family(cfg)]
+               "albert": _albert_to_hf, "electra": electra_to_hf}[structural_family(cfg)]
     config, out = convert(cfg, sd)
     config["dtype"] = config["torch_dtype"] = "float32"
     config["switchyard_family"] = structural_family(cfg)

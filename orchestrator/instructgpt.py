@@ -551,8 +551,10 @@ def _fmt(v: Any) -> str:
 
 def format_status(out: dict) -> list[str]:
     """Lines for `switchyard status PIPELINE`: stages, then a short report summary."""
-    lines = [f"{out['id']}  pipeline {out['name']}  {out['state']}  priority {out['priority']}",
-             f"pipeline_dir: {out['pipeline_dir']}"]
+    lines = [f"{out['id']}  pipeline {out['name']}  {out['state']}  priority {out['priority']}  "
+             f"owner {out.get('owner') or '-'} ({out.get('team') or '-'})", f"pipeline_dir: {out['pipeline_dir']}"]
+    if out.get("after"):
+        lines.append(f"after: {', '.join(out['after'])} (its stages wait for them to succeed)")
     for s in out["stages"]:
         metrics = "  ".join(f"{k}={_fmt(v)}" for k, v in s["metrics"].items())
         lines.append(f"stage {s['stage']:<3} {s['state']:<10} step {_fmt(s['step']):>6}  {metrics}")

@@ -32,7 +32,7 @@ SEED_MAX = (1 << 31) - 1
 """Largest seed: seeds are mixed (seed x 1_000_003 + step x 1009 + rank) into torch's 64-bit generator seeds."""
 BIG = 10**12
 """Upper bound of counts (steps, tokens per eval, intervals): far past any real run, far inside int64."""
-ENCODER_FAMILIES = ("bert", "roberta", "albert")
+ENCODER_FAMILIES = ("bert", "roberta", "albert", "electra")
 
 
 def _plain_text(v: str | None) -> str | None:
@@ -76,8 +76,8 @@ class MoESpec(_Section):
 
 
 class ModelSpec(_Section):
-    family: Literal["gpt2", "llama", "palm", "bert", "roberta", "albert"] = "llama"
-    """Model family: decoders gpt2/llama/palm, encoders bert/roberta/albert."""
+    family: Literal["gpt2", "llama", "palm", "bert", "roberta", "albert", "electra"] = "llama"
+    """Model family: decoders gpt2/llama/palm, encoders bert/roberta/albert/electra."""
     preset: str | None = "tiny"
     """Size preset (tiny, mini, small, medium, base, large); explicit sizes override it."""
     d_model: int | None = Field(None, ge=8, le=1 << 16)

@@ -4,7 +4,7 @@ global sample positions into a batch and a loss.
 ``CausalLM`` (decoders: next-token prediction) and ``MaskedLM`` (encoders:
 masked LM, plus NSP for BERT or sentence order for ALBERT) are two plain
 classes with the same three methods; the training loop does not know which one
-it runs.
+it runs. ELECTRA's ``ReplacedTokenDetection`` (``workers/electra.py``) is a third.
 """
 from __future__ import annotations
 
@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 
 from data.sampler import DataPlan
+from models import electra
+from models.electra import Electra, ElectraConfig
 from models.transformer import Decoder, DecoderConfig, decoder_config, flops_per_token, param_counts
 from specs.errors import UserError
 
@@ -30,6 +32,11 @@ def model_config(spec, vocab_size: int):
 
         moe = SwitchConfig(**m.moe.model_dump())
     try:
+        if m.family == "electra":
+            from models.electra import electra_config
+
+            return electra_config(m.preset, vocab_size=vocab_size, seq_len=spec.data.seq_len, d_model=m.d_model,
+                                  n_layers=m.n_layers, n_heads=m.n_heads, d_ff=m.d_ff, dropout=m.dropout, moe=moe)
         if not m.is_decoder:
             from models.encoder import encoder_config
 
@@ -49,6 +56,8 @@ def is_encoder_config(cfg) -> bool:
 
 
 def build_model(cfg) -> torch.nn.Module:
+    if isinstance(cfg, ElectraConfig):
+        return Electra(cfg)
     if is_encoder_config(cfg):
         from models.encoder import Encoder
 
@@ -62,6 +71,8 @@ def config_from_dict(family: str, d: dict):
 
     if family in DECODER_FAMILIES:
         return DecoderConfig.from_dict(d)
+    if family == "electra":
+        return ElectraConfig.from_dict(d)
     from models.encoder import EncoderConfig
 
     return EncoderConfig.from_dict(d)
@@ -71,6 +82,8 @@ def model_counts(cfg, seq_len: int) -> dict:
     """Exact parameter counts and training FLOPs per token at ``seq_len`` (attention included), either kind."""
     if not is_encoder_config(cfg):
         return {**param_counts(cfg), "flops_per_token": flops_per_token(cfg, seq_len)["with_attention"]}
+    if isinstance(cfg, ElectraConfig):
+        return {**electra.param_counts(cfg), "flops_per_token": electra.flops_per_token(cfg, seq_len)}
     from models.encoder import param_counts as encoder_counts
 
     counts = encoder_counts(cfg)
@@ -204,4 +217,8 @@ def make_task(spec, cfg, plan: DataPlan, tokenizer):
         return CausalLM(plan)
     if cfg.seq_len < spec.data.seq_len:
         raise UserError(f"data.seq_len: {spec.data.seq_len} is longer than the model's position table ({cfg.seq_len})")
+    if isinstance(cfg, ElectraConfig):
+        from workers.electra import ReplacedTokenDetection
+
+        return ReplacedTokenDetection(plan, tokenizer, spec.data.seq_len, spec.train.seed)
     return MaskedLM(plan, tokenizer, spec.model.family, spec.data.seq_len, spec.train.seed, cfg.nsp)
