@@ -65,7 +65,10 @@ class HFError(ValueError):
 def structural_family(cfg) -> str:
     """The family a config's structure matches: llama | gpt2 | palm | bert | roberta | albert | electra."""
     from models.electra import ElectraConfig
+    from models.hf_seq2seq import family_of
 
+    if family_of(cfg) is not None:
+        return family_of(cfg)
     if isinstance(cfg, ElectraConfig):
         return "electra"
     if isinstance(cfg, EncoderConfig):
@@ -86,6 +89,10 @@ def hf_class(cfg) -> str:
     """The transformers class for the language-model head of ``cfg`` (config.json names the
     *ForPreTraining class when there is an NSP/SOP head too), or HFError saying why there is none."""
     family = structural_family(cfg)
+    if family in ("t5", "bart"):
+        from models.hf_seq2seq import hf_class as seq2seq_class
+
+        return seq2seq_class(cfg)
     if cfg.moe is not None:
         raise HFError("Switch (MoE) layers have no Hugging Face class (top-1 routing with capacity and "
                       "probability scaling); export a dense model")
@@ -231,9 +238,11 @@ def to_hf(cfg, state: dict[str, torch.Tensor]) -> tuple[dict, dict[str, torch.Te
     hf_class(cfg)                                                      # refuses what has no HF class
     sd = {k: v.detach().float().cpu() for k, v in state.items()}
     from models.hf_electra import electra_to_hf
+    from models.hf_seq2seq import to_hf as seq2seq_to_hf
 
     convert = {"llama": _llama_to_hf, "gpt2": _gpt2_to_hf, "bert": _bert_to_hf, "roberta": _bert_to_hf,
-               "albert": _albert_to_hf, "electra": electra_to_hf}[structural_family(cfg)]
+               "albert": _albert_to_hf, "electra": electra_to_hf, "t5": seq2seq_to_hf,
+               "bart": seq2seq_to_hf}[structural_family(cfg)]
     config, out = convert(cfg, sd)
     config["dtype"] = config["torch_dtype"] = "float32"
     config["switchyard_family"] = structural_family(cfg)
@@ -396,6 +405,10 @@ def _encoder_from_hf(c: dict, sd: dict, model_type: str) -> tuple[str, EncoderCo
 def from_hf(config: dict, state: dict[str, torch.Tensor]) -> tuple[str, Any, dict[str, torch.Tensor]]:
     """(config.json dict, HF state dict) -> (family, our config, our state dict), or HFError."""
     model_type = config.get("model_type")
+    if model_type in ("t5", "bart"):
+        from models.hf_seq2seq import from_hf as seq2seq_from_hf
+
+        return seq2seq_from_hf(model_type, config, {k: v.float() for k, v in state.items()})
     if model_type not in HF_DEFAULTS:
         raise HFError(f"model_type {model_type!r} has no Switchyard model; llama, gpt2, bert and albert do")
     c = {**HF_DEFAULTS[model_type], **config}
@@ -431,6 +444,9 @@ def save_hf(folder: str, cfg, state: dict[str, torch.Tensor], files: dict[str, s
     files = dict(files or {})
     if "tokenizer.json" in files:
         config.update(special_token_ids(files["tokenizer.json"]))
+        from models.hf_seq2seq import decoder_start
+
+        config.update(decoder_start(config))
     os.makedirs(folder, exist_ok=True)
     save_file(tensors, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
     with open(os.path.join(folder, "config.json"), "w") as f:

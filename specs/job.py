@@ -23,6 +23,7 @@ import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from specs.errors import UsageError
+from specs.seq2seq import NoisingSpec
 from specs.validate import INT64_MAX, InputError, check_plain, load_plain_yaml, read_plain_yaml
 from workers.rlhf.ppo_config import PPOConfig, PPOShares
 
@@ -33,6 +34,7 @@ SEED_MAX = (1 << 31) - 1
 BIG = 10**12
 """Upper bound of counts (steps, tokens per eval, intervals): far past any real run, far inside int64."""
 ENCODER_FAMILIES = ("bert", "roberta", "albert", "electra")
+SEQ2SEQ_FAMILIES = ("t5", "bart")
 
 
 def _plain_text(v: str | None) -> str | None:
@@ -76,8 +78,8 @@ class MoESpec(_Section):
 
 
 class ModelSpec(_Section):
-    family: Literal["gpt2", "llama", "palm", "bert", "roberta", "albert", "electra"] = "llama"
-    """Model family: decoders gpt2/llama/palm, encoders bert/roberta/albert/electra."""
+    family: Literal["gpt2", "llama", "palm", "bert", "roberta", "albert", "electra", "t5", "bart"] = "llama"
+    """Model family: decoders gpt2/llama/palm, encoders bert/roberta/albert/electra, encoder-decoders t5/bart."""
     preset: str | None = "tiny"
     """Size preset (tiny, mini, small, medium, base, large); explicit sizes override it."""
     d_model: int | None = Field(None, ge=8, le=1 << 16)
@@ -123,6 +125,8 @@ class DataSpec(_Section):
     """Use at most this many documents of the corpus (handy for quick tests)."""
     trace: bool = False
     """Record the global sample positions each rank reads, per step, in data_trace/ (for auditing resumes)."""
+    noising: NoisingSpec | None = None
+    """t5 span corruption and bart denoising settings (specs/seq2seq.py); null = the papers' defaults."""
 
 
 class TrainSpec(_Section):

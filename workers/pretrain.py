@@ -27,8 +27,8 @@ from workers.checkpoint import CheckpointInfo, CheckpointState
 from workers.kind import RankEnv
 from workers.metrics import detect_peak_flops, step_means
 from workers.parallel.engine import build_engine, is_pipeline, parallel_weights
-from workers.tasks import (_to_device, build_model, config_from_dict, is_encoder_config, make_task, model_config,
-                           model_counts)
+from workers.tasks import (_to_device, build_model, config_from_dict, make_task, model_config, model_counts,
+                           model_kind)
 from workers.weights import init_config, load_init_state
 
 
@@ -57,7 +57,7 @@ class Pretrain:
         self.pipeline = is_pipeline(self.engine)
         # Which share of each step's samples this rank reads: stages of one pipeline read the same ones.
         self.dp_rank = self.engine.grid.get_data_parallel_id() if self.pipeline else env.rank
-        counts = model_counts(cfg, spec.data.seq_len)
+        counts = model_counts(cfg, spec.data.seq_len, spec.data.noising)
         self.flops_per_token, self.n_params = counts["flops_per_token"], counts["total"]
         self.per_step = spec.samples_per_step
         self.tokens_per_step = spec.samples_per_step * spec.data.seq_len
@@ -65,7 +65,7 @@ class Pretrain:
         if env.rank == 0:
             storage.write_json(f"{env.run_dir}/model_config.json",
                                {"model": cfg.to_dict(), "family": spec.model.family,
-                                "kind": "encoder" if is_encoder_config(cfg) else "decoder", **counts})
+                                "kind": model_kind(cfg), **counts})
         start = latest.step if latest is not None else 0
         self.trace: list[list[int]] = []
         self.trace_uri = f"{env.run_dir}/data_trace/rank_{env.rank}_from_{start:08d}.json"

@@ -19,6 +19,7 @@ from models import electra
 from models.electra import Electra, ElectraConfig
 from models.transformer import Decoder, DecoderConfig, decoder_config, flops_per_token, param_counts
 from specs.errors import UserError
+from workers.seq2seq import SEQ2SEQ_CONFIGS, Seq2SeqLM, build_seq2seq, is_seq2seq_config, seq2seq_counts
 
 # ----------------------------------------------------------------------------- model
 
@@ -32,6 +33,10 @@ def model_config(spec, vocab_size: int):
 
         moe = SwitchConfig(**m.moe.model_dump())
     try:
+        if m.family in SEQ2SEQ_CONFIGS:
+            from workers.seq2seq import seq2seq_config
+
+            return seq2seq_config(spec, vocab_size)
         if m.family == "electra":
             from models.electra import electra_config
 
@@ -55,7 +60,14 @@ def is_encoder_config(cfg) -> bool:
     return not isinstance(cfg, DecoderConfig)
 
 
+def model_kind(cfg) -> str:
+    """What model_config.json calls the model: decoder, encoder or encoder-decoder."""
+    return "encoder-decoder" if is_seq2seq_config(cfg) else "encoder" if is_encoder_config(cfg) else "decoder"
+
+
 def build_model(cfg) -> torch.nn.Module:
+    if is_seq2seq_config(cfg):
+        return build_seq2seq(cfg)
     if isinstance(cfg, ElectraConfig):
         return Electra(cfg)
     if is_encoder_config(cfg):
@@ -71,6 +83,8 @@ def config_from_dict(family: str, d: dict):
 
     if family in DECODER_FAMILIES:
         return DecoderConfig.from_dict(d)
+    if family in SEQ2SEQ_CONFIGS:
+        return SEQ2SEQ_CONFIGS[family].from_dict(d)
     if family == "electra":
         return ElectraConfig.from_dict(d)
     from models.encoder import EncoderConfig
@@ -78,10 +92,12 @@ def config_from_dict(family: str, d: dict):
     return EncoderConfig.from_dict(d)
 
 
-def model_counts(cfg, seq_len: int) -> dict:
+def model_counts(cfg, seq_len: int, noising=None) -> dict:
     """Exact parameter counts and training FLOPs per token at ``seq_len`` (attention included), either kind."""
     if not is_encoder_config(cfg):
         return {**param_counts(cfg), "flops_per_token": flops_per_token(cfg, seq_len)["with_attention"]}
+    if is_seq2seq_config(cfg):
+        return seq2seq_counts(cfg, seq_len, noising)
     if isinstance(cfg, ElectraConfig):
         return {**electra.param_counts(cfg), "flops_per_token": electra.flops_per_token(cfg, seq_len)}
     from models.encoder import param_counts as encoder_counts
@@ -215,6 +231,8 @@ class MaskedLM:
 def make_task(spec, cfg, plan: DataPlan, tokenizer):
     if not is_encoder_config(cfg):
         return CausalLM(plan)
+    if is_seq2seq_config(cfg):
+        return Seq2SeqLM(plan, tokenizer, cfg, spec.data.seq_len, spec.train.seed, spec.data.noising)
     if cfg.seq_len < spec.data.seq_len:
         raise UserError(f"data.seq_len: {spec.data.seq_len} is longer than the model's position table ({cfg.seq_len})")
     if isinstance(cfg, ElectraConfig):

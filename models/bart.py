@@ -1,0 +1,210 @@
+"""A BART-style encoder-decoder (Lewis et al. 2019), single-device PyTorch.
+
+* Learned absolute positions, one table per stack, read with BART's offset
+  of 2 (position p is row p + 2: fairseq kept two rows for padding), so a
+  table holds ``seq_len + 2`` rows.
+* Post-norm blocks as in the original Transformer, with a LayerNorm on the
+  embeddings (``norm_embedding``), exact GELU MLPs and biases everywhere.
+* The output head is the shared embedding (tied) plus ``final_logits_bias``,
+  a (V,) buffer that is not trained (zero unless imported).
+
+No torch.distributed, Ray or DeepSpeed here: ``workers/`` wraps the model.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from models.t5 import IGNORE_INDEX, key_bias
+
+POSITION_OFFSET = 2
+"""Row of position 0 in BART's position tables."""
+
+
+@dataclass(frozen=True)
+class BartConfig:
+    vocab_size: int = 320
+    """Rows of the shared embedding (the tokenizer's vocab, padded)."""
+    seq_len: int = 128
+    """Longest encoder or decoder input; the position tables hold seq_len + 2 rows."""
+    d_model: int = 96
+    """Residual width."""
+    n_layers: int = 2
+    """Blocks in the encoder, and in the decoder."""
+    n_heads: int = 4
+    """Attention heads; head_dim = d_model / n_heads."""
+    d_ff: int = 384
+    """MLP hidden width (4 * d_model in BART)."""
+    dropout: float = 0.0
+    """Dropout on embeddings, attention probabilities and sublayer outputs."""
+    norm_eps: float = 1e-5
+    """LayerNorm epsilon."""
+    init_std: float = 0.02
+    """Std of the normal initialisation of matrices and embeddings."""
+
+    def __post_init__(self) -> None:
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "BartConfig":
+        return cls(**d)
+
+
+PRESETS: dict[str, dict] = {
+    "tiny": dict(d_model=96, n_layers=2, n_heads=4, d_ff=384, seq_len=128),       # ~0.5M, for tests
+    "base": dict(d_model=768, n_layers=6, n_heads=12, d_ff=3072, seq_len=1024),   # BART-base shape
+    "large": dict(d_model=1024, n_layers=12, n_heads=16, d_ff=4096, seq_len=1024),  # BART-large shape
+}
+
+
+def bart_config(preset: str | None = None, **overrides: Any) -> BartConfig:
+    """Preset sizes + explicit overrides (None values are ignored)."""
+    fields: dict[str, Any] = {}
+    if preset is not None:
+        if preset not in PRESETS:
+            raise ValueError(f"unknown bart preset {preset!r}; choose one of {sorted(PRESETS)}")
+        fields.update(PRESETS[preset])
+    fields.update({k: v for k, v in overrides.items() if v is not None})
+    return BartConfig(**fields)
+
+
+# ----------------------------------------------------------------------------- blocks
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: BartConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.q = nn.Linear(cfg.d_model, cfg.d_model)
+        self.k = nn.Linear(cfg.d_model, cfg.d_model)
+        self.v = nn.Linear(cfg.d_model, cfg.d_model)
+        self.o = nn.Linear(cfg.d_model, cfg.d_model)
+
+    def forward(self, x: torch.Tensor, kv: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        """x (B, Tq, d) attends to kv (B, Tk, d); bias (B or 1, 1, Tq or 1, Tk) additive 0 / -inf."""
+        B, Tq, _ = x.shape
+        H, hd = self.cfg.n_heads, self.cfg.head_dim
+        q = self.q(x).view(B, Tq, H, hd).transpose(1, 2)                                  # (B, H, Tq, hd)
+        k = self.k(kv).view(B, -1, H, hd).transpose(1, 2)                                 # (B, H, Tk, hd)
+        v = self.v(kv).view(B, -1, H, hd).transpose(1, 2)                                 # (B, H, Tk, hd)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype),
+                                           dropout_p=self.cfg.dropout if self.training else 0.0)
+        return self.o(y.transpose(1, 2).reshape(B, Tq, -1))                               # (B, Tq, d)
+
+
+class Block(nn.Module):
+    """Post-norm: x = LN(x + attn(x)) [; x = LN(x + cross(x, memory))]; x = LN(x + fc2(gelu(fc1(x))))."""
+
+    def __init__(self, cfg: BartConfig, cross: bool):
+        super().__init__()
+        self.self_attn, self.self_norm = Attention(cfg), nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.cross_attn = Attention(cfg) if cross else None
+        self.cross_norm = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps) if cross else None
+        self.fc1, self.fc2 = nn.Linear(cfg.d_model, cfg.d_ff), nn.Linear(cfg.d_ff, cfg.d_model)
+        self.ff_norm = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.dropout = cfg.dropout
+
+    def forward(self, x: torch.Tensor, bias: torch.Tensor, memory: torch.Tensor | None = None,
+                memory_bias: torch.Tensor | None = None) -> torch.Tensor:
+        drop = lambda t: F.dropout(t, self.dropout, self.training)                        # noqa: E731
+        x = self.self_norm(x + drop(self.self_attn(x, x, bias)))
+        if self.cross_attn is not None:
+            x = self.cross_norm(x + drop(self.cross_attn(x, memory, memory_bias)))
+        return self.ff_norm(x + drop(self.fc2(drop(F.gelu(self.fc1(x))))))
+
+
+class Stack(nn.Module):
+    """The encoder or (causal, with cross-attention) the decoder, over the shared token embedding."""
+
+    def __init__(self, cfg: BartConfig, decoder: bool):
+        super().__init__()
+        self.cfg, self.decoder = cfg, decoder
+        self.positions = nn.Embedding(cfg.seq_len + POSITION_OFFSET, cfg.d_model)
+        self.norm_embedding = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.layers = nn.ModuleList([Block(cfg, cross=decoder) for _ in range(cfg.n_layers)])
+
+    def forward(self, tokens: torch.Tensor, key_mask: torch.Tensor | None, memory: torch.Tensor | None = None,
+                memory_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens (B, T, d) embedded ids; masks (B, T) 1 = token, 0 = padding (None: no padding)."""
+        T = tokens.shape[1]
+        if T > self.cfg.seq_len:
+            raise ValueError(f"sequence of {T} tokens exceeds seq_len {self.cfg.seq_len}")
+        pos = self.positions(torch.arange(T, device=tokens.device) + POSITION_OFFSET)     # (T, d)
+        x = F.dropout(self.norm_embedding(tokens + pos), self.cfg.dropout, self.training)
+        bias = key_bias(key_mask, T, x.device)                                            # (B or 1, 1, 1, T)
+        if self.decoder:
+            causal = torch.ones(T, T, dtype=torch.bool, device=x.device).triu(1)
+            bias = bias.masked_fill(causal, float("-inf"))                                # (., 1, T, T)
+        memory_bias = key_bias(memory_mask, memory.shape[1], x.device) if memory is not None else None
+        for layer in self.layers:
+            x = layer(x, bias, memory, memory_bias)
+        return x
+
+
+# ----------------------------------------------------------------------------- model
+
+
+class Bart(nn.Module):
+    def __init__(self, cfg: BartConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.shared = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.encoder = Stack(cfg, decoder=False)
+        self.decoder = Stack(cfg, decoder=True)
+        self.register_buffer("final_logits_bias", torch.zeros(cfg.vocab_size))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """BART's init: N(0, init_std) for matrices and embeddings, zero biases, unit LayerNorm gains."""
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, 0.0, self.cfg.init_std)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.LayerNorm):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+
+    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, S) ids -> (B, S, d) encoder states."""
+        return self.encoder(self.shared(input_ids), attention_mask)
+
+    def logits(self, memory: torch.Tensor, decoder_input_ids: torch.Tensor,
+               attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Encoder states (B, S, d) and decoder inputs (B, T) -> (B, T, V) logits."""
+        h = self.decoder(self.shared(decoder_input_ids), None, memory, attention_mask)      # (B, T, d)
+        return F.linear(h, self.shared.weight) + self.final_logits_bias
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, decoder_input_ids: torch.Tensor,
+                labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(B, T, V) logits and, given labels (B, T; IGNORE_INDEX where no target), the mean cross-entropy."""
+        logits = self.logits(self.encode(input_ids, attention_mask), decoder_input_ids, attention_mask)
+        if labels is None:
+            return logits, None
+        return logits, F.cross_entropy(logits.float().view(-1, logits.shape[-1]), labels.reshape(-1),
+                                       ignore_index=IGNORE_INDEX)
+
+
+def param_counts(cfg: BartConfig) -> dict[str, int]:
+    """Exact parameter counts by formula; ``non_embedding`` leaves out the token and position tables."""
+    d, ff = cfg.d_model, cfg.d_ff
+    attn = 4 * (d * d + d)
+    mlp = d * ff + ff + ff * d + d
+    norm = 2 * d
+    encoder = cfg.n_layers * (attn + mlp + 2 * norm) + norm
+    decoder = cfg.n_layers * (2 * attn + mlp + 3 * norm) + norm
+    embedding = cfg.vocab_size * d + 2 * (cfg.seq_len + POSITION_OFFSET) * d
+    return {"total": encoder + decoder + embedding, "non_embedding": encoder + decoder}
