@@ -9,6 +9,7 @@ the run's tokenizer (``tokenizer.json``, ``tokenizer_config.json``), so::
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
     model = AutoModelForCausalLM.from_pretrained(OUT)      # LlamaForCausalLM / GPT2LMHeadModel
+    # encoder-decoders (t5, bart): AutoModelForSeq2SeqLM
     tokenizer = AutoTokenizer.from_pretrained(OUT)
 
 Which family maps to which class is in ``models/hf.py``. A folder like this
@@ -76,7 +77,8 @@ def add_export_command(subparsers: argparse._SubParsersAction) -> argparse.Argum
         "export", help="write a trained model as a Hugging Face folder",
         description="Export the best (else latest complete) checkpoint of RUN_DIR, or one checkpoint folder, "
                     "as a folder transformers loads: LlamaForCausalLM, GPT2LMHeadModel, BertForMaskedLM / "
-                    "BertForPreTraining, AlbertForMaskedLM / AlbertForPreTraining.")
+                    "BertForPreTraining, AlbertForMaskedLM / AlbertForPreTraining, T5ForConditionalGeneration, "
+                    "BartForConditionalGeneration.")
     p.add_argument("run_dir", metavar="RUN_DIR", help="run directory or checkpoint folder (any fsspec URI)")
     p.add_argument("out", metavar="OUT", help="new local folder to write")
     p.add_argument("--format", choices=["hf"], default="hf", help="output format (hf: Hugging Face transformers)")

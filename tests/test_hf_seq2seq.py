@@ -49,3 +49,27 @@ def test_t5_untied_head_is_refused_for_export():
     assert model.lm_head is not None and hasattr(model.encoder.blocks[0].ff, "wi_0")
     with pytest.raises(HFError, match="untied head"):
         hf_class(cfg)
+
+
+@pytest.mark.parametrize("family", ["t5", "bart"])
+def test_init_from_a_hugging_face_folder_takes_its_weights(family, tmp_path):
+    # model.init_from an exported folder: the architecture and weights of the folder, dropout from the spec.
+    from data.storage import Storage
+    from data.tokenizer import byte_tokenizer
+    from tests.conftest import tiny_spec
+    from workers.tasks import build_model, model_config
+    from workers.weights import init_config, load_init_state
+
+    tok = byte_tokenizer()
+    folder, cache = tmp_path / "hf", tmp_path / "cache"
+    tok.save(str(cache))
+    spec = tiny_spec(**{"model.family": family, "model.init_from": str(folder), "model.dropout": 0.1})
+    cfg = model_config(spec, tok.padded_vocab_size)
+    source = build_model(cfg)
+    save_hf(str(folder), cfg, source.state_dict(), {"tokenizer.json": tok.to_json()})
+    new_cfg, weights = init_config(spec, Storage(str(tmp_path)), cfg, tok, str(cache))
+    assert new_cfg.dropout == 0.1 and new_cfg.vocab_size == cfg.vocab_size
+    model = build_model(new_cfg)
+    load_init_state(model, weights)
+    for name, tensor in source.state_dict().items():
+        assert torch.equal(model.state_dict()[name], tensor), name

@@ -1,4 +1,5 @@
-"""T5 span corruption and BART's noising functions, checked by hand and by their distributions (no Ray)."""
+"""T5 span corruption and BART's noising functions, checked by hand and by their distributions; bad
+encoder-decoder specs refused at validation (no Ray)."""
 import math
 
 import numpy as np
@@ -121,3 +122,19 @@ def test_bart_deletion_rotation_and_defaults():
     assert 99 in out and len(out) < len(tokens)                              # infilling is on by default
     assert bart_noise(tokens, BartNoise(mask_ratio=0, permute_sentences=False), 99, ends,
                       sample_rng(0, 0, 3)) == tokens
+
+
+@pytest.mark.parametrize("overrides,match", [
+    ({"model.family": "t5", "model.moe": {"num_experts": 4}}, "no Switch layers"),
+    ({"model.family": "bart", "model.tie_embeddings": False}, "always ties"),
+    ({"model.family": "t5", "data.seq_len": 4096}, "sentinels"),
+    ({"model.family": "bart", "parallel.pp": 2, "parallel.zero_stage": 1, "train.grad_accum": 2}, "decoder famil"),
+    ({"model.family": "bart", "data.noising": {"mask_ratio": 1.5}}, "data.noising.mask_ratio"),
+])
+def test_bad_encoder_decoder_specs_are_refused_at_validation(overrides, match):
+    from specs.job import SpecError
+    from tests.conftest import tiny_spec
+
+    with pytest.raises(SpecError, match=match) as err:
+        tiny_spec(**overrides)
+    assert "\n" not in str(err.value)

@@ -47,6 +47,12 @@ def seq2seq_config(spec, vocab_size: int):
         raise ValueError(f"{m.family} has no Switch layers, n_kv_heads or parallel_block; leave them out")
     sizes = dict(d_model=m.d_model, n_layers=m.n_layers, n_heads=m.n_heads, d_ff=m.d_ff, dropout=m.dropout)
     if m.family == "t5":
+        noising = spec.data.noising or NoisingSpec()
+        _, spans = span_counts(spec.data.seq_len, noising.noise_density, noising.mean_span_length)
+        if spans + 1 > SENTINEL_ROWS:
+            raise ValueError(f"t5 has {SENTINEL_ROWS - 1} sentinels for noise spans, and data.seq_len "
+                             f"{spec.data.seq_len} makes {spans}; use a shorter data.seq_len or a longer "
+                             "data.noising.mean_span_length")
         return t5_config(m.preset, vocab_size=vocab_size + SENTINEL_ROWS, tie_embeddings=m.tie_embeddings, **sizes)
     if m.tie_embeddings is False:
         raise ValueError("bart always ties its output head to the shared embedding; leave tie_embeddings out")
@@ -86,11 +92,6 @@ class Seq2SeqLM:
         self.t5 = isinstance(cfg, T5Config)
         self.eos_id, self.pad_id = tokenizer.eos_id, tokenizer.pad_id
         if self.t5:
-            _, spans = span_counts(seq_len, self.noising.noise_density, self.noising.mean_span_length)
-            if spans + 1 > SENTINEL_ROWS:
-                raise UserError(f"data.seq_len: {seq_len} tokens make {spans} noise spans, and t5 has "
-                                f"{SENTINEL_ROWS - 1} sentinels for them; use a shorter data.seq_len or a longer "
-                                "data.noising.mean_span_length")
             self.sentinels = sentinel_ids(cfg.vocab_size, SENTINEL_ROWS)
         else:
             if cfg.seq_len < seq_len:

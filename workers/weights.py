@@ -216,7 +216,8 @@ def _check_sizes(spec, cfg, src) -> None:
             name, getattr(src, name, None))
         if value is not None and value != theirs:
             raise UserError(f"model.{name}: {value}, but {m.init_from} has {theirs}; leave it out or match it")
-    experts = [(c.moe.num_experts, c.moe.every) if c.moe is not None else None for c in (cfg, src)]
+    moes = [getattr(c, "moe", None) for c in (cfg, src)]                         # encoder-decoders have none
+    experts = [(moe.num_experts, moe.every) if moe is not None else None for moe in moes]
     if experts[0] != experts[1]:
         raise UserError("model.moe: the weights have " + ("no Switch layers" if experts[1] is None else
                         f"num_experts={experts[1][0]}, every={experts[1][1]}") + "; set model.moe to match")
@@ -252,10 +253,10 @@ def init_config(spec, storage: Storage, cfg, tokenizer, token_cache: str) -> tup
             and not _same_vocab((src_storage, w.tokenizer_dir), (storage, token_cache)):
         raise UserError(f"{where}: the weights were trained with another tokenizer than data.tokenizer gives "
                         "here; use the same data.tokenizer (and corpus, for bpe)")
-    changes: dict = {"dropout": m.dropout, "moe": cfg.moe}
+    changes: dict = {"dropout": m.dropout, **({"moe": cfg.moe} if hasattr(src, "moe") else {})}
     if not is_encoder_config(src) and src.pos == "rope":
         changes["seq_len"] = spec.data.seq_len
-    elif spec.data.seq_len > src.seq_len:
+    elif spec.data.seq_len > getattr(src, "seq_len", spec.data.seq_len):        # t5: no position table
         raise UserError(f"data.seq_len: {spec.data.seq_len} is longer than the position table of "
                         f"{m.init_from} ({src.seq_len})")
     return dataclasses.replace(src, **changes), w
