@@ -18,7 +18,7 @@ from workers import checkpoint as ck
 
 
 def _write(storage, run_dir, step, attempt=None, payload=b"0123456789", model=False):
-    """A checkpoint as the ranks leave it: files staged by ``upload_hashed``, published by ``_publish``."""
+    """A checkpoint as the ranks leave it: files staged by ``upload_hashed``, published by ``publish``."""
     local = os.path.join(storage.local_path(run_dir), f".src-{step}")
     os.makedirs(os.path.join(local, "ds"), exist_ok=True)
     with open(os.path.join(local, "ds", "shard.pt"), "wb") as f:
@@ -27,7 +27,7 @@ def _write(storage, run_dir, step, attempt=None, payload=b"0123456789", model=Fa
         with open(os.path.join(local, "model.safetensors"), "wb") as f:
             f.write(b"weights")
     files = ck.upload_hashed(storage, local, ck.staging_dir(run_dir, attempt, step))
-    verdict = ck._publish(storage, run_dir, step, {"data": {}}, [{"files": files}], 1, 1, attempt, None)
+    verdict = ck.publish(storage, run_dir, step, {"data": {}}, [{"files": files}], 1, 1, attempt, None)
     return ck.checkpoint_dir(run_dir, step), verdict
 
 

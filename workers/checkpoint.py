@@ -1,422 +1,59 @@
-"""Checkpoints: every rank's DeepSpeed shards, a manifest written last, retention, one writer per run.
+"""What the training loop talks to about checkpoints: when to save, saving without stalling, resuming.
 
-Layout under ``<run_dir>/checkpoints/step_00000100/``::
+``Checkpointer`` decides when a step is due for a save, writes one (with
+retention) and says how a run resumes from the latest one, including the one
+rule for resuming on another number of workers.
 
-    ds/...               DeepSpeed's files (model states, each rank's ZeRO shards)
-    model.safetensors    consolidated fp32 weights (optional, written by rank 0)
-    manifest.json        written last, by rank 0, after every rank has uploaded:
-                         each file's size and sha256, the attempt that wrote it
+A save does not stop training for its files: at the step boundary every rank
+copies its state to host memory (``checkpoint_writer.snapshot``) and a thread
+writes the files; rank 0 publishes the checkpoint (manifest last, attempt
+fence, ``checkpoint_store.publish``) at the first step at which every rank's
+files are written, found with the loop's one all-reduce per step. At most one
+save is in flight: the next save, a stop and the end of the run wait for it.
+A checkpoint whose writing did not finish (kill -9, an exception) is never
+published, exactly like one that died before its manifest, so the previous one
+stays the latest.
 
-A checkpoint is complete only when its manifest exists and every file it lists
-is present with the listed size; a resume also checks every file's sha256 and
-skips (with a line in the log) a checkpoint that fails, for the one before it.
-Retention deletes the manifest first, so a half-deleted checkpoint is already
-invisible.
+On resume each rank reads the files it needs: in place on local storage; on an
+object store it downloads its own ZeRO shards and the shared files, never the
+other ranks' shards (a universal checkpoint, for another number of workers, is
+read whole).
 
-One writer per run directory. Whoever starts an attempt of a run (the
-controller, or ``switchyard run``) writes ``<run_dir>/attempt.json`` with a new
-attempt token first (``begin_attempt``). Ranks upload a checkpoint into
-``checkpoints/.staging/<attempt>/step_N`` (an earlier attempt's zombie ranks
-have a staging folder of their own, so they never touch this attempt's files);
-rank 0 then checks that its attempt is still the current one, moves the
-staged folder into place and writes the manifest, checking again right before.
-A rank of an attempt that is not the current one writes no manifest, runs no
-retention and stops with ``FencedOut``.
-
-``Checkpointer`` is what the training loop talks to: when a step is due for a
-save, writing one (with retention), and how a run resumes from the latest one,
-including the one rule for resuming on another number of workers.
+The layout on storage, manifests, checksums, the fence and retention are
+``workers/checkpoint_store.py``; writing the files is ``workers/checkpoint_writer.py``.
 """
 from __future__ import annotations
 
-import contextlib
-import errno
-import hashlib
-import importlib
-import json
 import logging
 import os
-import secrets
-import socket
 import posixpath
 import re
 import shutil
 import tempfile
-import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-
-import torch
 
 from data.storage import Storage
 from specs.errors import UserError
+from workers.checkpoint_store import (  # noqa: F401 -- the names the rest of the project imports from here
+    ATTEMPT_FILE, DS_TAG, STAGING, UNIVERSAL_TAG, CheckpointInfo, FencedOut, StorageFault, apply_retention,
+    begin_attempt, checkpoint_dir, checkpoint_folders, current_attempt, is_current, latest_checkpoint,
+    list_checkpoints, load_consolidated, needs_universal, publish, resume_choice, retain, staging_dir,
+    storage_fault, tensors_only, unevaluated, verify)
+from workers.checkpoint_writer import PendingSave, host_weights, snapshot, upload_hashed  # noqa: F401
 
 log = logging.getLogger(__name__)
 
-STEP_RE = re.compile(r"step_(\d{8})$")
-DS_TAG = "ds"
-UNIVERSAL_TAG = "ds_universal"
-STAGING = ".staging"
-ATTEMPT_FILE = "attempt.json"
-CHUNK = 1 << 20  # bytes read at a time while hashing
+ZERO_SHARD_RE = re.compile(r"zero_pp_rank_(\d+)_mp_rank_\d+_(?:model|optim)_states\.pt$")
+DOWNLOAD_THREADS = 4
 
 
-# The only non-tensor types DeepSpeed's checkpoint files hold (besides builtins and tensors).
-DEEPSPEED_SAFE_GLOBALS = (
-    "deepspeed.runtime.fp16.loss_scaler.LossScaler",
-    "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
-    "deepspeed.runtime.zero.config.ZeroStageEnum",
-    "deepspeed.utils.tensor_fragment.fragment_address",
-)
-
-
-@contextlib.contextmanager
-def tensors_only():
-    """Make every torch.load inside (DeepSpeed's included) a ``weights_only=True`` load.
-
-    DeepSpeed unpickles its files with ``weights_only=False``; a checkpoint on
-    shared storage must not be able to run code in our ranks. Tensors, builtins
-    and the few plain DeepSpeed data classes above load; anything else fails.
-    """
-    allowed = []
-    for name in DEEPSPEED_SAFE_GLOBALS:
-        module, _, attr = name.rpartition(".")
-        try:
-            allowed.append(getattr(importlib.import_module(module), attr))
-        except (ImportError, AttributeError):  # another DeepSpeed version: fewer types to allow
-            continue
-    original = torch.load
-
-    def safe_load(*args, **kwargs):
-        kwargs["weights_only"] = True
-        with torch.serialization.safe_globals(allowed):
-            return original(*args, **kwargs)
-
-    torch.load = safe_load
-    try:
-        yield
-    finally:
-        torch.load = original
-
-
-def checkpoint_dir(run_dir: str, step: int) -> str:
-    return posixpath.join(run_dir, "checkpoints", f"step_{step:08d}")
-
-
-@dataclass(frozen=True)
-class CheckpointInfo:
-    step: int
-    path: str
-    manifest: dict
-
-
-class FencedOut(UserError):
-    """This rank's attempt is no longer the run's current one: another attempt owns the run directory."""
-
-
-class StorageFault(UserError):
-    """The storage refused a write (read-only, full, over quota): retrying cannot help, the job fails."""
-
-
-STORAGE_ERRNOS = {errno.EROFS: "is read-only", errno.EACCES: "refuses writes (permission denied)",
-                  errno.EPERM: "refuses writes (operation not permitted)", errno.ENOSPC: "is full (no space left)",
-                  errno.EDQUOT: "is over its quota"}
-
-
-def storage_fault(err: OSError, where: str, intact: int | None = None) -> StorageFault | None:
-    """The one-line StorageFault for a write the storage refused, or None for another OSError."""
-    why = STORAGE_ERRNOS.get(err.errno)
-    if why is None:
-        return None
-    kept = (f"; the checkpoint at step {intact} is intact" if intact is not None and intact >= 0
-            else "; no checkpoint was written")
-    return StorageFault(f"storage: {where} {why} ({err.filename or err}){kept}; free space or make it writable, "
-                        "then resume")
-
-
-def begin_attempt(storage: Storage, run_dir: str, owner: str, job_id: str | None = None) -> str:
-    """Start a new attempt of the run: ``attempt.json`` names it (the fence); returns its token.
-
-    Called by whoever starts the ranks (the controller, ``switchyard run``), before they start. From then
-    on the ranks of every earlier attempt can write no manifest and run no retention.
-    """
-    number = int((current_attempt(storage, run_dir) or {}).get("number", 0)) + 1
-    token = f"{number:04d}-{secrets.token_hex(4)}"
-    storage.makedirs(run_dir)
-    storage.write_json(f"{run_dir}/{ATTEMPT_FILE}", {"attempt": token, "number": number, "owner": owner,
-                                                     "job_id": job_id, "host": socket.gethostname(),
-                                                     "pid": os.getpid(), "time": time.time()})
-    return token
-
-
-def current_attempt(storage: Storage, run_dir: str) -> dict | None:
-    """The run's ``attempt.json`` (None when no attempt was ever recorded)."""
-    try:
-        return storage.read_json(f"{run_dir}/{ATTEMPT_FILE}")
-    except (FileNotFoundError, ValueError):
-        return None
-
-
-def is_current(storage: Storage, run_dir: str, attempt: str | None) -> bool:
-    """Whether ``attempt`` may write the run's manifests (None: an unfenced writer, e.g. a unit test)."""
-    if attempt is None:
-        return True
-    return (current_attempt(storage, run_dir) or {}).get("attempt") == attempt
-
-
-def staging_dir(run_dir: str, attempt: str | None, step: int) -> str:
-    return posixpath.join(run_dir, "checkpoints", STAGING, attempt or "unfenced", f"step_{step:08d}")
-
-
-def _is_complete(storage: Storage, path: str) -> dict | None:
-    fs = storage.fs
-    manifest_uri = f"{path}/manifest.json"
-    if not fs.exists(manifest_uri):
-        return None
-    try:
-        manifest = storage.read_json(manifest_uri)
-    except (ValueError, OSError):
-        return None
-    for rel, size in manifest.get("files", {}).items():
-        uri = f"{path}/{rel}"
-        try:
-            if fs.size(uri) != size:
-                return None
-        except (FileNotFoundError, OSError):
-            return None
-    return manifest
-
-
-def _sha256(fs, uri: str) -> str:
-    h = hashlib.sha256()
-    with fs.open(uri, "rb") as f:
-        while chunk := f.read(CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def verify(storage: Storage, ckpt: CheckpointInfo) -> str | None:
-    """Why ``ckpt``'s files do not match its manifest's sha256 sums; None when every one does.
-
-    (A manifest written before checksums has sizes only: those were checked when it was listed.)
-    """
-    for rel, want in sorted((ckpt.manifest.get("sha256") or {}).items()):
-        try:
-            got = _sha256(storage.fs, f"{ckpt.path}/{rel}")
-        except OSError as err:
-            return f"{rel} cannot be read ({err})"
-        if got != want:
-            return f"{rel} has sha256 {got[:12]}..., the manifest says {want[:12]}..."
-    return None
-
-
-def checkpoint_folders(storage: Storage, run_dir: str) -> list[int]:
-    """Steps of every ``step_N`` folder of a run, complete or not, oldest first."""
-    root = posixpath.join(run_dir, "checkpoints")
-    if not storage.fs.exists(root):
-        return []
-    return sorted(int(m.group(1)) for e in storage.fs.ls(root, detail=False)
-                  if (m := STEP_RE.search(e.rstrip("/"))))
-
-
-def list_checkpoints(storage: Storage, run_dir: str, complete_only: bool = True) -> list[CheckpointInfo]:
-    """Checkpoints of a run, oldest first."""
-    out = []
-    for step in checkpoint_folders(storage, run_dir):
-        path = checkpoint_dir(run_dir, step)
-        manifest = _is_complete(storage, path) if complete_only else {}
-        if manifest is not None:
-            out.append(CheckpointInfo(step, path, manifest))
-    return out
-
-
-def latest_checkpoint(storage: Storage, run_dir: str) -> CheckpointInfo | None:
-    done = list_checkpoints(storage, run_dir)
-    return done[-1] if done else None
-
-
-def resume_choice(storage: Storage, run_dir: str) -> CheckpointInfo | None:
-    """The newest complete checkpoint whose files match their checksums; a failing one is skipped with a
-    line in the log. UserError when the run has checkpoint folders but none is complete and intact
-    (resuming at step 0 would silently throw the run away)."""
-    done = list_checkpoints(storage, run_dir)
-    for ckpt in reversed(done):
-        problem = verify(storage, ckpt)
-        if problem is None:
-            return ckpt
-        log.warning("checkpoint %s skipped: %s; trying the one before it", ckpt.path, problem)
-    folders = checkpoint_folders(storage, run_dir)
-    if folders:
-        bad = ", ".join(f"step_{s:08d}" for s in folders[-3:])
-        raise UserError(f"resume: {run_dir} has checkpoint folders ({bad}) but none is complete and intact "
-                        "(manifest, sizes and sha256); nothing to resume from: start a new run")
-    return None
-
-
-def consolidated_state_dict(engine) -> dict[str, torch.Tensor] | None:
-    """Full fp32 weights on rank 0 (None elsewhere); a collective under ZeRO-3."""
-    import deepspeed
+def consolidated_state_dict(engine) -> dict | None:
+    """Collective under ZeRO-3: full fp32 weights in rank 0's host memory (None elsewhere), one parameter at
+    a time (PPO's value model)."""
     import torch.distributed as dist
 
-    module = engine.module
-    if engine.zero_optimization_stage() == 3:
-        params = list(module.parameters())
-        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-            sd = {k: v.detach().float().clone() for k, v in module.state_dict().items()} if dist.get_rank() == 0 else None
-        return sd
-    if dist.get_rank() != 0:
-        return None
-    return {k: v.detach().float().clone() for k, v in module.state_dict().items()}
-
-
-def save_safetensors(state: dict[str, torch.Tensor], path: str) -> None:
-    """safetensors refuses shared storage: keep one copy of tied tensors."""
-    from safetensors.torch import save_file
-
-    seen: dict[int, str] = {}
-    out = {}
-    for k, v in state.items():
-        ptr = v.data_ptr()
-        if ptr in seen:
-            continue
-        seen[ptr] = k
-        out[k] = v.contiguous()
-    save_file(out, path)
-
-
-def upload_hashed(storage: Storage, local_dir: str, uri: str) -> dict[str, list]:
-    """Upload every file under ``local_dir`` to ``uri``, hashing while it streams; {rel: [size, sha256]}."""
-    fs = storage.fs
-    out = {}
-    for dirpath, _, names in os.walk(local_dir):
-        for name in names:
-            src = os.path.join(dirpath, name)
-            rel = os.path.relpath(src, local_dir).replace(os.sep, "/")
-            dst = posixpath.join(uri, rel)
-            if storage.is_local:
-                os.makedirs(os.path.dirname(storage.local_path(dst)), exist_ok=True)
-            h, size = hashlib.sha256(), 0
-            with open(src, "rb") as f, fs.open(dst, "wb") as g:
-                while chunk := f.read(CHUNK):
-                    h.update(chunk)
-                    g.write(chunk)
-                    size += len(chunk)
-            out[rel] = [size, h.hexdigest()]
-    return out
-
-
-def save_checkpoint(engine, storage: Storage, run_dir: str, step: int, extra: dict, consolidated: bool = True,
-                    others: dict | None = None, tensor_files: dict[str, dict | None] | None = None,
-                    overrides: dict[str, torch.Tensor] | None = None, attempt: str | None = None,
-                    intact: int | None = None) -> str:
-    """Collective: every rank calls it. Returns the checkpoint URI.
-
-    ``others`` are more engines of the same job (PPO's value model), saved
-    under DeepSpeed tags ``ds_<name>``. ``tensor_files`` maps a file name to
-    a state dict rank 0 writes as safetensors (None on other ranks).
-    ``overrides`` replace entries of the consolidated weights. ``attempt`` is
-    this run's attempt token (``begin_attempt``): every rank uploads into the
-    attempt's staging folder, rank 0 publishes it only while the attempt is
-    current. Every rank raises the same error when one failed: FencedOut,
-    StorageFault (``intact``: the step of the last checkpoint, for its message).
-    """
-    import torch.distributed as dist
-
-    rank, world = dist.get_rank(), dist.get_world_size()
-    path, staged = checkpoint_dir(run_dir, step), staging_dir(run_dir, attempt, step)
-    local = tempfile.mkdtemp(prefix=f"sy-ckpt-r{rank}-")
-    mine: dict = {}
-    try:
-        engine.save_checkpoint(local, tag=DS_TAG, save_latest=False)
-        for name, other in (others or {}).items():
-            other.save_checkpoint(local, tag=f"{DS_TAG}_{name}", save_latest=False)
-        state = consolidated_state_dict(engine) if consolidated else None
-        if state is not None:
-            save_safetensors({**state, **(overrides or {})}, os.path.join(local, "model.safetensors"))
-        for name, tensors in (tensor_files or {}).items():
-            if tensors is not None:
-                save_safetensors(tensors, os.path.join(local, name))
-        mine = {"files": upload_hashed(storage, local, staged)}
-    except OSError as err:  # reported to rank 0 so every rank stops with the same error, none hangs
-        fault = storage_fault(err, f"{run_dir} (checkpoint step {step})", intact)
-        mine = {"error": str(fault or f"checkpoint step {step}: {err}"), "storage": fault is not None}
-    finally:
-        shutil.rmtree(local, ignore_errors=True)
-    parts = [None] * world if rank == 0 else None
-    dist.gather_object(mine, parts, dst=0)
-    verdict = [_publish(storage, run_dir, step, extra, parts, world, engine.zero_optimization_stage(), attempt,
-                        intact) if rank == 0 else None]
-    dist.broadcast_object_list(verdict, src=0)
-    kind, message = verdict[0] or (None, None)
-    if kind == "fenced":
-        raise FencedOut(message)
-    if kind == "storage":
-        raise StorageFault(message)
-    if kind is not None:
-        raise OSError(message)
-    return path
-
-
-def _publish(storage: Storage, run_dir: str, step: int, extra: dict, parts: list[dict], world: int,
-             zero_stage: int, attempt: str | None, intact: int | None) -> tuple[str, str] | None:
-    """Rank 0: move the attempt's staged checkpoint into place and write its manifest, if the attempt is
-    still the current one; returns None, or (``"fenced" | "storage" | "error"``, message)."""
-    failed = [p for p in parts if "error" in p]
-    if failed:
-        return ("storage" if failed[0]["storage"] else "error"), failed[0]["error"]
-    fs = storage.fs
-    path, staged = checkpoint_dir(run_dir, step), staging_dir(run_dir, attempt, step)
-
-    def fenced() -> tuple[str, str] | None:
-        if is_current(storage, run_dir, attempt):
-            return None
-        now = (current_attempt(storage, run_dir) or {}).get("attempt")
-        log.warning("attempt %s is not the current one (%s): step %d not published, no retention", attempt, now,
-                    step)
-        return "fenced", (f"checkpoint: attempt {attempt} of {run_dir} is no longer the current one ({now} is); "
-                          "this rank stops without writing")
-
-    try:
-        if (why := fenced()) is not None:
-            return why
-        files = {rel: info for p in parts for rel, info in p["files"].items()}
-        if not storage.is_local:
-            fs.invalidate_cache()  # the other ranks' uploads are not in this process's listing cache
-        if fs.exists(path):  # an earlier attempt's unfinished folder of this step: invisible first, then gone
-            if fs.exists(f"{path}/manifest.json"):
-                fs.rm(f"{path}/manifest.json")
-            fs.rm(path, recursive=True)
-        if storage.is_local:
-            fs.mv(staged, path, recursive=True)  # one rename
-        else:  # an object store has no rename: copy the files every rank listed, server-side
-            for rel in sorted(files):
-                fs.copy(f"{staged}/{rel}", f"{path}/{rel}")
-        manifest = dict(extra, step=step, files={rel: info[0] for rel, info in sorted(files.items())},
-                        sha256={rel: info[1] for rel, info in sorted(files.items())}, world_size=world,
-                        zero_stage=zero_stage, attempt=attempt, time=time.time())
-        if (why := fenced()) is not None:  # checked again right before the manifest makes it visible
-            return why
-        storage.write_json(f"{path}/manifest.json", manifest)
-        _drop_staging(storage, run_dir, attempt)
-    except OSError as err:
-        fault = storage_fault(err, f"{run_dir} (checkpoint step {step})", intact)
-        return ("storage", str(fault)) if fault is not None else ("error", f"checkpoint step {step}: {err}")
-    return None
-
-
-def _drop_staging(storage: Storage, run_dir: str, attempt: str | None) -> None:
-    """What is left in the staging area: this attempt's empty folders, other attempts' partial uploads."""
-    root = posixpath.join(run_dir, "checkpoints", STAGING)
-    fs = storage.fs
-    try:
-        if fs.exists(root):
-            fs.rm(root, recursive=True)
-    except OSError:  # a zombie still writing its own staged files: they go next time
-        pass
-
-
-def needs_universal(ckpt: CheckpointInfo, world_size: int) -> bool:
-    """ZeRO-1/2/3 shards are laid out per data-parallel rank: another world size needs a universal checkpoint."""
-    return ckpt.manifest.get("world_size") != world_size and ckpt.manifest.get("zero_stage", 0) > 0
+    return host_weights(engine, dist.get_rank(), next(engine.module.parameters()).device.type == "cuda")
 
 
 def convert_to_universal(storage: Storage, ckpt: CheckpointInfo) -> None:
@@ -449,11 +86,41 @@ def convert_to_universal(storage: Storage, ckpt: CheckpointInfo) -> None:
         shutil.rmtree(work, ignore_errors=True)
 
 
+
+
+def rank_files(rels: list[str], dp_rank: int | None) -> list[str]:
+    """The files of a DeepSpeed checkpoint folder one data-parallel rank reads: everything but the other
+    ranks' ZeRO shards (``zero_pp_rank_<r>_...``); all of them when ``dp_rank`` is None."""
+    if dp_rank is None:
+        return list(rels)
+    return [rel for rel in rels
+            if (m := ZERO_SHARD_RE.search(posixpath.basename(rel))) is None or int(m.group(1)) == dp_rank]
+
+
+def _dp_rank(engine) -> int | None:
+    """This rank's index in the group its ZeRO optimizer partitions over (None without ZeRO)."""
+    import torch.distributed as dist
+
+    group = getattr(engine.optimizer, "dp_process_group", None)
+    return dist.get_rank(group=group) if group is not None else None
+
+
+def download(storage: Storage, uri: str, local_dir: str, rels: list[str]) -> None:
+    """Files ``uri/rel`` to ``local_dir/rel``, several at a time."""
+    def get(rel: str) -> None:
+        dst = os.path.join(local_dir, *rel.split("/"))
+        os.makedirs(os.path.dirname(dst), exist_ok=True)
+        storage.fs.get_file(posixpath.join(uri, rel), dst)
+
+    with ThreadPoolExecutor(max_workers=DOWNLOAD_THREADS, thread_name_prefix="ckpt-get") as pool:
+        list(pool.map(get, rels))
+
+
 def load_checkpoint(engine, storage: Storage, ckpt: CheckpointInfo, universal: bool = False,
                     name: str | None = None) -> None:
-    """Every rank loads the same complete checkpoint (downloaded first when remote).
+    """Every rank loads the same complete checkpoint (in place when local; else its own files downloaded).
 
-    ``name`` picks another engine saved with the checkpoint (``save_checkpoint(others=...)``).
+    ``name`` picks another engine saved with the checkpoint (``Checkpointer.save`` of ``others``).
     """
     tag = UNIVERSAL_TAG if universal else DS_TAG if name is None else f"{DS_TAG}_{name}"
     if storage.is_local:
@@ -462,52 +129,15 @@ def load_checkpoint(engine, storage: Storage, ckpt: CheckpointInfo, universal: b
         return
     staging = tempfile.mkdtemp(prefix="sy-load-")
     try:
-        storage.get_dir(f"{ckpt.path}/{tag}", os.path.join(staging, tag))
+        uri = f"{ckpt.path}/{tag}"
+        every = sorted(posixpath.relpath(p, uri) for p in storage.fs.find(uri))
+        mine = every if universal else rank_files(every, _dp_rank(engine))
+        download(storage, uri, os.path.join(staging, tag), mine)
+        log.info("resume: downloaded %d of the %d files of %s", len(mine), len(every), uri)
         with tensors_only():
             engine.load_checkpoint(staging, tag=tag)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-
-
-def load_consolidated(storage: Storage, ckpt_path: str, name: str = "model.safetensors") -> dict[str, torch.Tensor]:
-    """Tensors only (safetensors): no code is run from a checkpoint."""
-    from safetensors.torch import load as load_bytes
-
-    with storage.fs.open(f"{ckpt_path}/{name}", "rb") as f:
-        return load_bytes(f.read())
-
-
-def unevaluated(storage: Storage, run_dir: str) -> set[str]:
-    """Checkpoints the controller will evaluate and has not yet (those with consolidated weights, not in
-    ``evals.jsonl``); empty when no controller runs the run (``switchyard run``: nothing evaluates them)."""
-    if (current_attempt(storage, run_dir) or {}).get("owner") != "controller":
-        return set()
-    done = set()
-    if storage.exists(f"{run_dir}/evals.jsonl"):
-        for line in storage.read_text(f"{run_dir}/evals.jsonl").splitlines():
-            with contextlib.suppress(ValueError, AttributeError):
-                done.add(json.loads(line).get("checkpoint"))
-    return {c.path for c in list_checkpoints(storage, run_dir)
-            if "model.safetensors" in c.manifest.get("files", {}) and c.path not in done}
-
-
-def retain(storage: Storage, run_dir: str, keep: int) -> list[str]:
-    """``apply_retention`` that never deletes the run's best checkpoint (best_checkpoint.json) nor one the
-    controller has not evaluated yet; rank 0 only."""
-    best_uri = f"{run_dir}/best_checkpoint.json"
-    protect = {storage.read_json(best_uri).get("path", "")} if storage.exists(best_uri) else set()
-    return apply_retention(storage, run_dir, keep, protect | unevaluated(storage, run_dir))
-
-
-def apply_retention(storage: Storage, run_dir: str, keep: int, protect: set[str] = frozenset()) -> list[str]:
-    """Delete all but the newest ``keep`` complete checkpoints, never one in ``protect``; return deleted paths."""
-    done = list_checkpoints(storage, run_dir)
-    victims = [c for c in done[:-keep] if c.path not in protect] if keep > 0 else []
-    fs = storage.fs
-    for c in victims:
-        fs.rm(f"{c.path}/manifest.json")  # invisible first, then gone
-        fs.rm(c.path, recursive=True)
-    return [c.path for c in victims]
 
 
 # ----------------------------------------------------------------------------- what the loop talks to
@@ -540,6 +170,11 @@ class Checkpointer:
         self.attempt = attempt
         """This run's attempt token (``begin_attempt``); None: unfenced."""
         self.last_saved = -1
+        """The step of the last save begun (published or still being written)."""
+        self.intact = -1
+        """The step of the last checkpoint published (what a storage fault's message says is intact)."""
+        self.pending: tuple[PendingSave, dict, int] | None = None
+        """The save being written: its thread, its manifest fields, the engine's ZeRO stage."""
 
     def latest(self) -> CheckpointInfo | None:
         return latest_checkpoint(self.storage, self.run_dir)
@@ -566,7 +201,7 @@ class Checkpointer:
             raise UserError(value)
         if value is None:
             return None
-        self.last_saved = value
+        self.last_saved = self.intact = value
         return next(c for c in list_checkpoints(self.storage, self.run_dir) if c.step == value)
 
     def resume_layout(self, latest: CheckpointInfo | None, reshards: bool) -> bool:
@@ -609,19 +244,56 @@ class Checkpointer:
         load_checkpoint(engine, self.storage, latest, universal=universal)
         for name, other in others.items():
             load_checkpoint(other, self.storage, latest, name=name)
-        self.last_saved = latest.step
+        self.last_saved = self.intact = latest.step
 
     def due(self, step: int, last_step: bool) -> bool:
         """Every checkpoint.every steps, and the last step, once."""
         return step != self.last_saved and (step % self.spec.checkpoint.every == 0 or last_step)
 
     def save(self, step: int, engine, manifest: dict, state: CheckpointState) -> str:
-        """Collective: write the checkpoint (manifest last), then retention on rank 0 while the attempt is current."""
-        path = save_checkpoint(engine, self.storage, self.run_dir, step, {**manifest, **state.manifest},
-                               self.spec.checkpoint.consolidated and state.consolidate_engine, others=state.others,
-                               tensor_files=state.tensor_files, overrides=state.overrides, attempt=self.attempt,
-                               intact=self.last_saved)
+        """Collective: wait for the save in flight (``wait``), then snapshot this step's state to host memory
+        and write its files behind training; published later by ``publish_if_written`` or ``wait``. Returns
+        the checkpoint's URI."""
+        self.wait()
+        consolidated = self.spec.checkpoint.consolidated and state.consolidate_engine
+        writer = snapshot(engine, self.storage, self.run_dir, step, self.rank, consolidated, state.others,
+                          state.tensor_files, state.overrides, self.attempt, self.intact)
+        self.pending = (writer, {**manifest, **state.manifest}, engine.zero_optimization_stage())
         self.last_saved = step
+        return checkpoint_dir(self.run_dir, step)
+
+    def written(self) -> bool:
+        """Whether this rank has nothing left to write (the loop all-reduces it with the step's values)."""
+        return self.pending is None or self.pending[0].written()
+
+    def publish_if_written(self, every_rank_written: bool) -> None:
+        """Collective: publish the save in flight once every rank has written its files (the reduced
+        ``written``: the same on every rank)."""
+        if self.pending is not None and every_rank_written:
+            self.wait()
+
+    def wait(self) -> None:
+        """Collective: finish the save in flight, if any: every rank's files written, then rank 0 publishes
+        it (manifest last, while the attempt is current) and runs retention. Every rank raises the same
+        error when one failed: FencedOut, StorageFault, else OSError."""
+        import torch.distributed as dist
+
+        if self.pending is None:
+            return
+        writer, manifest, zero_stage = self.pending
+        self.pending = None
+        parts = [None] * self.world_size if self.rank == 0 else None
+        dist.gather_object(writer.result(), parts, dst=0)
+        verdict = [publish(self.storage, self.run_dir, writer.step, manifest, parts, self.world_size, zero_stage,
+                           self.attempt, self.intact) if self.rank == 0 else None]
+        dist.broadcast_object_list(verdict, src=0)
+        kind, message = verdict[0] or (None, None)
+        if kind == "fenced":
+            raise FencedOut(message)
+        if kind == "storage":
+            raise StorageFault(message)
+        if kind is not None:
+            raise OSError(message)
+        self.intact = writer.step
         if self.rank == 0 and is_current(self.storage, self.run_dir, self.attempt):  # a zombie never deletes
             retain(self.storage, self.run_dir, self.spec.checkpoint.keep)
-        return path

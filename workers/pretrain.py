@@ -95,11 +95,11 @@ class Pretrain:
 
             return step_means([{"loss": float(engine.train_batch(micro_batches(batches)))}])  # mean over micro
         rows = []
-        for batch in batches:
+        for batch in batches:  # no host sync in here: values stay tensors until the step's one all-reduce
             loss, extras = self.task.loss(engine, batch)
             engine.backward(loss)
             engine.step()
-            rows.append({"loss": loss.item(), **extras, **_moe_stats(engine.module)})
+            rows.append({"loss": loss.detach(), **extras, **_moe_stats(engine.module)})
         return step_means(rows)
 
     def log_fields(self, position: int, seconds: float) -> dict:
@@ -179,5 +179,5 @@ def _moe_stats(module) -> dict:
         stats = getattr(block.mlp, "stats", None)
         if stats:
             for k, v in stats.items():
-                out[f"moe/{i}/{k}"] = v.tolist() if hasattr(v, "tolist") else v
+                out[f"moe/{i}/{k}"] = v.detach() if torch.is_tensor(v) else v
     return out

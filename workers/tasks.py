@@ -118,7 +118,13 @@ def model_counts(cfg, seq_len: int, noising=None) -> dict:
 
 
 def _to_device(batch: dict, device) -> dict:
-    return {k: (torch.as_tensor(v).to(device) if v is not None else None) for k, v in batch.items()}
+    """A batch's arrays as tensors on ``device``; to a GPU through pinned memory without blocking the host."""
+    cuda = torch.device(device).type == "cuda"
+    out = {}
+    for k, v in batch.items():
+        t = None if v is None else torch.as_tensor(v)
+        out[k] = t if t is None else t.pin_memory().to(device, non_blocking=True) if cuda else t.to(device)
+    return out
 
 
 class CausalLM:

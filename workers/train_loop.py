@@ -8,12 +8,16 @@ kind, in the shape of torchtitan's ``Trainer.train``::
     step, position = resume(...)                        # engines + data position + kind state
     while step < total:
         values = kind.step(step, position)              # engine.backward / engine.step inside
-        ... all-reduce values and the stop flag, log a metrics row
+        ... all-reduce values, the stop flag and "checkpoint written", log a metrics row
+        checkpointer.publish_if_written(...)            # the save in flight, once every rank wrote it
         if checkpointer.due(step, last_step=...): save(step)
+    checkpointer.wait()                                 # the last save published before the final eval
     kind.evaluate()                                     # when the run reached train.steps
 
 The checkpointer (``workers/checkpoint.py``) owns when to save, retention and
-the resume layout (another number of workers, pipeline and expert layouts).
+the resume layout (another number of workers, pipeline and expert layouts); a
+save copies the state to host memory and its files are written while the next
+steps train.
 """
 from __future__ import annotations
 
@@ -73,7 +77,7 @@ def train(ctx: RunContext) -> dict:
     try:
         return run(env, kind, checkpointer, state)
     except OSError as err:  # the storage refused a write (metrics, logs): fail with that reason, no restart
-        fault = storage_fault(err, env.run_dir, checkpointer.last_saved)
+        fault = storage_fault(err, env.run_dir, checkpointer.intact)
         if fault is None:
             raise
         raise fault from None
@@ -127,8 +131,10 @@ def run(env: RankEnv, kind: JobKind, checkpointer: Checkpointer, state: LoopStat
         reduced = reduce_mean_dict(values, env.device)
         loss, stop = float(reduced.pop("loss")[0]), float(reduced.pop("stop")[0])
         seconds = time.time() - t0
+        values["checkpoint_written"] = np.array([1.0 if checkpointer.written() else 0.0])
         tps = kind.tokens_per_step / seconds if kind.tokens_per_step else None
         if tps is not None:
+        checkpointer.publish_if_written(float(reduced.pop("checkpoint_written")[0]) == 1.0)  # same on every rank
             state.tokens_per_s.append(tps)
         state.first_loss = loss if state.first_loss is None else state.first_loss
         state.last_loss = loss
@@ -146,6 +152,7 @@ def run(env: RankEnv, kind: JobKind, checkpointer: Checkpointer, state: LoopStat
     final_eval = kind.evaluate() if state.step == total else None
     writer.close()
     return _result(state, total, final_eval)
+    checkpointer.wait()
 
 
 def _row(kind: JobKind, state: LoopState, loss: float, lr: float, reduced: dict, seconds: float,
