@@ -24,7 +24,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
 
-from scaling.report import FitTable, report_dict, run_fits  # noqa: E402
+from scaling.fit_table import FitTable  # noqa: E402
+from scaling.report import report_dict, run_fits  # noqa: E402
 
 EPOCH_REFIT = {"E": 1.8172, "alpha": 0.3473, "beta": 0.3672}
 

@@ -26,7 +26,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
 
-from scaling.fit import LossParams, bootstrap, chinchilla_starts, fit_approach3  # noqa: E402
+from scaling.approach3 import LossParams, chinchilla_starts, fit_approach3  # noqa: E402
+from scaling.bootstrap import bootstrap  # noqa: E402
 
 EPOCH = LossParams(E=1.8172, A=482.01, B=2085.43, alpha=0.3478, beta=0.3658)
 MAX_FIT_CPU_S = 10.0

@@ -314,7 +314,7 @@ class Dashboard:
         if table.num_rows == 0:
             return []
         rows = table.to_pylist()
-        # The loss the fit uses: held-out when any run has one (scaling.report.LOSS_ALIASES), else final.
+        # The loss the fit uses: held-out when any run has one (scaling.fit_table.LOSS_ALIASES), else final.
         key = "held_out_loss" if any(r.get("held_out_loss") is not None for r in rows) else "final_loss"
         rows = [r for r in rows if isinstance(r.get(key), float) and math.isfinite(r[key])]
         if not rows:

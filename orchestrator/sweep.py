@@ -55,11 +55,9 @@ def is_sweep_file(raw) -> bool:
 
 
 def find_sweep(store: JobStore, name: str):
-    """The sweep record of this name, or None."""
-    for rec in store.list():
-        if rec.kind == "sweep" and rec.name == name:
-            return rec
-    return None
+    """The sweep record of this name, or None (the jobs_name index, not a walk over the store)."""
+    found = store.by_name(name, "sweep")
+    return found[0] if found else None
 
 
 @dataclass(frozen=True)
@@ -124,7 +122,8 @@ def submit_sweep(cluster, path, dry_run: bool = False, flops_per_s: float | None
     (``--after``): a dependency that fails or is cancelled fails the runs, and the sweep with that reason.
     """
     from orchestrator.cli_jobs import authorize, local_user
-    from scaling.plan import SweepSpec, format_plan, load_sweep, plan_sweep
+    from scaling.plan import format_plan, plan_sweep
+    from scaling.sweep_spec import SweepSpec, load_sweep
 
     if owner is None:
         owner, admin = local_user(), False
@@ -245,7 +244,8 @@ def extend_sweep(cluster, store: JobStore, storage: Storage, parent) -> list[str
     ``adaptive.rounds`` times; the reasons go to ``rounds.json``. An empty
     list means no round is due: fit the table.
     """
-    from scaling.plan import extend_plan, validate_sweep
+    from scaling.plan import extend_plan
+    from scaling.sweep_spec import validate_sweep
 
     sdir = parent.spec["sweep_dir"]
     if not storage.exists(f"{sdir}/sweep.json"):
@@ -274,7 +274,8 @@ def extend_sweep(cluster, store: JobStore, storage: Storage, parent) -> list[str
 
 def fit_sweep(storage: Storage, sdir: str) -> dict:
     """Fit the finished table into <sweep_dir>/fit (a Ray task of the controller)."""
-    from scaling.report import load_table, run_fits, write_report
+    from scaling.fit_table import load_table
+    from scaling.report import run_fits, write_report
 
     table = load_table(sdir)
     rep = run_fits(table, n_bootstrap=100, seed=0)
@@ -310,7 +311,7 @@ def print_sweep_status(out: dict, as_json: bool) -> None:
 
 def sweep_of_file(raw, source: str, priority: int | None = None, overrides: list[str] | tuple[str, ...] = ()):
     """(raw, SweepSpec) of a sweep file given to ``submit``, with its --priority and --set applied."""
-    from scaling.plan import validate_sweep
+    from scaling.sweep_spec import validate_sweep
 
     raw = apply_overrides(raw, list(overrides)) if isinstance(raw, dict) else raw
     if priority is not None and isinstance(raw, dict):

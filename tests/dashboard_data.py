@@ -60,7 +60,8 @@ def make_sweep(cfg, name: str = "isoflop", owner: str = "alice", fitted: bool = 
             store.transition(child.id, state, state.value.lower())
         append_row(sdir, row)
     if fitted:
-        from scaling.report import load_table, run_fits, write_report
+        from scaling.fit_table import load_table
+        from scaling.report import run_fits, write_report
 
         write_report(run_fits(load_table(sdir), n_bootstrap=16, seed=0), f"{sdir}/fit")
         store.transition(parent.id, JobState.SUCCEEDED, "every run ended; fit in fit/")

@@ -207,7 +207,8 @@ def _fit_the_table(sdir):
     controller does, but from 16 starts, with no bootstrap and no plots (they only add seconds here)."""
     import numpy as np
 
-    from scaling.report import load_table, report_dict, run_fits
+    from scaling.fit_table import load_table
+    from scaling.report import report_dict, run_fits
     from scaling.table import append_row, make_row
 
     for e in json.load(open(os.path.join(sdir, "plan.json"))):

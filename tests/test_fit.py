@@ -1,4 +1,4 @@
-"""Chinchilla fits (scaling.fit) and the `fit` command (scaling.report).
+"""Chinchilla fits (scaling.fit, scaling.approach3, scaling.bootstrap) and the `fit` command (scaling.report).
 
 Synthetic runs come from Epoch AI's refit of Chinchilla's law over an IsoFLOP
 grid like the paper's (8 budgets from 6e18 to 3e21 FLOPs, 12 sizes each
@@ -16,9 +16,11 @@ import pytest
 from scipy.optimize import approx_fprime, minimize_scalar
 
 from specs.errors import UsageError
-from scaling.fit import (Curve, FitError, HuberObjective, LossParams, bootstrap, chinchilla_starts,
-                              fit_approach1, fit_approach2, fit_approach3, group_budgets)
-from scaling.report import PLOTS, add_fit_command, load_table
+from scaling.approach3 import HuberObjective, LossParams, chinchilla_starts, fit_approach3
+from scaling.bootstrap import bootstrap
+from scaling.fit import Curve, FitError, fit_approach1, fit_approach2, group_budgets
+from scaling.fit_table import load_table
+from scaling.report import PLOTS, add_fit_command
 
 EPOCH = LossParams(E=1.8172, A=482.01, B=2085.43, alpha=0.3478, beta=0.3658)
 TRUE_A = EPOCH.beta / (EPOCH.alpha + EPOCH.beta)          # 0.51261...

@@ -11,9 +11,11 @@ import numpy as np
 import pytest
 
 from orchestrator.cli import main
-from scaling.fit import (FitError, LossParams, bootstrap, chinchilla_starts, fit_approach2, fit_approach3,
-                         point_problem)
-from scaling.report import FitTable, render_markdown, report_dict, run_fits
+from scaling.approach3 import LossParams, chinchilla_starts, fit_approach3
+from scaling.bootstrap import bootstrap
+from scaling.fit import FitError, fit_approach2, point_problem
+from scaling.fit_table import FitTable
+from scaling.report import render_markdown, report_dict, run_fits
 
 LAW = LossParams(E=2.0, A=300.0, B=900.0, alpha=0.4, beta=0.3)
 FEW_STARTS = chinchilla_starts()[::45]          # 100 of the 4500 starts: enough on clean synthetic data
@@ -88,7 +90,7 @@ def test_every_reported_interval_contains_its_point_estimate(seed):
 
 
 def test_a_biased_statistic_is_widened_to_its_estimate_and_says_so():
-    from scaling.fit import bca_interval, percentile_interval
+    from scaling.bootstrap import bca_interval, percentile_interval
 
     draws = np.linspace(0.1, 0.8, 200)              # every draw below the estimate 0.815, as in issue 17
     for iv in (percentile_interval(draws, 0.815, 0.95), bca_interval(draws, 0.815, np.linspace(0.7, 0.9, 10), 0.95)):

@@ -1,4 +1,4 @@
-"""Sweep specs, the planner (scaling.plan) and the results table (scaling.table).
+"""Sweep specs (scaling.sweep_spec), the planner (scaling.plan) and the results table (scaling.table).
 
 Pure unit tests: no Ray, no training. Parameter and FLOP counts are checked
 against arithmetic done by hand, matrix by matrix.
@@ -15,8 +15,8 @@ from pydantic import ValidationError
 
 from specs.errors import UsageError
 from specs.job import apply_overrides, validate_spec
-from scaling.plan import (SweepError, SweepSpec, budgets_from_total, count_shape, format_plan,
-                                     load_sweep, plan_sweep, run_name, validate_sweep)
+from scaling.plan import count_shape, format_plan, plan_sweep
+from scaling.sweep_spec import SweepError, SweepSpec, budgets_from_total, load_sweep, run_name, validate_sweep
 from scaling.table import COLUMNS, SCHEMA, append_row, make_row, read_results, results_path
 
 BASE = {"train": {"warmup_fraction": 0.1, "lr": 1e-3, "micro_batch": 4},
@@ -233,8 +233,10 @@ def test_bad_rows_are_refused(tmp_path):
 
 # ----------------------------------------------------------------------------- centring and the adaptive round
 
-from scaling.fit import LossParams, isoflop_profiles  # noqa: E402
-from scaling.plan import PriorLaw, centres_from_results, extend_plan  # noqa: E402
+from scaling.approach3 import LossParams  # noqa: E402
+from scaling.fit import isoflop_profiles  # noqa: E402
+from scaling.plan import centres_from_results, extend_plan  # noqa: E402
+from scaling.sweep_spec import PriorLaw  # noqa: E402
 
 # A law whose optimum sits ~3x above the 20-tokens-per-parameter guess on this ladder (a = 0.57).
 TRUTH = LossParams(E=1.0, A=295.0, B=1000.0, alpha=0.3, beta=0.4)

@@ -12,7 +12,8 @@ import yaml
 from data.storage import Storage
 from orchestrator.job_store import JobStore
 from orchestrator.sweep import extend_sweep, read_plan, submit_sweep, sweep_status
-from scaling.fit import LossParams, isoflop_profiles
+from scaling.approach3 import LossParams
+from scaling.fit import isoflop_profiles
 from scaling.table import append_row, make_row
 
 TRUTH = LossParams(E=1.0, A=295.0, B=1000.0, alpha=0.3, beta=0.4)   # optimum ~3x above 20 tokens/param
