@@ -25,14 +25,18 @@ Switchyard's total includes what every Switchyard job does after its last step
 and the Ray Train loop does not: a checkpoint (no consolidated copy here) and
 a held-out evaluation of one batch. Ray Train runs first; then Switchyard runs
 one cold job and ``--repeats`` more back to back, which take over the previous
-job's warm gang (placement group, rank processes, process group). The headline
-ratio is the warm per-job overhead (median); the cold job is reported apart. The
-one-time tokenization of the corpus is done before anything is timed (later
-jobs on the same data reuse the cache) and reported separately.
+job's warm gang (placement group, rank processes, process group). The cold job
+is the controller's first: it finds no gang of its own, and takes the warm
+pool's idle rank processes (``workers.warm_pool``, filled once the controller is
+up, before anything is timed, as after ``switchyard up``; ``--no-pool``: none, a
+fresh placement group and fresh processes). The headline ratio is the warm
+per-job overhead (median); the cold job is reported apart. The one-time
+tokenization of the corpus is done before anything is timed (later jobs on the
+same data reuse the cache) and reported separately.
 
-Targets, all in ``met`` (``met_by_target`` says which): on a warm gang, start and total
-overhead at most TARGET_FRACTION of Ray Train's; the cold first job's start and total at
-most COLD_TARGET_FRACTION of Ray Train's (a first job is never slower to start than Ray Train).
+Targets, all in ``met`` (``met_by_target`` says which): on a warm gang, start overhead at most
+TARGET_FRACTION of Ray Train's and total overhead at most TOTAL_TARGET_FRACTION; the cold first
+job's start at most COLD_TARGET_FRACTION of Ray Train's and its total at most Ray Train's.
 
 Run: ``.venv/bin/python benchmarks/job_overhead.py [--steps 5] [--repeats 2]``.
 The last line printed is one JSON object. Needs ``ray[train]``.
@@ -55,8 +59,9 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
-TARGET_FRACTION = 0.1  # Switchyard's overhead at most this fraction of Ray Train's
-COLD_TARGET_FRACTION = 1.0  # a cold first job's overhead at most Ray Train's
+TARGET_FRACTION = 0.05  # a warm job's start overhead at most this fraction of Ray Train's
+TOTAL_TARGET_FRACTION = 0.1  # a warm job's total overhead at most this fraction of Ray Train's
+COLD_TARGET_FRACTION = 0.1  # a cold first job's start overhead (on the warm pool) at most this fraction
 WORKERS = 2
 POLL_S = 0.05
 
@@ -274,6 +279,7 @@ def main() -> None:
     ap.add_argument("--zero-stage", type=int, default=0, choices=(0, 1, 2, 3),
                     help="Switchyard's ZeRO stage (0 = plain data parallel, like DDP)")
     ap.add_argument("--timeout", type=float, default=180.0, help="seconds to wait for one job")
+    ap.add_argument("--no-pool", action="store_true", help="no warm pool: the cold job places and starts its gang")
     args = ap.parse_args()
 
     import ray
@@ -287,7 +293,8 @@ def main() -> None:
     tmp = tempfile.mkdtemp(prefix="sy-bench-overhead-")
     cluster = ClusterConfig.model_validate({"storage": os.path.join(tmp, "runs"),
                                             "job_store": os.path.join(tmp, "jobs.db"),
-                                            "ray": {"num_cpus": 4}})
+                                            "ray": {"num_cpus": 4},
+                                            "workers": {"warm_pool": 0 if args.no_pool else WORKERS}})
     storage = storage_of(cluster)
     store = JobStore(cluster.job_store)
     load_before = os.getloadavg()[0]
@@ -304,10 +311,15 @@ def main() -> None:
         t0 = time.time()
         controller = start_controller(cluster)
         controller_s = time.time() - t0
+        t0 = time.time()
+        while len(ray.get(controller.ping.remote())["pool"]) < cluster.workers.warm_pool:
+            time.sleep(0.2)
+        pool_s = time.time() - t0
         print(f"job overhead: {WORKERS} workers, llama/tiny, {args.steps} steps, Switchyard ZeRO-{args.zero_stage} "
               f"vs Ray Train TorchTrainer (DDP); load average {load_before:.1f}; storage {tmp}")
         print(f"  not timed: tokenizing the corpus {tokenize_s:.1f} s (once per corpus), starting the controller "
-              f"{controller_s:.1f} s (once, `switchyard up`)")
+              f"{controller_s:.1f} s (once, `switchyard up`), filling the warm pool "
+              f"({cluster.workers.warm_pool} rank processes) {pool_s:.1f} s (once, ahead of demand)")
         # Ray Train first, then Switchyard: a cold job, then jobs back to back that take over the
         # previous job's warm gang (what a team submitting many jobs, or a sweep, sees).
         for i in range(args.repeats):
@@ -320,7 +332,7 @@ def main() -> None:
             s = run_switchyard(args, cluster, store, i)
             s["warm"] = i > 0
             (sy_warm if i else sy_cold).append(s)
-            print(f"switchyard #{i + 1} ({'warm gang' if i else 'cold'}): start {s['start_overhead_s']:.2f} s, "
+            print(f"switchyard #{i + 1} ({'warm gang' if i else 'cold, warm pool' if not args.no_pool else 'cold'}): start {s['start_overhead_s']:.2f} s, "
                   f"total {s['total_overhead_s']:.2f} s (wall {s['wall_s']:.2f} s, in steps {s['step_time_s']:.2f} s; "
                   + ", ".join(f"{k} {v:.2f}" for k, v in s["phases_s"].items() if v is not None) + ")")
         try:
@@ -339,17 +351,18 @@ def main() -> None:
     cold_start, cold_total = sy_cold[0]["start_overhead_s"], sy_cold[0]["total_overhead_s"]
     rt_start, rt_total = med(rt_runs, "start_overhead_s"), med(rt_runs, "total_overhead_s")
     f_start, f_total = sy_start / rt_start, sy_total / rt_total
-    met_by_target = {"warm_start": f_start <= TARGET_FRACTION, "warm_total": f_total <= TARGET_FRACTION,
+    met_by_target = {"warm_start": f_start <= TARGET_FRACTION, "warm_total": f_total <= TOTAL_TARGET_FRACTION,
                      "cold_start": cold_start / rt_start <= COLD_TARGET_FRACTION,
-                     "cold_total": cold_total / rt_total <= COLD_TARGET_FRACTION}
+                     "cold_total": cold_total / rt_total <= 1.0}
     ok = all(met_by_target.values())
     print(f"\nmedians over {args.repeats} run(s) each (switchyard: jobs on a warm gang; its cold first job apart):")
     print(f"  start overhead (submit/fit -> first optimizer step): switchyard {sy_start:.2f} s "
           f"(cold {cold_start:.2f} s), ray train {rt_start:.2f} s, ratio {f_start:.3f} (cold {cold_start / rt_start:.3f})")
     print(f"  total overhead (wall - time in steps):               switchyard {sy_total:.2f} s "
           f"(cold {cold_total:.2f} s), ray train {rt_total:.2f} s, ratio {f_total:.3f} (cold {cold_total / rt_total:.3f})")
-    print(f"  target: switchyard <= {TARGET_FRACTION:g} x ray train per job on a warm gang, a cold job <= "
-          f"{COLD_TARGET_FRACTION:g} x: {'met' if ok else 'MISSED'} ({met_by_target})")
+    print(f"  target: start <= {TARGET_FRACTION:g} x ray train on a warm gang (total <= {TOTAL_TARGET_FRACTION:g} x), "
+          f"a cold job's start <= {COLD_TARGET_FRACTION:g} x (total <= 1 x): {'met' if ok else 'MISSED'} "
+          f"({met_by_target})")
     print(json.dumps({
         "benchmark": "job_overhead", "workers": WORKERS, "steps": args.steps, "zero_stage": args.zero_stage,
         "repeats": args.repeats, "switchyard_start_overhead_s": round(sy_start, 3),
@@ -359,7 +372,8 @@ def main() -> None:
         "ray_train_total_overhead_s": round(rt_total, 3), "ratio_start": round(f_start, 4),
         "ratio_total": round(f_total, 4), "ratio_start_cold": round(cold_start / rt_start, 4),
         "ratio_total_cold": round(cold_total / rt_total, 4), "target_ratio": TARGET_FRACTION,
-        "target_ratio_cold": COLD_TARGET_FRACTION, "met_by_target": met_by_target, "met": ok,
+        "target_ratio_total": TOTAL_TARGET_FRACTION, "target_ratio_cold": COLD_TARGET_FRACTION,
+        "warm_pool": cluster.workers.warm_pool, "pool_fill_s": round(pool_s, 3), "met_by_target": met_by_target, "met": ok,
         "tokenize_s": round(tokenize_s, 3), "controller_start_s": round(controller_s, 3),
         "load_average": [round(load_before, 2), round(load_after, 2)],
         "switchyard_runs": sy_cold + sy_warm, "ray_train_runs": rt_runs,

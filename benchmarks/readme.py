@@ -86,9 +86,14 @@ def _preemption(r: dict) -> str:
             f"{_g(r.get('warm_start_s'))} s); steps lost {r.get('steps_lost')}; losses equal {_g(r.get('losses_equal'))}")
 
 
+def _sweep_overhead(r: dict) -> str:
+    return (f"{r.get('runs')} runs: wall {_g(r.get('wall_s'))} s vs {_g(r.get('ideal_wall_s'))} s in steps / "
+            f"{r.get('concurrency')} (ratio {_g(r.get('ratio'))})")
+
+
 FIGURES = {"throughput": _throughput, "zero_memory": _zero_memory, "job_overhead": _job_overhead, "moe": _moe,
            "ppo": _ppo, "fit_speed": _fit_speed, "fit_epoch": _fit_epoch, "data_scale": _data_scale,
-           "preemption": _preemption}
+           "preemption": _preemption, "sweep_overhead": _sweep_overhead}
 """Benchmark name -> the headline figures of its last-line JSON, as one table cell."""
 
 

@@ -36,6 +36,11 @@ class WorkerDefaults(_Section):
     """Peak FLOP/s of one worker's device, for MFU."""
     network_interface: str | None = Field(None, pattern=r"^[A-Za-z0-9_.:@-]{1,15}$")
     """Interface the ranks' collectives bind to (e.g. eth1); default: the one holding the node's Ray address."""
+    warm_pool: int = Field(2, ge=0, le=1024)
+    """Idle rank processes (torch and DeepSpeed imported) kept ready for the next job of the default shape
+    (cpus, gpus above); their room goes back to any queued job that needs it. 0: no pool."""
+    eval_cpus: float = Field(1, gt=0, le=1024)
+    """CPUs each checkpoint evaluation reserves (it also gets a GPU when its job's ranks had one)."""
     start_timeout_s: float = Field(1800, gt=0, le=7 * 86400)
     """Seconds a job may stay STARTING (gang placement, rank start, data preparation, rendezvous); past it the
     job fails, naming the phase it was in."""

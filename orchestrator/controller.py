@@ -33,7 +33,6 @@ import os
 import threading
 import logging
 import time
-from dataclasses import dataclass
 
 import ray
 
@@ -42,9 +41,11 @@ from orchestrator import failure_policy
 from orchestrator import scheduler as sched
 from orchestrator.evaluations import CheckpointEvaluations
 from orchestrator.parent_jobs import ParentJobs
+from orchestrator.starts import WARM_MAX, Active, GangStarts
 from specs.errors import UsageError
 from orchestrator.job_store import JobState, JobStore
 from specs.job import validate_spec
+from workers.pool import WarmPool
 from workers.worker_group import poll
 
 log = logging.getLogger(__name__)
@@ -62,29 +63,12 @@ def _log_to_stderr() -> None:
 
 CONTROLLER_NAME = "switchyard-controller"
 TICK_S = 0.5
-WARM_IDLE_S = 30.0   # a finished job's gang stays warm this long for the next job of the same shape
-WARM_MAX = 4         # at most this many warm gangs
 TRAINING_KINDS = ("train", "sweep-run", "pipeline-stage")
 VACATED_GRACE_S = 15.0  # a preempted gang's room counts as spoken for this long (Ray's free view lags its removal)
 PENDING_REFRESH_S = 5.0  # a waiting job's reason text is rewritten at most this often unless what it waits for changes
 
 
-@dataclass
-class Active:
-    """A job the controller is running right now."""
-
-    job_id: str
-    run: object                       # orchestrator.runner.JobRun
-    starter: threading.Thread | None = None
-    start_error: BaseException | None = None
-    started: bool = False
-    preempt: sched.Preempt | None = None   # set once it has been asked to stop for a preemption
-    preempt_at: float = 0.0
-    since: float = 0.0                     # when it entered STARTING
-    abort: tuple | None = None             # (state, reason) once a start is cancelled or past its deadline
-
-
-class Controller(CheckpointEvaluations, ParentJobs):
+class Controller(GangStarts, CheckpointEvaluations, ParentJobs):
     def __init__(self, cluster: dict, tick_s: float = TICK_S, backfill_window_s: float = 120.0):
         from orchestrator.cluster_config import ClusterConfig
         import orchestrator.runner  # noqa: F401  (imports torch now, not when the first job starts)
@@ -99,6 +83,9 @@ class Controller(CheckpointEvaluations, ParentJobs):
         self._fits: dict[str, object] = {}
         self._reports: dict[str, object] = {}  # pipeline id -> ObjectRef of its report task
         self.warm: list[tuple[float, object]] = []  # (parked at, WorkerGroup) of finished healthy jobs
+        w = self.cluster.workers
+        self.pool = WarmPool(w.warm_pool, w.cpus, w.gpus, self.cluster.ray.namespace)  # for the next cold job
+        self.pool.remove_leftovers()
         self.eval_jobs: dict[str, dict] = {}  # job_id -> {checkpoint path: ObjectRef}; jobs whose checkpoints need evals
         self._lock = threading.RLock()
         self._stop = threading.Event()
@@ -125,7 +112,8 @@ class Controller(CheckpointEvaluations, ParentJobs):
     def ping(self) -> dict:
         return {"pid": self.pid, "address": ray.get_runtime_context().gcs_address,
                 "node": ray.get_runtime_context().get_node_id(), "active": sorted(self.active),
-                "api": self.api.url if self.api is not None else None}
+                "api": self.api.url if self.api is not None else None,
+                "pool": [ray.get(m.ready)["pid"] for m in self.pool.members if ray.wait([m.ready], timeout=0)[0]]}
 
     def shutdown(self) -> None:
         self._stop.set()
@@ -133,6 +121,7 @@ class Controller(CheckpointEvaluations, ParentJobs):
             self.api.stop()
         with self._lock:
             self._release_warm()
+            self.pool.release()
             for act in list(self.active.values()):
                 act.run.shutdown()
 
@@ -308,7 +297,9 @@ class Controller(CheckpointEvaluations, ParentJobs):
         """Free resources per node: Ray's view, but never more than the total minus what our own gangs hold.
 
         Ray's available-resources view lags placement by a moment; the controller knows exactly which
-        nodes its running and warm gangs occupy, so it trusts whichever view is tighter.
+        nodes its running and warm gangs occupy, so it trusts whichever view is tighter. Jobs still
+        STARTING whose gang is not placed yet hold their bundles too (parallel starts must not promise
+        the same room twice). What warm pool members hold counts as free: any job may have it.
         """
         from orchestrator.ray_cluster import cluster_resources
 
@@ -321,8 +312,14 @@ class Controller(CheckpointEvaluations, ParentJobs):
                 if info["node"] in held:
                     held[info["node"]]["CPU"] += group.resources.cpus
                     held[info["node"]]["GPU"] += group.resources.gpus
-        free = {nid: {k: max(0.0, min(n["free"][k], total[nid][k] - held[nid][k])) for k in ("CPU", "GPU")}
-                for nid, n in nodes.items()}
+        pool = self.pool.held()
+        free = {nid: {k: max(0.0, min(n["free"][k] + pool.get(nid, {}).get(k, 0.0), total[nid][k] - held[nid][k]))
+                      for k in ("CPU", "GPU")} for nid, n in nodes.items()}
+        for act in self.active.values():
+            if act.starting and act.bundles and (act.run.group is None or not act.run.group.infos):
+                placed = sched.place(act.bundles, free)
+                for b, nid in zip(act.bundles, placed or ()):
+                    free[nid] = {"CPU": max(0.0, free[nid]["CPU"] - b.cpus), "GPU": max(0.0, free[nid]["GPU"] - b.gpus)}
         return free, total
 
     def _as_running(self, job_id: str, act: Active, rec) -> sched.RunningJob:
@@ -377,17 +374,13 @@ class Controller(CheckpointEvaluations, ParentJobs):
 
     def _schedule(self) -> None:
         self._expire_warm()
-        queued = self.store.list([JobState.QUEUED])
+        queued = [r for r in self.store.list([JobState.QUEUED]) if r.kind in TRAINING_KINDS]
         if not queued:
+            self._fill_pool()  # ahead of demand, only while nothing waits for the room
             return
-        if any(a.starter is not None and a.starter.is_alive() for a in self.active.values()):
-            return  # one gang at a time: free resources are only known once it is placed
         now = time.time()
-        queued = [r for r in queued if r.kind in TRAINING_KINDS]
         deps = self._dep_states(queued)
         jobs = [sched.QueuedJob.from_record(r, deps) for r in queued]
-        if not jobs:
-            return
         running = self._running_jobs()
         shares = self._fair_shares(now)
         head = sched.queue_order(jobs, shares)[0]
@@ -408,11 +401,10 @@ class Controller(CheckpointEvaluations, ParentJobs):
         for decision in decisions:
             if isinstance(decision, (sched.Start, sched.Wait)):
                 position += 1
-            if isinstance(decision, sched.Start):
-                if not started:  # re-read free resources before starting another
-                    self._start(decision.job_id)
-                    started = True
-                    self._vacated.clear()  # the room preempted jobs left is taken now
+            if isinstance(decision, sched.Start):  # the Starts of one pass fit together: start them all
+                self._start(decision.job_id)
+                started = True
+                self._vacated.clear()  # the room preempted jobs left is taken now
                 continue
             if isinstance(decision, sched.Preempt):
                 self._preempt(decision)
@@ -476,86 +468,6 @@ class Controller(CheckpointEvaluations, ParentJobs):
                                         and now - (old.get("at") or 0) >= PENDING_REFRESH_S):
             self.store.update(rec.id, pending=pending)
 
-    # ------------------------------------------------------------------ warm gangs
-
-    def _shape(self, spec) -> tuple:
-        from orchestrator.runner import worker_resources
-
-        r = worker_resources(spec, self.cluster)
-        return (r.workers, r.cpus, r.gpus, r.threads)
-
-    def _take_warm(self, rec):
-        try:
-            shape = self._shape(validate_spec(rec.spec))
-        except UsageError:
-            return None
-        for i, (_, group) in enumerate(self.warm):
-            r = group.resources
-            if (r.workers, r.cpus, r.gpus, r.threads) == shape:
-                return self.warm.pop(i)[1]
-        return None
-
-    def _expire_warm(self) -> None:
-        now = time.time()
-        for parked, group in [w for w in self.warm if now - w[0] > WARM_IDLE_S]:
-            group.shutdown()
-        self.warm = [w for w in self.warm if now - w[0] <= WARM_IDLE_S]
-
-    def _release_warm(self) -> None:
-        for _, group in self.warm:
-            group.shutdown()
-        self.warm = []
-
-    def _resume_elastic(self, rec, free, now: float) -> bool:
-        """An elastic job that lost workers and waited its elastic_wait_s resumes on as many as fit now."""
-        from orchestrator import elastic
-
-        ran_before = any(h.to_state == JobState.RUNNING for h in rec.history)
-        if not elastic.waited_long_enough(rec.spec, ran_before, rec.blocked_since, now):
-            return False
-        resize = elastic.resize(rec.spec, lambda w: sched.fits(sched.bundles_of(dict(rec.resources, workers=w)),
-                                                                free))
-        if resize is None:
-            return False
-        spec = resize.apply(rec.spec)
-        validate_spec(spec, source=f"job {rec.id}")
-        note = (f"elastic: resuming on {resize.workers} of {rec.resources['workers']} workers "
-                f"(train.grad_accum {rec.spec['train']['grad_accum']} -> {resize.grad_accum}, same global batch)")
-        log.info("%s: %s", rec.id, note)
-        self.store.update(rec.id, spec=spec, resources=dict(rec.resources, workers=resize.workers), reason=note)
-        self._start(rec.id)
-        return True
-
-    def _start(self, job_id: str, warm=None) -> None:
-        from orchestrator.runner import JobRun, worker_resources
-
-        rec = self.store.get(job_id)
-        try:
-            spec = validate_spec(rec.spec, source=f"job {job_id}")
-        except UsageError as err:
-            self.store.transition(job_id, JobState.FAILED, str(err))
-            return
-        resume = rec.restarts > 0 or bool(rec.history and any(t.to_state == JobState.RUNNING for t in rec.history))
-        how = "warm workers reused" if warm is not None else "resources available"
-        if (rec.reason or "").startswith("elastic:"):
-            how = rec.reason  # say in the history that it resumes on fewer workers
-        self.store.transition(job_id, JobState.STARTING, how + (" (resuming)" if resume else ""))
-        run = JobRun(spec, self.storage, rec.run_dir, worker_resources(spec, self.cluster),
-                     self.cluster.workers.peak_flops, owner="controller", job_id=job_id)
-        act = Active(job_id, run, since=time.time())
-
-        def start() -> None:
-            try:
-                self.storage.makedirs(rec.run_dir)
-                if not self.storage.exists(f"{rec.run_dir}/spec.json"):
-                    self.storage.write_json(f"{rec.run_dir}/spec.json", spec.to_dict())
-                run.start(resume=True, reserve_timeout_s=60.0, warm=warm)
-            except BaseException as err:  # reported by _watch_running on the loop thread
-                act.start_error = err
-
-        act.starter = threading.Thread(target=start, name=f"start-{job_id}", daemon=True)
-        self.active[job_id] = act
-        act.starter.start()
 
 # ---------------------------------------------------------------------- handles
 

@@ -1,5 +1,8 @@
 """Checkpoint evaluation, as the controller runs it: one task per new complete checkpoint, the best one marked.
 
+Each task reserves ``workers.eval_cpus`` CPUs, and a GPU when the job's ranks had one: the scheduler sees
+what it holds, and it runs at the speed of its own device instead of squeezed between training ranks.
+
 A part of ``orchestrator.controller.Controller`` (a mixin: it uses the controller's ``store``, ``storage``,
 ``cluster``, ``active`` and ``eval_jobs``).
 """
@@ -43,10 +46,13 @@ class CheckpointEvaluations:
                     self.eval_jobs.pop(job_id)
                 continue
             ckpt = todo[0]
-            task = ray.remote(evaluate_checkpoint).options(num_cpus=0, max_retries=1)
+            cpus = self.cluster.workers.eval_cpus
+            gpus = 1 if float(rec.resources.get("gpus_per_worker") or 0) > 0 else 0
+            task = ray.remote(evaluate_checkpoint).options(num_cpus=cpus, num_gpus=gpus, max_retries=1)
             inflight[ckpt.path] = task.remote(self.storage, rec.run_dir, ckpt.path, ckpt.step,
                                               rec.spec.get("eval", {}).get("batches", 8),
-                                              rec.spec.get("train", {}).get("micro_batch", 8))
+                                              rec.spec.get("train", {}).get("micro_batch", 8),
+                                              max(1, int(cpus)))
 
     # ------------------------------------------------------------------ evaluation results
 

@@ -120,12 +120,18 @@ class JobRun:
         phases.enter(self.storage, self.run_dir, phase, detail, fresh=fresh)
         self.started = self.started or time.time()
 
-    def start(self, resume: bool, reserve_timeout_s: float | None = 120.0, warm: WorkerGroup | None = None) -> None:
-        """Place the gang (or take over a warm one), build the token cache, start training on every rank."""
+    def start(self, resume: bool, reserve_timeout_s: float | None = 120.0, warm: WorkerGroup | None = None,
+              pooled: list | None = None) -> None:
+        """Place the gang (or take over a warm one, or warm pool members), build the token cache, start
+        training on every rank."""
         if warm is not None:
             self._phase("reusing_gang", f"{self.resources.workers} rank process(es) of the previous job")
             self.group = warm
             self.workers = warm.reattach(self.run_dir)
+        elif pooled:
+            self._phase("starting_workers", f"{self.resources.workers} idle rank process(es) of the warm pool")
+            self.group = WorkerGroup(self.resources, self.run_dir, self.storage, name=self.spec.name)
+            self.workers = self.group.adopt(pooled)
         else:
             self._phase("waiting_for_gang", gang_wait_detail(self.resources, reserve_timeout_s))
             self.group = WorkerGroup(self.resources, self.run_dir, self.storage, name=self.spec.name)

@@ -84,12 +84,16 @@ def wait_for(cond, timeout=240, every=0.3, what="condition"):
 
 @pytest.fixture
 def controller(ray_cluster, storage_root, tmp_path):
-    """A real detached controller actor in its own namespace, with its own job store."""
+    """A real detached controller actor in its own namespace, with its own job store.
+
+    No warm pool (``pooled_controller`` in tests/test_warm_pool.py has one): these tests count Ray's free
+    CPUs, and a pool each test fills and kills costs as much as the cold start it saves."""
     from orchestrator.cluster_config import ClusterConfig
     from orchestrator.controller import start_controller, stop_controller
 
     cfg = ClusterConfig.model_validate({"storage": storage_root, "job_store": str(tmp_path / "jobs.db"),
-                                        "ray": {"namespace": f"ctl-{tmp_path.name}"}})
+                                        "ray": {"namespace": f"ctl-{tmp_path.name}"},
+                                        "workers": {"warm_pool": 0}})
     handle = start_controller(cfg, tick_s=0.3, backfill_window_s=120)
     yield cfg, handle
     stop_controller(cfg.ray.namespace)

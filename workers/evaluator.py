@@ -1,24 +1,23 @@
 """Checkpoint evaluation: held-out loss and perplexity of one complete checkpoint.
 
-Runs as a Ray task the controller schedules below training priority: it
-reserves no CPUs and lowers its own OS priority, so training ranks keep their
-cores. It reads only tensors (the consolidated safetensors) and the held-out
-slice of the token stream that training never sees.
+Runs as a Ray task on resources the controller reserves for it
+(``workers.eval_cpus`` CPUs, and one GPU when the job's ranks had GPUs), so it
+neither steals cores from training ranks nor waits behind them for a share of
+an oversubscribed CPU. It reads only tensors (the consolidated safetensors) and
+the held-out slice of the token stream that training never sees, in batches of
+the job's micro batch, on the GPU when it has one.
 """
 from __future__ import annotations
 
 import math
-import os
 
 
-def evaluate_checkpoint(storage, run_dir: str, ckpt_path: str, step: int, batches: int, micro_batch: int) -> dict:
-    try:
-        os.nice(10)
-    except OSError:
-        pass
+def evaluate_checkpoint(storage, run_dir: str, ckpt_path: str, step: int, batches: int, micro_batch: int,
+                        threads: int = 1) -> dict:
     import torch
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(threads)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # Ray set CUDA_VISIBLE_DEVICES
     from data.sampler import DataPlan
     from data.shards import TokenCache
     from specs.job import validate_spec
@@ -34,7 +33,7 @@ def evaluate_checkpoint(storage, run_dir: str, ckpt_path: str, step: int, batche
     model = build_model(cfg)
     state = load_consolidated(storage, ckpt_path)
     load_state(model, state, f"checkpoint {ckpt_path}")
-    model.eval()
+    model.to(device).eval()
     cache = TokenCache.load(info["token_cache"], storage)
     plan = DataPlan(cache.tokens, spec.data.seq_len, spec.eval.held_out_tokens, spec.train.seed)
     task = make_task(spec, cfg, plan, cache.tokenizer)
@@ -44,7 +43,8 @@ def evaluate_checkpoint(storage, run_dir: str, ckpt_path: str, step: int, batche
             batch = task.held_out(i, micro_batch)
             if batch is None:
                 break
-            batch = {k: (torch.as_tensor(v) if v is not None else None) for k, v in batch.items()}
+            batch = {k: (torch.as_tensor(v).to(device, non_blocking=True) if v is not None else None)
+                     for k, v in batch.items()}
             n = len(next(iter(batch.values())))
             loss, extras = task.loss(model, batch)
             total += extras.get("mlm_loss", float(loss)) * n

@@ -17,22 +17,45 @@ log = logging.getLogger(__name__)
 
 
 class RankWorker:
-    def __init__(self, rank: int, world_size: int, run_dir: str, storage, threads: int = 1):
-        self.rank, self.world_size = rank, world_size
-        self.run_dir, self.storage = run_dir, storage
+    """One rank; ``rank=None`` makes an idle pool member (``workers/pool.py``) that ``assign`` gives a job."""
+
+    def __init__(self, rank: int | None, world_size: int = 0, run_dir: str = "", storage=None, threads: int = 1):
         os.environ.setdefault("DS_ACCELERATOR", "cpu" if not _has_cuda_env() else "cuda")
         # DeepSpeed's compiled ops, built once by `make install` into the environment (never rebuilt per HOME).
         prebuilt = os.path.join(sys.prefix, "torch_extensions")
         if os.path.isdir(prebuilt):
             os.environ.setdefault("TORCH_EXTENSIONS_DIR", prebuilt)
-        os.environ["OMP_NUM_THREADS"] = str(threads)
-        import torch
-
-        torch.set_num_threads(threads)
         self._ctx = None
         self._stop_early = False
         self._log_local = None
+        import torch  # noqa: F401  (before the snapshot below: importing it sets variables of its own)
+
+        if rank is None:  # a pool member: pay for the imports now, before any job wants this process
+            import deepspeed  # noqa: F401
+
+            import workers.train_loop  # noqa: F401  (the models, data and engine modules a job imports)
+        self._base_env = dict(os.environ)  # what assign() restores: no job's variables survive into the next
+        self.rank = None
+        if rank is not None:
+            self.assign(rank, world_size, run_dir, storage, threads)
+
+    def assign(self, rank: int, world_size: int, run_dir: str, storage, threads: int = 1) -> dict:
+        """Make this process rank ``rank`` of a job: a clean environment, the job's thread count and run log.
+
+        Restored here: every environment variable to its value at process start (dropping any MASTER_*,
+        RANK, GLOO/NCCL interface or OMP variable set since), ``OMP_NUM_THREADS`` and torch's intra-op
+        threads to the job's, and stdout/stderr to the job's rank log."""
+        import torch
+
+        os.environ.clear()
+        os.environ.update(self._base_env)
+        self.rank, self.world_size = rank, world_size
+        self.run_dir, self.storage = run_dir, storage
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        torch.set_num_threads(threads)
+        self._ctx, self._stop_early = None, False
         self._capture_output()
+        return self.info()
 
     # ------------------------------------------------------------------ plumbing
 
@@ -55,7 +78,10 @@ class RankWorker:
               flush=True)
 
     def attach(self, run_dir: str) -> None:
-        """Reuse this warm rank for another job: its output now goes to that job's run directory."""
+        """Reuse this warm rank (torch.distributed still up) for another job of the same shape: its output now
+        goes to that job's run directory, and its environment is put back as it was once the gang had joined."""
+        os.environ.clear()
+        os.environ.update(self._gang_env)
         self.run_dir = run_dir
         self._ctx, self._stop_early = None, False
         self._capture_output()
@@ -133,6 +159,7 @@ class RankWorker:
         import logging
 
         logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+        self._gang_env = dict(os.environ)  # what attach() restores for the next job on this gang
 
     # ------------------------------------------------------------------ training
 

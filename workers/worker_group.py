@@ -70,6 +70,7 @@ class WorkerGroup:
     def __init__(self, resources: WorkerResources, run_dir: str, storage, name: str = "job"):
         self.resources, self.run_dir, self.storage, self.name = resources, run_dir, storage, name
         self.pg = None
+        self.pool_pgs: list = []  # the one-bundle placement groups of pool members this gang took over
         self.actors: list = []
         self.infos: list[dict] = []
         self.distributed = False  # torch.distributed is up among these ranks (kept when the gang is reused)
@@ -96,6 +97,18 @@ class WorkerGroup:
             for i in range(r.workers)
         ]
         self.infos = ray.get([a.info.remote() for a in self.actors])
+        return self.infos
+
+    def adopt(self, members: list) -> list[dict]:
+        """Make warm pool members (``workers/pool.py``) this gang's ranks, in order; returns their infos.
+
+        The members were taken all at once, so the gang is whole before any rank is assigned; a member
+        that died meanwhile fails the start as a lost process would."""
+        r = self.resources
+        self.pool_pgs = [m.pg for m in members]
+        self.actors = [m.actor for m in members]
+        self.infos = ray.get([a.assign.remote(i, r.workers, self.run_dir, self.storage, r.threads)
+                              for i, a in enumerate(self.actors)])
         return self.infos
 
     def init_distributed(self, master_ip: str) -> None:
@@ -148,9 +161,10 @@ class WorkerGroup:
             except Exception:
                 pass
         self.actors = []
-        if self.pg is not None:
-            try:
-                remove_placement_group(self.pg)
-            except Exception:
-                pass
-            self.pg = None
+        for pg in [self.pg, *self.pool_pgs]:
+            if pg is not None:
+                try:
+                    remove_placement_group(pg)
+                except Exception:
+                    pass
+        self.pg, self.pool_pgs = None, []
