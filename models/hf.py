@@ -233,9 +233,15 @@ def _albert_to_hf(cfg: EncoderConfig, sd: dict) -> tuple[dict, dict]:
     return config, out
 
 
-def to_hf(cfg, state: dict[str, torch.Tensor]) -> tuple[dict, dict[str, torch.Tensor]]:
-    """Our config and state dict -> (config.json dict, HF state dict), or HFError."""
+def to_hf(cfg, state: dict[str, torch.Tensor], labels=None) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Our config and state dict -> (config.json dict, HF state dict), or HFError.
+
+    A ``SequenceClassifier``'s state (``labels``: its class names) maps to ``...ForSequenceClassification``."""
     hf_class(cfg)                                                      # refuses what has no HF class
+    from models.hf_classify import classifier_to_hf, is_classifier_state
+
+    if is_classifier_state(state):
+        return classifier_to_hf(cfg, state, labels, to_hf)
     sd = {k: v.detach().float().cpu() for k, v in state.items()}
     from models.hf_electra import electra_to_hf
     from models.hf_seq2seq import to_hf as seq2seq_to_hf
@@ -432,14 +438,15 @@ def special_token_ids(tokenizer_json: str) -> dict[str, int]:
     return {k: tok.token_to_id(v) for k, v in ids.items() if tok.token_to_id(v) is not None}
 
 
-def save_hf(folder: str, cfg, state: dict[str, torch.Tensor], files: dict[str, str] | None = None) -> str:
+def save_hf(folder: str, cfg, state: dict[str, torch.Tensor], files: dict[str, str] | None = None,
+            labels=None) -> str:
     """Write a transformers folder (local path): config.json, model.safetensors and ``files`` (name -> text,
-    e.g. tokenizer.json). Returns the architecture config.json names."""
+    e.g. tokenizer.json); ``labels``: a classifier's class names. Returns the architecture config.json names."""
     import os
 
     from safetensors.torch import save_file
 
-    config, tensors = to_hf(cfg, state)
+    config, tensors = to_hf(cfg, state, labels)
     cls = config["architectures"][0]
     files = dict(files or {})
     if "tokenizer.json" in files:

@@ -30,7 +30,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 def export_hf(storage, run_path: str, out: str) -> dict:
     """Write the HF folder ``out`` (local) from a run directory or checkpoint folder; UsageError on bad input."""
     from models.hf import HFError, save_hf
-    from workers.weights import run_weights
+    from workers.weights import model_info, resolve_checkpoint, run_weights
 
     if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
         raise UsageError(f"export: {out} exists and is not an empty folder; choose a new OUT")
@@ -38,6 +38,7 @@ def export_hf(storage, run_path: str, out: str) -> dict:
         raise UsageError(f"export: {run_path}: no such run directory")
     try:
         w = run_weights(storage, run_path)
+        labels = model_info(storage, resolve_checkpoint(storage, run_path)[0]).get("labels")  # a classifier's classes
     except (ValueError, FileNotFoundError, KeyError) as err:
         raise UsageError(f"export: {err}") from None
     files = {}
@@ -48,7 +49,7 @@ def export_hf(storage, run_path: str, out: str) -> dict:
         if storage.exists(f"{w.tokenizer_dir}/{name}"):
             files[name] = storage.read_text(f"{w.tokenizer_dir}/{name}")
     try:
-        cls = save_hf(out, w.config, w.state, files)
+        cls = save_hf(out, w.config, w.state, files, labels=labels)
     except HFError as err:
         raise UsageError(f"export: {w.family}: {err}") from None
     return {"out": out, "class": cls, "family": w.family, "checkpoint": w.source}

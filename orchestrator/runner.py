@@ -60,6 +60,10 @@ def preflight(spec: JobSpec, storage: Storage) -> None:
             kinds = "a run directory, a checkpoint folder or a Hugging Face folder" if "config.json" in markers \
                 else "a run directory or a checkpoint folder"
             raise UsageError(f"{field}: {path} is not {kinds} (none of {', '.join(markers)} there)")
+    if spec.kind == "classify":
+        from data.labelled import classify_rows
+
+        classify_rows(spec.classify)                  # every labelled row checked before a worker starts
     if spec.kind != "pretrain":
         d = spec.rlhf.data
         for field in ("demonstrations", "demonstrations_heldout", "comparisons", "comparisons_heldout", "prompts",

@@ -22,6 +22,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from data.labelled import BUILTIN_PACKAGES
 from specs.errors import UsageError
 from specs.seq2seq import NoisingSpec
 from specs.validate import INT64_MAX, InputError, check_plain, load_plain_yaml, read_plain_yaml
@@ -218,11 +219,47 @@ class CheckpointSpec(_Section):
     """Also write consolidated fp32 weights (model.safetensors) with each checkpoint."""
 
 
+class FewShotSpec(_Section):
+    """Zero-, one- and few-shot accuracy of a decoder checkpoint on the built-in instruction task (workers/few_shot.py)."""
+
+    k: tuple[Annotated[int, Field(ge=0, le=64)], ...] = (0, 1, 4)
+    """Solved examples put in the prompt before each question, one accuracy per k."""
+    prompts: int = Field(40, ge=1, le=100_000)
+    """Held-out questions scored per k (the same questions for every k)."""
+    families: tuple[str, ...] | None = None
+    """Instruction families (data.instruct.FAMILIES) to ask; null = all of them."""
+    max_new_tokens: int = Field(16, ge=1, le=4096)
+    """Most answer tokens generated (greedy); the answer ends at the first newline."""
+    seed: int = Field(0, ge=0, le=SEED_MAX)
+    """Seed of the questions and of the examples drawn for them."""
+
+    @field_validator("k", "families", mode="before")
+    @classmethod
+    def _lists(cls, v):
+        return tuple(v) if isinstance(v, list) else v  # YAML and JSON give lists
+
+    @field_validator("k")
+    @classmethod
+    def _k(cls, v):
+        if not v or len(set(v)) != len(v):
+            raise ValueError("give one or more distinct numbers of examples")
+        return v
+
+    @field_validator("families")
+    @classmethod
+    def _families(cls, v):
+        return BuiltinTaskSpec._families(v)
+
+
 class EvalSpec(_Section):
     held_out_tokens: int = Field(16384, ge=0, le=BIG)
     """Tokens at the end of the corpus that training never sees."""
     batches: int = Field(8, ge=1, le=1_000_000)
     """Batches of held-out samples per evaluation."""
+    few_shot: FewShotSpec | None = None
+    """Also score each decoder checkpoint zero/one/few-shot on the built-in instruction task (null = off)."""
+
+
 
 
 class BuiltinTaskSpec(_Section):
@@ -335,10 +372,39 @@ class RLHFSpec(_Section):
     """PPO: the one PPO config (workers/rlhf/ppo_config.py), shared with the single-process reference."""
 
 
+class ClassifySpec(_Section):
+    """Classification fine-tuning (kind: classify): labelled rows (data/labelled.py) and the label set."""
+
+    train_file: PathStr | None = None
+    """{text, label} or {text, text_pair, label} rows, JSONL or Parquet at any fsspec URI; null = the built-in task."""
+    heldout_file: PathStr | None = None
+    """Held-out rows for accuracy and macro-F1; null = the rows whose text hashes into heldout_percent."""
+    labels: tuple[Annotated[str, Field(min_length=1, max_length=256)], ...] | None = None
+    """The label set in class-id order; null = the sorted labels of the training rows."""
+    heldout_percent: int = Field(10, ge=1, le=50)
+    """Share (in %) of rows held out when no heldout_file is given, chosen by a hash of the text."""
+    builtin_packages: tuple[str, ...] = BUILTIN_PACKAGES
+    """Built-in task: the standard-library packages whose docstrings are the classes."""
+    per_label: int = Field(120, ge=1, le=1_000_000)
+    """Built-in task: at most this many docstrings per package (keeps the classes near balanced)."""
+
+    @field_validator("labels", "builtin_packages", mode="before")
+    @classmethod
+    def _lists(cls, v):
+        return tuple(v) if isinstance(v, list) else v  # YAML and JSON give lists
+
+    @field_validator("labels", "builtin_packages")
+    @classmethod
+    def _distinct(cls, v):
+        if v is not None and (len(v) < 2 or len(set(v)) != len(v)):
+            raise ValueError("give at least two distinct names")
+        return v
+
+
 class JobSpec(_Section):
     name: str = "job"
     """Job name (lower-case letters, digits, '.', '_' and '-')."""
-    kind: Literal["pretrain", "sft", "rm", "ppo"] = "pretrain"
+    kind: Literal["pretrain", "sft", "rm", "ppo", "classify"] = "pretrain"
     """What the job trains: pretrain (language modelling), or an InstructGPT stage sft / rm / ppo."""
     model: ModelSpec = ModelSpec()
     data: DataSpec = DataSpec()
@@ -353,6 +419,8 @@ class JobSpec(_Section):
     """Restarts after infrastructure faults before the job is FAILED (0 to 1000)."""
     rlhf: RLHFSpec = RLHFSpec()
     """InstructGPT stage settings (kinds sft, rm, ppo)."""
+    classify: ClassifySpec = ClassifySpec()
+    """Classification fine-tuning settings (kind classify)."""
 
     @field_validator("deepspeed")
     @classmethod
@@ -403,8 +471,13 @@ class JobSpec(_Section):
                              f"per step, got {self.train.grad_accum}")
         if m.preset is None and (m.d_model is None or m.n_layers is None or m.n_heads is None):
             raise ValueError("model.preset: with no preset, give model.d_model, model.n_layers and model.n_heads")
-        if self.kind != "pretrain":
+        if self.kind in ("sft", "rm", "ppo"):
             self._rlhf_combinations()
+        if self.kind == "classify":
+            self._classify_combinations()
+        if self.eval.few_shot is not None and not (m.is_decoder and self.kind in ("pretrain", "sft")):
+            raise ValueError("eval.few_shot: few-shot evaluation scores decoders (gpt2, llama, palm) of pretrain "
+                             "and sft jobs")
         if "train_batch_size" in self.deepspeed or "train_micro_batch_size_per_gpu" in self.deepspeed:
             raise ValueError("deepspeed: set batch sizes with train.micro_batch and train.grad_accum, "
                              "not in the deepspeed block")
@@ -443,6 +516,17 @@ class JobSpec(_Section):
             if self.train.steps <= ppo.value_warmup:
                 raise ValueError(f"train.steps: {self.train.steps} rollouts must exceed rlhf.ppo.value_warmup "
                                  f"({ppo.value_warmup})")
+
+    def _classify_combinations(self) -> None:
+        p, m, c = self.parallel, self.model, self.classify
+        if p.pp > 1 or m.moe is not None:
+            raise ValueError("parallel.pp: classify fine-tunes data-parallel dense models (no pipeline stages, "
+                             "no Switch layers)")
+        if self.train.tokens is not None:
+            raise ValueError("train.tokens: give train.steps for a classify job")
+        if c.heldout_file and not c.train_file:
+            raise ValueError("classify.heldout_file: give classify.train_file too (the built-in task has its own "
+                             "held-out rows)")
 
     # ------------------------------------------------------------------ derived values, computed here only
 
@@ -500,7 +584,8 @@ def _format_error(err: ValidationError) -> str:
         return f"{loc}: unknown field; check the spelling (see README 'Spec format')"
     if e["type"] == "literal_error":
         return f"{loc}: {msg} (got {e.get('input')!r})"
-    if msg.startswith(("train:", "parallel.", "model.", "deepspeed:", "deepspeed.", "train.", "rlhf.")):
+    if msg.startswith(("train:", "parallel.", "model.", "deepspeed:", "deepspeed.", "train.", "rlhf.", "classify.",
+                       "eval.")):
         return msg
     got = e.get("input")
     if e["type"] in ("int_type", "float_type", "bool_type", "string_type", "tuple_type", "dict_type",

@@ -22,13 +22,18 @@ def evaluate_checkpoint(storage, run_dir: str, ckpt_path: str, step: int, batche
     from data.shards import TokenCache
     from specs.job import validate_spec
     from workers.checkpoint import load_consolidated
+    from workers.few_shot import with_few_shot
     from workers.tasks import build_model, config_from_dict, make_task
     from workers.weights import load_state
 
     info = storage.read_json(f"{run_dir}/data.json")
     spec = validate_spec(storage.read_json(f"{run_dir}/spec.json"))
+    if spec.kind == "classify":
+        from workers.classify import evaluate_classify_checkpoint
+
+        return evaluate_classify_checkpoint(storage, spec, run_dir, ckpt_path, step)
     if spec.kind != "pretrain":
-        return evaluate_stage_checkpoint(storage, spec, run_dir, ckpt_path, step)
+        return with_few_shot(evaluate_stage_checkpoint(storage, spec, run_dir, ckpt_path, step), storage, spec, run_dir)
     cfg = config_from_dict(spec.model.family, storage.read_json(f"{run_dir}/model_config.json")["model"])
     model = build_model(cfg)
     state = load_consolidated(storage, ckpt_path)
@@ -52,8 +57,8 @@ def evaluate_checkpoint(storage, run_dir: str, ckpt_path: str, step: int, batche
     if count == 0:
         raise RuntimeError("eval.held_out_tokens is too small for one held-out sample")
     loss = total / count
-    return {"checkpoint": ckpt_path, "step": step, "loss": loss, "perplexity": math.exp(min(loss, 50)),
-            "tokens": count * spec.data.seq_len}
+    return with_few_shot({"checkpoint": ckpt_path, "step": step, "loss": loss, "perplexity": math.exp(min(loss, 50)),
+                          "tokens": count * spec.data.seq_len}, storage, spec, run_dir, model, cache.tokenizer)
 
 
 def evaluate_stage_checkpoint(storage, spec, run_dir: str, ckpt_path: str, step: int) -> dict:
