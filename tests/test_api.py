@@ -281,7 +281,8 @@ def test_sweeps_over_the_api_have_owners_status_and_fit_results_also_from_a_lapt
     assert {r.state for r in store.list(parent_id=out["id"])} == {JobState.CANCELLED}
 
 
-def test_after_holds_a_pipeline_and_a_sweep_and_a_cancelled_dependency_fails_them_saying_why(server):
+def test_after_holds_a_pipeline_and_a_sweep_and_a_cancelled_dependency_fails_them_saying_why(server, tmp_path,
+                                                                                             capsys):
     from orchestrator import instructgpt as pl
     from orchestrator import scheduler as sched
     from orchestrator.parent_jobs import failed_dependency
@@ -302,13 +303,26 @@ def test_after_holds_a_pipeline_and_a_sweep_and_a_cancelled_dependency_fails_the
         bob.cancel(pid)
     assert err.value.status == 403
     assert failed_dependency(store, sweep_parent) is None
+    # On the head the CLI's submit takes a sweep file too, with --after and --set; the local user owns it.
+    import yaml
+
+    from orchestrator.cli import main
+    from orchestrator.cli_jobs import local_user
+
+    (tmp_path / "head.yaml").write_text(yaml.safe_dump({"storage": cfg.storage, "job_store": cfg.job_store}))
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(SWEEP))
+    assert main(["--cluster", str(tmp_path / "head.yaml"), "submit", str(tmp_path / "s.yaml"), "--after", first,
+                 "--set", "name=headsweep"]) == 0
+    local = store.get(capsys.readouterr().out.strip())
+    assert (local.kind, local.name, local.owner, local.after) == ("sweep", "headsweep", local_user(), (first,))
+    assert {r.after for r in store.list(parent_id=local.id)} == {(first,)}
 
     alice.cancel(first)
     # What the controller does next, step by step: its scheduler fails the stage and the runs...
     queued = [sft] + runs
     decisions = sched.schedule([sched.QueuedJob.from_record(r, {first: "CANCELLED"}) for r in queued],
                                {"n0": {"CPU": 8.0, "GPU": 0.0}}, {"n0": {"CPU": 8.0, "GPU": 0.0}}, now=0.0)
-    assert {type(d) for d in decisions} == {sched.Fail} and len(decisions) == 7
+    assert {type(d) for d in decisions} == {sched.Fail} and len(decisions) == 1 + len(runs)
     for d in decisions:
         store.transition(d.job_id, JobState.FAILED, d.reason)
     # ...and the pipeline and the sweep end FAILED with that reason.
