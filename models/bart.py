@@ -119,11 +119,13 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor, memory: torch.Tensor | None = None,
                 memory_bias: torch.Tensor | None = None) -> torch.Tensor:
-        drop = lambda t: F.dropout(t, self.dropout, self.training)                        # noqa: E731
-        x = self.self_norm(x + drop(self.self_attn(x, x, bias)))
+        x = self.self_norm(x + self._drop(self.self_attn(x, x, bias)))
         if self.cross_attn is not None:
-            x = self.cross_norm(x + drop(self.cross_attn(x, memory, memory_bias)))
-        return self.ff_norm(x + drop(self.fc2(drop(F.gelu(self.fc1(x))))))
+            x = self.cross_norm(x + self._drop(self.cross_attn(x, memory, memory_bias)))
+        return self.ff_norm(x + self._drop(self.fc2(self._drop(F.gelu(self.fc1(x))))))
+
+    def _drop(self, t: torch.Tensor) -> torch.Tensor:
+        return F.dropout(t, self.dropout, self.training)
 
 
 class Stack(nn.Module):

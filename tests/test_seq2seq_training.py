@@ -70,6 +70,12 @@ def test_seq2seq_trains_resumes_exactly_and_exports(ray_cluster, cluster_cfg, tm
     os.remove(os.path.join(checkpoint_dir(run_dir, 8), "manifest.json"))
     _run(cluster_cfg, family, resume=run_dir)
     assert [row["loss"] for row in _rows(run_dir)] == pytest.approx(losses, rel=1e-5, abs=1e-5)
+    # The checkpoint evaluation task scores the last checkpoint as the ranks' final evaluation did.
+    from data.storage import Storage
+    from workers.evaluator import evaluate_checkpoint
+
+    scored = evaluate_checkpoint(Storage(run_dir), run_dir, checkpoint_dir(run_dir, 8), 8, batches=2, micro_batch=4)
+    assert scored["loss"] == pytest.approx(r["final_eval"]["held_out_loss"], rel=1e-4)
     config = _exported_logits_match(run_dir, tmp_path, cls_name)
     tokenizer = json.load(open(os.path.join(tmp_path / "hf", "tokenizer_config.json")))
     assert tokenizer["pad_token"] == "<|pad|>"
