@@ -91,10 +91,10 @@ def test_checkpoint_evaluation_reports_few_shot_accuracy_by_k(ray_cluster, tmp_p
             shots = rng.sample(by_family[rng.choice(sorted(by_family))], rng.randint(1, 4))
             f.write(json.dumps({"text": "".join(p + instruct.gold_answer(p) + SHOT_END for p in shots)}) + "\n")
     cfg = ClusterConfig.model_validate({"storage": str(tmp_path / "runs"), "job_store": str(tmp_path / "jobs.db")})
+    asked = {"k": [0, 1, 2], "prompts": 16, "families": ["reverse", "upper"], "max_new_tokens": 12, "seed": 0}
     spec = tiny_spec(name="fewshot", **{"data.corpus": str(tmp_path / "shots.jsonl"), "data.max_docs": None,
                                         "data.seq_len": 128, "train.steps": 12, "checkpoint.every": 12,
-                                        "eval.few_shot": {"k": [0, 1, 2], "prompts": 16, "families": ["reverse", "upper"],
-                                                          "max_new_tokens": 12, "seed": 0}})
+                                        "eval.few_shot": asked})
     result = run_job(spec, cfg, log=lambda *a, **k: None)
     assert result["state"] == "SUCCEEDED", result
     ckpt = f"{result['run_dir']}/checkpoints/step_00000012"
