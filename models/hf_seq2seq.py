@@ -52,7 +52,7 @@ def decoder_start(config: dict) -> dict:
 # ----------------------------------------------------------------------------- names
 
 
-def _t5_names(cfg: T5Config) -> dict[str, str]:
+def t5_names(cfg: T5Config) -> dict[str, str]:
     """Our state-dict key -> HF's, for every tensor."""
     names = {"shared.weight": "shared.weight"}
     ff = ("wi_0", "wi_1", "wo") if cfg.gated else ("wi", "wo")
@@ -75,7 +75,7 @@ def _t5_names(cfg: T5Config) -> dict[str, str]:
     return names
 
 
-def _bart_names(cfg: BartConfig) -> dict[str, str]:
+def bart_names(cfg: BartConfig) -> dict[str, str]:
     names = {"shared.weight": "model.shared.weight"}
     for stack in ("encoder", "decoder"):
         s = f"model.{stack}."
@@ -102,7 +102,7 @@ def _bart_names(cfg: BartConfig) -> dict[str, str]:
 def to_hf(cfg, sd: dict[str, torch.Tensor]) -> tuple[dict, dict[str, torch.Tensor]]:
     """(config.json dict, HF state dict) of a t5 or bart model (``hf_class`` has accepted it)."""
     if isinstance(cfg, T5Config):
-        out = {theirs: sd[ours] for ours, theirs in _t5_names(cfg).items()}
+        out = {theirs: sd[ours] for ours, theirs in t5_names(cfg).items()}
         config = dict(architectures=[HF_CLASSES["t5"]], model_type="t5", vocab_size=cfg.vocab_size,
                       d_model=cfg.d_model, d_kv=cfg.head_dim, d_ff=cfg.d_ff, num_layers=cfg.n_layers,
                       num_decoder_layers=cfg.n_layers, num_heads=cfg.n_heads,
@@ -113,7 +113,7 @@ def to_hf(cfg, sd: dict[str, torch.Tensor]) -> tuple[dict, dict[str, torch.Tenso
         return config, out
     if cfg.norm_eps != 1e-5:
         raise HFError(f"bart: transformers' BART uses LayerNorm eps 1e-5, the model has {cfg.norm_eps}")
-    out = {theirs: sd[ours] for ours, theirs in _bart_names(cfg).items()}
+    out = {theirs: sd[ours] for ours, theirs in bart_names(cfg).items()}
     out["final_logits_bias"] = sd["final_logits_bias"][None]                              # (1, V)
     config = dict(architectures=[HF_CLASSES["bart"]], model_type="bart", vocab_size=cfg.vocab_size,
                   d_model=cfg.d_model, encoder_layers=cfg.n_layers, decoder_layers=cfg.n_layers,
@@ -155,7 +155,7 @@ def from_hf(model_type: str, config: dict, sd: dict[str, torch.Tensor]) -> tuple
                        num_buckets=c["relative_attention_num_buckets"],
                        max_distance=c["relative_attention_max_distance"], dropout=0.0,
                        norm_eps=c["layer_norm_epsilon"])
-        return "t5", cfg, _take(sd, _t5_names(cfg), "t5")
+        return "t5", cfg, _take(sd, t5_names(cfg), "t5")
     if c["activation_function"] != "gelu" or c["scale_embedding"] or c["encoder_layers"] != c["decoder_layers"] or \
             c["encoder_attention_heads"] != c["decoder_attention_heads"] or c["encoder_ffn_dim"] != c["decoder_ffn_dim"]:
         raise HFError("bart: only gelu, unscaled embeddings and encoder and decoder of one shape map onto our BART")
@@ -163,7 +163,7 @@ def from_hf(model_type: str, config: dict, sd: dict[str, torch.Tensor]) -> tuple
     cfg = BartConfig(vocab_size=c["vocab_size"], seq_len=c["max_position_embeddings"], d_model=c["d_model"],
                      n_layers=c["encoder_layers"], n_heads=c["encoder_attention_heads"], d_ff=c["encoder_ffn_dim"],
                      dropout=0.0, init_std=c["init_std"])
-    out = _take(sd, _bart_names(cfg), "bart")
+    out = _take(sd, bart_names(cfg), "bart")
     bias = sd.get("final_logits_bias")
     out["final_logits_bias"] = bias.reshape(-1) if bias is not None else torch.zeros(cfg.vocab_size)
     return "bart", cfg, out

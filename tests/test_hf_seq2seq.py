@@ -42,13 +42,27 @@ def test_round_trip_gives_equal_logits(cfg, tmp_path):
         assert torch.equal(back(x, mask, y)[0], a)
 
 
-def test_t5_untied_head_is_refused_for_export():
-    # T5 v1.1: its own unscaled head and a gated-GELU MLP; transformers 5 would tie the head on load.
+def test_t5_v1_1_imports_but_is_refused_for_export():
+    # T5 v1.1: its own unscaled head and a gated-GELU MLP; transformers 5 would tie the head on load, so
+    # export refuses it. A v1.1 checkpoint with its lm_head (transformers 4 layout) still imports.
+    from models.hf import from_hf
+    from models.hf_seq2seq import t5_names
+
     cfg = T5Config(vocab_size=256, d_model=32, n_layers=1, n_heads=4, d_ff=64, tie_embeddings=False)
-    model = T5(cfg)
+    model = T5(cfg).eval()
     assert model.lm_head is not None and hasattr(model.encoder.blocks[0].ff, "wi_0")
     with pytest.raises(HFError, match="untied head"):
         hf_class(cfg)
+    theirs = {hf: model.state_dict()[ours] for ours, hf in t5_names(cfg).items()}
+    config = {"model_type": "t5", "vocab_size": 256, "d_model": 32, "d_kv": 8, "d_ff": 64, "num_layers": 1,
+              "num_heads": 4, "feed_forward_proj": "gated-gelu", "tie_word_embeddings": False}
+    family, back_cfg, state = from_hf(config, theirs)
+    assert (family, back_cfg) == ("t5", cfg)
+    back = T5(back_cfg).eval()
+    back.load_state_dict(state)
+    x, mask, y = _inputs()
+    with torch.no_grad():
+        assert torch.equal(back(x, mask, y)[0], model(x, mask, y)[0])
 
 
 @pytest.mark.parametrize("family", ["t5", "bart"])
