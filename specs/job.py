@@ -471,6 +471,8 @@ class JobSpec(_Section):
                              f"per step, got {self.train.grad_accum}")
         if m.preset is None and (m.d_model is None or m.n_layers is None or m.n_heads is None):
             raise ValueError("model.preset: with no preset, give model.d_model, model.n_layers and model.n_heads")
+        if m.family in SEQ2SEQ_FAMILIES and self.kind != "pretrain":
+            raise ValueError(f"model.family: {m.family} trains with kind: pretrain only, not {self.kind}")
         if self.kind in ("sft", "rm", "ppo"):
             self._rlhf_combinations()
         if self.kind == "classify":
