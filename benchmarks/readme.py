@@ -86,6 +86,11 @@ def _preemption(r: dict) -> str:
             f"{_g(r.get('warm_start_s'))} s); steps lost {r.get('steps_lost')}; losses equal {_g(r.get('losses_equal'))}")
 
 
+def _distill(r: dict) -> str:
+    return (f"held-out loss {_g(r.get('held_out_distilled'))} with the teacher vs {_g(r.get('held_out_alone'))} alone "
+            f"(ratio {_g(r.get('ratio'))}; teacher {_g((r.get('teacher') or {}).get('held_out_loss'))})")
+
+
 def _sweep_overhead(r: dict) -> str:
     return (f"{r.get('runs')} runs: wall {_g(r.get('wall_s'))} s vs {_g(r.get('ideal_wall_s'))} s in steps / "
             f"{r.get('concurrency')} (ratio {_g(r.get('ratio'))})")
@@ -93,7 +98,7 @@ def _sweep_overhead(r: dict) -> str:
 
 FIGURES = {"throughput": _throughput, "zero_memory": _zero_memory, "job_overhead": _job_overhead, "moe": _moe,
            "ppo": _ppo, "fit_speed": _fit_speed, "fit_epoch": _fit_epoch, "data_scale": _data_scale,
-           "preemption": _preemption, "sweep_overhead": _sweep_overhead}
+           "preemption": _preemption, "sweep_overhead": _sweep_overhead, "distill": _distill}
 """Benchmark name -> the headline figures of its last-line JSON, as one table cell."""
 
 

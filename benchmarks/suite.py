@@ -83,6 +83,11 @@ BENCHMARKS: dict[str, Benchmark] = {
         "data_scale.py", "tokenization pool throughput; rank RSS and time to first step on 10 MB to 2 GB corpora",
         "pool >= 0.8 x actors x 1-core baseline; RSS growth <= 100 MB; first step <= 5 s later",
         quick=("--sizes-mb", "1", "2", "--tok-mb", "1", "--steps", "2")),
+    "distill": Benchmark(
+        "distill.py", "a 2-layer student trained with its 4-layer teacher (kind: distill) vs the same student alone",
+        "held-out loss with the teacher < alone, same steps, init and batches",
+        quick=("--teacher-steps", "6", "--steps", "4", "--max-docs", "400", "--eval-batches", "2",
+               "--no-from-layers")),
     "preemption": Benchmark(
         "preemption.py", "a high-priority job on a full cluster: its wait, and what the preempted job loses",
         "wait <= checkpoint interval + a start; 0 steps lost; losses equal an uninterrupted run",

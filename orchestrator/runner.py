@@ -53,6 +53,8 @@ def preflight(spec: JobSpec, storage: Storage) -> None:
     if spec.data.corpus != BUILTIN_STDLIB and not spec.data.corpus.startswith("builtin:"):
         resolve_files(spec.data.corpus, storage.options)
     weights = {"model.init_from": (spec.model.init_from, ("config.json", "spec.json", "manifest.json"))}
+    if spec.kind == "distill":
+        weights["distill.teacher"] = (spec.distill.teacher, ("config.json", "spec.json", "manifest.json"))
     if spec.kind == "ppo":
         weights["rlhf.ppo.reward_model"] = (spec.rlhf.ppo.reward_model, ("spec.json", "manifest.json"))
     for field, (path, markers) in weights.items():

@@ -23,6 +23,7 @@ import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from data.labelled import BUILTIN_PACKAGES
+from specs.distill import DistillSpec, distill_combinations
 from specs.errors import UsageError
 from specs.seq2seq import NoisingSpec
 from specs.validate import INT64_MAX, InputError, check_plain, load_plain_yaml, read_plain_yaml
@@ -404,7 +405,7 @@ class ClassifySpec(_Section):
 class JobSpec(_Section):
     name: str = "job"
     """Job name (lower-case letters, digits, '.', '_' and '-')."""
-    kind: Literal["pretrain", "sft", "rm", "ppo", "classify"] = "pretrain"
+    kind: Literal["pretrain", "sft", "rm", "ppo", "classify", "distill"] = "pretrain"
     """What the job trains: pretrain (language modelling), or an InstructGPT stage sft / rm / ppo."""
     model: ModelSpec = ModelSpec()
     data: DataSpec = DataSpec()
@@ -421,6 +422,8 @@ class JobSpec(_Section):
     """InstructGPT stage settings (kinds sft, rm, ppo)."""
     classify: ClassifySpec = ClassifySpec()
     """Classification fine-tuning settings (kind classify)."""
+    distill: DistillSpec = DistillSpec()
+    """Distillation settings (kind distill): the teacher and the weights of the triple loss."""
 
     @field_validator("deepspeed")
     @classmethod
@@ -477,6 +480,8 @@ class JobSpec(_Section):
             self._rlhf_combinations()
         if self.kind == "classify":
             self._classify_combinations()
+        if self.kind == "distill":
+            distill_combinations(self)
         if self.eval.few_shot is not None and not (m.is_decoder and self.kind in ("pretrain", "sft")):
             raise ValueError("eval.few_shot: few-shot evaluation scores decoders (gpt2, llama, palm) of pretrain "
                              "and sft jobs")
@@ -587,7 +592,7 @@ def _format_error(err: ValidationError) -> str:
     if e["type"] == "literal_error":
         return f"{loc}: {msg} (got {e.get('input')!r})"
     if msg.startswith(("train:", "parallel.", "model.", "deepspeed:", "deepspeed.", "train.", "rlhf.", "classify.",
-                       "eval.")):
+                       "eval.", "distill.")):
         return msg
     got = e.get("input")
     if e["type"] in ("int_type", "float_type", "bool_type", "string_type", "tuple_type", "dict_type",

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from specs.errors import UsageError as UserError
 
 BUILTIN_PREFIX = "builtin:"
-READ_FIELDS = ("model.init_from", "rlhf.ppo.reward_model", "rlhf.data.demonstrations",
+READ_FIELDS = ("model.init_from", "distill.teacher", "rlhf.ppo.reward_model", "rlhf.data.demonstrations",
                "rlhf.data.demonstrations_heldout", "rlhf.data.comparisons", "rlhf.data.comparisons_heldout",
                "rlhf.data.prompts", "rlhf.data.eval_prompts")
 """Spec fields a job reads besides data.corpus."""

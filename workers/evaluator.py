@@ -32,7 +32,7 @@ def evaluate_checkpoint(storage, run_dir: str, ckpt_path: str, step: int, batche
         from workers.classify import evaluate_classify_checkpoint
 
         return evaluate_classify_checkpoint(storage, spec, run_dir, ckpt_path, step)
-    if spec.kind != "pretrain":
+    if spec.kind not in ("pretrain", "distill"):                 # a distill run holds its student only
         return with_few_shot(evaluate_stage_checkpoint(storage, spec, run_dir, ckpt_path, step), storage, spec, run_dir)
     cfg = config_from_dict(spec.model.family, storage.read_json(f"{run_dir}/model_config.json")["model"])
     model = build_model(cfg)

@@ -40,10 +40,12 @@ log = logging.getLogger(__name__)
 def _kinds() -> dict:
     """``spec.kind`` -> the kind's class (imported here: the stages pull in the RLHF stack)."""
     from workers.classify import Classify
+    from workers.distill import Distill
     from workers.pretrain import Pretrain
     from workers.rlhf.stages import PPOStage, RewardModelStage, SFTStage
 
-    return {"pretrain": Pretrain, "sft": SFTStage, "rm": RewardModelStage, "ppo": PPOStage, "classify": Classify}
+    return {"pretrain": Pretrain, "sft": SFTStage, "rm": RewardModelStage, "ppo": PPOStage, "classify": Classify,
+            "distill": Distill}
 
 
 @dataclass
