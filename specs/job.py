@@ -476,6 +476,9 @@ class JobSpec(_Section):
             raise ValueError("model.preset: with no preset, give model.d_model, model.n_layers and model.n_heads")
         if m.family in SEQ2SEQ_FAMILIES and self.kind != "pretrain":
             raise ValueError(f"model.family: {m.family} trains with kind: pretrain only, not {self.kind}")
+        if self.data.noising is not None and m.family not in SEQ2SEQ_FAMILIES:
+            raise ValueError(f"model.family: {m.family} does not use data.noising (the encoder-decoders t5 and bart "
+                             "do); leave it out")
         if self.kind in ("sft", "rm", "ppo"):
             self._rlhf_combinations()
         if self.kind == "classify":

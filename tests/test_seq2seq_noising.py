@@ -131,6 +131,7 @@ def test_bart_deletion_rotation_and_defaults():
     ({"model.family": "bart", "parallel.pp": 2, "parallel.zero_stage": 1, "train.grad_accum": 2}, "decoder famil"),
     ({"model.family": "bart", "data.noising": {"mask_ratio": 1.5}}, "data.noising.mask_ratio"),
     ({"model.family": "t5", "kind": "classify", "train.steps": 2}, "kind: pretrain only"),
+    ({"model.family": "bert", "data.noising": {"rotate": True}}, "bert does not use data.noising"),
 ])
 def test_bad_encoder_decoder_specs_are_refused_at_validation(overrides, match):
     from specs.job import SpecError
