@@ -14,7 +14,7 @@ from models.encoder import Encoder, encoder_config
 from models.transformer import Decoder, decoder_config
 from specs.job import SpecError
 from tests.conftest import tiny_spec
-from workers.distill import cosine_loss, kd_loss, layer_map, student_state
+from workers.distill import LastHidden, cosine_loss, forward, kd_loss, layer_map, student_state
 from workers.weights import load_state
 
 torch.set_num_threads(1)
@@ -59,6 +59,23 @@ def test_the_student_starts_from_every_other_teacher_layer_where_shapes_allow():
     load_state(student, state, "test")
     assert torch.equal(student.embeddings.position.weight, t_enc.embeddings.position.weight[:64])
     assert torch.equal(student.blocks[1].mlp.up.weight, t_enc.blocks[2].mlp.up.weight)
+
+
+def test_both_models_give_logits_and_their_last_hidden_states_for_encoder_and_decoder_batches():
+    ids = torch.randint(5, 300, (2, 16), generator=torch.Generator().manual_seed(0))
+    labels = torch.where(ids % 5 == 0, ids, torch.full_like(ids, -100))
+    for model, batch in ((Decoder(decoder_config("llama", "tiny", vocab_size=320, seq_len=16)),
+                          {"idx": ids, "targets": ids}),
+                         (Encoder(encoder_config("bert", "tiny", vocab_size=320, seq_len=16)),
+                          {"input_ids": ids, "token_type_ids": torch.zeros_like(ids), "mlm_labels": labels,
+                           "nsp_labels": torch.tensor([0, 1])})):
+        model.eval()
+        hidden = LastHidden(model)
+        logits, own = forward(model, batch, labels=True)
+        assert logits.shape == (2, 16, 320) and own.item() > 0
+        expected = model.hidden(ids) if "idx" in batch else model.hidden(ids, batch["token_type_ids"])
+        assert torch.equal(hidden.value, expected)                                  # what the cosine compares
+        assert forward(model, batch, labels=False)[1] is None                       # the teacher's call
 
 
 def test_distill_specs_name_what_is_missing():
