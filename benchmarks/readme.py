@@ -96,9 +96,21 @@ def _sweep_overhead(r: dict) -> str:
             f"{r.get('concurrency')} (ratio {_g(r.get('ratio'))})")
 
 
+def _mfu(r: dict) -> str:
+    return (f"MFU {_g(r.get('mfu'))} of {_g(r.get('peak_flops'))} FLOP/s ({r.get('peak_source')}), "
+            f"{_g(r.get('tokens_per_s'))} tokens/s, {r.get('dtype')} on {r.get('device')}")
+
+
+def _checkpoint_stall(r: dict) -> str:
+    return (f"step during a write {_g(r.get('step_ratio'))} x; consolidation peak {_g(r.get('consolidation_peak_ratio'))}"
+            f" x (old way {_g(r.get('old_consolidation_peak_ratio'))} x); with the host snapshot "
+            f"{_g(r.get('checkpoint_peak_ratio'))} x")
+
+
 FIGURES = {"throughput": _throughput, "zero_memory": _zero_memory, "job_overhead": _job_overhead, "moe": _moe,
            "ppo": _ppo, "fit_speed": _fit_speed, "fit_epoch": _fit_epoch, "data_scale": _data_scale,
-           "preemption": _preemption, "sweep_overhead": _sweep_overhead, "distill": _distill}
+           "preemption": _preemption, "sweep_overhead": _sweep_overhead, "distill": _distill,
+           "mfu": _mfu, "checkpoint_stall": _checkpoint_stall}
 """Benchmark name -> the headline figures of its last-line JSON, as one table cell."""
 
 

@@ -48,7 +48,7 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
-TARGET_RATIO = 0.9
+TARGET_RATIO = 0.95
 THREADS = 1
 SAMPLE_S = 0.02
 CLK_TCK = os.sysconf("SC_CLK_TCK")

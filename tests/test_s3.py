@@ -1,5 +1,6 @@
 """Checkpoints and resume through s3fs against a local S3-compatible server (moto, server mode)."""
 import json
+import re
 import socket
 import subprocess
 import sys
@@ -62,3 +63,8 @@ def test_checkpoints_and_resume_on_s3(ray_cluster, s3_server, tmp_path):
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6, 7, 8]   # the replayed steps' old rows dropped
     assert [r["loss"] for r in rows] == pytest.approx(full, rel=1e-5, abs=1e-5)
     assert [c.step for c in list_checkpoints(storage, run_dir)] == [4, 8]
+    for rank in (0, 1):  # each rank downloaded its own ZeRO shard and the shared files, not the other's shard
+        log = storage.read_text(f"{run_dir}/logs/rank_{rank}.log")
+        line = next(x for x in log.splitlines() if "resume: downloaded" in x)
+        got, every = (int(n) for n in re.search(r"downloaded (\d+) of the (\d+) files", line).groups())
+        assert got == every - 1, line

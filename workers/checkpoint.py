@@ -130,10 +130,13 @@ def load_checkpoint(engine, storage: Storage, ckpt: CheckpointInfo, universal: b
     staging = tempfile.mkdtemp(prefix="sy-load-")
     try:
         uri = f"{ckpt.path}/{tag}"
-        every = sorted(posixpath.relpath(p, uri) for p in storage.fs.find(uri))
-        mine = every if universal else rank_files(every, _dp_rank(engine))
-        download(storage, uri, os.path.join(staging, tag), mine)
-        log.info("resume: downloaded %d of the %d files of %s", len(mine), len(every), uri)
+        if universal:  # every rank re-partitions every parameter: all of it
+            storage.get_dir(uri, os.path.join(staging, tag))
+        else:
+            every = sorted(rel[len(tag) + 1:] for rel in ckpt.manifest.get("files", {}) if rel.startswith(f"{tag}/"))
+            mine = rank_files(every, _dp_rank(engine))
+            download(storage, uri, os.path.join(staging, tag), mine)
+            log.info("resume: downloaded %d of the %d files of %s", len(mine), len(every), uri)
         with tensors_only():
             engine.load_checkpoint(staging, tag=tag)
     finally:

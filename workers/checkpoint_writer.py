@@ -18,6 +18,7 @@ latest.
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -26,6 +27,7 @@ import shutil
 import struct
 import tempfile
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
@@ -36,6 +38,13 @@ from workers.checkpoint_store import CHUNK, DS_TAG, log, staging_dir, storage_fa
 
 WRITE_THREADS = 4
 """Files written (uploaded) at once by one rank."""
+WRITER_NICE = 19
+"""CPU priority of the writing threads (nice value): the training step comes first."""
+WRITER_DUTY = 0.2
+"""Share of the time a writing thread works while training runs (it sleeps the rest): a machine's
+sibling hyperthreads and memory bandwidth are shared with the step. Waiting for a save lifts it."""
+PIECE = 1 << 20
+"""Bytes hashed and written at a time."""
 
 SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
                       torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
@@ -43,7 +52,8 @@ SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16:
 
 
 def to_host(item, pinned: bool):
-    """A copy of ``item`` with every tensor in it copied to host memory (containers rebuilt, other values kept).
+    """A copy of ``item`` with every tensor in it copied to host memory (containers rebuilt, plain objects
+    copied shallowly, other values kept).
 
     ``pinned``: page-locked buffers and non-blocking copies (CUDA); the caller synchronizes once.
     """
@@ -62,6 +72,11 @@ def to_host(item, pinned: bool):
         return [to_host(v, pinned) for v in item]
     if isinstance(item, tuple) and not hasattr(item, "_fields"):
         return tuple(to_host(v, pinned) for v in item)
+    if hasattr(item, "__dict__") and not isinstance(item, type):  # a loss scaler's current scale, say
+        try:
+            return copy.copy(item)
+        except Exception:  # noqa: BLE001 -- an object that cannot be copied is saved as it is then
+            return item
     return item
 
 
@@ -143,29 +158,48 @@ def module_weights(snap: SnapshotEngine) -> dict[str, torch.Tensor] | None:
 # ----------------------------------------------------------------------------- writing files
 
 
-class _Hashed:
-    """A writable file that hashes and counts the bytes going through it."""
+class Pace:
+    """How fast a save's threads write: WRITER_DUTY of the time while training runs, flat out once
+    someone waits for the save (``hurry``)."""
 
-    def __init__(self, f):
-        self.f, self.h, self.size = f, hashlib.sha256(), 0
+    def __init__(self, duty: float = WRITER_DUTY):
+        self.duty, self.threads, self.hurry = duty, 1, threading.Event()
+
+    def rest(self, worked_s: float) -> None:
+        """Sleep after ``worked_s`` of work so that all the save's threads together keep to ``duty``."""
+        if not self.hurry.is_set():
+            self.hurry.wait(worked_s * (self.threads / self.duty - 1.0))
+
+
+class _Hashed:
+    """A writable file that hashes and counts the bytes going through it, PIECE bytes at a time (at
+    ``pace``, when given)."""
+
+    def __init__(self, f, pace: Pace | None = None):
+        self.f, self.h, self.size, self.pace = f, hashlib.sha256(), 0, pace
 
     def write(self, data) -> int:
         view = memoryview(data).cast("B")
-        self.h.update(view)
+        for at in range(0, len(view), PIECE):
+            t0 = time.perf_counter()
+            piece = view[at:at + PIECE]
+            self.h.update(piece)
+            self.f.write(piece)
+            if self.pace is not None:
+                self.pace.rest(time.perf_counter() - t0)
         self.size += len(view)
-        self.f.write(view)
         return len(view)
 
     def flush(self) -> None:
         self.f.flush()
 
 
-def write_hashed(storage: Storage, uri: str, fill: Callable[[_Hashed], None]) -> list:
+def write_hashed(storage: Storage, uri: str, fill: Callable[[_Hashed], None], pace: Pace | None = None) -> list:
     """Write one file at ``uri`` with ``fill(file)``; its [size, sha256]."""
     if storage.is_local:
         os.makedirs(os.path.dirname(storage.local_path(uri)), exist_ok=True)
     with storage.fs.open(uri, "wb") as f:
-        out = _Hashed(f)
+        out = _Hashed(f, pace)
         fill(out)
     return [out.size, out.h.hexdigest()]
 
@@ -215,12 +249,24 @@ def upload_hashed(storage: Storage, local_dir: str, uri: str) -> dict[str, list]
     return write_all(storage, uri, jobs)
 
 
-def write_all(storage: Storage, uri: str, jobs: dict[str, Callable]) -> dict[str, list]:
+def _yield_to_training() -> None:
+    """Lower the calling thread's CPU priority (Linux nice values are per thread): on a busy machine the
+    files are written with the CPU time training leaves, instead of taking it from the step."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), WRITER_NICE)
+    except (AttributeError, OSError):  # not Linux, or not allowed: the writer runs at training's priority
+        pass
+
+
+def write_all(storage: Storage, uri: str, jobs: dict[str, Callable], pace: Pace | None = None) -> dict[str, list]:
     """Each ``rel -> fill`` written to ``uri/rel`` by a pool of WRITE_THREADS; {rel: [size, sha256]}."""
     if not jobs:
         return {}
-    with ThreadPoolExecutor(max_workers=min(WRITE_THREADS, len(jobs)), thread_name_prefix="ckpt-write") as pool:
-        futures = {rel: pool.submit(write_hashed, storage, posixpath.join(uri, rel), fill)
+    if pace is not None:
+        pace.threads = min(WRITE_THREADS, len(jobs))
+    with ThreadPoolExecutor(max_workers=min(WRITE_THREADS, len(jobs)), thread_name_prefix="ckpt-write",
+                            initializer=_yield_to_training) as pool:
+        futures = {rel: pool.submit(write_hashed, storage, posixpath.join(uri, rel), fill, pace)
                    for rel, fill in jobs.items()}
         return {rel: fut.result() for rel, fut in sorted(futures.items())}
 
@@ -241,6 +287,7 @@ class PendingSave(threading.Thread):
         self.storage, self.run_dir, self.step, self.attempt = storage, run_dir, step, attempt
         self.local_dir, self.jobs, self.intact = local_dir, jobs, intact
         self._result: dict | None = None
+        self.pace = Pace()
         self.start()
 
     def run(self) -> None:
@@ -251,7 +298,7 @@ class PendingSave(threading.Thread):
                 src = os.path.join(dirpath, name)
                 jobs[os.path.relpath(src, self.local_dir).replace(os.sep, "/")] = _stream_file(src)
         try:
-            self._result = {"files": write_all(self.storage, staged, jobs)}
+            self._result = {"files": write_all(self.storage, staged, jobs, self.pace)}
         except OSError as err:
             fault = storage_fault(err, f"{self.run_dir} (checkpoint step {self.step})", self.intact)
             self._result = {"error": str(fault or f"checkpoint step {self.step}: {err}"), "storage": fault is not None}
@@ -266,6 +313,7 @@ class PendingSave(threading.Thread):
         return not self.is_alive()
 
     def result(self) -> dict:
+        self.pace.hurry.set()                               # nothing trains while someone waits: flat out
         self.join()
         return self._result
 

@@ -85,6 +85,9 @@ def build_engine(model: torch.nn.Module, spec, load_universal: bool = False):
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(spec))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=deepspeed_config(spec, load_universal))
+    if (dist.get_world_size() == 1 and p.zero_stage == 0 and p.pp == 1 and not engine.bfloat16_enabled()
+            and not engine.fp16_enabled()):
+        engine.enable_backward_allreduce = False  # one plain fp32 rank: no flatten + all-reduce of every gradient
     return engine
 
 
