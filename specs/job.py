@@ -83,7 +83,8 @@ class ModelSpec(_Section):
     family: Literal["gpt2", "llama", "palm", "bert", "roberta", "albert", "electra", "t5", "bart"] = "llama"
     """Model family: decoders gpt2/llama/palm, encoders bert/roberta/albert/electra, encoder-decoders t5/bart."""
     preset: str | None = "tiny"
-    """Size preset (tiny, mini, small, medium, base, large); explicit sizes override it."""
+    """Size preset (tiny, mini, small, medium, base, large; decoders also gpt3-small ... gpt3-175b); explicit sizes
+    override it."""
     d_model: int | None = Field(None, ge=8, le=1 << 16)
     """Residual width (overrides the preset)."""
     n_layers: int | None = Field(None, ge=1, le=1024)
