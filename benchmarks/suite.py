@@ -100,6 +100,11 @@ BENCHMARKS: dict[str, Benchmark] = {
         "preemption.py", "a high-priority job on a full cluster: its wait, and what the preempted job loses",
         "wait <= checkpoint interval + a start; 0 steps lost; losses equal an uninterrupted run",
         quick=("--steps", "24", "--every", "4", "--at", "6")),
+    "controller_scale": Benchmark(
+        "controller_scale.py", "the controller's scheduling tick, submits, `list` and `status` at 10,000 and 100,000 "
+        "queued jobs on 64 nodes",
+        "changed tick <= 100 ms (10k) and <= 1 s (100k) CPU; >= 500 submits/s",
+        quick=("--sizes", "300,1000", "--ticks", "2")),
 }
 
 

@@ -13,6 +13,7 @@ Endpoints (all JSON unless noted; ``{id}`` takes a unique id prefix too):
     GET  /api/v1/whoami                    {user, admin}
     GET  /api/v1/cluster                   controller, queue (in order, with pending reasons), running, teams
     GET  /api/v1/jobs[?state=S&owner=U]    [job]  (job = the status dict of `switchyard status --json`)
+    GET  /api/v1/jobs?limit=L[&page=P&state=S&owner=U]   {jobs, total, page, limit}: page 1 is the newest L
     POST /api/v1/jobs                      {spec, priority?, set?, after?} -> {id, ...}; a spec with
                                            `pipeline:` starts an InstructGPT pipeline, one with `budgets:`
                                            a sweep (as POST /sweeps); `after` holds every kind
@@ -69,6 +70,14 @@ class ApiError(Exception):
     def __init__(self, status: int, message: str):
         super().__init__(message)
         self.status = status
+
+
+def _positive(query, key: str, default: str | None) -> int:
+    """A query parameter that must be a whole number >= 1 (``limit``, ``page``)."""
+    raw = query.get(key, default)
+    if raw is None or not raw.isdigit() or int(raw) < 1 or int(raw) > 1 << 31:
+        raise ApiError(400, f"{key}: give a whole number from 1, got {raw!r}")
+    return int(raw)
 
 
 def _json(data, status: int = 200) -> web.Response:
@@ -199,8 +208,12 @@ class Api:
             states = [JobState(s.strip().upper()) for s in state.split(",")] if state else None
         except ValueError:
             raise ApiError(400, f"state: one of {', '.join(s.value for s in JobState)}") from None
-        recs = await self._run(self.store.list, states)
-        return _json([r.to_status_dict() for r in recs if owner is None or r.owner == owner])
+        if "limit" not in request.query:
+            recs = await self._run(self.store.list, states)
+            return _json([r.to_status_dict() for r in recs if owner is None or r.owner == owner])
+        limit, page = (_positive(request.query, k, d) for k, d in (("limit", None), ("page", "1")))
+        recs, total = await self._run(lambda: self.store.page(states, limit=limit, page=page, owner=owner))
+        return _json({"jobs": [r.to_status_dict() for r in recs], "total": total, "page": page, "limit": limit})
 
     async def job(self, request):
         return _json(await self._run(self._status, request.match_info["id"]))

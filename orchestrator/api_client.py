@@ -95,6 +95,10 @@ class ApiClient:
     def jobs(self, state: str | None = None, owner: str | None = None) -> list[dict]:
         return self.call("GET", "/jobs", query={"state": state, "owner": owner})
 
+    def jobs_page(self, limit: int, page: int = 1, state: str | None = None, owner: str | None = None) -> dict:
+        """{jobs, total, page, limit}: page 1 holds the newest ``limit`` jobs."""
+        return self.call("GET", "/jobs", query={"limit": limit, "page": page, "state": state, "owner": owner})
+
     def job(self, job_id: str) -> dict:
         return self.call("GET", f"/jobs/{urllib.parse.quote(job_id)}")
 

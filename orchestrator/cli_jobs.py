@@ -227,7 +227,12 @@ def pending_line(job: dict) -> str:
 
 def cmd_list(args) -> int:
     client = _remote(args)
-    rows = client.jobs() if client is not None else [r.to_status_dict() for r in _store(_cluster(args)).list()]
+    if client is not None:
+        got = client.jobs_page(args.limit, args.page)
+        rows, total = got["jobs"], got["total"]
+    else:
+        recs, total = _store(_cluster(args)).page(limit=args.limit, page=args.page)
+        rows = [r.to_status_dict() for r in recs]
     if args.json:
         print(json_output.dumps(rows))
         return 0
@@ -239,6 +244,10 @@ def cmd_list(args) -> int:
             why = f"preempted by {r.get('preempted_by')}; checkpointing"
         print(f"{r['id']:<20} {r['name'][:24]:<24} {(r.get('owner') or '-')[:10]:<10} {r['state']:<11} "
               f"{r['priority']:>4} {r['step'] or 0:>7} {r['restarts']:>8} {_age(r['submitted_at']):>6}  {why}")
+    if total > len(rows):
+        newest = (args.page - 1) * args.limit
+        print(f"page {args.page}: jobs {newest + 1}-{newest + len(rows)} of {total}, newest first by page; "
+              f"--page {args.page + 1} for older ones, --limit N for longer pages")
     return 0
 
 
@@ -503,8 +512,10 @@ def register(sub) -> None:
     p.add_argument("--after", default=None, metavar="JOB[,JOB...]",
                    help="start only once these jobs have SUCCEEDED (fails if one fails or is cancelled)")
     p.set_defaults(func=cmd_submit)
-    p = sub.add_parser("list", help="all jobs")
+    p = sub.add_parser("list", help="jobs, a page at a time (the newest first)")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--limit", type=int_arg(1, 100_000), default=100, help="jobs per page (default 100)")
+    p.add_argument("--page", type=int_arg(1, 1 << 31), default=1, help="1: the newest jobs, 2: the ones before, ...")
     p.set_defaults(func=cmd_list)
     p = sub.add_parser("status", help="one job, or the cluster")
     p.add_argument("job", nargs="?")

@@ -85,6 +85,19 @@ class FairShareConfig(_Section):
     """A GPU-second counts as this many CPU-seconds of usage."""
 
 
+class JobStoreRetentionConfig(_Section):
+    """How long finished jobs stay in the job store (the policy: orchestrator/job_retention.py)."""
+
+    finished_days: float = Field(30.0, gt=0)
+    """A finished job, its history and evaluations are deleted this many days after it finished."""
+    max_finished: int = Field(100_000, ge=1)
+    """At most this many finished top-level jobs are kept (the most recently finished)."""
+    every_s: float = Field(3600.0, gt=0)
+    """How often the controller applies the policy."""
+    batch: int = Field(5000, ge=1)
+    """At most this many top-level jobs are deleted at a time."""
+
+
 class ApiConfig(_Section):
     """The controller's HTTP API (server side: listen, certfile, keyfile) and the CLI's way to it (url, token)."""
 
@@ -122,6 +135,7 @@ class ClusterConfig(_Section):
     """Extra fsspec options for the storage URI (e.g. endpoint_url)."""
     job_store: str = "./.switchyard/jobs.db"
     """SQLite job store path."""
+    job_store_retention: JobStoreRetentionConfig = JobStoreRetentionConfig()
     workers: WorkerDefaults = WorkerDefaults()
     preemption: PreemptionConfig = PreemptionConfig()
     teams: dict[str, TeamConfig] = Field(default_factory=dict)

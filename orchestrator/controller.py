@@ -40,7 +40,9 @@ from data.storage import Storage
 from orchestrator import failure_policy
 from orchestrator import scheduler as sched
 from orchestrator.evaluations import CheckpointEvaluations
+from orchestrator.job_retention import RetentionPolicy, compact
 from orchestrator.parent_jobs import ParentJobs
+from orchestrator.queue_view import EXACT_POSITIONS, QueueView
 from orchestrator.starts import WARM_MAX, Active, GangStarts
 from specs.errors import UsageError
 from orchestrator.job_store import JobState, JobStore
@@ -64,8 +66,8 @@ def _log_to_stderr() -> None:
 CONTROLLER_NAME = "switchyard-controller"
 TICK_S = 0.5
 TRAINING_KINDS = ("train", "sweep-run", "pipeline-stage")
+FAIR_SHARE_HORIZON = 30  # half-lives of run history that fair share reads
 VACATED_GRACE_S = 15.0  # a preempted gang's room counts as spoken for this long (Ray's free view lags its removal)
-PENDING_REFRESH_S = 5.0  # a waiting job's reason text is rewritten at most this often unless what it waits for changes
 
 
 class Controller(GangStarts, CheckpointEvaluations, ParentJobs):
@@ -90,6 +92,8 @@ class Controller(GangStarts, CheckpointEvaluations, ParentJobs):
         self._lock = threading.RLock()
         self._stop = threading.Event()
         self._shares: tuple[float, dict[str, float]] = (0.0, {})  # (computed at, team -> usage / weight)
+        self.queue = QueueView(TRAINING_KINDS)  # the queue, read incrementally from the store (queue_view.py)
+        self._compacted_at = 0.0  # when the job store's retention policy last ran
         self._vacated: dict[str, tuple[float, sched.RunningJob]] = {}  # preempted job -> (when, what it held)
         p = self.cluster.preemption
         self.preemption = sched.PreemptionPolicy(p.enabled, p.min_run_s, p.never_preempt_priority, p.max_per_job,
@@ -146,6 +150,18 @@ class Controller(GangStarts, CheckpointEvaluations, ParentJobs):
             self._finish_sweeps()
             self._advance_pipelines()
             self._settle_parents()
+            self._compact_store()
+
+    def _compact_store(self) -> None:
+        """Apply the job store's retention policy (``job_retention.py``) at start and every ``every_s``."""
+        r, now = self.cluster.job_store_retention, time.time()
+        if now - self._compacted_at < r.every_s:
+            return
+        self._compacted_at = now
+        done = compact(self.store, RetentionPolicy(r.finished_days, r.max_finished, r.batch), now)
+        if done.deleted:
+            log.info("job store retention: deleted %d finished jobs (%d kept for jobs that wait for them)",
+                     done.deleted, done.kept_for_dependents)
 
     # ------------------------------------------------------------------ reconcile
 
@@ -343,47 +359,32 @@ class Controller(GangStarts, CheckpointEvaluations, ParentJobs):
         return out
 
     def _fair_shares(self, now: float) -> dict[str, float]:
-        """Each team's decayed usage / weight, recomputed every 10 s from the store's run history."""
+        """Each team's decayed usage / weight, recomputed every 10 s from the store's run history.
+
+        Only jobs that ran within FAIR_SHARE_HORIZON half-lives count (an indexed query, not the whole
+        store): anything older weighs less than 2**-FAIR_SHARE_HORIZON of what it did.
+        """
         at, shares = self._shares
         if now - at < 10.0:
             return shares
         fs = self.cluster.fair_share
-        usage: dict[str, float] = {}
-        for rec in self.store.list():
-            if rec.kind not in TRAINING_KINDS or not rec.resources.get("workers"):
-                continue
-            n = rec.resources["workers"]
-            rate = n * (float(rec.resources.get("cpus_per_worker") or 0)
-                        + fs.gpu_weight * float(rec.resources.get("gpus_per_worker") or 0))
-            u = sched.decayed_usage([(a, b, rate) for a, b in rec.run_intervals], now, fs.half_life_s)
-            usage[rec.team] = usage.get(rec.team, 0.0) + u
+        ran = self.store.ran_since(now - FAIR_SHARE_HORIZON * fs.half_life_s if fs.half_life_s else None)
+        usage = sched.team_usage([r for r in ran if r.kind in TRAINING_KINDS], now, fs.half_life_s, fs.gpu_weight)
         shares = sched.fair_shares(usage, self.quotas)
         self._shares = (now, shares)
         return shares
 
-    def _dep_states(self, queued) -> dict[str, str]:
-        out: dict[str, str] = {}
-        for rec in queued:
-            for d in rec.after:
-                if d not in out:
-                    try:
-                        out[d] = self.store.get(d).state.value
-                    except UsageError:
-                        out[d] = "CANCELLED"  # gone from the store: it can never succeed
-        return out
-
     def _schedule(self) -> None:
         self._expire_warm()
-        queued = [r for r in self.store.list([JobState.QUEUED]) if r.kind in TRAINING_KINDS]
-        if not queued:
+        self.queue.refresh(self.store)
+        if not self.queue.rows:
             self._fill_pool()  # ahead of demand, only while nothing waits for the room
             return
         now = time.time()
-        deps = self._dep_states(queued)
-        jobs = [sched.QueuedJob.from_record(r, deps) for r in queued]
         running = self._running_jobs()
         shares = self._fair_shares(now)
-        head = sched.queue_order(jobs, shares)[0]
+        jobs = self.queue.jobs(shares)
+        head = jobs[0]
         if (not head.cancel_requested and all(s == "SUCCEEDED" for _, s in head.deps)
                 and sched.over_quota(head, running, self.quotas.get(head.team)) is None):
             warm = self._take_warm(self.store.get(head.job_id))
@@ -392,15 +393,14 @@ class Controller(GangStarts, CheckpointEvaluations, ParentJobs):
                 return
         free, total = self._free_and_total()
         started = False
-        decisions = sched.schedule(jobs, free, total, now=now, backfill_window_s=self.backfill_window_s,
-                                   running=running, preemption=self.preemption, quotas=self.quotas, shares=shares)
+        plan = sched.plan_tick(jobs, free, total, now=now, backfill_window_s=self.backfill_window_s, running=running,
+                               preemption=self.preemption, quotas=self.quotas, shares=shares,
+                               exact=EXACT_POSITIONS, always=frozenset(self.queue.elastic), ordered=True)
+        decisions = plan.decisions
         if self.warm and any(isinstance(d, sched.Preempt) for d in decisions):
             self._release_warm()  # idle warm gangs go before anyone's running job does
             return
-        position = 0
         for decision in decisions:
-            if isinstance(decision, (sched.Start, sched.Wait)):
-                position += 1
             if isinstance(decision, sched.Start):  # the Starts of one pass fit together: start them all
                 self._start(decision.job_id)
                 started = True
@@ -410,20 +410,20 @@ class Controller(GangStarts, CheckpointEvaluations, ParentJobs):
                 self._preempt(decision)
                 continue
             if isinstance(decision, sched.Wait):
-                rec = self.store.get(decision.job_id)
+                rec = self.queue.rows[decision.job_id]
                 if rec.blocked_since is None:
-                    self.store.update(decision.job_id, blocked_since=now)
-                elif not started and self._resume_elastic(rec, free, now):
+                    self.queue.note_blocked(rec.id, now)
+                elif not started and rec.elastic and self._resume_elastic(self.store.get(rec.id), free, now):
                     started = True
                     continue
-                self._note_pending(rec, position, decision)
+                self.queue.note_pending(rec.id, plan.positions[rec.id], decision, now)
             elif isinstance(decision, sched.Fail):
-                rec = self.store.get(decision.job_id)
-                if any(h.to_state == JobState.RUNNING for h in rec.history):
+                rec = self.queue.rows[decision.job_id]
+                if rec.ran_before:
                     # It ran before and lost a node: wait for capacity to come back instead of failing.
                     if rec.blocked_since is None:
-                        self.store.update(decision.job_id, blocked_since=now)
-                    elif not started and self._resume_elastic(rec, free, now):
+                        self.queue.note_blocked(rec.id, now)
+                    elif not started and rec.elastic and self._resume_elastic(self.store.get(rec.id), free, now):
                         started = True
                         continue
                     if rec.reason != f"waiting for capacity: {decision.reason}":
@@ -432,6 +432,10 @@ class Controller(GangStarts, CheckpointEvaluations, ParentJobs):
                     self.store.transition(decision.job_id, JobState.FAILED, decision.reason)
             elif isinstance(decision, sched.Cancel):
                 self.store.transition(decision.job_id, JobState.CANCELLED, "cancelled by user")
+        for job_id in self.queue.due(now, plan):  # the jobs the pass did not need to decide: notes now and then
+            wait, position = plan.wait_for(job_id)
+            self.queue.note_pending(job_id, position, wait, now)
+        self.queue.flush(self.store)  # blocked_since and pending reasons: one transaction per tick
         if not started and self.warm:
             self._release_warm()  # warm gangs of another shape hold what the queue needs
 
@@ -450,23 +454,6 @@ class Controller(GangStarts, CheckpointEvaluations, ParentJobs):
         act.preempt, act.preempt_at = decision, time.time()
         act.run.group.stop()
         log.info("preempting %s: %s", decision.job_id, decision.reason)
-
-    def _note_pending(self, rec, position: int, decision: sched.Wait) -> None:
-        """Record why a queued job waits (status and list show it).
-
-        Written when its position or what it waits for changes; a reason whose text alone changed (free
-        CPUs, seconds run) at most every PENDING_REFRESH_S, so a long queue is not rewritten every tick.
-        """
-        now = time.time()
-        pending = {"position": position, "waiting_for": decision.waiting_for, "reason": decision.reason, "at": now}
-        last = rec.history[-1] if rec.history else None
-        if rec.preempted_by and last is not None and last.reason.startswith("preempted by"):
-            pending["preempted_by"] = rec.preempted_by
-        old = rec.pending or {}
-        key = lambda p: (p.get("position"), p.get("waiting_for"), p.get("preempted_by"))
-        if key(old) != key(pending) or (old.get("reason") != pending["reason"]
-                                        and now - (old.get("at") or 0) >= PENDING_REFRESH_S):
-            self.store.update(rec.id, pending=pending)
 
 
 # ---------------------------------------------------------------------- handles

@@ -55,6 +55,21 @@ def decayed_usage(intervals: Iterable[tuple[float, float | None, float]], now: f
     return total
 
 
+def team_usage(records: Iterable[Any], now: float, half_life_s: float, gpu_weight: float) -> dict[str, float]:
+    """Each team's decayed usage from job records (``resources``, ``team``, ``run_intervals``): reserved
+    CPU-seconds, a GPU-second counting ``gpu_weight`` CPU-seconds, for every stretch the job held workers."""
+    usage: dict[str, float] = {}
+    for rec in records:
+        n = rec.resources.get("workers")
+        if not n:
+            continue
+        rate = n * (float(rec.resources.get("cpus_per_worker") or 0)
+                    + gpu_weight * float(rec.resources.get("gpus_per_worker") or 0))
+        u = decayed_usage([(a, b, rate) for a, b in rec.run_intervals], now, half_life_s)
+        usage[rec.team] = usage.get(rec.team, 0.0) + u
+    return usage
+
+
 def fair_shares(usage: Mapping[str, float], quotas: Mapping[str, TeamQuota]) -> dict[str, float]:
     """Each team's usage divided by its weight: lower goes first within a priority."""
     return {team: u / max(quotas[team].weight if team in quotas else 1.0, 1e-9) for team, u in usage.items()}

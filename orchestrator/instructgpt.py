@@ -284,7 +284,7 @@ def _first_difference(a: Any, b: Any, path: str = "") -> str:
 
 def find_parent(store: JobStore, name: str) -> JobRecord | None:
     """The newest pipeline record of this name."""
-    found = [r for r in store.list() if r.kind == RECORD_KIND and r.name == name]
+    found = store.by_name(name, RECORD_KIND)
     return found[-1] if found else None
 
 

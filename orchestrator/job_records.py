@@ -213,6 +213,37 @@ class ControllerInfo:
     """Unix time (s) of its last ``set_controller`` or ``heartbeat``."""
 
 
+def _run_intervals(history: tuple[Transition, ...]) -> list[tuple[float, float | None]]:
+    """(start, end) of every stretch in RUNNING or PREEMPTED (still stopping), end None while it lasts."""
+    out: list[tuple[float, float | None]] = []
+    start = None
+    for t in history:
+        busy = t.to_state in (JobState.RUNNING, JobState.PREEMPTED)
+        if busy and start is None:
+            start = t.ts
+        elif not busy and start is not None:
+            out.append((start, t.ts))
+            start = None
+    if start is not None:
+        out.append((start, None))
+    return out
+
+
+@dataclass(frozen=True)
+class RunHistory:
+    """What fair share reads of a job that has run (``JobStore.ran_since``): no spec, no evaluations."""
+
+    id: str
+    kind: str
+    team: str
+    resources: dict[str, Any]
+    history: tuple[Transition, ...]
+
+    @property
+    def run_intervals(self) -> list[tuple[float, float | None]]:
+        return _run_intervals(self.history)
+
+
 @dataclass(frozen=True)
 class JobRecord:
     """One job as stored, JSON fields decoded. Frozen, but the dicts inside are plain dicts."""
@@ -267,18 +298,7 @@ class JobRecord:
     @property
     def run_intervals(self) -> list[tuple[float, float | None]]:
         """(start, end) of every stretch in RUNNING or PREEMPTED (still stopping), end None while it lasts."""
-        out: list[tuple[float, float | None]] = []
-        start = None
-        for t in self.history:
-            busy = t.to_state in (JobState.RUNNING, JobState.PREEMPTED)
-            if busy and start is None:
-                start = t.ts
-            elif not busy and start is not None:
-                out.append((start, t.ts))
-                start = None
-        if start is not None:
-            out.append((start, None))
-        return out
+        return _run_intervals(self.history)
 
     @property
     def running_since(self) -> float | None:

@@ -10,7 +10,7 @@ import json
 import math
 from typing import Any
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 # ---------------------------------------------------------------------- schema
 
@@ -68,7 +68,7 @@ CREATE TABLE IF NOT EXISTS evals (
     PRIMARY KEY (job_id, checkpoint)  -- a retried evaluation replaces, never duplicates
 );
 CREATE TABLE IF NOT EXISTS tokens (
-    hash       TEXT PRIMARY KEY,  -- sha256 of the bearer token; the token itself is never stored
+    hash       TEXT PRIMARY KEY,  -- sha256 of the bearer token (the token itself is never stored)
     user       TEXT NOT NULL,
     admin      INTEGER NOT NULL DEFAULT 0,
     created_at REAL NOT NULL
@@ -95,6 +95,30 @@ CREATE TABLE IF NOT EXISTS tokens (
     admin      INTEGER NOT NULL DEFAULT 0,
     created_at REAL NOT NULL
 );
+"""
+
+# v2 -> v3: the queue at scale (issue #15). ``rev`` is the store-wide change counter: a trigger gives a
+# job one more than the largest rev whenever it is inserted or a column the scheduler reads changes, so
+# the controller reads only the jobs changed since its last tick (jobs_rev). Progress (step, metrics) and
+# the controller's own notes (pending, blocked_since) leave rev alone: they would only echo back. The other indexes serve the queue in scheduling order, pagination in
+# submission order, name lookups, the queued-jobs quota at submit, and retention of finished jobs.
+_MIGRATE_V2 = """
+ALTER TABLE jobs ADD COLUMN rev INTEGER NOT NULL DEFAULT 0;
+CREATE INDEX IF NOT EXISTS jobs_rev ON jobs(rev);
+CREATE INDEX IF NOT EXISTS jobs_queue ON jobs(state, priority DESC, submitted_at, id);
+CREATE INDEX IF NOT EXISTS jobs_submitted ON jobs(submitted_at, id);
+CREATE INDEX IF NOT EXISTS jobs_name ON jobs(name, kind, submitted_at);
+CREATE INDEX IF NOT EXISTS jobs_team_state ON jobs(team, state);
+CREATE INDEX IF NOT EXISTS jobs_finished ON jobs(finished_at, started_at);
+DROP INDEX IF EXISTS jobs_state;
+CREATE TRIGGER IF NOT EXISTS jobs_rev_insert AFTER INSERT ON jobs BEGIN
+    UPDATE jobs SET rev = (SELECT MAX(rev) FROM jobs) + 1 WHERE id = NEW.id;
+END;
+CREATE TRIGGER IF NOT EXISTS jobs_rev_update
+AFTER UPDATE OF state, priority, resources_json, spec_json, cancel_requested, team, after_json, reason,
+                preempted_by ON jobs BEGIN
+    UPDATE jobs SET rev = (SELECT MAX(rev) FROM jobs) + 1 WHERE id = NEW.id;
+END;
 """
 
 # Fields callers may set through update() and transition(): name -> (column, is_json).

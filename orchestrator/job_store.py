@@ -8,9 +8,12 @@ invocation and the controller actor. That shapes the design:
 - WAL journal mode, so readers (``switchyard status``) never block the
   controller's writes and vice versa. WAL needs a local filesystem (shared
   memory for its index), so the path must be local, not an fsspec URI.
-- A fresh connection per operation. Nothing is cached across calls, so a
-  ``JobStore`` is safe to share between threads, survives ``fork`` and is
-  cheap to pickle into a Ray actor (it is just a path).
+- One connection per thread and process, opened on first use and kept: a
+  ``JobStore`` is safe to share between threads, a forked child opens its
+  own, and it pickles into a Ray actor as just a path. Keeping it open is what
+  keeps the WAL file alive: when the last connection to a file closes, SQLite
+  checkpoints the WAL into it and syncs, which made every write ten times
+  slower when each operation opened and closed its own.
 - Every write is one ``BEGIN IMMEDIATE`` transaction. Taking the write lock
   up front, rather than upgrading a read lock half way, is what lets the busy
   timeout queue writers instead of failing them with SQLITE_BUSY, and it makes
@@ -30,6 +33,7 @@ import math
 import os
 import secrets
 import sqlite3
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -49,6 +53,7 @@ from orchestrator.job_records import (  # noqa: F401  (re-exported: the rest of 
     JobState,
     JobStoreError,
     QuotaError,
+    RunHistory,
     Transition,
     _HAS_WORKERS,
     _eval,
@@ -59,6 +64,7 @@ from orchestrator.job_records import (  # noqa: F401  (re-exported: the rest of 
 )
 from orchestrator.job_schema import (  # noqa: F401
     _MIGRATE_V1,
+    _MIGRATE_V2,
     _SCHEMA,
     SCHEMA_VERSION,
     _check_int,
@@ -91,11 +97,19 @@ class JobStore:
         self.path = os.path.abspath(os.path.expanduser(path))
         self.busy_timeout_s = busy_timeout_s
         self._clock = clock
+        self._local = threading.local()
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
         self._init_schema()
 
     def __repr__(self) -> str:
         return f"JobStore({self.path!r})"
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k != "_local"}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._local = threading.local()
 
     # -------------------------------------------------------------- connections
 
@@ -110,68 +124,94 @@ class JobStore:
         conn.execute("PRAGMA synchronous = NORMAL")
         return conn
 
+    def _conn(self) -> sqlite3.Connection:
+        """This thread's connection, opened on first use; a forked child never uses its parent's."""
+        local = self._local
+        if getattr(local, "pid", None) != os.getpid():
+            local.conn, local.pid = self._connect(), os.getpid()
+        return local.conn
+
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
-        conn = self._connect()
+        conn = self._conn()
+        conn.execute("BEGIN IMMEDIATE")
         try:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                yield conn
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-            conn.execute("COMMIT")
-        finally:
-            conn.close()
+            yield conn
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
 
     @contextmanager
     def _read(self) -> Iterator[sqlite3.Connection]:
-        conn = self._connect()
+        conn = self._conn()
+        conn.execute("BEGIN")  # one snapshot for every SELECT inside
         try:
-            conn.execute("BEGIN")  # one snapshot for every SELECT inside
-            try:
-                yield conn
-            finally:
-                conn.execute("COMMIT")
+            yield conn
         finally:
-            conn.close()
+            conn.execute("COMMIT")
 
     def _init_schema(self) -> None:
         conn = self._connect()
         try:
+            if conn.execute("PRAGMA user_version").fetchone()[0] == 0:
+                # Only possible before the first table: pages freed by retention can then go back to
+                # the filesystem (job_retention.compact); older files reuse them instead.
+                conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
             # journal_mode is stored in the file: the first process to open it switches
             # it to WAL and everyone after inherits it. It cannot run inside a transaction.
             mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
             if mode.lower() != "wal":
                 raise JobStoreError(f"{self.path}: could not switch the job store to WAL mode (got {mode})")
+            if conn.execute("PRAGMA user_version").fetchone()[0] != SCHEMA_VERSION:
+                self._migrate(conn)
+        finally:
+            conn.close()
+
+    def _migrate(self, conn: sqlite3.Connection) -> None:
+        """Bring the file to ``SCHEMA_VERSION`` in one transaction; the version is re-read under the write
+        lock, so two processes opening an old (or new) file at once migrate it once."""
+        conn.execute("BEGIN IMMEDIATE")
+        try:
             version = conn.execute("PRAGMA user_version").fetchone()[0]
             if version > SCHEMA_VERSION:
                 raise UsageError(
                     f"{self.path}: job store schema v{version} is newer than this Switchyard "
                     f"(v{SCHEMA_VERSION}); upgrade Switchyard"
                 )
-            if version == 1:
-                conn.executescript(f"BEGIN IMMEDIATE;{_MIGRATE_V1}PRAGMA user_version = {SCHEMA_VERSION};COMMIT;")
-            elif version < SCHEMA_VERSION:
-                conn.executescript(f"BEGIN IMMEDIATE;{_SCHEMA}PRAGMA user_version = {SCHEMA_VERSION};COMMIT;")
-        finally:
-            conn.close()
+            steps = {0: _SCHEMA + _MIGRATE_V2, 1: _MIGRATE_V1 + _MIGRATE_V2, 2: _MIGRATE_V2}.get(version, "")
+            statement = ""
+            for line in steps.splitlines(keepends=True):  # whole statements, a trigger's body included
+                statement += line
+                if sqlite3.complete_statement(statement):
+                    conn.execute(statement)
+                    statement = ""
+            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
 
     # -------------------------------------------------------------- loading
 
-    def _load(self, conn: sqlite3.Connection, where: str, params: tuple) -> list[JobRecord]:
-        rows = conn.execute(f"SELECT * FROM jobs WHERE {where} ORDER BY submitted_at, id", params).fetchall()
+    def _load(self, conn: sqlite3.Connection, where: str, params: tuple, limit: int | None = None,
+              offset: int = 0) -> list[JobRecord]:
+        """Jobs matching ``where`` in submission order (``limit`` of them from ``offset``), history and evals too."""
+        select = f"SELECT {{}} FROM jobs WHERE {where} ORDER BY submitted_at, id"
+        if limit is not None:
+            select, params = select + " LIMIT ? OFFSET ?", (*params, limit, offset)
+        rows = conn.execute(select.format("*"), params).fetchall()
         if not rows:
             return []
         # Same filter as a subquery, so a listing of many jobs costs three queries, not 3N.
         history: dict[str, list[Transition]] = {}
         for t in conn.execute(
-            f"SELECT * FROM transitions WHERE job_id IN (SELECT id FROM jobs WHERE {where}) ORDER BY seq", params
+            f"SELECT * FROM transitions WHERE job_id IN ({select.format('id')}) ORDER BY seq", params
         ):
             history.setdefault(t["job_id"], []).append(_transition(t))
         evals: dict[str, list[EvalRecord]] = {}
         for e in conn.execute(
-            f"SELECT * FROM evals WHERE job_id IN (SELECT id FROM jobs WHERE {where}) ORDER BY step, ts", params
+            f"SELECT * FROM evals WHERE job_id IN ({select.format('id')}) ORDER BY step, ts", params
         ):
             evals.setdefault(e["job_id"], []).append(_eval(e))
         return [_record(r, tuple(history.get(r["id"], ())), tuple(evals.get(r["id"], ()))) for r in rows]
@@ -288,18 +328,43 @@ class JobStore:
     def list(self, states: Iterable[JobState | str] | None = None, *,
              parent_id: str | None = None) -> list[JobRecord]:
         """Jobs in submission order, optionally only those in ``states`` / under ``parent_id``."""
-        clauses, params = [], []
-        if states is not None:
-            wanted = sorted({JobState(s).value for s in states})
-            if not wanted:
-                return []
-            clauses.append(f"state IN ({', '.join('?' * len(wanted))})")
-            params += wanted
-        if parent_id is not None:
-            clauses.append("parent_id = ?")
-            params.append(parent_id)
+        where, params = _filters(states, parent_id=parent_id)
         with self._read() as conn:
-            return self._load(conn, " AND ".join(clauses) or "1", tuple(params))
+            return self._load(conn, where, params)
+
+    def page(self, states: Iterable[JobState | str] | None = None, *, limit: int, page: int = 1,
+             owner: str | None = None) -> tuple[list[JobRecord], int]:
+        """One page of jobs and how many match in all: page 1 is the newest ``limit``, in submission order.
+
+        Newest first because a long store's oldest jobs are rarely what someone
+        listing it wants; within a page the order is the same as :meth:`list`.
+        """
+        limit, page = _check_int(limit, "limit", 1), _check_int(page, "page", 1)
+        where, params = _filters(states, owner=owner)
+        with self._read() as conn:
+            total = conn.execute(f"SELECT COUNT(*) FROM jobs WHERE {where}", params).fetchone()[0]
+            count = min(limit, total - (page - 1) * limit)  # a page past the oldest job is empty
+            return (self._load(conn, where, params, count, max(0, total - page * limit)) if count > 0 else []), total
+
+    def ran_since(self, since: float | None) -> list[RunHistory]:
+        """Jobs that have run and did not finish before ``since`` (None: every job that ever ran), with only
+        what fair share reads, through the ``jobs_finished`` index rather than the whole store."""
+        where, params = "(started_at IS NOT NULL OR preemptions > 0)", ()
+        if since is not None:
+            where, params = where + " AND (finished_at IS NULL OR finished_at >= ?)", (since,)
+        with self._read() as conn:
+            jobs = conn.execute(f"SELECT id, kind, team, resources_json FROM jobs WHERE {where}", params).fetchall()
+            history: dict[str, list[Transition]] = {}
+            for t in conn.execute(f"SELECT * FROM transitions WHERE job_id IN (SELECT id FROM jobs WHERE {where})"
+                                  " ORDER BY seq", params):
+                history.setdefault(t["job_id"], []).append(_transition(t))
+        return [RunHistory(r["id"], r["kind"], r["team"], json.loads(r["resources_json"]),
+                           tuple(history.get(r["id"], ()))) for r in jobs]
+
+    def by_name(self, name: str, kind: str) -> list[JobRecord]:
+        """The jobs of this ``kind`` named ``name``, oldest first (through the ``jobs_name`` index)."""
+        with self._read() as conn:
+            return self._load(conn, "name = ? AND kind = ?", (name, kind))
 
     def transition(self, job_id: str, to_state: JobState | str, reason: str, **fields: Any) -> JobRecord:
         """Move a job to ``to_state`` if ``LEGAL_TRANSITIONS`` allows it; return the new record.
@@ -400,6 +465,24 @@ class JobStore:
                 else:
                     conn.execute("UPDATE jobs SET cancel_requested = 1, updated_at = ? WHERE id = ?", (now, jid))
             return self._load_one(conn, job_id)
+
+    def note_waiting(self, notes: dict[str, dict[str, Any]]) -> None:
+        """The controller's notes on waiting jobs, ``{job_id: {blocked_since?, pending?}}``, in one transaction.
+
+        Only jobs still QUEUED are touched (one may have started or been
+        cancelled since the scheduler looked), ``updated_at`` stays (nothing a
+        person did changed), and so does ``rev`` (``queue_view.py``).
+        """
+        by_columns: dict[tuple[str, ...], list[tuple]] = {}
+        for job_id, fields in notes.items():
+            sets = _encode_fields(fields)
+            if set(sets) - {"blocked_since", "pending_json"}:
+                raise TypeError(f"note_waiting sets blocked_since and pending only, got {sorted(fields)}")
+            by_columns.setdefault(tuple(sets), []).append((*sets.values(), job_id, JobState.QUEUED.value))
+        with self._write() as conn:
+            for columns, rows in by_columns.items():
+                conn.executemany(f"UPDATE jobs SET {', '.join(f'{c} = ?' for c in columns)} WHERE id = ? AND state = ?",
+                                 rows)
 
     # -------------------------------------------------------------- evals and history
 
@@ -503,6 +586,21 @@ def _with_descendants(conn: sqlite3.Connection, job_id: str) -> Iterator[str]:
         seen.add(jid)
         yield jid
         pending += [r["id"] for r in conn.execute("SELECT id FROM jobs WHERE parent_id = ?", (jid,))]
+
+
+def _filters(states: Iterable[JobState | str] | None, parent_id: str | None = None,
+             owner: str | None = None) -> tuple[str, tuple]:
+    """A WHERE clause and its parameters for jobs in ``states`` (None: any), under ``parent_id``, of ``owner``."""
+    clauses, params = [], []
+    if states is not None:
+        wanted = sorted({JobState(s).value for s in states})
+        clauses.append(f"state IN ({', '.join('?' * len(wanted))})" if wanted else "0")
+        params += wanted
+    for column, value in (("parent_id", parent_id), ("owner", owner)):
+        if value is not None:
+            clauses.append(f"{column} = ?")
+            params.append(value)
+    return " AND ".join(clauses) or "1", tuple(params)
 
 
 def _token_hash(token: str) -> str:

@@ -12,6 +12,7 @@ resource granularity (1e-4), so 0.1 + 0.2 CPUs fit in 0.3.
 """
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -38,9 +39,17 @@ class Bundle:
 
 
 def bundles_of(resources: Mapping[str, Any]) -> tuple[Bundle, ...]:
-    """One bundle per worker from the job store's ``{workers, cpus_per_worker, gpus_per_worker}``."""
-    bundle = Bundle(float(resources.get("cpus_per_worker") or 0), float(resources.get("gpus_per_worker") or 0))
-    return (bundle,) * int(resources["workers"])
+    """One bundle per worker from the job store's ``{workers, cpus_per_worker, gpus_per_worker}``.
+
+    Jobs of one shape share one tuple, so the scheduler's per-shape answers are found by identity.
+    """
+    return _gang(float(resources.get("cpus_per_worker") or 0), float(resources.get("gpus_per_worker") or 0),
+                 int(resources["workers"]))
+
+
+@functools.lru_cache(maxsize=4096)
+def _gang(cpus: float, gpus: float, workers: int) -> tuple[Bundle, ...]:
+    return (Bundle(cpus, gpus),) * workers
 
 
 Resources = Mapping[str, float]

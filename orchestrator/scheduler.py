@@ -44,6 +44,8 @@ SUCCEEDED; if either ends FAILED or CANCELLED, the job fails with the reason.
 """
 from __future__ import annotations
 
+import bisect
+from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import Enum
@@ -56,6 +58,7 @@ from orchestrator.fair_share import (  # noqa: F401  (re-exported)
     fair_shares,
     over_quota,
     quota_exceeded,
+    team_usage,
 )
 from orchestrator.packing import (  # noqa: F401  (re-exported)
     Bundle,
@@ -73,6 +76,8 @@ from orchestrator.packing import (  # noqa: F401  (re-exported)
 from orchestrator.preemption import PreemptionPolicy, choose_victims  # noqa: F401  (re-exported)
 
 DEFAULT_BACKFILL_WINDOW_S = 120.0
+FREEZE_CHECK_EVERY = 64
+"""A tick's pass checks every this many jobs whether the rest can only wait (see ``Plan``)."""
 
 
 # ---------------------------------------------------------------------- decisions
@@ -198,6 +203,8 @@ def queue_order(jobs: Iterable[QueuedJob], shares: Mapping[str, float] | None = 
 
 
 _DEP_FAILED = ("FAILED", "CANCELLED")
+_ALWAYS = -1  # a _no_room entry that holds for the rest of the pass
+_UNSEEN = object()  # a shape the pass has not looked at yet
 
 
 def schedule(queue: Iterable[QueuedJob], free_per_node: Mapping[str, Resources],
@@ -215,20 +222,120 @@ def schedule(queue: Iterable[QueuedJob], free_per_node: Mapping[str, Resources],
     ``preemption`` None turns preemption off. ``quotas`` per team, ``shares``
     per team from :func:`fair_shares`.
     """
-    jobs = queue_order(queue, shares)
+    plan = plan_tick(queue, free_per_node, total_per_node, now=now, backfill_window_s=backfill_window_s,
+                     running=running, preemption=preemption, quotas=quotas, shares=shares, exact=None)
+    return plan.decisions
+
+
+def plan_tick(queue: Iterable[QueuedJob], free_per_node: Mapping[str, Resources],
+              total_per_node: Mapping[str, Resources], *, now: float,
+              backfill_window_s: float = DEFAULT_BACKFILL_WINDOW_S, running: Iterable[RunningJob] = (),
+              preemption: PreemptionPolicy | None = None, quotas: Mapping[str, TeamQuota] | None = None,
+              shares: Mapping[str, float] | None = None, exact: int | None = 1000,
+              always: frozenset[str] = frozenset(), ordered: bool = False) -> Plan:
+    """:func:`schedule` for the controller's tick: the same decisions, but it stops deciding once the rest
+    of the queue can only wait (see :class:`Plan`), after the first ``exact`` jobs (None: never stops).
+    Jobs in ``always`` are decided wherever they are (the controller checks elastic resumes on them).
+    ``ordered``: ``queue`` is already in :func:`queue_order` for ``shares`` (``QueueView.jobs``)."""
+    jobs = list(queue) if ordered else queue_order(queue, shares)
     if not any(units(r.get("CPU", 0)) or units(r.get("GPU", 0)) for r in total_per_node.values()):
         # No nodes (yet): the cluster is still coming up or is unreachable. Failing
         # every job as impossible would be wrong, so everyone waits.
-        return [Cancel(j.job_id) if j.cancel_requested else Wait(j.job_id, "the cluster reports no resources yet")
-                for j in jobs]
+        return Plan([Cancel(j.job_id) if j.cancel_requested else Wait(j.job_id, "the cluster reports no resources yet")
+                     for j in jobs], jobs, len(jobs), None)
     p = _Pass(free={n: dict(r) for n, r in free_per_node.items()}, total=total_per_node, now=now,
               window_s=backfill_window_s, running=list(running), preemption=preemption, quotas=quotas or {})
     for r in p.running:
         add_use(p.in_use, r.team, r.bundles)
-    for job in jobs:
+    remaining = Counter((j.priority, id(j.bundles)) for j in jobs) if exact is not None else None
+    cut = len(jobs)
+    for i, job in enumerate(jobs):
+        if remaining is not None and i >= exact and i % FREEZE_CHECK_EVERY == 0 and p.frozen(remaining):
+            cut = i
+            break
         p.decide(job)
-    return p.decisions
+        if remaining is not None:
+            remaining[(job.priority, id(job.bundles))] -= 1
+    plan = Plan(p.decisions, jobs, cut, p)
+    seen = p._impossible
+    for i in range(cut, len(jobs)):  # the rest: only the jobs whose decision is more than a wait
+        job = jobs[i]
+        if (job.cancel_requested or job.deps or not job.bundles or job.blocked_since is None
+                or job.job_id in always or seen.get(id(job.bundles), _UNSEEN) is not None
+                and p.impossible(job.bundles) is not None):
+            plan.decide(i)
+    return plan
 
+
+@dataclass
+class Plan:
+    """One tick's decisions, possibly stopped early.
+
+    A pass may stop at job ``cut`` once nothing after it can start or be
+    preempted for: backfill is closed (a job is preempting, or the head has
+    waited past the window), or every (priority, shape) still to come has
+    been seen not to fit, with no victims, since the last start. From there
+    on the pass's state is frozen, so each remaining job's decision depends
+    on that job alone and can be made in any order, or not at all: it is a
+    ``Wait``, and only the jobs for which it may be more (cancelled, waiting
+    on ``--after``, never seen before, of an impossible shape, or in
+    ``always``) are decided. :meth:`wait_for` decides any other on demand
+    (the controller's rate-limited pending notes).
+    """
+
+    decisions: list[Decision]
+    """In queue order: every job before the cut, then those of the rest that were decided."""
+    order: list[QueuedJob]
+    """The whole queue in queue order."""
+    cut: int
+    _pass: _Pass | None
+    _uncounted: list[int] = field(default_factory=list)
+    """Queue indexes of jobs that got a Fail or Cancel (they take no position), ascending."""
+    positions: dict[str, int] = field(default_factory=dict)
+    """Queue position (1 = next to start) of every job that got a Start or Wait here."""
+    _index: dict[str, int] | None = None
+    _decided: set[str] = field(default_factory=set)
+    """Jobs after the cut that were decided."""
+
+    def __post_init__(self) -> None:
+        taken = 0
+        for i, d in enumerate(d for d in self.decisions if not isinstance(d, Preempt)):
+            if isinstance(d, (Start, Wait)):
+                self.positions[d.job_id] = i + 1 - taken
+            else:
+                self._uncounted.append(i)
+                taken += 1
+
+    def decide(self, index: int) -> Decision:
+        """Decide the rest job at queue ``index`` (no effect on the pass: its state is frozen) and record it."""
+        assert self._pass is not None and index >= self.cut
+        before = len(self._pass.decisions)
+        self._pass.decide(self.order[index])
+        d = self._pass.decisions[before]
+        if isinstance(d, Preempt) or len(self._pass.decisions) != before + 1:
+            raise AssertionError(f"a frozen pass decided {d}")
+        if isinstance(d, (Start, Wait)):
+            self.positions[d.job_id] = index + 1 - bisect.bisect_left(self._uncounted, index)
+        else:
+            bisect.insort(self._uncounted, index)
+        self._decided.add(d.job_id)
+        return d
+
+    def undecided(self, job_id: str) -> bool:
+        """Whether ``job_id`` is one of the jobs after the cut that got no decision."""
+        if self._index is None:
+            self._index = {j.job_id: i for i, j in enumerate(self.order[self.cut:], self.cut)}
+        return job_id in self._index and job_id not in self._decided
+
+    def wait_for(self, job_id: str) -> tuple[Wait, int]:
+        """The ``Wait`` of an undecided job after the cut and its position, decided now (not recorded)."""
+        if not self.undecided(job_id):
+            raise KeyError(f"{job_id} is not an undecided job after the cut")
+        d = self.decide(self._index[job_id])  # type: ignore[index]
+        self._pass.decisions.pop()  # type: ignore[union-attr]
+        self._decided.discard(job_id)
+        assert isinstance(d, Wait), d
+        return d, self.positions.pop(job_id)
 
 @dataclass
 class _Pass:
@@ -257,10 +364,16 @@ class _Pass:
     victims_taken: set[str] = field(default_factory=set)
     free_version: int = 0
     """Bumped at every start: memo entries of an older version are stale."""
-    _impossible: dict[tuple[Bundle, ...], str | None] = field(default_factory=dict)
-    _no_room: dict[tuple[Bundle, ...], int] = field(default_factory=dict)
-    _blocked_note: dict[tuple[int, int, tuple[Bundle, ...]], str] = field(default_factory=dict)
-    _text: dict[tuple[str, Any], str] = field(default_factory=dict)
+    # Memos keyed by id(bundles): the queue's jobs are alive all pass, and jobs of one shape share
+    # one tuple (packing.bundles_of), so an identity lookup finds a shape without hashing its bundles.
+    _impossible: dict[int, str | None] = field(default_factory=dict)
+    _no_room: dict[int, int] = field(default_factory=dict)
+    _blocked_note: dict[tuple[int, int, int], str] = field(default_factory=dict)
+    _text: dict[tuple[str, int], str] = field(default_factory=dict)
+    _cands: dict[int, tuple[list, list, list, list[str]]] = field(default_factory=dict)
+    _rooms: dict[tuple[int, str], dict[str, dict[str, float]]] = field(default_factory=dict)
+    _held_key: tuple[int, int] = (0, 0)
+    _held_text: str | None = None
 
     def decide(self, job: QueuedJob) -> None:
         """Append ``job``'s decision (and any ``Preempt`` before it)."""
@@ -273,27 +386,27 @@ class _Pass:
             # A job with no workers (a pipeline or sweep parent) needs no placement.
             self.decisions.append(Start(job.job_id))
             return
-        impossible = self._impossible_reason(job.bundles)
+        impossible = self.impossible(job.bundles)
         if impossible is not None:
             self.decisions.append(Fail(job.job_id, impossible))
             return
-        over = quota_exceeded(job, self.in_use, self.quotas.get(job.team))
+        quota = self.quotas.get(job.team)
+        over = quota_exceeded(job, self.in_use, quota) if quota is not None else None
         if over:
             self.decisions.append(Wait(job.job_id, over, "quota"))
             return
-        held = self._held_for()
+        held = self._held_for() if self.head is not None or self.reserved_for is not None else None
         if held is not None:
             self.decisions.append(Wait(job.job_id, held, "backfill"))
             return
-        if self._no_room.get(job.bundles) != self.free_version:
+        if self._no_room.get(id(job.bundles)) not in (self.free_version, _ALWAYS):
             nodes = place(job.bundles, self.free)
             if nodes is not None:
-                subtract(self.free, job.bundles, nodes)
-                add_use(self.in_use, job.team, job.bundles)
-                self.free_version += 1
-                self.decisions.append(Start(job.job_id))
+                self._take(job, nodes)
                 return
-            self._no_room[job.bundles] = self.free_version
+            # A gang of identical bundles is packed exactly, so once it does not fit it never will
+            # in this pass (free only shrinks); a mixed one is tried again after the next start.
+            self._no_room[id(job.bundles)] = _ALWAYS if len(set(job.bundles)) == 1 else self.free_version
         why_not = ""
         if self.preemption is not None and self.preemption.enabled:
             why_not = self._preempt_for(job)
@@ -302,6 +415,34 @@ class _Pass:
         if self.head is None:
             self.head = job
         self.decisions.append(Wait(job.job_id, self._capacity_reason(job.bundles, why_not)))
+
+    def frozen(self, remaining: Mapping[tuple[int, int], int]) -> bool:
+        """Whether no job still to come (``remaining`` counts them by priority and shape) can start or be
+        preempted for, so the state of the pass can no longer change (see :class:`Plan`)."""
+        if self.reserved_for is not None or (self.head is not None and self._held_for() is not None):
+            return True
+        preempting = self.preemption is not None and self.preemption.enabled
+        for (priority, shape), n in remaining.items():
+            if n <= 0:
+                continue
+            if (self._impossible.get(shape, _UNSEEN) is not None or self._no_room.get(shape) != _ALWAYS
+                    or preempting and (self.free_version, priority, shape) not in self._blocked_note):
+                return False
+        return True
+
+    def impossible(self, bundles: tuple[Bundle, ...]) -> str | None:
+        """Why a gang of ``bundles`` could never fit (kept per shape), or None."""
+        why = self._impossible.get(id(bundles), _UNSEEN)
+        return self._impossible_reason(bundles) if why is _UNSEEN else why  # type: ignore[return-value]
+
+    def _take(self, job: QueuedJob, nodes: tuple[str, ...]) -> None:
+        """Start ``job`` on ``nodes``: its bundles leave the free view (and every view built on it)."""
+        subtract(self.free, job.bundles, nodes)
+        for room in self._rooms.values():
+            subtract(room, job.bundles, nodes)
+        add_use(self.in_use, job.team, job.bundles)
+        self.free_version += 1
+        self.decisions.append(Start(job.job_id))
 
     def _dependency(self, job: QueuedJob) -> bool:
         """Decide a job whose ``--after`` jobs have not all succeeded (True), or leave it to the rest (False)."""
@@ -319,17 +460,25 @@ class _Pass:
 
     def _impossible_reason(self, bundles: tuple[Bundle, ...]) -> str | None:
         """Why a gang of ``bundles`` could not fit even on the empty cluster, or None."""
-        if bundles not in self._impossible:
+        if id(bundles) not in self._impossible:
             why = None
             if not fits(bundles, self.total):
                 gpus = any(b.gpus for b in bundles)
                 why = (f"needs {describe_bundles(bundles)} but the cluster has {describe_cluster(self.total, gpus)}. "
                        "Each worker must fit on one node: ask for fewer or smaller workers, or add nodes")
-            self._impossible[bundles] = why
-        return self._impossible[bundles]
+            self._impossible[id(bundles)] = why
+        return self._impossible[id(bundles)]
 
     def _held_for(self) -> str | None:
-        """Why nothing may start now because the room is another job's (preempting, or an aged head), or None."""
+        """Why nothing may start now because the room is another job's (preempting, or an aged head), or None.
+
+        The answer changes only when the head or the reserved job is first set, so it is kept until then."""
+        key = (id(self.reserved_for), id(self.head))
+        if key != self._held_key:
+            self._held_key, self._held_text = key, self._held_reason()
+        return self._held_text
+
+    def _held_reason(self) -> str | None:
         if self.reserved_for is not None:
             return f"held for {self.reserved_for.job_id}: jobs are being preempted to make room for it"
         head = self.head
@@ -346,20 +495,16 @@ class _Pass:
         view, and no victim has been taken while it can be reused (taking one
         reserves the room, and everyone after waits for it).
         """
-        key = (self.free_version, job.priority, job.bundles)
+        key = (self.free_version, job.priority, id(job.bundles))
         if key in self._blocked_note:
             return self._blocked_note[key]
-        stopping = [r for r in self.running if r.stopping and r.priority < job.priority]
-        if stopping and fits(job.bundles, give_back(self.free, stopping)):
+        stopping, lower, allowed, blocked = self._candidates(job.priority)
+        if stopping and fits(job.bundles, self._room(job.priority, "stopping", stopping)):
             self.reserved_for = job
             self.decisions.append(Wait(job.job_id, (
                 "waiting for " + ", ".join(r.job_id for r in stopping)
                 + " to checkpoint and stop (preempted to make room)"), "preemption"))
             return None
-        lower = [r for r in self.running if r.priority < job.priority and not r.stopping
-                 and r.job_id not in self.victims_taken]
-        assert self.preemption is not None
-        allowed = [r for r in lower if self.preemption.why_not(r, self.now) is None]
         chosen = choose_victims(job.bundles, self.free, allowed)
         if chosen:
             self.reserved_for = job
@@ -370,19 +515,40 @@ class _Pass:
             self.decisions.append(Wait(job.job_id, (
                 "preempting " + ", ".join(v.job_id for v in chosen) + " to make room"), "preemption"))
             return None
-        blocked = [why for why in (self.preemption.why_not(r, self.now) for r in lower) if why]
         note = ""
-        if blocked and fits(job.bundles, give_back(self.free, lower)):
+        if blocked and fits(job.bundles, self._room(job.priority, "lower", lower)):
             note = "; not preempting: " + "; ".join(blocked[:3])
         self._blocked_note[key] = note
         return note
+
+    def _candidates(self, priority: int) -> tuple[list[RunningJob], list[RunningJob], list[RunningJob], list[str]]:
+        """For a job of ``priority``: running jobs of lower priority already stopping; the others, those of them
+        the policy lets go, and why not for the rest. Kept per priority: it depends on nothing else while no
+        victim has been taken."""
+        if priority not in self._cands:
+            assert self.preemption is not None
+            stopping = [r for r in self.running if r.stopping and r.priority < priority]
+            lower = [r for r in self.running if r.priority < priority and not r.stopping
+                     and r.job_id not in self.victims_taken]
+            whys = [(r, self.preemption.why_not(r, self.now)) for r in lower]
+            self._cands[priority] = (stopping, lower, [r for r, why in whys if why is None],
+                                     [why for _, why in whys if why])
+        return self._cands[priority]
+
+    def _room(self, priority: int, which: str, jobs: list[RunningJob]) -> dict[str, dict[str, float]]:
+        """The free view with ``jobs`` (the ``which`` candidates for ``priority``) given back; starts take from
+        it as they take from the free view."""
+        key = (priority, which)
+        if key not in self._rooms:
+            self._rooms[key] = give_back(self.free, jobs)
+        return self._rooms[key]
 
     def _capacity_reason(self, bundles: tuple[Bundle, ...], why_not: str) -> str:
         """'waiting for resources: needs ..., free now: ...' (the free summary is kept until the next start)."""
         key = ("free", self.free_version)
         if key not in self._text:
             self._text[key] = free_summary(self.free)
-        need = ("needs", bundles)
+        need = ("needs", id(bundles))
         if need not in self._text:
             self._text[need] = describe_bundles(bundles)
         return f"waiting for resources: needs {self._text[need]}, free now: {self._text[key]}{why_not}"

@@ -55,11 +55,9 @@ def is_sweep_file(raw) -> bool:
 
 
 def find_sweep(store: JobStore, name: str):
-    """The sweep record of this name, or None."""
-    for rec in store.list():
-        if rec.kind == "sweep" and rec.name == name:
-            return rec
-    return None
+    """The sweep record of this name, or None (the jobs_name index, not a walk over the store)."""
+    found = store.by_name(name, "sweep")
+    return found[0] if found else None
 
 
 @dataclass(frozen=True)

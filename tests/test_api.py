@@ -63,6 +63,14 @@ def test_only_the_owner_or_an_admin_may_cancel_or_change(server):
     seen = bob.job(job)  # everyone sees every job
     assert seen["owner"] == "alice" and seen["team"] == "nlp" and seen["priority"] == 2
     assert [j["id"] for j in bob.jobs(owner="alice")] == [job]
+    second = alice.submit(SPEC)["id"]
+    page = bob.jobs_page(limit=1, owner="alice")  # pages of the store, the newest first
+    assert [j["id"] for j in page["jobs"]] == [second] and page["total"] == 2 and page["page"] == 1
+    assert [j["id"] for j in bob.jobs_page(limit=1, page=2)["jobs"]] == [job]
+    with pytest.raises(ApiRequestError) as err:
+        bob.jobs_page(limit=0)
+    assert err.value.status == 400 and "limit" in str(err.value)
+    alice.cancel(second)
     with pytest.raises(ApiRequestError) as err:
         bob.cancel(job)
     assert err.value.status == 403 and "belongs to alice" in str(err.value)
