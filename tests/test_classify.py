@@ -14,7 +14,7 @@ from models.classifier import SequenceClassifier
 from models.encoder import Encoder, encoder_config
 from models.transformer import Decoder, decoder_config
 from specs.errors import UsageError
-from workers.classify import RowEncoder, scores
+from workers.classify import RowEncoder, batches_of, scores
 
 TOK = byte_tokenizer()
 
@@ -90,6 +90,15 @@ def test_scores_are_accuracy_and_macro_f1():
     s = scores(confusion, loss_sum=6.0, count=6)
     f1_0, f1_1 = 2 * 3 / (4 + 3), 2 * 2 / (2 + 3)
     assert s == pytest.approx({"accuracy": 5 / 6, "macro_f1": (f1_0 + f1_1) / 2, "loss": 1.0})
+
+
+def test_held_out_batches_are_as_many_on_every_rank():
+    rows = list(range(17))                                        # 17 rows, batches of 4, 3 ranks
+    shares = [batches_of(rows, 4, rank, 3) for rank in range(3)]
+    assert [len(s) for s in shares] == [2, 2, 2]                  # ZeRO-3: as many forwards on every rank
+    assert sorted(r for s in shares for b in s for r in b) == rows
+    assert shares[2][1] == [] and shares[1][1] == [16]
+    assert batches_of(rows, 4) == [rows[i:i + 4] for i in range(0, 17, 4)]
 
 
 def _classifier(family: str) -> SequenceClassifier:

@@ -74,22 +74,35 @@ class RowEncoder:
 # ----------------------------------------------------------------------------- held-out measures
 
 
+def batches_of(rows: list, size: int, rank: int = 0, world: int = 1) -> list[list]:
+    """Rank ``rank``'s batches of ``rows``: every world-th batch of ``size``, the same number on every rank
+    (ZeRO-3 gathers the weights in each forward, a collective); a rank short of rows gets empty batches."""
+    n = -(-len(rows) // (size * world))                                          # batches per rank
+    return [rows[(i * world + rank) * size:(i * world + rank + 1) * size] for i in range(n)]
+
+
 @torch.no_grad()
-def confusion_and_loss(model, enc: RowEncoder, rows: list[LabelledRow], batch_size: int, device) -> tuple:
-    """(confusion matrix (L, L) gold x predicted, summed cross-entropy, rows) of ``rows``."""
+def confusion_and_loss(model, enc: RowEncoder, batches: list[list[LabelledRow]], device) -> tuple:
+    """(confusion matrix (L, L) gold x predicted, summed cross-entropy, rows) of ``batches`` of rows; an
+    empty batch runs one forward for the collective and counts nothing."""
     n = len(enc.label_id)
     confusion = torch.zeros(n, n, dtype=torch.float64)
-    total = 0.0
-    for i in range(0, len(rows), batch_size):
-        chunk = rows[i:i + batch_size]
-        b = enc.batch([enc.ids(r) for r in chunk], chunk)
+    total, count = 0.0, 0
+    filler = next((b[:1] for b in batches if b), [])
+    for chunk in batches:
+        rows = chunk or filler
+        if not rows:
+            continue
+        b = enc.batch([enc.ids(r) for r in rows], rows)
         b = {k: (v.to(device) if v is not None else None) for k, v in b.items()}
         logits, loss = model(b["input_ids"], b["token_type_ids"], b["attention_mask"], b["labels"])
+        if not chunk:
+            continue
         total += float(loss) * len(chunk)
-        pred = logits.argmax(-1).cpu()
-        confusion.index_put_((b["labels"].cpu(), pred), torch.ones(len(chunk), dtype=torch.float64),
+        count += len(chunk)
+        confusion.index_put_((b["labels"].cpu(), logits.argmax(-1).cpu()), torch.ones(len(chunk), dtype=torch.float64),
                              accumulate=True)
-    return confusion, total, len(rows)
+    return confusion, total, count
 
 
 def scores(confusion: torch.Tensor, loss_sum: float, count: int) -> dict:
@@ -158,8 +171,8 @@ class Classify:
         """Collective: held-out loss, accuracy and macro-F1 (ranks split the rows), and the chance level."""
         env = self.env
         self.engine.eval()
-        confusion, loss, count = confusion_and_loss(self.engine, self.enc, self.held[env.rank::env.world],
-                                                    self.spec.train.micro_batch, env.device)
+        batches = batches_of(self.held, self.spec.train.micro_batch, env.rank, env.world)
+        confusion, loss, count = confusion_and_loss(self.engine, self.enc, batches, env.device)
         self.engine.train()
         summed = all_sum([*confusion.flatten().tolist(), loss, count])
         n = len(self.labels)
@@ -196,6 +209,6 @@ def evaluate_classify_checkpoint(storage, spec, run_dir: str, ckpt_path: str, st
     _, held, _ = classify_rows(spec.classify)
     enc = RowEncoder(run_tokenizer(storage, run_dir), min(spec.data.seq_len, model.trunk.cfg.seq_len),
                      model.trunk.cfg, tuple(info["labels"]))
-    s = scores(*confusion_and_loss(model, enc, held, spec.train.micro_batch, torch.device("cpu")))
+    s = scores(*confusion_and_loss(model, enc, batches_of(held, spec.train.micro_batch), torch.device("cpu")))
     return {"checkpoint": ckpt_path, "step": step, "loss": s["loss"], "perplexity": None, "tokens": 0,
             "extra": {"accuracy": s["accuracy"], "macro_f1": s["macro_f1"], "chance": chance_level(held)}}
