@@ -91,6 +91,7 @@ class Controller(GangStarts, CheckpointEvaluations, ParentJobs):
         self.eval_jobs: dict[str, dict] = {}  # job_id -> {checkpoint path: ObjectRef}; jobs whose checkpoints need evals
         self._lock = threading.RLock()
         self._stop = threading.Event()
+        self._wake = threading.Event()  # set when a start ends or a gang returns: tick now, not at the next beat
         self._shares: tuple[float, dict[str, float]] = (0.0, {})  # (computed at, team -> usage / weight)
         self.queue = QueueView(TRAINING_KINDS)  # the queue, read incrementally from the store (queue_view.py)
         self._compacted_at = 0.0  # when the job store's retention policy last ran
@@ -121,6 +122,7 @@ class Controller(GangStarts, CheckpointEvaluations, ParentJobs):
 
     def shutdown(self) -> None:
         self._stop.set()
+        self._wake.set()
         if self.api is not None:
             self.api.stop()
         with self._lock:
@@ -139,7 +141,8 @@ class Controller(GangStarts, CheckpointEvaluations, ParentJobs):
                 self.store.heartbeat(self.pid)
             except Exception:  # the loop must survive anything one job does
                 log.exception("controller tick failed")
-            self._stop.wait(self.tick_s)
+            self._wake.wait(self.tick_s)
+            self._wake.clear()
 
     def tick(self) -> None:
         with self._lock:
@@ -245,6 +248,8 @@ class Controller(GangStarts, CheckpointEvaluations, ParentJobs):
                            for w in act.run.workers]
                 self.store.transition(job_id, JobState.RUNNING, "all workers started", workers=workers)
                 self.storage.write_json(f"{self.store.get(job_id).run_dir}/workers.json", workers)
+                threading.Thread(target=self._wake_when_done, args=(act.run.refs,), daemon=True,
+                                 name=f"wait-{job_id}").start()
             status = poll(act.run.refs)                     # one value for the gang: results or the root cause
             if status.error is not None:
                 self._on_fault(job_id, act, status.error)
@@ -275,6 +280,14 @@ class Controller(GangStarts, CheckpointEvaluations, ParentJobs):
                 self.store.transition(job_id, JobState.SUCCEEDED, "finished", step=r["steps"], metrics=metrics)
                 if self.store.get(job_id).kind == "sweep-run":
                     self._record_sweep_result(job_id)
+
+    def _wake_when_done(self, refs: list) -> None:
+        """The loop ticks as soon as every rank of a gang has returned (or one failed), so a finished job's
+        room goes to the next one at once: many short runs (a sweep) do not each wait out a tick."""
+        try:
+            ray.wait(refs, num_returns=len(refs))
+        finally:
+            self._wake.set()
 
     def _requeue_preempted(self, job_id: str, act: Active, result: dict | None, killed: bool = False) -> None:
         """A preempted job has stopped (or is killed): free its gang and queue it to resume."""

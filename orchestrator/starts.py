@@ -163,6 +163,8 @@ class GangStarts:
                     from workers.pool import shutdown_members
 
                     shutdown_members(pooled)
+            finally:
+                self._wake.set()  # the loop records RUNNING (or the error) now
 
         act.starter = threading.Thread(target=start, name=f"start-{job_id}", daemon=True)
         self.active[job_id] = act

@@ -30,10 +30,8 @@ class RankWorker:
         self._log_local = None
         import torch  # noqa: F401  (before the snapshot below: importing it sets variables of its own)
 
-        if rank is None:  # a pool member: pay for the imports now, before any job wants this process
-            import deepspeed  # noqa: F401
-
-            import workers.train_loop  # noqa: F401  (the models, data and engine modules a job imports)
+        if rank is None:  # a pool member: pay now for what a job's start and first step would
+            _preload()
         self._base_env = dict(os.environ)  # what assign() restores: no job's variables survive into the next
         self.rank = None
         if rank is not None:
@@ -201,6 +199,25 @@ class RankWorker:
 
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+PRELOAD = ("deepspeed", "workers.train_loop", "workers.pretrain", "workers.checkpoint_writer", "safetensors.torch",
+           "tokenizers", "torch.utils.tensorboard")
+"""What a job imports on its way to the first step (the loop imports most of it lazily)."""
+
+
+def _preload() -> None:
+    """Import PRELOAD and load DeepSpeed's compiled shared-memory comm op (the rendezvous would)."""
+    import importlib
+
+    for name in PRELOAD:
+        try:
+            importlib.import_module(name)
+        except ImportError:  # an optional one (TensorBoard): the job goes without it too
+            pass
+    from deepspeed.comm.torch import build_shm_op
+
+    build_shm_op()
 
 
 def _log_to_rank_log() -> None:
