@@ -119,7 +119,8 @@ def tick(store: JobStore, view: QueueView, running: dict[str, sched.RunningJob],
     view.refresh(store)
     jobs = view.jobs(shares)
     plan = sched.plan_tick(jobs, free_of(running), NODES, now=now, running=running.values(), preemption=POLICY,
-                           quotas=QUOTAS, shares=shares, exact=EXACT_POSITIONS, ordered=True)
+                           quotas=QUOTAS, shares=shares, exact=EXACT_POSITIONS, ordered=True,
+                           counts=view.counts)
     starts = 0
     for d in plan.decisions:
         if isinstance(d, sched.Start):

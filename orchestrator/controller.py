@@ -408,7 +408,8 @@ class Controller(GangStarts, CheckpointEvaluations, ParentJobs):
         started = False
         plan = sched.plan_tick(jobs, free, total, now=now, backfill_window_s=self.backfill_window_s, running=running,
                                preemption=self.preemption, quotas=self.quotas, shares=shares,
-                               exact=EXACT_POSITIONS, always=frozenset(self.queue.elastic), ordered=True)
+                               exact=EXACT_POSITIONS, always=frozenset(self.queue.elastic), ordered=True,
+                               counts=self.queue.counts)
         decisions = plan.decisions
         if self.warm and any(isinstance(d, sched.Preempt) for d in decisions):
             self._release_warm()  # idle warm gangs go before anyone's running job does

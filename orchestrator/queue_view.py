@@ -16,7 +16,7 @@ controller's own notes never come back as changes.
 
 Pending reasons (README paragraph): a job's position in the queue shifts
 whenever a job ahead of it starts, which would rewrite every row behind it.
-Within the first ``EXACT_POSITIONS`` (1000) a new position, or a change in
+Within the first ``EXACT_POSITIONS`` (500) a new position, or a change in
 what the job waits for, is written at once, and a reason whose text alone
 changed (free CPUs, seconds waited) at most every ``NEAR_REFRESH_S`` (5 s).
 Further back, any change is written at most every ``FAR_REFRESH_S`` (60 s).
@@ -26,16 +26,18 @@ long queue seen for the first time is annotated over its first ticks.
 """
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import heapq
 import json
+from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from orchestrator import scheduler as sched
 
-EXACT_POSITIONS = 1000
+EXACT_POSITIONS = 500
 """Pending positions up to this are rewritten as soon as they change."""
 NEAR_REFRESH_S = 5.0
 """A reason whose text alone changed (free CPUs, seconds waited) is rewritten at most this often near the head."""
@@ -43,6 +45,8 @@ FAR_REFRESH_S = 60.0
 """Past EXACT_POSITIONS, a changed position or reason is rewritten at most this often."""
 REFRESH_PER_TICK = 1000
 """At most this many rate-limited pending rows are rewritten per tick (the oldest first)."""
+MOVE_AT_MOST = 0.02
+"""Jobs changed since the last tick up to this fraction of the queue move to their places; more: sort it all."""
 _CHUNK = 500  # ids per IN (...) query: well under SQLite's variable limit
 
 _COLUMNS = """id, kind, state, priority, submitted_at, resources_json, blocked_since, cancel_requested, team,
@@ -96,9 +100,18 @@ class QueueView:
         self.dep_states: dict[str, str] = {}
         """State of every job that some queued job waits for."""
         self._jobs: dict[str, sched.QueuedJob] = {}
+        self.counts: Counter = Counter()
+        """Queued jobs per (priority, id(bundles)), for ``scheduler.plan_tick``."""
         self.elastic: set[str] = set()
         """Queued jobs whose spec allows an elastic resume (the controller looks at each every tick)."""
         self._due: list[tuple[float, str]] = []  # heap of (pending last written, job id): oldest first
+        self._dependents: dict[str, set[str]] = {}  # job id -> the queued jobs that wait for it
+        self._missing: set[str] = set()  # dependencies whose state is not known yet
+        self._dirty: set[str] = set()  # jobs changed since the order was last brought up to date
+        self._order: list[sched.QueuedJob] = []
+        self._keys: list[tuple] = []  # queue_key of each job in _order
+        self._key_of: dict[str, tuple] = {}
+        self._order_shares: tuple | None = None  # the shares _order was sorted for
         self._writes: dict[str, dict[str, Any]] = {}  # job id -> fields to write at flush
         self._refresh: list[tuple[float, str, dict[str, Any]]] = []  # (last written, job id, pending): rate-limited
 
@@ -115,23 +128,31 @@ class QueueView:
                 rev = max([r["rev"] for r in rows], default=self.rev)
             for r in rows:
                 self._apply(r)
-            missing = sorted({d for row in self.rows.values() for d in row.after if d not in self.dep_states}
-                             if any(row.after for row in self.rows.values()) else ())
+            missing = sorted(self._missing)
             for i in range(0, len(missing), _CHUNK):
                 part = missing[i:i + _CHUNK]
                 found = dict(conn.execute(f"SELECT id, state FROM jobs WHERE id IN ({', '.join('?' * len(part))})",
                                           part).fetchall())
                 for d in part:
                     self.dep_states[d] = found.get(d, "CANCELLED")  # gone from the store: it can never succeed
+                    self._dirty |= self._dependents.get(d, set())
+            self._missing.clear()
         self.rev = rev
         return len(rows)
 
     def _apply(self, r: Any) -> None:
         jid = r["id"]
-        if jid in self.dep_states:
+        self._dirty.add(jid)
+        if jid in self.dep_states and self.dep_states[jid] != r["state"]:
             self.dep_states[jid] = r["state"]
+            self._dirty |= self._dependents.get(jid, set())
+        old = self.rows.pop(jid, None)
+        for d in old.after if old is not None else ():
+            self._dependents.get(d, set()).discard(jid)
+        gone = self._jobs.get(jid)
+        if gone is not None:
+            self._count(gone, -1)
         if r["state"] != "QUEUED" or r["kind"] not in self.kinds:
-            self.rows.pop(jid, None)
             self._jobs.pop(jid, None)
             self.elastic.discard(jid)
             return
@@ -139,17 +160,56 @@ class QueueView:
         self.rows[jid] = row
         (self.elastic.add if row.elastic else self.elastic.discard)(jid)
         heapq.heappush(self._due, ((row.pending or {}).get("at", 0.0), jid))
-        self._jobs[jid] = sched.QueuedJob.from_resources(row.id, row.priority, row.submitted_at, row.resources,
-                                                         row.blocked_since, row.cancel_requested, row.team)
+        self._jobs[jid] = job = sched.QueuedJob.from_resources(row.id, row.priority, row.submitted_at,
+                                                               row.resources, row.blocked_since,
+                                                               row.cancel_requested, row.team)
+        self._count(job, 1)
+        for d in row.after:
+            self._dependents.setdefault(d, set()).add(jid)
+            if d not in self.dep_states:
+                self._missing.add(d)
+
+    def _count(self, job: sched.QueuedJob, n: int) -> None:
+        key = (job.priority, id(job.bundles))
+        self.counts[key] += n
+        if not self.counts[key]:
+            del self.counts[key]
 
     def jobs(self, shares: Mapping[str, float] | None = None) -> list[sched.QueuedJob]:
-        """The queued jobs in queue order, each with the current states of its dependencies."""
-        out = self._jobs.values()
-        if self.dep_states:
-            out = [dataclasses.replace(j, deps=tuple((d, self.dep_states.get(d, "UNKNOWN"))
-                                                     for d in self.rows[j.job_id].after))
-                   if self.rows[j.job_id].after else j for j in out]
-        return sched.queue_order(out, shares)
+        """The queued jobs in queue order, each with the current states of its dependencies.
+
+        The order is kept between calls: the jobs that changed since the last call move to their new places
+        (a bisection each), and only new fair shares (every 10 s) or more than MOVE_AT_MOST changes sort it all.
+        The list is the view's own: read it, do not change it.
+        """
+        shares = shares or {}
+        key = tuple(sorted(shares.items()))
+        if key != self._order_shares or len(self._dirty) > MOVE_AT_MOST * len(self._order):
+            self._order_shares = key
+            self._order = sched.queue_order((self._with_deps(j) for j in self._jobs.values()), shares)
+            self._keys = [sched.queue_key(j, shares) for j in self._order]
+            self._key_of = dict(zip((j.job_id for j in self._order), self._keys))
+        else:
+            for jid in self._dirty:
+                old = self._key_of.pop(jid, None)
+                if old is not None:
+                    i = bisect.bisect_left(self._keys, old)
+                    del self._keys[i], self._order[i]
+                job = self._jobs.get(jid)
+                if job is not None:
+                    job = self._with_deps(job)
+                    new = self._key_of[jid] = sched.queue_key(job, shares)
+                    i = bisect.bisect_left(self._keys, new)
+                    self._keys.insert(i, new)
+                    self._order.insert(i, job)
+        self._dirty.clear()
+        return self._order
+
+    def _with_deps(self, job: sched.QueuedJob) -> sched.QueuedJob:
+        after = self.rows[job.job_id].after
+        if not after:
+            return job
+        return dataclasses.replace(job, deps=tuple((d, self.dep_states.get(d, "UNKNOWN")) for d in after))
 
     # -------------------------------------------------------------- writing back
 
@@ -210,6 +270,7 @@ class QueueView:
                     heapq.heappush(self._due, (fields["pending"]["at"], job_id))
             if "blocked_since" in fields and job_id in self._jobs:
                 self._jobs[job_id] = dataclasses.replace(self._jobs[job_id], blocked_since=fields["blocked_since"])
+                self._dirty.add(job_id)
         if writes:
             store.note_waiting(writes)
         return len(writes)

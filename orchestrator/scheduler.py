@@ -196,10 +196,16 @@ class RunningJob:
 # ---------------------------------------------------------------------- scheduling
 
 
+def queue_key(job: QueuedJob, shares: Mapping[str, float]) -> tuple:
+    """Where ``job`` stands in the queue: priority (higher first), then its team's fair share (lower first),
+    then submission time, then id (so no two jobs tie)."""
+    return (-job.priority, shares.get(job.team, 0.0), job.submitted_at, job.job_id)
+
+
 def queue_order(jobs: Iterable[QueuedJob], shares: Mapping[str, float] | None = None) -> list[QueuedJob]:
-    """Priority (higher first), then the team's fair share (lower first), then submission time, then id."""
+    """The jobs sorted by :func:`queue_key`."""
     shares = shares or {}
-    return sorted(jobs, key=lambda j: (-j.priority, shares.get(j.team, 0.0), j.submitted_at, j.job_id))
+    return sorted(jobs, key=lambda j: queue_key(j, shares))
 
 
 _DEP_FAILED = ("FAILED", "CANCELLED")
@@ -232,11 +238,14 @@ def plan_tick(queue: Iterable[QueuedJob], free_per_node: Mapping[str, Resources]
               backfill_window_s: float = DEFAULT_BACKFILL_WINDOW_S, running: Iterable[RunningJob] = (),
               preemption: PreemptionPolicy | None = None, quotas: Mapping[str, TeamQuota] | None = None,
               shares: Mapping[str, float] | None = None, exact: int | None = 1000,
-              always: frozenset[str] = frozenset(), ordered: bool = False) -> Plan:
+              always: frozenset[str] = frozenset(), ordered: bool = False,
+              counts: Mapping[tuple[int, int], int] | None = None) -> Plan:
     """:func:`schedule` for the controller's tick: the same decisions, but it stops deciding once the rest
     of the queue can only wait (see :class:`Plan`), after the first ``exact`` jobs (None: never stops).
     Jobs in ``always`` are decided wherever they are (the controller checks elastic resumes on them).
-    ``ordered``: ``queue`` is already in :func:`queue_order` for ``shares`` (``QueueView.jobs``)."""
+    ``ordered``: ``queue`` is already in :func:`queue_order` for ``shares`` (``QueueView.jobs``); ``counts``:
+    how many of its jobs there are per (priority, id(bundles)), as :func:`shape_counts` gives them
+    (``QueueView.counts`` keeps them)."""
     jobs = list(queue) if ordered else queue_order(queue, shares)
     if not any(units(r.get("CPU", 0)) or units(r.get("GPU", 0)) for r in total_per_node.values()):
         # No nodes (yet): the cluster is still coming up or is unreachable. Failing
@@ -247,7 +256,7 @@ def plan_tick(queue: Iterable[QueuedJob], free_per_node: Mapping[str, Resources]
               window_s=backfill_window_s, running=list(running), preemption=preemption, quotas=quotas or {})
     for r in p.running:
         add_use(p.in_use, r.team, r.bundles)
-    remaining = Counter((j.priority, id(j.bundles)) for j in jobs) if exact is not None else None
+    remaining = None if exact is None else Counter(counts) if counts is not None else shape_counts(jobs)
     cut = len(jobs)
     for i, job in enumerate(jobs):
         if remaining is not None and i >= exact and i % FREEZE_CHECK_EVERY == 0 and p.frozen(remaining):
@@ -267,6 +276,11 @@ def plan_tick(queue: Iterable[QueuedJob], free_per_node: Mapping[str, Resources]
     return plan
 
 
+def shape_counts(jobs: Iterable[QueuedJob]) -> Counter:
+    """How many jobs there are per (priority, id(bundles)): what a pass must have seen before it may stop."""
+    return Counter((j.priority, id(j.bundles)) for j in jobs)
+
+
 @dataclass
 class Plan:
     """One tick's decisions, possibly stopped early.
@@ -274,7 +288,8 @@ class Plan:
     A pass may stop at job ``cut`` once nothing after it can start or be
     preempted for: backfill is closed (a job is preempting, or the head has
     waited past the window), or every (priority, shape) still to come has
-    been seen not to fit, with no victims, since the last start. From there
+    been seen not to fit, with no victims at that priority or above, since
+    the last start (fewer candidates cannot do better). From there
     on the pass's state is frozen, so each remaining job's decision depends
     on that job alone and can be made in any order, or not at all: it is a
     ``Wait``, and only the jobs for which it may be more (cancelled, waiting
@@ -372,6 +387,10 @@ class _Pass:
     _text: dict[tuple[str, int], str] = field(default_factory=dict)
     _cands: dict[int, tuple[list, list, list, list[str]]] = field(default_factory=dict)
     _rooms: dict[tuple[int, str], dict[str, dict[str, float]]] = field(default_factory=dict)
+    _no_victims: dict[tuple[int, int], int] = field(default_factory=dict)
+    """(free_version, shape) -> the highest priority seen to find no room by preempting (nor any below it)."""
+    _blocker: tuple[int, int] | None = None
+    """A (priority, shape) still to come that could start or preempt, when ``frozen`` last looked."""
     _held_key: tuple[int, int] = (0, 0)
     _held_text: str | None = None
 
@@ -422,13 +441,17 @@ class _Pass:
         if self.reserved_for is not None or (self.head is not None and self._held_for() is not None):
             return True
         preempting = self.preemption is not None and self.preemption.enabled
-        for (priority, shape), n in remaining.items():
-            if n <= 0:
-                continue
-            if (self._impossible.get(shape, _UNSEEN) is not None or self._no_room.get(shape) != _ALWAYS
-                    or preempting and (self.free_version, priority, shape) not in self._blocked_note):
-                return False
-        return True
+
+        def open_(combo: tuple[int, int]) -> bool:
+            priority, shape = combo
+            return remaining.get(combo, 0) > 0 and (
+                self._impossible.get(shape, _UNSEEN) is not None or self._no_room.get(shape) != _ALWAYS
+                or preempting and self._no_victims.get((self.free_version, shape), priority - 1) < priority)
+
+        if self._blocker is not None and open_(self._blocker):
+            return False  # the combination that kept the pass going last time still does
+        self._blocker = next((c for c in remaining if open_(c)), None)
+        return self._blocker is None
 
     def impossible(self, bundles: tuple[Bundle, ...]) -> str | None:
         """Why a gang of ``bundles`` could never fit (kept per shape), or None."""
@@ -519,6 +542,9 @@ class _Pass:
         if blocked and fits(job.bundles, self._room(job.priority, "lower", lower)):
             note = "; not preempting: " + "; ".join(blocked[:3])
         self._blocked_note[key] = note
+        if len(set(job.bundles)) == 1:  # exact packing: fewer candidates (a lower priority) cannot do better
+            shape = (self.free_version, id(job.bundles))
+            self._no_victims[shape] = max(self._no_victims.get(shape, job.priority), job.priority)
         return note
 
     def _candidates(self, priority: int) -> tuple[list[RunningJob], list[RunningJob], list[RunningJob], list[str]]:

@@ -102,9 +102,13 @@ def _full_read(store: JobStore) -> list[sched.QueuedJob]:
     return [sched.QueuedJob.from_record(r, deps) for r in queued]
 
 
-def test_incremental_view_sees_what_a_full_read_sees_and_decides_the_same(store):
+@pytest.mark.parametrize("move_at_most", [0.0, 1.0])  # sort it all every time / move the changed jobs
+def test_incremental_view_sees_what_a_full_read_sees_and_decides_the_same(store, monkeypatch, move_at_most):
     """Random submits, starts, finishes, cancels, priority changes and dependencies; after each tick the view
-    holds the same queue as a full read, and the scheduler gives the same decisions from either."""
+    holds the same queue, in the same order, as a full read, and the scheduler decides the same from either."""
+    import orchestrator.queue_view as qv
+
+    monkeypatch.setattr(qv, "MOVE_AT_MOST", move_at_most)
     rng, view, live = random.Random(7), QueueView(KINDS), []
     nodes = {f"n{i}": {"CPU": 8.0, "GPU": 0.0} for i in range(3)}
     for step in range(60):
@@ -127,11 +131,13 @@ def test_incremental_view_sees_what_a_full_read_sees_and_decides_the_same(store)
             elif not state.terminal and action < 0.7:
                 store.request_cancel(job_id)
         view.refresh(store)
-        expected = sorted(_full_read(store), key=lambda j: j.job_id)
-        assert sorted(view.jobs(), key=lambda j: j.job_id) == expected
+        if step % 10 == 0:  # new fair shares now and then: the view sorts again; in between it moves jobs
+            shares = {"a": rng.random(), "b": rng.choice((0.0, 0.5))}
+        expected = sched.queue_order(_full_read(store), shares)
+        assert view.jobs(shares) == expected and view.counts == sched.shape_counts(expected)
         now = 2_000_000.0 + step
-        decisions = sched.schedule(view.jobs(), nodes, nodes, now=now)
-        assert decisions == sched.schedule(expected, nodes, nodes, now=now)
+        decisions = sched.schedule(view.jobs(shares), nodes, nodes, now=now, shares=shares)
+        assert decisions == sched.schedule(expected, nodes, nodes, now=now, shares=shares)
         for d in decisions:  # the controller's notes go back without echoing through rev
             if isinstance(d, sched.Wait) and view.rows[d.job_id].blocked_since is None:
                 view.note_blocked(d.job_id, now)
