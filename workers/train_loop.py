@@ -131,13 +131,13 @@ def run(env: RankEnv, kind: JobKind, checkpointer: Checkpointer, state: LoopStat
         state.position += kind.per_step
         state.step += 1
         values["stop"] = np.array([1.0 if ctx.stop.is_set() else 0.0])
+        values["checkpoint_written"] = np.array([1.0 if checkpointer.written() else 0.0])
         reduced = reduce_mean_dict(values, env.device)
         loss, stop = float(reduced.pop("loss")[0]), float(reduced.pop("stop")[0])
+        checkpointer.publish_if_written(float(reduced.pop("checkpoint_written")[0]) == 1.0)  # same on every rank
         seconds = time.time() - t0
-        values["checkpoint_written"] = np.array([1.0 if checkpointer.written() else 0.0])
         tps = kind.tokens_per_step / seconds if kind.tokens_per_step else None
         if tps is not None:
-        checkpointer.publish_if_written(float(reduced.pop("checkpoint_written")[0]) == 1.0)  # same on every rank
             state.tokens_per_s.append(tps)
         state.first_loss = loss if state.first_loss is None else state.first_loss
         state.last_loss = loss
@@ -152,10 +152,10 @@ def run(env: RankEnv, kind: JobKind, checkpointer: Checkpointer, state: LoopStat
             save()
     if state.step == total and state.step not in saved and checkpointer.due(state.step, last_step=True):
         save()                                          # stopped right at the last step
+    checkpointer.wait()
     final_eval = kind.evaluate() if state.step == total else None
     writer.close()
     return _result(state, total, final_eval)
-    checkpointer.wait()
 
 
 def _row(kind: JobKind, state: LoopState, loss: float, lr: float, reduced: dict, seconds: float,
