@@ -4,8 +4,7 @@
 thread each) are submitted at once to a real controller, as a scaling-law sweep
 would queue its runs. With ``--concurrency`` (4) CPUs, that many run side by side;
 the controller starts them in parallel, from the warm pool first
-(``workers.warm_pool`` = concurrency; it fills up to one CPU short of the
-cluster, the room it leaves for an evaluation, before anything is timed), then
+(``workers.warm_pool`` = concurrency, filled before anything is timed), then
 on the warm gangs finished runs leave behind.
 
 Figure: the wall time from the first submit to the last run's SUCCEEDED,
@@ -86,11 +85,11 @@ def main() -> None:
         build_token_cache(TokenSource.from_spec(make_spec(args, 0).data), storage, log=lambda m: None)
         controller = start_controller(cluster)
         t0 = time.time()
-        while len(ray.get(controller.ping.remote())["pool"]) < args.concurrency - 1:  # it leaves room for
-            time.sleep(0.2)                                                             # one evaluation
+        while len(ray.get(controller.ping.remote())["pool"]) < args.concurrency:
+            time.sleep(0.2)
         pool_s = time.time() - t0
         print(f"sweep overhead: {args.runs} one-worker runs x {args.steps} steps on {args.concurrency} CPUs; "
-              f"warm pool of {args.concurrency - 1} filled in {pool_s:.1f} s (not timed); load {load_before:.1f}")
+              f"warm pool of {args.concurrency} filled in {pool_s:.1f} s (not timed); load {load_before:.1f}")
         specs = [make_spec(args, i) for i in range(args.runs)]
         t_first = time.time()
         jobs = [submit_spec(cluster, s, priority=0) for s in specs]

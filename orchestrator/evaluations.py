@@ -48,6 +48,8 @@ class CheckpointEvaluations:
             ckpt = todo[0]
             cpus = self.cluster.workers.eval_cpus
             gpus = 1 if float(rec.resources.get("gpus_per_worker") or 0) > 0 else 0
+            if self.pool.members and ray.available_resources().get("GPU" if gpus else "CPU", 0) < (gpus or cpus):
+                self.pool.release(1)  # an idle pool member gives its room to the evaluation
             task = ray.remote(evaluate_checkpoint).options(num_cpus=cpus, num_gpus=gpus, max_retries=1)
             inflight[ckpt.path] = task.remote(self.storage, rec.run_dir, ckpt.path, ckpt.step,
                                               rec.spec.get("eval", {}).get("batches", 8),

@@ -93,10 +93,8 @@ class GangStarts:
             return
         self.pool.drop_failed()
         free, _ = self._free_and_total()
-        held = self.pool.held()  # ``free`` counts the pool's room as free: leave what members hold, and
-        evals = {"CPU": self.cluster.workers.eval_cpus, "GPU": 0.0}  # room for a checkpoint evaluation
-        room = {n: {k: f[k] - held.get(n, {}).get(k, 0.0) - evals[k] for k in ("CPU", "GPU")}
-                for n, f in free.items()}
+        held = self.pool.held()  # ``free`` counts the pool's room as free: leave what members hold
+        room = {n: {k: f[k] - held.get(n, {}).get(k, 0.0) for k in ("CPU", "GPU")} for n, f in free.items()}
         self.pool.fill(room)
 
     def _pooled_for(self, res) -> list | None:

@@ -11,8 +11,8 @@ the group then owns the members' placement groups and frees them with the job.
 
 The controller counts members' resources as free (a queued job never waits
 for the pool, and the pool is never "capacity" in a pending reason), releases
-them when a job of another shape needs the room, and refills the pool only
-while nothing is queued.
+them when a job of another shape or a checkpoint evaluation needs the room,
+and refills the pool only while nothing is queued.
 
 A member serves one job, then dies with its gang (or stays in that gang's warm
 reuse, ``WorkerGroup.reattach``); it never goes back to the pool. ``RankWorker.assign``
@@ -124,12 +124,14 @@ class WarmPool:
                 self.members.remove(m)
                 shutdown_members([m])
 
-    def release(self) -> int:
-        """Free every member (a job of another shape needs the room, or the controller stops)."""
-        n = len(self.members)
-        shutdown_members(self.members)
-        self.members = []
-        return n
+    def release(self, n: int | None = None) -> int:
+        """Free ``n`` members, the newest first, or every one (a job of another shape or an evaluation
+        needs the room, or the controller stops); returns how many."""
+        self.members.sort(key=lambda m: m.created)
+        keep = 0 if n is None else max(0, len(self.members) - n)
+        gone, self.members = self.members[keep:], self.members[:keep]
+        shutdown_members(gone)
+        return len(gone)
 
 
 def shutdown_members(members: list[Member]) -> None:
