@@ -203,7 +203,8 @@ def measure(store: JobStore, mix: Mix, running: dict, n_ticks: int, rng: random.
             "changed_tick_wall_max_s": max(wall), "idle_tick_cpu_s": idle_cpu, "idle_tick_wall_s": idle_s,
             "first_tick_cpu_s": first_cpu, "first_tick_wall_s": first_s,
             "baseline_tick_cpu_s": base_cpu, "baseline_tick_wall_s": base_s, "speedup_cpu": base_cpu / max(cpu),
-            "fair_share_cpu_s": share_cpu, "fair_share_wall_s": share_s, "list_page_s": list_s, "list_deep_page_s": deep_s, "status_s": status_s, "name_lookup_s": name_s,
+            "fair_share_cpu_s": share_cpu, "fair_share_wall_s": share_s, "list_page_s": list_s,
+            "list_deep_page_s": deep_s, "status_s": status_s, "name_lookup_s": name_s,
             "decided": did["decided"], "of": did["decided_of"], "notes_written_last_tick": did["notes_written"]}
 
 

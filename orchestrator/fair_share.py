@@ -83,7 +83,7 @@ def add_use(in_use: dict[str, list[float]], team: str, bundles: Sequence[Bundle]
 
 
 def over_quota(job: Any, running: Iterable[Any], quota: TeamQuota | None) -> str | None:
-    """Why starting ``job`` (a ``QueuedJob``) now would take its team over ``quota`` given the ``running`` jobs, or None."""
+    """Why starting ``job`` (a ``QueuedJob``) now would take its team over ``quota`` given ``running``, or None."""
     in_use: dict[str, list[float]] = {}
     for r in running:
         add_use(in_use, r.team, r.bundles)

@@ -100,13 +100,14 @@ CREATE TABLE IF NOT EXISTS tokens (
 # v2 -> v3: the queue at scale (issue #15). ``rev`` is the store-wide change counter: a trigger gives a
 # job one more than the largest rev whenever it is inserted or a column the scheduler reads changes, so
 # the controller reads only the jobs changed since its last tick (jobs_rev). Progress (step, metrics) and
-# the controller's own notes (pending, blocked_since) leave rev alone: they would only echo back. The other indexes serve the queue in scheduling order, pagination in
-# submission order, name lookups, the queued-jobs quota at submit, and retention of finished jobs.
+# the controller's own notes (pending, blocked_since) leave rev alone: they would only echo back. The other
+# indexes serve the queue and pages of one state (jobs_state_submitted), pages in submission order, name
+# lookups, the queued-jobs quota at submit, and retention of finished jobs.
 _MIGRATE_V2 = """
 ALTER TABLE jobs ADD COLUMN rev INTEGER NOT NULL DEFAULT 0;
 CREATE INDEX IF NOT EXISTS jobs_rev ON jobs(rev);
-CREATE INDEX IF NOT EXISTS jobs_queue ON jobs(state, priority DESC, submitted_at, id);
 CREATE INDEX IF NOT EXISTS jobs_submitted ON jobs(submitted_at, id);
+CREATE INDEX IF NOT EXISTS jobs_state_submitted ON jobs(state, submitted_at, id);
 CREATE INDEX IF NOT EXISTS jobs_name ON jobs(name, kind, submitted_at);
 CREATE INDEX IF NOT EXISTS jobs_team_state ON jobs(team, state);
 CREATE INDEX IF NOT EXISTS jobs_finished ON jobs(finished_at, started_at);

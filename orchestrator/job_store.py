@@ -194,25 +194,28 @@ class JobStore:
 
     # -------------------------------------------------------------- loading
 
-    def _load(self, conn: sqlite3.Connection, where: str, params: tuple, limit: int | None = None,
-              offset: int = 0) -> list[JobRecord]:
-        """Jobs matching ``where`` in submission order (``limit`` of them from ``offset``), history and evals too."""
-        select = f"SELECT {{}} FROM jobs WHERE {where} ORDER BY submitted_at, id"
-        if limit is not None:
-            select, params = select + " LIMIT ? OFFSET ?", (*params, limit, offset)
-        rows = conn.execute(select.format("*"), params).fetchall()
-        if not rows:
-            return []
-        # Same filter as a subquery, so a listing of many jobs costs three queries, not 3N.
+    def _load(self, conn: sqlite3.Connection, where: str, params: tuple, newest: int | None = None,
+              skip: int = 0) -> list[JobRecord]:
+        """Jobs matching ``where`` in submission order, history and evals too; with ``newest``, only that many
+        of the newest after skipping the ``skip`` newest (a page, read from the new end of the index)."""
+        if newest is None:
+            select = f"SELECT {{}} FROM jobs WHERE {where} ORDER BY submitted_at, id"
+            rows = conn.execute(select.format("*"), params).fetchall()
+            if not rows:
+                return []
+            # Same filter as a subquery, so a listing of many jobs costs three queries, not 3N.
+            ids, id_params = select.format("id"), params
+        else:
+            rows = conn.execute(f"SELECT * FROM jobs WHERE {where} ORDER BY submitted_at DESC, id DESC LIMIT ?"
+                                " OFFSET ?", (*params, newest, skip)).fetchall()[::-1]
+            if not rows:
+                return []
+            ids, id_params = ", ".join("?" * len(rows)), tuple(r["id"] for r in rows)
         history: dict[str, list[Transition]] = {}
-        for t in conn.execute(
-            f"SELECT * FROM transitions WHERE job_id IN ({select.format('id')}) ORDER BY seq", params
-        ):
+        for t in conn.execute(f"SELECT * FROM transitions WHERE job_id IN ({ids}) ORDER BY seq", id_params):
             history.setdefault(t["job_id"], []).append(_transition(t))
         evals: dict[str, list[EvalRecord]] = {}
-        for e in conn.execute(
-            f"SELECT * FROM evals WHERE job_id IN ({select.format('id')}) ORDER BY step, ts", params
-        ):
+        for e in conn.execute(f"SELECT * FROM evals WHERE job_id IN ({ids}) ORDER BY step, ts", id_params):
             evals.setdefault(e["job_id"], []).append(_eval(e))
         return [_record(r, tuple(history.get(r["id"], ())), tuple(evals.get(r["id"], ()))) for r in rows]
 
@@ -343,8 +346,7 @@ class JobStore:
         where, params = _filters(states, owner=owner)
         with self._read() as conn:
             total = conn.execute(f"SELECT COUNT(*) FROM jobs WHERE {where}", params).fetchone()[0]
-            count = min(limit, total - (page - 1) * limit)  # a page past the oldest job is empty
-            return (self._load(conn, where, params, count, max(0, total - page * limit)) if count > 0 else []), total
+            return self._load(conn, where, params, newest=limit, skip=(page - 1) * limit), total
 
     def ran_since(self, since: float | None) -> list[RunHistory]:
         """Jobs that have run and did not finish before ``since`` (None: every job that ever ran), with only

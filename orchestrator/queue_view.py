@@ -3,7 +3,7 @@
 A tick used to load every queued job in full (spec, history, evaluations),
 then read each one again to note why it waits: with 10,000 queued jobs that
 was seconds per tick. ``QueueView`` reads the whole queue once, through the
-``jobs_queue`` index and only the columns scheduling needs, and from then on
+``jobs_state_submitted`` index and only the columns scheduling needs, and from then on
 one indexed query per tick returns only the jobs whose ``rev`` moved (a
 submission, a state change, a priority change: see the trigger in
 ``job_schema.py``). The states of the jobs that queued jobs wait for
