@@ -32,12 +32,15 @@ is itself aged when it reaches the head, which is fair. Pass the cluster's
 total resources from ``ray.cluster_resources``-style per-node totals: they
 decide which jobs are impossible.
 
-Cost: one pass is linear in the queue. Everything that costs more than a
-comparison (packing a gang onto the nodes, looking for preemption victims,
-the text of a reason) is computed once per distinct job shape between two
-starts and reused: free resources only shrink within a pass, and two jobs of
-the same bundles and priority get the same answer from the same free view.
-10,000 queued jobs on 64 nodes take milliseconds (``benchmarks/controller_scale.py``).
+Cost: everything that costs more than a comparison (packing a gang onto the
+nodes, looking for preemption victims, the text of a reason) is computed once
+per distinct job shape between two starts and reused: free resources only
+shrink within a pass, and two jobs of the same bundles and priority get the
+same answer from the same free view. The controller's tick calls
+:func:`plan_tick`, which also stops deciding once the rest of the queue can
+only wait (:class:`Plan`), so a tick over 100,000 queued jobs decides a
+thousand or two of them (``benchmarks/controller_scale.py``). The decisions
+and the jobs they are about live in ``orchestrator/decisions.py``.
 
 Dependencies: a job submitted with ``--after A,B`` waits until A and B have
 SUCCEEDED; if either ends FAILED or CANCELLED, the job fails with the reason.
@@ -49,8 +52,18 @@ from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, Union
 
+from orchestrator.decisions import (  # noqa: F401  (re-exported)
+    Cancel,
+    Decision,
+    Fail,
+    Preempt,
+    QueuedJob,
+    Restart,
+    RunningJob,
+    Start,
+    Wait,
+)
 from orchestrator.fair_share import (  # noqa: F401  (re-exported)
     TeamQuota,
     add_use,
@@ -78,119 +91,6 @@ from orchestrator.preemption import PreemptionPolicy, choose_victims  # noqa: F4
 DEFAULT_BACKFILL_WINDOW_S = 120.0
 FREEZE_CHECK_EVERY = 64
 """A tick's pass checks every this many jobs whether the rest can only wait (see ``Plan``)."""
-
-
-# ---------------------------------------------------------------------- decisions
-
-
-@dataclass(frozen=True)
-class Start:
-    """Create the job's placement group and start its workers."""
-
-    job_id: str
-
-
-@dataclass(frozen=True)
-class Wait:
-    """Leave the job queued; ``reason`` is for people (``switchyard status``)."""
-
-    job_id: str
-    reason: str
-    waiting_for: str = "capacity"
-    """What it waits for: capacity, quota, dependency, backfill (held for an aged head) or preemption."""
-
-
-@dataclass(frozen=True)
-class Preempt:
-    """Checkpoint the running job ``job_id`` at its next step, stop it and requeue it, to make room for ``by``."""
-
-    job_id: str
-    by: str
-    reason: str
-
-
-@dataclass(frozen=True)
-class Restart:
-    """Tear the workers down and run the job again from its latest checkpoint."""
-
-    job_id: str
-    reason: str
-
-
-@dataclass(frozen=True)
-class Fail:
-    """Move the job to FAILED with ``reason``."""
-
-    job_id: str
-    reason: str
-
-
-@dataclass(frozen=True)
-class Cancel:
-    """Move the job to CANCELLED (someone asked)."""
-
-    job_id: str
-
-
-Decision = Union[Start, Wait, Preempt, Restart, Fail, Cancel]
-
-# ---------------------------------------------------------------------- inputs
-
-
-@dataclass(frozen=True)
-class QueuedJob:
-    """What the scheduler needs to know about one QUEUED job."""
-
-    job_id: str
-    priority: int
-    """Higher runs first."""
-    submitted_at: float
-    """Unix time (s); earlier runs first within a priority."""
-    bundles: tuple[Bundle, ...]
-    """One per worker."""
-    blocked_since: float | None = None
-    """When it was first told to Wait (None: not yet); the backfill aging clock."""
-    cancel_requested: bool = False
-    team: str = ""
-    """The owner's team: its quota and fair share apply."""
-    deps: tuple[tuple[str, str], ...] = ()
-    """(job id, state) of each job it must wait for (``--after``)."""
-
-    @classmethod
-    def from_resources(cls, job_id: str, priority: int, submitted_at: float, resources: Mapping[str, Any],
-                       blocked_since: float | None = None, cancel_requested: bool = False, team: str = "",
-                       deps: tuple[tuple[str, str], ...] = ()) -> QueuedJob:
-        """Build from the job store's ``{workers, cpus_per_worker, gpus_per_worker}``."""
-        return cls(job_id, priority, submitted_at, bundles_of(resources), blocked_since, cancel_requested, team,
-                   tuple(deps))
-
-    @classmethod
-    def from_record(cls, record: Any, dep_states: Mapping[str, str] | None = None) -> QueuedJob:
-        """Build from a ``JobRecord`` (duck-typed, so this module does not import the store).
-
-        ``dep_states`` maps the ids in ``record.after`` to their states now.
-        """
-        deps = tuple((d, str((dep_states or {}).get(d, "UNKNOWN"))) for d in getattr(record, "after", ()))
-        return cls.from_resources(record.id, record.priority, record.submitted_at, record.resources,
-                                  record.blocked_since, record.cancel_requested, getattr(record, "team", ""), deps)
-
-
-@dataclass(frozen=True)
-class RunningJob:
-    """What the scheduler needs to know about a job holding workers (STARTING, RUNNING or PREEMPTED)."""
-
-    job_id: str
-    priority: int
-    bundles: tuple[Bundle, ...]
-    nodes: tuple[str, ...]
-    """The node of each bundle (same order as ``bundles``)."""
-    running_since: float | None
-    """When its current stretch of RUNNING began; None while it is still starting."""
-    preemptions: int = 0
-    team: str = ""
-    stopping: bool = False
-    """Already told to stop for a preemption: its room is spoken for."""
-
 
 
 # ---------------------------------------------------------------------- scheduling
