@@ -41,8 +41,8 @@ WRITE_THREADS = 4
 WRITER_NICE = 19
 """CPU priority of the writing threads (nice value): the training step comes first."""
 WRITER_DUTY = 0.2
-"""Share of the time a writing thread works while training runs (it sleeps the rest): a machine's
-sibling hyperthreads and memory bandwidth are shared with the step. Waiting for a save lifts it."""
+"""Share of one core a save's writing threads use together while training runs (they sleep the rest):
+a machine's sibling hyperthreads and memory bandwidth are shared with the step. Waiting for a save lifts it."""
 PIECE = 1 << 20
 """Bytes hashed and written at a time."""
 
@@ -166,7 +166,8 @@ class Pace:
         self.duty, self.threads, self.hurry = duty, 1, threading.Event()
 
     def rest(self, worked_s: float) -> None:
-        """Sleep after ``worked_s`` of work so that all the save's threads together keep to ``duty``."""
+        """Sleep after ``worked_s`` CPU seconds of work so that all the save's threads together keep to
+        ``duty`` of one core (waiting for a slow store or a busy CPU is not work)."""
         if not self.hurry.is_set():
             self.hurry.wait(worked_s * (self.threads / self.duty - 1.0))
 
@@ -181,12 +182,12 @@ class _Hashed:
     def write(self, data) -> int:
         view = memoryview(data).cast("B")
         for at in range(0, len(view), PIECE):
-            t0 = time.perf_counter()
+            t0 = time.thread_time()
             piece = view[at:at + PIECE]
             self.h.update(piece)
             self.f.write(piece)
             if self.pace is not None:
-                self.pace.rest(time.perf_counter() - t0)
+                self.pace.rest(time.thread_time() - t0)
         self.size += len(view)
         return len(view)
 
