@@ -3,11 +3,13 @@
 A tick used to load every queued job in full (spec, history, evaluations),
 then read each one again to note why it waits: with 10,000 queued jobs that
 was seconds per tick. ``QueueView`` reads the whole queue once, through the
-``jobs_state_submitted`` index and only the columns scheduling needs, and from then on
-one indexed query per tick returns only the jobs whose ``rev`` moved (a
+``jobs_state_submitted`` index and only the columns scheduling needs, and from
+then on one indexed query per tick returns only the jobs whose ``rev`` moved (a
 submission, a state change, a priority change: see the trigger in
 ``job_schema.py``). The states of the jobs that queued jobs wait for
-(``--after``) are kept the same way.
+(``--after``) are kept the same way, and so are the queue's order (changed
+jobs move to their places) and its job counts per shape, which tell a
+scheduling pass when it may stop (``scheduler.Plan``).
 
 What the controller writes back about waiting jobs (``blocked_since`` and the
 pending reason) it also applies here, and sends in one transaction per tick
