@@ -107,10 +107,18 @@ def _checkpoint_stall(r: dict) -> str:
             f"{_g(r.get('checkpoint_peak_ratio'))} x")
 
 
+def _controller_scale(r: dict) -> str:
+    sizes = r.get("sizes") or {}
+    ticks = "; ".join(f"{int(n):,} queued: tick {_g(1e3 * (s.get('changed_tick_cpu_max_s') or 0))} ms CPU "
+                      f"({_g(1e3 * (s.get('changed_tick_wall_max_s') or 0))} ms wall), before #15 "
+                      f"{_g(s.get('baseline_tick_cpu_s'))} s CPU" for n, s in sizes.items())
+    return f"{ticks}; {_g(r.get('submits_per_s'))} submits/s (load {_g(r.get('load_average'))})"
+
+
 FIGURES = {"throughput": _throughput, "zero_memory": _zero_memory, "job_overhead": _job_overhead, "moe": _moe,
            "ppo": _ppo, "fit_speed": _fit_speed, "fit_epoch": _fit_epoch, "data_scale": _data_scale,
            "preemption": _preemption, "sweep_overhead": _sweep_overhead, "distill": _distill,
-           "mfu": _mfu, "checkpoint_stall": _checkpoint_stall}
+           "mfu": _mfu, "checkpoint_stall": _checkpoint_stall, "controller_scale": _controller_scale}
 """Benchmark name -> the headline figures of its last-line JSON, as one table cell."""
 
 
