@@ -118,7 +118,7 @@ class Controller(GangStarts, CheckpointEvaluations, ParentJobs):
         return {"pid": self.pid, "address": ray.get_runtime_context().gcs_address,
                 "node": ray.get_runtime_context().get_node_id(), "active": sorted(self.active),
                 "api": self.api.url if self.api is not None else None,
-                "pool": [ray.get(m.ready)["pid"] for m in self.pool.members if ray.wait([m.ready], timeout=0)[0]]}
+                "pool": self.pool.pids()}
 
     def shutdown(self) -> None:
         self._stop.set()

@@ -87,9 +87,20 @@ class GangStarts:
 
     # ------------------------------------------------------------------ warm pool
 
+    def _yield_idle_room(self) -> bool:
+        """Free what idle workers hold (pool members, warm gangs) when a placement group other than the
+        pool's waits for room, e.g. a `switchyard run` on this cluster; True if one waits (then no refill)."""
+        if not (self.pool.members or self.warm or self.pool.size) or not self.pool.others_waiting():
+            return False
+        if self.pool.members or self.warm:
+            log.info("a placement group waits for room: %d pool member(s) and %d warm gang(s) released",
+                     self.pool.release(), len(self.warm))
+            self._release_warm()
+        return True
+
     def _fill_pool(self) -> None:
         """Nothing is queued or starting: top the pool up by one member where our free view has room."""
-        if self.pool.size == 0 or any(a.starting for a in self.active.values()):
+        if self._yield_idle_room() or self.pool.size == 0 or any(a.starting for a in self.active.values()):
             return
         self.pool.drop_failed()
         free, _ = self._free_and_total()

@@ -71,6 +71,15 @@ def test_pool_members_run_a_job_and_a_parallel_cold_start_never_waits_for_them(p
     assert len(wb) == 2 and not {w["pid"] for w in wb} & pool
     assert sorted(w["rank"] for w in wa) == sorted(w["rank"] for w in wb) == [0, 1]
     assert os.path.getsize(os.path.join(ra.run_dir, "logs", "rank_1.log")) > 0  # its log, in its run dir
+    # Idle workers (two warm gangs now) give way to a placement group from outside the controller (a
+    # `switchyard run`) well before they would expire.
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    outside = placement_group([{"CPU": 1}] * 4, strategy="PACK")
+    try:
+        ray.get(outside.ready(), timeout=20)
+    finally:
+        remove_placement_group(outside)
 
 
 def test_a_job_of_another_shape_gets_the_pools_room_at_once(pooled_controller):

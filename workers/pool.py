@@ -59,6 +59,12 @@ class WarmPool:
         self.prefix = f"sy-pool-{tag}/"  # the controller's namespace: one pool per controller
         self.members: list[Member] = []
 
+    def others_waiting(self) -> bool:
+        """Whether some placement group other than the pool's own waits for room (a `switchyard run` on
+        this cluster, another tool's gang): the pool must not keep it waiting."""
+        return any(rec.get("state") in ("PENDING", "RESCHEDULING") and not rec.get("name", "").startswith(self.prefix)
+                   for rec in placement_group_table().values())
+
     def remove_leftovers(self) -> int:
         """Remove placement groups a previous controller process of this namespace left (it died with its
         members, which Ray killed, but not with their placement groups); returns how many."""
@@ -81,8 +87,8 @@ class WarmPool:
         """``workers`` members for one job, oldest first (the most likely to be ready), or None: all or none."""
         if not self.fits(workers, cpus, gpus):
             return None
-        self.members.sort(key=lambda m: m.created)
-        taken, self.members = self.members[:workers], self.members[workers:]
+        members = sorted(self.members, key=lambda m: m.created)  # a new list: ping() may be reading this one
+        taken, self.members = members[:workers], members[workers:]
         return taken
 
     def fill(self, free_per_node: dict) -> int:
@@ -100,6 +106,19 @@ class WarmPool:
         self.members.append(Member(pg, actor, actor.info.remote()))
         return 1
 
+    def pids(self) -> list[int]:
+        """Process ids of the members ready now (their imports done), for ``ping`` and the benchmarks."""
+        members = list(self.members)
+        done, _ = ray.wait([m.ready for m in members], num_returns=len(members), timeout=0) if members else ([], [])
+        out = []
+        for m in members:
+            if m.ready in done:
+                try:
+                    out.append(ray.get(m.ready)["pid"])
+                except Exception:  # lost; drop_failed forgets it
+                    pass
+        return out
+
     def held(self) -> dict[str, dict[str, float]]:
         """What members hold per node (those whose bundle is placed), so the controller can count it as free."""
         out: dict[str, dict[str, float]] = {}
@@ -116,20 +135,23 @@ class WarmPool:
         """Forget members whose process died while idle (a lost node, an import error)."""
         done, _ = ray.wait([m.ready for m in self.members], num_returns=len(self.members), timeout=0) \
             if self.members else ([], [])
+        lost = []
         for m in [m for m in self.members if m.ready in done]:
             try:
                 ray.get(m.ready)
             except Exception as err:
                 log.warning("warm pool member lost: %s", str(err).strip().splitlines()[-1][:200])
-                self.members.remove(m)
-                shutdown_members([m])
+                lost.append(m)
+        if lost:
+            self.members = [m for m in self.members if m not in lost]
+            shutdown_members(lost)
 
     def release(self, n: int | None = None) -> int:
         """Free ``n`` members, the newest first, or every one (a job of another shape or an evaluation
         needs the room, or the controller stops); returns how many."""
-        self.members.sort(key=lambda m: m.created)
-        keep = 0 if n is None else max(0, len(self.members) - n)
-        gone, self.members = self.members[keep:], self.members[:keep]
+        members = sorted(self.members, key=lambda m: m.created)
+        keep = 0 if n is None else max(0, len(members) - n)
+        gone, self.members = members[keep:], members[:keep]
         shutdown_members(gone)
         return len(gone)
 
