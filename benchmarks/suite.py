@@ -85,7 +85,7 @@ BENCHMARKS: dict[str, Benchmark] = {
         quick=("--sizes-mb", "1", "2", "--tok-mb", "1", "--steps", "2")),
     "distill": Benchmark(
         "distill.py", "a 2-layer student trained with its 4-layer teacher (kind: distill) vs the same student alone",
-        "held-out loss with the teacher < alone, same steps, init and batches",
+        "held-out loss with the teacher < alone (same steps, init, batches), from scratch and from its layers",
         quick=("--teacher-steps", "6", "--steps", "4", "--max-docs", "400", "--eval-batches", "2",
                "--no-from-layers")),
     "mfu": Benchmark(
