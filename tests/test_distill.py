@@ -93,6 +93,7 @@ def test_distilled_student_learns_on_two_ranks_and_resumes_exactly(ray_cluster, 
     from data.storage import Storage
     from orchestrator.runner import run_job
     from workers.checkpoint import checkpoint_dir, load_consolidated
+    from workers.evaluator import evaluate_checkpoint
 
     def run(spec, resume=None):
         result = run_job(spec, cluster_cfg, resume_dir=resume, log=lambda *a, **k: None)
@@ -119,6 +120,9 @@ def test_distilled_student_learns_on_two_ranks_and_resumes_exactly(ray_cluster, 
         assert row["loss"] == pytest.approx(5 * row["kd_loss"] + 2 * row["lm_loss"] + row["cos_loss"], rel=1e-4)
         assert row["kd_loss"] >= 0 and 0 <= row["cos_loss"] <= 2
     assert result["final_eval"]["held_out_loss"] < first[0]["lm_loss"]
+    scored = evaluate_checkpoint(Storage(cluster_cfg.storage), run_dir, checkpoint_dir(run_dir, 8), 8,
+                                 spec.eval.batches, 4)                     # the controller's checkpoint evaluation
+    assert scored["loss"] == pytest.approx(result["final_eval"]["held_out_loss"], rel=1e-4)
     # The checkpoint holds the two-layer student only (the teacher is fixed, never saved).
     saved = load_consolidated(Storage(cluster_cfg.storage), checkpoint_dir(run_dir, 8))
     assert {k.split(".")[1] for k in saved if k.startswith("blocks.")} == {"0", "1"}

@@ -106,13 +106,14 @@ def test_electra_trains_on_two_ranks_resumes_exactly_and_exports(ray_cluster, cl
     from orchestrator.runner import run_job
     from tests.conftest import tiny_spec
     from workers.checkpoint import checkpoint_dir, load_consolidated
+    from workers.evaluator import evaluate_checkpoint
 
     spec = tiny_spec(**{"model.family": "electra", "train.steps": 8, "checkpoint.every": 4, "data.seq_len": 64})
 
     def run(resume=None):
         result = run_job(spec, cluster_cfg, resume_dir=resume, log=lambda *a, **k: None)
         assert result["state"] == "SUCCEEDED", result
-        return result["run_dir"]
+        return result
 
     def rows(run_dir):
         by_step = {}
@@ -120,8 +121,8 @@ def test_electra_trains_on_two_ranks_resumes_exactly_and_exports(ray_cluster, cl
             by_step[json.loads(line)["step"]] = json.loads(line)
         return [by_step[s] for s in sorted(by_step)]
 
-    run_dir = run()
-    first = rows(run_dir)
+    result = run()
+    run_dir, first = result["run_dir"], rows(result["run_dir"])
     assert len(first) == 8 and first[-1]["loss"] < first[0]["loss"] - 1.0
     assert first[-1]["gen_mlm_loss"] < first[0]["gen_mlm_loss"]
     for row in first:                                            # loss = MLM + 50 RTD, averaged over the ranks
@@ -131,6 +132,10 @@ def test_electra_trains_on_two_ranks_resumes_exactly_and_exports(ray_cluster, cl
     run(resume=run_dir)                                          # steps 5-8 again from the step-4 checkpoint
     assert [r["loss"] for r in rows(run_dir)] == pytest.approx([r["loss"] for r in first], rel=1e-5, abs=1e-5)
 
+    # The controller's checkpoint evaluation scores the checkpoint as the ranks' final evaluation did.
+    storage = Storage(cluster_cfg.storage)
+    scored = evaluate_checkpoint(storage, run_dir, checkpoint_dir(run_dir, 8), 8, spec.eval.batches, 4)
+    assert scored["loss"] == pytest.approx(result["final_eval"]["held_out_loss"], rel=1e-4)
     out = str(tmp_path / "hf")
     assert export_hf(Storage(cluster_cfg.storage), run_dir, out)["class"] == "ElectraForPreTraining"
     cfg = electra_config(**json.load(open(os.path.join(run_dir, "model_config.json")))["model"])
