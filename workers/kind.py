@@ -1,7 +1,7 @@
 """What a job kind is: the one shape every kind has, and the values the training loop gives it.
 
 A kind (pretrain in ``workers/pretrain.py``; sft, rm and ppo in
-``workers/rlhf/stages.py``) builds its models and engines from a
+``workers/rlhf/stages.py``; distill in ``workers/distill.py``) builds its models and engines from a
 ``RankEnv``, then the loop (``workers/train_loop.py``) calls it: ``step``,
 ``evaluate``, ``checkpoint_state`` and ``restore``. The loop owns
 everything else: cadence, resume, stop, metrics, the final evaluation and the
