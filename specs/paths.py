@@ -1,8 +1,9 @@
 """Where a job may read and write: the roots cluster.yaml names (``paths.read``, ``paths.write``).
 
 A job reads its corpus (``data.corpus``), its starting weights (``model.init_from``), a teacher
-(``distill.teacher``), its RLHF datasets (``rlhf.data.*``) and a PPO reward model (``rlhf.ppo.reward_model``); it writes its run directory under
-the storage root and, for the built-in RLHF task, ``rlhf.data.dir``. Every one of those must lie under
+(``distill.teacher``), its RLHF datasets (``rlhf.data.*``) and a PPO reward model
+(``rlhf.ppo.reward_model``); it writes its run directory under the storage root and, for the built-in
+RLHF task, ``rlhf.data.dir``. Every one of those must lie under
 an allowed root: read paths under a read root, a write root or the storage root; write paths under a
 write root or the storage root. The CLI checks at submit (and ``run``) time; the ranks check again
 before they read or write anything, with the roots the worker group's ``Storage`` carries.
