@@ -262,8 +262,6 @@ class EvalSpec(_Section):
     """Also score each decoder checkpoint zero/one/few-shot on the built-in instruction task (null = off)."""
 
 
-
-
 class BuiltinTaskSpec(_Section):
     """The built-in instruction task's datasets (data.rlhf_files.BuiltinDataConfig), written by the stages."""
 
