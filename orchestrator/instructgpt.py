@@ -189,7 +189,7 @@ def report_inputs(spec: PipelineSpec, pdir: str) -> dict:
     """Where the report reads its held-out prompts and comparisons (the files the stages used)."""
     from data.rlhf_files import RLHFDataFiles
 
-    from specs.job import HELD_OUT_OF, RLHFDataSpec
+    from specs.rlhf import HELD_OUT_OF, RLHFDataSpec
 
     d = RLHFDataSpec.model_validate(_get(spec.base, "rlhf.data") or {})
     files = RLHFDataFiles.under(data_dir(spec, pdir))

@@ -1,7 +1,8 @@
 """A user's RLHF dataset without a held-out file is held out from its own tail, never from the built-in task."""
 import pytest
 
-from specs.job import RLHFDataSpec, validate_spec
+from specs.job import validate_spec
+from specs.rlhf import RLHFDataSpec
 
 try:
     from workers.rlhf.datasets import stage_files
