@@ -313,6 +313,36 @@ def submit_stage(cluster, store: JobStore, storage: Storage, parent: JobRecord, 
     return rec
 
 
+def _check_stage_paths(cluster, spec, pdir: str, source: str) -> None:
+    """Every stage's paths inside cluster.yaml's read/write roots, before anything is written (the ranks check
+    again); the error names the field where the file sets it, as ``stage_spec`` does."""
+    from specs.paths import PathNotAllowedError, check_job_paths
+
+    roots = cluster.path_roots() if hasattr(cluster, "path_roots") else None
+    for stage in STAGES:
+        try:
+            check_job_paths(stage_spec(spec, stage, pdir, {s: placeholder(pdir, s) for s in STAGES}, source), roots,
+                            where="")
+        except PathNotAllowedError as err:
+            field, _, rest = str(err).removeprefix(": ").partition(": ")
+            where = next((w for w in (stage, "base") if _get(getattr(spec, w), field) is not None), None)
+            raise SpecError(f"{source}: {where}.{field}: {rest}" if where else f"{source}: {stage} stage: {field}: "
+                            f"{rest}") from None
+
+
+def _catch_up_stages(state: dict, store: JobStore) -> None:
+    """Record in ``state`` the stages whose jobs succeeded after their pipeline stopped."""
+    for entry in state["stages"].values():
+        if entry.get("state") != JobState.SUCCEEDED.value and entry.get("job_id"):
+            try:
+                rec = store.get(entry["job_id"])
+            except UsageError:  # an earlier job store
+                continue
+            if rec.state == JobState.SUCCEEDED:
+                entry.update(state=rec.state.value, step=rec.step, metrics=dict(rec.metrics),
+                             best_checkpoint=rec.best_checkpoint, finished_at=rec.finished_at)
+
+
 def submit_pipeline(cluster, raw: Any, source: str = "pipeline", priority: int | None = None,
                     overrides: list[str] | None = None, log=print, *, owner: str | None = None,
                     after: list[str] | tuple[str, ...] = ()) -> dict:
@@ -326,32 +356,13 @@ def submit_pipeline(cluster, raw: Any, source: str = "pipeline", priority: int |
     storage = Storage(cluster.storage, dict(cluster.storage_options))
     store = JobStore(cluster.job_store)
     pdir = pipeline_dir(cluster.storage, spec.name)
-    from specs.paths import PathNotAllowedError, check_job_paths
-
-    roots = cluster.path_roots() if hasattr(cluster, "path_roots") else None
-    for stage in STAGES:  # cluster.yaml's read/write roots, before anything is written (the ranks check again)
-        try:
-            check_job_paths(stage_spec(spec, stage, pdir, {s: placeholder(pdir, s) for s in STAGES}, source), roots,
-                            where="")
-        except PathNotAllowedError as err:  # name the field where the file sets it, as stage_spec does
-            field, _, rest = str(err).removeprefix(": ").partition(": ")
-            where = next((w for w in (stage, "base") if _get(getattr(spec, w), field) is not None), None)
-            raise SpecError(f"{source}: {where}.{field}: {rest}" if where else f"{source}: {stage} stage: {field}: "
-                            f"{rest}") from None
+    _check_stage_paths(cluster, spec, pdir, source)
     check_data_files(spec, storage, source)
     from orchestrator.runner import preflight
 
     preflight(stage_spec(spec, "sft", pdir, {s: placeholder(pdir, s) for s in STAGES}, source), storage)
     state = read_state(storage, pdir) or {"name": spec.name, "stages": {}}
-    for stage, entry in list(state["stages"].items()):  # a stage that ended well after its pipeline stopped
-        if entry.get("state") != JobState.SUCCEEDED.value and entry.get("job_id"):
-            try:
-                rec = store.get(entry["job_id"])
-            except UsageError:  # an earlier job store
-                continue
-            if rec.state == JobState.SUCCEEDED:
-                entry.update(state=rec.state.value, step=rec.step, metrics=dict(rec.metrics),
-                             best_checkpoint=rec.best_checkpoint, finished_at=rec.finished_at)
+    _catch_up_stages(state, store)
     done = done_stages(state)
     links = links_of(state)
     for stage in done:  # a finished stage is never rerun, so its settings must not have changed

@@ -235,6 +235,19 @@ def _watch_startup(watcher: phases.Watcher, log, stop: threading.Event) -> None:
         line.close()
 
 
+def _open_run_dir(spec: JobSpec, cluster, storage: Storage, resume_dir: str | None) -> tuple[str, str]:
+    """(job id, run directory): the one being resumed, or a new one holding the spec."""
+    if resume_dir:
+        run_dir = resume_dir.rstrip("/")
+        refuse_owned_resume(cluster, storage, run_dir)
+        return run_dir.rsplit("/", 1)[-1], run_dir
+    job_id = new_job_id()
+    run_dir = storage.path(f"{spec.name}-{job_id}")
+    storage.makedirs(run_dir)
+    storage.write_json(f"{run_dir}/spec.json", spec.to_dict())
+    return job_id, run_dir
+
+
 def run_job(spec: JobSpec, cluster, resume_dir: str | None = None, log=print) -> dict:
     """Run to completion; returns the summary that ``--json`` prints."""
     from orchestrator.ray_cluster import connect
@@ -247,15 +260,7 @@ def run_job(spec: JobSpec, cluster, resume_dir: str | None = None, log=print) ->
     why = feasible(res)
     if why:
         raise UsageError(why)
-    if resume_dir:
-        run_dir = resume_dir.rstrip("/")
-        job_id = run_dir.rsplit("/", 1)[-1]
-        refuse_owned_resume(cluster, storage, run_dir)
-    else:
-        job_id = new_job_id()
-        run_dir = storage.path(f"{spec.name}-{job_id}")
-        storage.makedirs(run_dir)
-        storage.write_json(f"{run_dir}/spec.json", spec.to_dict())
+    job_id, run_dir = _open_run_dir(spec, cluster, storage, resume_dir)
     what = "" if spec.kind == "pretrain" else f"{spec.kind} stage, "
     unit = "rollouts" if spec.kind == "ppo" else "steps"
     log(f"job {job_id}: {what}{spec.model.family}/{spec.model.preset or 'custom'} on {res.workers} worker(s), "
