@@ -280,6 +280,51 @@ class HuberObjective:
 _RUNNING, _CONV_GRAD, _CONV_F, _LINE_SEARCH, _MAX_ITER, _NON_FINITE = range(6)
 
 
+def _search_direction(g, s_hist, y_hist, rho, gamma, it: int) -> tuple[np.ndarray, np.ndarray]:
+    """L-BFGS's two-loop recursion, newest pair first (slots are a ring indexed by iteration): the
+    direction and its slope per run. A run whose direction lost descent restarts from steepest descent
+    (its pairs are dropped: ``rho`` is updated in place)."""
+    memory = rho.shape[1]
+    q = g.copy()
+    coef = np.zeros_like(rho)
+    slots = [(it - 1 - j) % memory for j in range(min(it, memory))]
+    for sl in slots:
+        c = rho[:, sl] * np.einsum("kp,kp->k", s_hist[:, sl], q)
+        q -= c[:, None] * y_hist[:, sl]
+        coef[:, sl] = c
+    r = gamma[:, None] * q
+    for sl in reversed(slots):
+        bta = rho[:, sl] * np.einsum("kp,kp->k", y_hist[:, sl], r)
+        r += s_hist[:, sl] * (coef[:, sl] - bta)[:, None]
+    direction = -r
+    gd = np.einsum("kp,kp->k", g, direction)
+    uphill = ~(gd < 0)
+    if uphill.any():
+        rho[uphill] = 0.0
+        direction[uphill] = -g[uphill] / np.maximum(np.linalg.norm(g[uphill], axis=1), 1.0)[:, None]
+        gd[uphill] = np.einsum("kp,kp->k", g[uphill], direction[uphill])
+    return direction, gd
+
+
+def _expand_steps(fg, live, x, f, direction, gd, grow, step, new: tuple, c1: float, c2: float,
+                  max_expansions: int) -> None:
+    """Steps growing x4 for the runs in ``grow`` while the curvature condition fails and f keeps falling;
+    ``step`` and the accepted points ``new`` = (x, f, g) are updated in place."""
+    x_new, f_new, g_new = new
+    for _ in range(max_expansions):
+        todo = np.flatnonzero(grow)
+        if todo.size == 0:
+            break
+        longer = step[todo] * 4.0
+        xt = x[todo] + longer[:, None] * direction[todo]
+        ft, gt = fg(xt, live[todo])
+        ok = np.isfinite(ft) & (ft < f_new[todo]) & (ft <= f[todo] + c1 * longer * gd[todo])
+        acc = todo[ok]
+        x_new[acc], f_new[acc], g_new[acc], step[acc] = xt[ok], ft[ok], gt[ok], longer[ok]
+        grow[:] = False
+        grow[acc] = np.einsum("kp,kp->k", gt[ok], direction[acc]) < c2 * gd[acc]
+
+
 def lbfgs_batch(fg, x0: np.ndarray, *, memory: int = 10, max_iter: int = 2000, gtol: float = 1e-7,
                 ftol: float = 1e-12, c1: float = 1e-4, c2: float = 0.9, max_backtracks: int = 50,
                 max_expansions: int = 20) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -309,25 +354,7 @@ def lbfgs_batch(fg, x0: np.ndarray, *, memory: int = 10, max_iter: int = 2000, g
     for it in range(max_iter):
         if live.size == 0:
             break
-        # Two-loop recursion, newest pair first; slots are a ring indexed by iteration.
-        q = g.copy()
-        coef = np.zeros((live.size, memory))
-        slots = [(it - 1 - j) % memory for j in range(min(it, memory))]
-        for sl in slots:
-            c = rho[:, sl] * np.einsum("kp,kp->k", s_hist[:, sl], q)
-            q -= c[:, None] * y_hist[:, sl]
-            coef[:, sl] = c
-        r = gamma[:, None] * q
-        for sl in reversed(slots):
-            bta = rho[:, sl] * np.einsum("kp,kp->k", y_hist[:, sl], r)
-            r += s_hist[:, sl] * (coef[:, sl] - bta)[:, None]
-        direction = -r
-        gd = np.einsum("kp,kp->k", g, direction)
-        uphill = ~(gd < 0)
-        if uphill.any():                          # lost descent: restart from steepest descent
-            rho[uphill] = 0.0
-            direction[uphill] = -g[uphill] / np.maximum(np.linalg.norm(g[uphill], axis=1), 1.0)[:, None]
-            gd[uphill] = np.einsum("kp,kp->k", g[uphill], direction[uphill])
+        direction, gd = _search_direction(g, s_hist, y_hist, rho, gamma, it)
         step = np.ones(live.size)
         x_new, f_new, g_new = x.copy(), f.copy(), g.copy()
         done = np.zeros(live.size, dtype=bool)
@@ -346,18 +373,7 @@ def lbfgs_batch(fg, x0: np.ndarray, *, memory: int = 10, max_iter: int = 2000, g
         # longer steps. Without this the runs crawl across the flat, piecewise-linear stretches the
         # Huber loss has far from the optimum, one unit step per iteration.
         grow = done & (step == 1.0) & (np.einsum("kp,kp->k", g_new, direction) < c2 * gd)
-        for _ in range(max_expansions):
-            todo = np.flatnonzero(grow)
-            if todo.size == 0:
-                break
-            longer = step[todo] * 4.0
-            xt = x[todo] + longer[:, None] * direction[todo]
-            ft, gt = fg(xt, live[todo])
-            ok = np.isfinite(ft) & (ft < f_new[todo]) & (ft <= f[todo] + c1 * longer * gd[todo])
-            acc = todo[ok]
-            x_new[acc], f_new[acc], g_new[acc], step[acc] = xt[ok], ft[ok], gt[ok], longer[ok]
-            grow[:] = False
-            grow[acc] = np.einsum("kp,kp->k", gt[ok], direction[acc]) < c2 * gd[acc]
+        _expand_steps(fg, live, x, f, direction, gd, grow, step, (x_new, f_new, g_new), c1, c2, max_expansions)
         sv, yv = x_new - x, g_new - g
         sy = np.einsum("kp,kp->k", sv, yv)
         yy = np.einsum("kp,kp->k", yv, yv)

@@ -232,16 +232,21 @@ def bootstrap(n: np.ndarray, d: np.ndarray, loss: np.ndarray, *, n_resamples: in
                                    else percentile_interval(vals, point[key], level))
     n_ok3 = int(sum(v is not None for v in values3))
     unconverged = int(sum(v is not None and not c for v, c in zip(values3, conv3)))
-    start_note = (f"approach-3 refits start from {len(starts)} given starts" if custom_starts else
-                  f"approach-3 refits start from the full-data optimum plus a 16-point grid ({len(starts)} starts, "
-                  "not the 4500-point grid), all resamples in one batch of the vectorised L-BFGS")
-    how = ("BCa intervals (acceleration from a leave-one-run-out jackknife)" if method == "bca" else
-           "percentile intervals")
-    note = (f"runs resampled with replacement within each of the {np.unique(labels).size} budgets; {how}, each "
-            f"widened to its point estimate where that fell outside; {start_note}")
+    note = _bootstrap_note(np.unique(labels).size, method, len(starts), custom_starts)
     return BootstrapResult(n_resamples, level, seed, intervals["approach3"], intervals["approach2"], n_ok3,
                            unconverged, len(ok2), samples, note, intervals["approach1"], len(ok1),
                            int(edge3.sum()))
+
+
+def _bootstrap_note(budgets: int, method: str, n_starts: int, custom_starts: bool) -> str:
+    """How the bootstrap drew its samples and intervals, for the report."""
+    start_note = (f"approach-3 refits start from {n_starts} given starts" if custom_starts else
+                  f"approach-3 refits start from the full-data optimum plus a 16-point grid ({n_starts} starts, "
+                  "not the 4500-point grid), all resamples in one batch of the vectorised L-BFGS")
+    how = ("BCa intervals (acceleration from a leave-one-run-out jackknife)" if method == "bca" else
+           "percentile intervals")
+    return (f"runs resampled with replacement within each of the {budgets} budgets; {how}, each "
+            f"widened to its point estimate where that fell outside; {start_note}")
 
 
 def consistency(intervals: dict[str, Interval | None]) -> tuple[bool | None, str]:
