@@ -103,6 +103,8 @@ class GangStarts:
         if self._yield_idle_room() or self.pool.size == 0 or any(a.starting for a in self.active.values()):
             return
         self.pool.drop_failed()
+        if len(self.pool.members) >= self.pool.size:
+            return
         free, _ = self._free_and_total()
         held = self.pool.held()  # ``free`` counts the pool's room as free: leave what members hold
         room = {n: {k: f[k] - held.get(n, {}).get(k, 0.0) for k in ("CPU", "GPU")} for n, f in free.items()}
