@@ -34,7 +34,7 @@ import numpy as np
 from data.splits import Unit, plan_units, read_unit
 from data.storage import Storage
 from data.tokenizer import TextTokenizer, byte_tokenizer, train_bpe
-from specs.errors import UsageError
+from specs.errors import UsageError, root_cause
 
 log_ = logging.getLogger(__name__)
 
@@ -261,8 +261,6 @@ def _run_pool(units: list[Unit], writer_args: tuple, progress: Progress, max_act
     """Tokenize ``units`` on a pool of writer actors; return their index entries and the actors' start time."""
     import ray
 
-    from orchestrator.runner import unwrap_remote_error
-
     plan = pool_plan(len(units), ray.cluster_resources().get("CPU", 0.0), ray.available_resources().get("CPU", 0.0), max_actors)
     env = {"TOKENIZERS_PARALLELISM": "false", "RAYON_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
     cls = ray.remote(ShardWriter).options(num_cpus=plan.cpus_per_actor, scheduling_strategy="SPREAD",
@@ -283,7 +281,7 @@ def _run_pool(units: list[Unit], writer_args: tuple, progress: Progress, max_act
             try:
                 entry = ray.get(ready[0])
             except ray.exceptions.RayTaskError as err:
-                raise unwrap_remote_error(err) from None
+                raise root_cause(err) from None
             out.append(entry)
             progress.add(entry)
             if queue:

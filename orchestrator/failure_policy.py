@@ -12,13 +12,7 @@ from __future__ import annotations
 import ray
 
 from orchestrator import scheduler as sched
-from specs.errors import UserError
-
-
-def root_cause(err: BaseException) -> BaseException:
-    """The exception a rank raised, unwrapped from Ray's task error when it is a UserError."""
-    cause = getattr(err, "cause", None)
-    return cause if isinstance(cause, UserError) else err
+from specs.errors import UserError, root_cause
 
 
 def describe(err: BaseException) -> tuple[str, str]:

@@ -19,7 +19,7 @@ import ray
 from data.corpus import BUILTIN_STDLIB, resolve_files
 from data.shards import TokenSource
 from data.storage import Storage
-from specs.errors import UsageError
+from specs.errors import UsageError, root_cause
 from specs.job import JobSpec, validate_spec
 from workers.checkpoint import begin_attempt, current_attempt
 from workers import phases
@@ -94,13 +94,6 @@ def feasible(res: WorkerResources) -> str | None:
               "lower resources.workers or resources.cpus_per_worker")
 
 
-def unwrap_remote_error(err: Exception) -> Exception:
-    """The UserError a rank raised inside Ray's task error, else ``err`` (``failure_policy.root_cause``)."""
-    from orchestrator.failure_policy import root_cause
-
-    return root_cause(err)
-
-
 @dataclass
 class JobRun:
     """One attempt of a job on a worker group."""
@@ -152,7 +145,7 @@ class JobRun:
             cache = ray.get(self.group.actors[0].prepare_data.remote(TokenSource.from_spec(self.spec.data),
                                                                      self.storage))
         except ray.exceptions.RayTaskError as err:
-            raise unwrap_remote_error(err) from None
+            raise root_cause(err) from None
         self.storage.write_json(f"{self.run_dir}/data.json", {"token_cache": cache})
         if not self.group.distributed:
             self._phase("joining", f"{self.resources.workers} rank(s), rendezvous at {self.workers[0]['ip']}")
@@ -308,7 +301,7 @@ def run_job(spec: JobSpec, cluster, resume_dir: str | None = None, log=print) ->
         log(f"a worker died: {str(err).splitlines()[0]}")
         state = "FAILED"
     except ray.exceptions.RayTaskError as err:
-        cause = unwrap_remote_error(err)
+        cause = root_cause(err)
         if isinstance(cause, UsageError):
             raise cause from None
         log(f"a worker failed: {_last_line(err)} (see {run_dir}/logs/)")

@@ -11,3 +11,9 @@ class UserError(Exception):
 
 UsageError = UserError
 """The name the CLI side has always used; the same class."""
+
+
+def root_cause(err: BaseException) -> BaseException:
+    """The UserError a rank raised, unwrapped from Ray's task error (its ``cause``); else ``err`` itself."""
+    cause = getattr(err, "cause", None)
+    return cause if isinstance(cause, UserError) else err
