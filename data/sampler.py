@@ -164,6 +164,15 @@ class DataPlan:
         rows = np.stack([self._window(self.train_end + i * self.seq_len) for i in ids]).astype(np.int64)
         return rows[:, :-1], rows[:, 1:]
 
+    def held_out_keyed(self, index: int, batch_size: int) -> list[tuple[np.ndarray, int, int]] | None:
+        """``held_out_batch``'s inputs as (row, key, epoch 0) with keys past the training windows, for tasks that
+        draw a mask or noise per (key, epoch): the held-out draws are fixed and never a training window's."""
+        b = self.held_out_batch(index, batch_size)
+        if b is None:
+            return None
+        first = self.n_windows + index * batch_size
+        return [(row, first + i, 0) for i, row in enumerate(b[0])]
+
     def state(self, position: int) -> DataState:
         return DataState(position, self.seed, self.n_windows)
 

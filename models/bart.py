@@ -20,7 +20,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models.t5 import IGNORE_INDEX, key_bias
+from models.encoder import init_bert_style
+from models.t5 import Seq2SeqLM, key_bias
 
 POSITION_OFFSET = 2
 """Row of position 0 in BART's position tables."""
@@ -159,7 +160,7 @@ class Stack(nn.Module):
 # ----------------------------------------------------------------------------- model
 
 
-class Bart(nn.Module):
+class Bart(Seq2SeqLM):
     def __init__(self, cfg: BartConfig):
         super().__init__()
         self.cfg = cfg
@@ -171,14 +172,7 @@ class Bart(nn.Module):
 
     def reset_parameters(self) -> None:
         """BART's init: N(0, init_std) for matrices and embeddings, zero biases, unit LayerNorm gains."""
-        for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(module.weight, 0.0, self.cfg.init_std)
-                if getattr(module, "bias", None) is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.LayerNorm):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
+        init_bert_style(self, self.cfg.init_std)
 
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """(B, S) ids -> (B, S, d) encoder states."""
@@ -189,15 +183,6 @@ class Bart(nn.Module):
         """Encoder states (B, S, d) and decoder inputs (B, T) -> (B, T, V) logits."""
         h = self.decoder(self.shared(decoder_input_ids), None, memory, attention_mask)      # (B, T, d)
         return F.linear(h, self.shared.weight) + self.final_logits_bias
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, decoder_input_ids: torch.Tensor,
-                labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(B, T, V) logits and, given labels (B, T; IGNORE_INDEX where no target), the mean cross-entropy."""
-        logits = self.logits(self.encode(input_ids, attention_mask), decoder_input_ids, attention_mask)
-        if labels is None:
-            return logits, None
-        return logits, F.cross_entropy(logits.float().view(-1, logits.shape[-1]), labels.reshape(-1),
-                                       ignore_index=IGNORE_INDEX)
 
 
 def param_counts(cfg: BartConfig) -> dict[str, int]:

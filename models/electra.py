@@ -36,7 +36,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models.encoder import IGNORE_INDEX, Block, EncoderConfig, Embeddings
+from models.encoder import IGNORE_INDEX, Block, EncoderConfig, Embeddings, init_bert_style
 
 
 @dataclass(frozen=True)
@@ -197,14 +197,7 @@ class Electra(nn.Module):
 
     def reset_parameters(self) -> None:
         """BERT's init: N(0, init_std) for matrices and embeddings, zero biases, unit LayerNorm gains."""
-        for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(module.weight, 0.0, self.cfg.init_std)
-                if getattr(module, "bias", None) is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.LayerNorm):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
+        init_bert_style(self, self.cfg.init_std)
         nn.init.zeros_(self.gen_head.bias)
 
     def _check(self, ids: torch.Tensor) -> None:

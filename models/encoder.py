@@ -248,6 +248,19 @@ class NSPHead(nn.Module):
 # ----------------------------------------------------------------------------- model
 
 
+def init_bert_style(root: nn.Module, std: float) -> None:
+    """BERT's init, shared by BERT, ELECTRA and BART: N(0, std) for matrices and embeddings, zero biases,
+    unit LayerNorm gains."""
+    for module in root.modules():
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, 0.0, std)
+            if getattr(module, "bias", None) is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+
+
 class Encoder(nn.Module):
     def __init__(self, cfg: EncoderConfig):
         super().__init__()
@@ -261,14 +274,7 @@ class Encoder(nn.Module):
 
     def reset_parameters(self) -> None:
         """BERT's init: N(0, init_std) for matrices and embeddings, zero biases, unit LayerNorm gains."""
-        for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(module.weight, 0.0, self.cfg.init_std)
-                if getattr(module, "bias", None) is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.LayerNorm):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
+        init_bert_style(self, self.cfg.init_std)
         nn.init.zeros_(self.mlm_head.bias)
 
     def block_for(self, layer: int) -> Block:

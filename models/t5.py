@@ -231,7 +231,20 @@ def key_bias(mask: torch.Tensor | None, T: int, device) -> torch.Tensor:
 # ----------------------------------------------------------------------------- model
 
 
-class T5(nn.Module):
+class Seq2SeqLM(nn.Module):
+    """What T5 and BART share: ``forward`` from their ``encode`` and ``logits``."""
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, decoder_input_ids: torch.Tensor,
+                labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(B, T, V) logits and, given labels (B, T; IGNORE_INDEX where no target), the mean cross-entropy."""
+        logits = self.logits(self.encode(input_ids, attention_mask), decoder_input_ids, attention_mask)
+        if labels is None:
+            return logits, None
+        return logits, F.cross_entropy(logits.float().view(-1, logits.shape[-1]), labels.reshape(-1),
+                                       ignore_index=IGNORE_INDEX)
+
+
+class T5(Seq2SeqLM):
     def __init__(self, cfg: T5Config):
         super().__init__()
         self.cfg = cfg
@@ -271,15 +284,6 @@ class T5(nn.Module):
         if self.lm_head is None:
             return F.linear(h * self.cfg.d_model ** -0.5, self.shared.weight)               # v1.0: tied, rescaled
         return self.lm_head(h)
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, decoder_input_ids: torch.Tensor,
-                labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(B, T, V) logits and, given labels (B, T; IGNORE_INDEX where no target), the mean cross-entropy."""
-        logits = self.logits(self.encode(input_ids, attention_mask), decoder_input_ids, attention_mask)
-        if labels is None:
-            return logits, None
-        return logits, F.cross_entropy(logits.float().view(-1, logits.shape[-1]), labels.reshape(-1),
-                                       ignore_index=IGNORE_INDEX)
 
 
 def param_counts(cfg: T5Config) -> dict[str, int]:

@@ -63,11 +63,8 @@ class ReplacedTokenDetection:
 
     def held_out(self, index: int, size: int) -> dict | None:
         """Held-out windows with a fixed mask and fixed uniforms (keys past the training windows, epoch 0)."""
-        b = self.plan.held_out_batch(index, size)
-        if b is None:
-            return None
-        first = self.plan.n_windows + index * size
-        return self._batch([(row, first + i, 0) for i, row in enumerate(b[0])])
+        rows = self.plan.held_out_keyed(index, size)
+        return None if rows is None else self._batch(rows)
 
     def loss(self, engine, batch: dict) -> tuple[torch.Tensor, dict]:
         """(MLM + 50 x RTD, its parts): ``gen_mlm_loss``, ``rtd_loss``, ``rtd_accuracy``, ``replaced_share``."""

@@ -128,11 +128,8 @@ class Seq2SeqLM:
         return self._batch([(row, self.plan.window_of(p), p // n) for row, p in zip(x, positions)])
 
     def held_out(self, index: int, size: int) -> dict | None:
-        b = self.plan.held_out_batch(index, size)
-        if b is None:
-            return None
-        first = self.plan.n_windows + index * size
-        return self._batch([(row, first + i, 0) for i, row in enumerate(b[0])])
+        rows = self.plan.held_out_keyed(index, size)
+        return None if rows is None else self._batch(rows)
 
     def loss(self, engine, batch: dict) -> tuple[torch.Tensor, dict]:
         _, loss = engine(batch["input_ids"], batch["attention_mask"], batch["decoder_input_ids"], batch["labels"])

@@ -217,11 +217,8 @@ class MaskedLM:
 
     def held_out(self, index: int, size: int) -> dict | None:
         """Held-out windows, masked with a fixed seed; MLM loss only (B follows A for pair models)."""
-        b = self.plan.held_out_batch(index, size)
-        if b is None:
-            return None
-        keys = range(self.plan.n_windows + index * size, self.plan.n_windows + index * size + len(b[0]))
-        return self._batch([(row, key, 0) for row, key in zip(b[0], keys)], train=False)
+        rows = self.plan.held_out_keyed(index, size)
+        return None if rows is None else self._batch(rows, train=False)
 
     def loss(self, engine, batch: dict) -> tuple[torch.Tensor, dict]:
         from data.masking import IGNORE_INDEX
