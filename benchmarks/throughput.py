@@ -219,7 +219,7 @@ def switchyard(spec, cluster, warmup: int) -> dict:
 # ---------------------------------------------------------------------- driver
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--preset", default="mini", help="decoder preset (default mini)")
     ap.add_argument("--family", default="llama")
@@ -236,10 +236,11 @@ def main() -> None:
         ap.error(f"--steps must exceed --warmup + 5 ({args.warmup + 5})")
     if args.warmup < 1:
         ap.error("--warmup must be at least 1")
-    if args.baseline_child:
-        baseline_child(args)
-        return
+    return args
 
+
+def run_rounds(args) -> tuple[list[dict], list[dict], tuple[float, float]]:
+    """Baseline / Switchyard pairs and a closing baseline on our own local Ray: (baselines, runs, load averages)."""
     import ray
 
     from data.shards import TokenSource, build_token_cache
@@ -280,6 +281,12 @@ def main() -> None:
     finally:
         ray.shutdown()
     load_after = os.getloadavg()[0]
+    return bases, runs, (load_before, load_after)
+
+
+def report(args, bases: list[dict], runs: list[dict], loads: tuple[float, float]) -> None:
+    """Each round's ratios against the mean of the baselines around it, then the JSON line."""
+    load_before, load_after = loads
 
     def ratio(s: dict, b1: dict, b2: dict, key: str) -> float | None:
         if not s[key] or not b1[key] or not b2[key]:
@@ -322,6 +329,14 @@ def main() -> None:
         "baseline_spread": round(spread, 4), "load_average": [round(load_before, 2), round(load_after, 2)],
         "rounds": rounds, "baseline_runs": bases, "switchyard_runs": runs,
     }))
+
+
+def main() -> None:
+    args = parse_args()
+    if args.baseline_child:
+        baseline_child(args)
+        return
+    report(args, *run_rounds(args))
 
 
 if __name__ == "__main__":
