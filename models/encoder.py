@@ -126,7 +126,7 @@ def encoder_config(family: str, preset: str | None = None, **overrides: Any) -> 
     fields: dict[str, Any] = dict(FAMILIES[family])
     if preset is not None:
         if preset not in PRESETS:
-            raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+            raise ValueError(f"unknown preset {preset[:40]!r}; choose one of {sorted(PRESETS)}")
         fields.update(PRESETS[preset])
         if family == "albert":
             fields["embedding_dim"] = ALBERT_EMBEDDING_DIM[preset]

@@ -140,7 +140,7 @@ def decoder_config(family: str, preset: str | None = None, **overrides: Any) -> 
     fields: dict[str, Any] = dict(FAMILIES[family])
     if preset is not None:
         if preset not in PRESETS:
-            raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+            raise ValueError(f"unknown preset {preset[:40]!r}; choose one of {sorted(PRESETS)}")
         fields.update(PRESETS[preset])
     fields.update({k: v for k, v in overrides.items() if v is not None})
     return DecoderConfig(**fields)
