@@ -27,7 +27,7 @@ demo: $(STAMP)
 # The tests run under a fresh, empty HOME and TMPDIR, as CI does: no Ray token, Switchyard state or
 # cache left on this machine by earlier runs can make them pass.
 test: $(STAMP)
-	HOME=$$(mktemp -d) TMPDIR=$$(mktemp -d) $(BIN)/python -m pytest -q -x --durations=15
+	HOME=$$(mktemp -d) TMPDIR=$$(mktemp -d) $(BIN)/python -m pytest -q --durations=25
 
 # Every benchmark in benchmarks/, one after another, into benchmarks/results.json; then README.md's
 # figures table is regenerated from that file. BENCH_ARGS="--only ppo fit_speed --merge" runs some.

@@ -176,6 +176,27 @@ def _mount_tmpfs(path, size_mb):
     return r.returncode == 0
 
 
+def test_a_full_disk_inside_torch_save_is_reported_as_a_full_disk(tmp_path):
+    """torch.save's zip writer turns the refused write into RuntimeError("unexpected pos"): the writer reports
+    the storage's ENOSPC, so the job fails with that reason instead of restarting."""
+    import errno
+
+    import torch
+
+    from workers.checkpoint_writer import _torch_save, write_hashed
+
+    disk = str(tmp_path / "disk")
+    if not _mount_tmpfs(disk, 4):
+        pytest.skip("needs root to mount a tmpfs")
+    try:
+        with pytest.raises(OSError) as err:
+            write_hashed(Storage(disk), f"{disk}/model_states.pt", _torch_save(
+                {f"w{i}": torch.zeros(300_000) for i in range(16)}, True))  # 19 MB: full inside a record
+        assert err.value.errno == errno.ENOSPC, err.value
+    finally:
+        subprocess.run(["umount", "-l", disk])
+
+
 @pytest.mark.parametrize("fault", ["full", "read-only"])
 def test_storage_full_or_read_only_mid_run_fails_the_job_and_keeps_the_checkpoint(controller, fault):
     cfg, _ = controller

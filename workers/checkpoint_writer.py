@@ -178,6 +178,7 @@ class _Hashed:
 
     def __init__(self, f, pace: Pace | None = None):
         self.f, self.h, self.size, self.pace = f, hashlib.sha256(), 0, pace
+        self.refused: OSError | None = None   # the storage's own error, kept when the caller rewraps it
 
     def write(self, data) -> int:
         view = memoryview(data).cast("B")
@@ -185,7 +186,11 @@ class _Hashed:
             t0 = time.thread_time()
             piece = view[at:at + PIECE]
             self.h.update(piece)
-            self.f.write(piece)
+            try:
+                self.f.write(piece)
+            except OSError as err:
+                self.refused = err
+                raise
             if self.pace is not None:
                 self.pace.rest(time.thread_time() - t0)
         self.size += len(view)
@@ -201,7 +206,14 @@ def write_hashed(storage: Storage, uri: str, fill: Callable[[_Hashed], None], pa
         os.makedirs(os.path.dirname(storage.local_path(uri)), exist_ok=True)
     with storage.fs.open(uri, "wb") as f:
         out = _Hashed(f, pace)
-        fill(out)
+        try:
+            fill(out)
+        except Exception as err:
+            # torch.save's zip writer turns a refused write into RuntimeError("unexpected pos ..."): the
+            # storage's own error is the reason (a full disk fails the job; a RuntimeError would restart it).
+            if out.refused is not None and not isinstance(err, OSError):
+                raise out.refused from err
+            raise
     return [out.size, out.h.hexdigest()]
 
 
