@@ -23,7 +23,8 @@ _STDLIB_SKIP = {"site-packages", "dist-packages", "test", "tests", "idlelib", "l
 _MIN_DOC_CHARS = 40
 
 
-def _stdlib_files() -> list[str]:
+def stdlib_files() -> list[str]:
+    """The standard library's .py files (tests, GUI and vendored folders left out), in a fixed order."""
     root = sysconfig.get_paths()["stdlib"]
     out = []
     for dirpath, dirnames, filenames in os.walk(root):
@@ -34,7 +35,7 @@ def _stdlib_files() -> list[str]:
 
 def stdlib_docstrings() -> Iterator[str]:
     """Docstrings of the Python standard library (~1.5 MB of English), parsed with ast: nothing is imported."""
-    return docstrings_of(_stdlib_files())
+    return docstrings_of(stdlib_files())
 
 
 def docstrings_of(paths: list[str]) -> Iterator[str]:
@@ -141,7 +142,7 @@ def corpus_fingerprint(corpus: str, fmt: str = "auto", text_field: str = "text",
     """A content hash of the corpus, cheap to recompute: file identities for the stdlib, bytes for user files."""
     h = hashlib.sha256(json.dumps([corpus, fmt, text_field, max_docs]).encode())
     if corpus == BUILTIN_STDLIB:
-        for path in _stdlib_files():
+        for path in stdlib_files():
             st = os.stat(path)
             h.update(f"{path}:{st.st_size}:{int(st.st_mtime)}".encode())
         return h.hexdigest()[:20]

@@ -27,12 +27,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import sysconfig
 from dataclasses import asdict, dataclass
 from typing import Iterator
 
 import fsspec
 
+from data.corpus import docstrings_of, stdlib_files
 from specs.errors import UsageError
 
 UNIT_BYTES = 16 << 20
@@ -128,17 +128,6 @@ def list_files(uri: str, fmt: str = "auto", storage_options: dict | None = None
     return fs, out
 
 
-def _stdlib_files() -> list[str]:
-    from data.corpus import _STDLIB_SKIP
-
-    root = sysconfig.get_paths()["stdlib"]
-    out = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if d not in _STDLIB_SKIP)
-        out.extend(os.path.join(dirpath, f) for f in sorted(filenames) if f.endswith(".py"))
-    return out
-
-
 def listing_fingerprint(corpus: str, fmt: str, text_field: str, max_docs: int | None,
                         storage_options: dict | None = None) -> str:
     """Hash of the file listing (paths, sizes, versions) and the reading options; reads no file's bytes."""
@@ -146,7 +135,7 @@ def listing_fingerprint(corpus: str, fmt: str, text_field: str, max_docs: int | 
 
     h = hashlib.sha256(json.dumps([corpus, fmt, text_field, max_docs]).encode())
     if corpus == BUILTIN_STDLIB:
-        for path in _stdlib_files():
+        for path in stdlib_files():
             st = os.stat(path)
             h.update(f"{path}:{st.st_size}:{int(st.st_mtime)}".encode())
     else:
@@ -176,7 +165,7 @@ def plan_units(corpus: str, fmt: str = "auto", storage_options: dict | None = No
     unit_bytes = unit_bytes or UNIT_BYTES
     units: list[Unit] = []
     if corpus == BUILTIN_STDLIB:
-        files = _stdlib_files()
+        files = stdlib_files()
         for lo in range(0, len(files), STDLIB_FILES_PER_UNIT):
             hi = min(lo + STDLIB_FILES_PER_UNIT, len(files))
             size = sum(os.path.getsize(p) for p in files[lo:hi])
@@ -414,9 +403,7 @@ def _arrow_docs(fs, unit: Unit, text_field: str) -> Iterator[str]:
 
 
 def _stdlib_docs(unit: Unit) -> Iterator[str]:
-    from data.corpus import docstrings_of
-
-    return docstrings_of(_stdlib_files()[unit.start:unit.end])
+    return docstrings_of(stdlib_files()[unit.start:unit.end])
 
 
 def read_unit(unit: Unit, text_field: str = "text", storage_options: dict | None = None
