@@ -7,6 +7,8 @@ is imported, so ``use_local_auth`` must run before ``import ray``; nothing in th
 """
 from __future__ import annotations
 
+import contextlib
+import ipaddress
 import os
 import secrets
 import socket
@@ -100,6 +102,33 @@ def _ray_bin() -> str:
     return os.path.join(os.path.dirname(sys.executable), "ray")
 
 
+# Ray replaces a loopback address with the machine's own, in `ray start --node-ip-address` and in the
+# address ray.init attaches to, and then its servers listen on every interface. Its single-machine mode
+# (this variable at 0, read when ray is imported) keeps a loopback head on loopback.
+_SINGLE_MACHINE = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+@contextlib.contextmanager
+def attaching_to(address: str):
+    """Around ``ray.init(address=...)`` of a local head: a loopback address stays loopback."""
+    from ray._private import ray_constants
+
+    before = ray_constants.ENABLE_RAY_CLUSTER
+    if _is_loopback(address.rpartition(":")[0]):
+        ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = before
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name
+        return host == "localhost"
+
+
 def _free_port(host: str) -> int:
     with socket.socket() as s:
         s.bind((host, 0))
@@ -115,7 +144,10 @@ def start_head(cluster) -> str:
            "--disable-usage-stats", "--include-dashboard=false"]
     if cluster.ray.num_cpus:
         cmd.append(f"--num-cpus={cluster.ray.num_cpus}")
-    out = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ))
+    env = dict(os.environ)
+    if _is_loopback(host):
+        env[_SINGLE_MACHINE] = "0"
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if out.returncode != 0:
         tail = (out.stderr.strip().splitlines() or ["unknown error"])[-1]
         raise UsageError(f"could not start a local Ray head: {tail}")

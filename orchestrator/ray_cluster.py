@@ -15,7 +15,7 @@ import tempfile
 
 import ray
 
-from orchestrator.local_head import recorded_head, use_local_auth
+from orchestrator.local_head import attaching_to, recorded_head, use_local_auth
 from specs.errors import UsageError
 
 _PACKAGES = ("orchestrator", "specs", "scaling", "workers", "models", "data")
@@ -44,7 +44,8 @@ def connect(cluster, *, allow_embedded: bool = True) -> str:
             use_local_auth(cluster, create=True)
             head = recorded_head(cluster)
             if head is not None:
-                ray.init(address=head, **common)
+                with attaching_to(head):
+                    ray.init(address=head, **common)
             elif allow_embedded:
                 ray.init(address="local", num_cpus=cluster.ray.num_cpus, include_dashboard=False,
                          _node_ip_address=cluster.ray.node_ip, **common)

@@ -5,6 +5,7 @@ import subprocess
 import sys
 import time
 
+import psutil
 import pytest
 
 pytestmark = pytest.mark.e2e
@@ -31,7 +32,11 @@ def test_cli_lifecycle(tmp_path):
         assert "switchyard is up" in sy(cluster, "up").stdout
         token = tmp_path / "state" / "ray_auth_token"  # Switchyard's own token, kept with its state
         assert token.exists() and (token.stat().st_mode & 0o777) == 0o600 and len(token.read_text()) == 64
-        assert (tmp_path / "state" / "ray_address").read_text().startswith("127.0.0.1:")
+        address = (tmp_path / "state" / "ray_address").read_text()
+        assert address.startswith("127.0.0.1:")
+        gcs = [c.laddr.ip for c in psutil.net_connections("inet")
+               if c.status == psutil.CONN_LISTEN and c.laddr.port == int(address.split(":")[1])]
+        assert gcs and all(ip in ("127.0.0.1", "::ffff:127.0.0.1") for ip in gcs), gcs  # not every interface
         job = sy(cluster, "submit", os.path.join(ROOT, "examples", "pretrain.yaml"), "--priority", "3",
                  *spec).stdout.strip()
         assert job.startswith("sy-")
