@@ -294,7 +294,12 @@ class Controller(GangStarts, CheckpointEvaluations, ParentJobs):
         progress = act.run.group.progress(timeout_s=1.0) if act.run.group is not None else {}
         held = self._as_running(job_id, act, self.store.get(job_id))
         self._vacated[job_id] = (time.time(), sched.RunningJob(**{**held.__dict__, "stopping": True}))
-        act.run.shutdown()
+        if result is not None and not killed and len(self.warm) < WARM_MAX:
+            # Its ranks returned at a step boundary, healthy: the gang is warm for the preempting job (same
+            # shape: it starts on it at once) and is released at the end of the tick otherwise.
+            self.warm.append((time.time(), act.run.release_group()))
+        else:
+            act.run.shutdown()
         self.active.pop(job_id, None)
         ckpt = progress.get("last_checkpoint")
         at = f" at step {result['steps']}" if result else ""
@@ -403,6 +408,7 @@ class Controller(GangStarts, CheckpointEvaluations, ParentJobs):
             warm = self._take_warm(self.store.get(head.job_id))
             if warm is not None:
                 self._start(head.job_id, warm)
+                self._vacated.clear()  # the room a preempted job left, if it was that gang, is taken now
                 return
         free, total = self._free_and_total()
         started = False
