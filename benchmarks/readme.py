@@ -159,7 +159,7 @@ def render_table(results: dict) -> str:
             if e.get("seconds") is not None:
                 notes.append(f"{e['seconds']:.0f} s")
             measured += f" ({'; '.join(notes)})"
-        command = e.get("command") if e else f"python benchmarks/{b.script}"
+        command = (e or {}).get("command") or f"python benchmarks/{b.script}"   # a skipped one has none
         lines.append(f"| `{_cell(command)}` | {_cell(b.what)} | {_cell(b.target)} | {_cell(measured)} | {met} |")
     return "\n".join(lines)
 

@@ -36,6 +36,15 @@ def test_last_json_and_block_replacement():
         readme.replace_block("# T\n", "x")
 
 
+def test_a_skipped_benchmark_gets_its_row():
+    """A benchmark skipped for want of its input (fit_epoch without SWITCHYARD_EPOCH_CSV) has no command."""
+    results = {"commit": "abc", "machine": {}, "benchmarks": {
+        "fit_epoch": {"script": "fit_epoch.py", "skipped": "set SWITCHYARD_EPOCH_CSV to the input file it needs",
+                      "met": None}}}
+    row = next(line for line in readme.render_table(results).splitlines() if "fit_epoch.py" in line)
+    assert row.startswith("| `python benchmarks/fit_epoch.py` |") and "skipped: set SWITCHYARD_EPOCH_CSV" in row
+
+
 def test_bench_writes_the_results_file_and_the_readme_table_matches_it(tmp_path):
     out, doc = tmp_path / "results.json", tmp_path / "README.md"
     with open(os.path.join(ROOT, "README.md")) as f:
