@@ -137,14 +137,19 @@ def iter_documents(corpus: str, fmt: str = "auto", text_field: str = "text", max
         yield doc
 
 
+def hash_stdlib_files(h) -> None:
+    """Feed the standard library files' identities (path, size, mtime) into the hash ``h``."""
+    for path in stdlib_files():
+        st = os.stat(path)
+        h.update(f"{path}:{st.st_size}:{int(st.st_mtime)}".encode())
+
+
 def corpus_fingerprint(corpus: str, fmt: str = "auto", text_field: str = "text", max_docs: int | None = None,
                        storage_options: dict | None = None) -> str:
     """A content hash of the corpus, cheap to recompute: file identities for the stdlib, bytes for user files."""
     h = hashlib.sha256(json.dumps([corpus, fmt, text_field, max_docs]).encode())
     if corpus == BUILTIN_STDLIB:
-        for path in stdlib_files():
-            st = os.stat(path)
-            h.update(f"{path}:{st.st_size}:{int(st.st_mtime)}".encode())
+        hash_stdlib_files(h)
         return h.hexdigest()[:20]
     fs, files = resolve_files(corpus, storage_options)
     for path in files:

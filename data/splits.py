@@ -32,7 +32,7 @@ from typing import Iterator
 
 import fsspec
 
-from data.corpus import docstrings_of, stdlib_files
+from data.corpus import BUILTIN_STDLIB, docstrings_of, hash_stdlib_files, stdlib_files
 from specs.errors import UsageError
 
 UNIT_BYTES = 16 << 20
@@ -131,13 +131,9 @@ def list_files(uri: str, fmt: str = "auto", storage_options: dict | None = None
 def listing_fingerprint(corpus: str, fmt: str, text_field: str, max_docs: int | None,
                         storage_options: dict | None = None) -> str:
     """Hash of the file listing (paths, sizes, versions) and the reading options; reads no file's bytes."""
-    from data.corpus import BUILTIN_STDLIB
-
     h = hashlib.sha256(json.dumps([corpus, fmt, text_field, max_docs]).encode())
     if corpus == BUILTIN_STDLIB:
-        for path in stdlib_files():
-            st = os.stat(path)
-            h.update(f"{path}:{st.st_size}:{int(st.st_mtime)}".encode())
+        hash_stdlib_files(h)
     else:
         for e in list_files(corpus, fmt, storage_options)[1]:
             h.update(f"{e.path}\0{e.size}\0{e.version}\0".encode())
@@ -160,8 +156,6 @@ def _parquet_row_groups(fs, path: str) -> list[int]:
 def plan_units(corpus: str, fmt: str = "auto", storage_options: dict | None = None,
                unit_bytes: int | None = None, log=print) -> list[Unit]:
     """Cut the corpus into units in document order. Empty files are skipped with one line each."""
-    from data.corpus import BUILTIN_STDLIB
-
     unit_bytes = unit_bytes or UNIT_BYTES
     units: list[Unit] = []
     if corpus == BUILTIN_STDLIB:

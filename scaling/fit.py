@@ -137,8 +137,23 @@ class Curve:
     """Name of the run, for reports."""
 
 
+class _OptimumExponents:
+    """``a`` and ``b`` of N_opt ~ C^a and D_opt ~ C^b, read off the fitted ``n_opt`` and ``d_opt`` power laws."""
+
+    n_opt: PowerLaw
+    d_opt: PowerLaw
+
+    @property
+    def a(self) -> float:
+        return self.n_opt.exponent
+
+    @property
+    def b(self) -> float:
+        return self.d_opt.exponent
+
+
 @dataclass(frozen=True)
-class Approach1Result:
+class Approach1Result(_OptimumExponents):
     flops: np.ndarray
     """FLOP grid where the frontier was found (C = 6 N tokens)."""
     frontier_loss: np.ndarray
@@ -153,14 +168,6 @@ class Approach1Result:
     """D_opt(C) fitted through the frontier."""
     source: str
     """'curves' (training curves) or 'final' (one final point per run)."""
-
-    @property
-    def a(self) -> float:
-        return self.n_opt.exponent
-
-    @property
-    def b(self) -> float:
-        return self.d_opt.exponent
 
 
 def smooth(loss: np.ndarray, window: int) -> np.ndarray:
@@ -271,7 +278,7 @@ class IsoFlopProfile:
 
 
 @dataclass(frozen=True)
-class Approach2Result:
+class Approach2Result(_OptimumExponents):
     profiles: tuple[IsoFlopProfile, ...]
     """Every budget with enough distinct sizes for a parabola, used or not."""
     n_opt: PowerLaw
@@ -280,14 +287,6 @@ class Approach2Result:
     """D_opt(C) through the used vertices."""
     skipped: tuple[str, ...] = ()
     """Budgets that could not give a parabola, with the reason."""
-
-    @property
-    def a(self) -> float:
-        return self.n_opt.exponent
-
-    @property
-    def b(self) -> float:
-        return self.d_opt.exponent
 
 
 def fit_parabola(n: np.ndarray, loss: np.ndarray) -> tuple[float, float, float]:
