@@ -109,11 +109,13 @@ BENCHMARKS: dict[str, Benchmark] = {
 
 
 def git_commit(root: str = ROOT) -> dict:
-    """The commit the tree is at, and whether tracked files differ from it."""
+    """The commit the tree is at, and whether tracked files differ from it (the suite's own outputs, the
+    results file and README.md's table, aside: a ``--merge`` run starts with them changed)."""
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=False).stdout.strip()
 
-    return {"commit": git("rev-parse", "HEAD") or None, "dirty": bool(git("status", "--porcelain", "-uno"))}
+    changed = git("status", "--porcelain", "-uno", "--", ".", f":!{RESULTS}", ":!README.md")
+    return {"commit": git("rev-parse", "HEAD") or None, "dirty": bool(changed)}
 
 
 def machine() -> dict:
