@@ -73,9 +73,9 @@ def _fit_epoch(r: dict) -> str:
 def _data_scale(r: dict) -> str:
     parts = []
     pool = (r.get("tokenization") or {}).get("pool") or []
-    if pool:
-        best = pool[-1]
-        parts.append(f"{best.get('actors')} actors {_g(best.get('ratio_to_single_core'))} x one core")
+    if pool:  # every pool size: each has its own target (0.8 x actors)
+        parts.append(", ".join(f"{p.get('actors')} actor{'s' if p.get('actors') != 1 else ''} "
+                               f"{_g(p.get('ratio_to_single_core'))} x one core" for p in pool))
     if "rss_growth_mb" in r:
         parts.append(f"RSS growth {_g(r['rss_growth_mb'])} MB, first step +{_g(r.get('first_step_extra_s'))} s")
     return "; ".join(parts) or "-"
