@@ -130,5 +130,8 @@ def test_two_jobs_of_alternating_priority_do_not_ping_pong(preempting_controller
         assert r.preemptions <= 2  # max_per_job
     total = sum(r.preemptions for r in recs.values())
     assert 1 <= total <= 4
+    # pong (same shape) started on the gang ping left at its step boundary, not on new rank processes.
+    first_start = next(h for h in recs[b].history if h.to_state == JobState.STARTING)
+    assert first_start.reason.startswith("warm workers reused"), first_start.reason
     # However often it moved, each job's curve is the uninterrupted one.
     assert _losses(recs[a].run_dir) == pytest.approx(_losses(recs[b].run_dir), rel=1e-4, abs=1e-4)
