@@ -7,6 +7,9 @@ gives equal logits:
 * encoders (BERT, RoBERTa, ALBERT): the pooler, tanh(W h_[CLS] + b), then
   dropout and a linear classifier with bias. A trunk pre-trained with an
   NSP/SOP head starts from that head's pooler, as BERT does.
+* ELECTRA: the discriminator's hidden states (the generator is left out),
+  and ELECTRA's head: dropout, dense, GELU, dropout, a linear classifier
+  with bias, on h_[CLS] (HF's ``ElectraClassificationHead``).
 * decoders (GPT-2, LLaMA): a linear score without bias on the final hidden
   state of each row's last real token (rows are right-padded; the decoder
   has no attention mask, and causal attention never reads the pads).
@@ -22,6 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from models.electra import Electra
 from models.encoder import Encoder
 
 
@@ -31,21 +35,23 @@ class SequenceClassifier(nn.Module):
     def __init__(self, trunk: nn.Module, n_labels: int):
         super().__init__()
         self.trunk = trunk
-        self.is_encoder = isinstance(trunk, Encoder)
+        self.is_electra = isinstance(trunk, Electra)
+        self.is_encoder = self.is_electra or isinstance(trunk, Encoder)
         d, std = trunk.cfg.d_model, trunk.cfg.init_std
         self.pooler = nn.Linear(d, d) if self.is_encoder else None
         self.classifier = nn.Linear(d, n_labels, bias=self.is_encoder)
         nn.init.normal_(self.classifier.weight, 0.0, std)
         if self.is_encoder:
             nn.init.zeros_(self.classifier.bias)
-            if trunk.nsp_head is not None:                    # BERT's pre-trained pooler
+            if not self.is_electra and trunk.nsp_head is not None:          # BERT's pre-trained pooler
                 self.pooler.load_state_dict(trunk.nsp_head.pooler.state_dict())
             else:
                 nn.init.normal_(self.pooler.weight, 0.0, std)
                 nn.init.zeros_(self.pooler.bias)
-            trunk.mlm_head.requires_grad_(False)
-            if trunk.nsp_head is not None:
-                trunk.nsp_head.requires_grad_(False)
+            heads = trunk.pretraining_heads() if self.is_electra else [trunk.mlm_head, trunk.nsp_head]
+            for head in heads:
+                if head is not None:
+                    head.requires_grad_(False)
         elif not trunk.cfg.tie_embeddings:
             trunk.lm_head.requires_grad_(False)               # tied: it is the token embedding, still trained
 
@@ -61,7 +67,12 @@ class SequenceClassifier(nn.Module):
         input_ids (B, T) right-padded; attention_mask (B, T) with 1 on real
         tokens (None: no padding); token_type_ids (B, T) for encoder pairs.
         """
-        if self.is_encoder:
+        if self.is_electra:
+            h = self.trunk.hidden(input_ids, token_type_ids, attention_mask)               # (B, T, d)
+            p = self.trunk.cfg.dropout if self.training else 0.0
+            pooled = F.gelu(self.pooler(F.dropout(h[:, 0], p)))                            # (B, d) from [CLS]
+            logits = self.classifier(F.dropout(pooled, p))
+        elif self.is_encoder:
             h = self.trunk.hidden(input_ids, token_type_ids, attention_mask)               # (B, T, d)
             pooled = torch.tanh(self.pooler(h[:, 0]))                                      # (B, d) from [CLS]
             logits = self.classifier(F.dropout(pooled, self.trunk.cfg.dropout, self.training))

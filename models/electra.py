@@ -212,15 +212,25 @@ class Electra(nn.Module):
             x = block(x, None)
         return self.gen_head(x, self.embeddings.word.weight)
 
-    def discriminator_logits(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None,
-                             attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Input (B, T) -> replaced-token logits (B, T); attention_mask (B, T): 1 = token, 0 = padding."""
+    def hidden(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None,
+               attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Input (B, T) -> the discriminator's final hidden states (B, T, d), the features fine-tuning reads;
+        attention_mask (B, T): 1 = token, 0 = padding."""
         self._check(input_ids)
         key_mask = None if attention_mask is None else attention_mask.bool()[:, None, None, :]
         x = self.embeddings(input_ids, token_type_ids)                                    # (B, T, d)
         for block in self.disc_blocks:
             x = block(x, key_mask)
-        return self.disc_head(x)
+        return x
+
+    def discriminator_logits(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None,
+                             attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Input (B, T) -> replaced-token logits (B, T); attention_mask (B, T): 1 = token, 0 = padding."""
+        return self.disc_head(self.hidden(input_ids, token_type_ids, attention_mask))
+
+    def pretraining_heads(self) -> list[nn.Module]:
+        """What fine-tuning leaves untrained: the generator (thrown away after pre-training) and the RTD head."""
+        return [self.gen_project, self.gen_blocks, self.gen_head, self.disc_head]
 
     def forward(self, input_ids: torch.Tensor, original_ids: torch.Tensor, mlm_labels: torch.Tensor,
                 sample_u: torch.Tensor, token_type_ids: torch.Tensor | None = None

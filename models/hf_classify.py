@@ -8,6 +8,7 @@ under the names transformers uses:
 |----------------|------------------------------------|---------------------------------------------------|
 | bert, roberta  | BertForSequenceClassification      | ``bert.pooler.dense`` (our pooler), ``classifier`` |
 | albert         | AlbertForSequenceClassification    | ``albert.pooler`` (our pooler), ``classifier``     |
+| electra        | ElectraForSequenceClassification   | ``classifier.dense`` (our pooler, GELU), ``classifier.out_proj`` |
 | gpt2           | GPT2ForSequenceClassification      | ``score`` (no bias), read at the last non-pad token |
 | llama          | LlamaForSequenceClassification     | ``score`` (no bias), read at the last non-pad token |
 
@@ -21,9 +22,10 @@ from __future__ import annotations
 import torch
 
 CLASSES = {"bert": "BertForSequenceClassification", "roberta": "BertForSequenceClassification",
-           "albert": "AlbertForSequenceClassification", "gpt2": "GPT2ForSequenceClassification",
+           "albert": "AlbertForSequenceClassification", "electra": "ElectraForSequenceClassification", "gpt2": "GPT2ForSequenceClassification",
            "llama": "LlamaForSequenceClassification"}
-_LM_HEADS = ("cls.", "predictions.", "sop_classifier.", "lm_head.", "bert.pooler.", "albert.pooler.")
+_LM_HEADS = ("cls.", "predictions.", "sop_classifier.", "lm_head.", "bert.pooler.", "albert.pooler.",
+             "discriminator_predictions.")
 """Keys of the language-model export that a classification folder leaves out (the pooler is replaced)."""
 
 
@@ -45,7 +47,11 @@ def classifier_to_hf(cfg, state: dict[str, torch.Tensor], labels, trunk_to_hf) -
         out["bert.pooler.dense.weight"], out["bert.pooler.dense.bias"] = state["pooler.weight"], state["pooler.bias"]
     elif family == "albert":
         out["albert.pooler.weight"], out["albert.pooler.bias"] = state["pooler.weight"], state["pooler.bias"]
-    if family in ("gpt2", "llama"):
+    if family == "electra":
+        for ours, theirs in (("pooler", "dense"), ("classifier", "out_proj")):
+            out[f"classifier.{theirs}.weight"], out[f"classifier.{theirs}.bias"] = (state[f"{ours}.weight"],
+                                                                                  state[f"{ours}.bias"])
+    elif family in ("gpt2", "llama"):
         out["score.weight"] = state["classifier.weight"]
     else:
         out["classifier.weight"], out["classifier.bias"] = state["classifier.weight"], state["classifier.bias"]

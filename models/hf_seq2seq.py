@@ -3,8 +3,13 @@ BartForConditionalGeneration (dispatched from ``models/hf.py``).
 
 | family | transformers class          | what the mapping does                                                   |
 |--------|-----------------------------|-------------------------------------------------------------------------|
-| t5     | T5ForConditionalGeneration  | names; the position-bias table lives in block 0 of each stack; the v1.0 head (tied, d_model**-0.5) only: transformers 5 always ties T5's lm_head to the shared embedding, so an untied (v1.1) head is refused on export |
+| t5     | T5ForConditionalGeneration  | names; the position-bias table lives in block 0 of each stack; v1.0 (tied head, d_model**-0.5) and v1.1 (own lm_head, unscaled, gated GELU) |
 | bart   | BartForConditionalGeneration| names; position tables keep BART's 2 offset rows; final_logits_bias is (1, V) there |
+
+An untied T5 (v1.1) is written with ``tie_word_embeddings: false`` and its own ``lm_head.weight``.
+transformers 5's T5Config sets ``tie_word_embeddings`` back to true, but reads the false as "do not scale the
+decoder output" and keeps a checkpoint's lm_head that differs from the shared table untied (it warns that
+both are present), so the loaded model gives our logits.
 
 The decoder starts from the pad id for T5 and from ``</s>`` for BART
 (``decoder_start_token_id``, set from the tokenizer by ``save_hf``).
@@ -37,9 +42,6 @@ def family_of(cfg) -> str | None:
 
 
 def hf_class(cfg) -> str:
-    if isinstance(cfg, T5Config) and not cfg.tie_embeddings:
-        raise HFError("t5 with an untied head (v1.1): transformers 5's T5ForConditionalGeneration always ties "
-                     "lm_head to the shared embedding, so the logits would differ; train with tie_embeddings: true")
     return HF_CLASSES[family_of(cfg)]
 
 

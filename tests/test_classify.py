@@ -11,6 +11,7 @@ import torch
 from data.labelled import BUILTIN_PACKAGES, builtin_task, chance_level, classify_rows, held_out, read_labelled
 from data.tokenizer import byte_tokenizer
 from models.classifier import SequenceClassifier
+from models.electra import Electra, electra_config
 from models.encoder import Encoder, encoder_config
 from models.transformer import Decoder, decoder_config
 from specs.errors import UsageError
@@ -103,7 +104,9 @@ def test_held_out_batches_are_as_many_on_every_rank():
 
 def _classifier(family: str) -> SequenceClassifier:
     torch.manual_seed(0)
-    if family in ("bert", "roberta", "albert"):
+    if family == "electra":
+        trunk = Electra(electra_config("tiny", vocab_size=TOK.padded_vocab_size, seq_len=32, dropout=0.0))
+    elif family in ("bert", "roberta", "albert"):
         trunk = Encoder(encoder_config(family, "tiny", vocab_size=TOK.padded_vocab_size, seq_len=32, dropout=0.0))
     else:
         trunk = Decoder(decoder_config(family, "tiny", vocab_size=TOK.padded_vocab_size, seq_len=32))
@@ -115,7 +118,7 @@ def _classifier(family: str) -> SequenceClassifier:
     return model.eval()
 
 
-@pytest.mark.parametrize("family", ["bert", "roberta", "albert", "gpt2", "llama"])
+@pytest.mark.parametrize("family", ["bert", "roberta", "albert", "electra", "gpt2", "llama"])
 def test_hf_round_trip_gives_equal_logits(tmp_path, family):
     transformers = pytest.importorskip("transformers")
     from models.hf import save_hf
@@ -126,7 +129,8 @@ def test_hf_round_trip_gives_equal_logits(tmp_path, family):
     labels = ("neg", "neu", "pos")
     cls = save_hf(str(tmp_path / "hf"), model.trunk.cfg, model.state_dict(), files, labels=labels)
     assert cls == {"bert": "BertForSequenceClassification", "roberta": "BertForSequenceClassification",
-                   "albert": "AlbertForSequenceClassification", "gpt2": "GPT2ForSequenceClassification",
+                   "albert": "AlbertForSequenceClassification", "electra": "ElectraForSequenceClassification",
+                   "gpt2": "GPT2ForSequenceClassification",
                    "llama": "LlamaForSequenceClassification"}[family]
     theirs = transformers.AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "hf")).eval()
     assert theirs.config.id2label == dict(enumerate(labels))
@@ -220,3 +224,45 @@ def test_classify_job_learns_evaluates_exports_and_resumes(ray_cluster, tmp_path
     assert [r["step"] for r in again] == list(range(1, 61))
     assert [r["loss"] for r in again[50:]] == pytest.approx(losses[50:], rel=1e-5, abs=1e-6)
     assert resumed["final_eval"]["held_out_accuracy"] == pytest.approx(final["held_out_accuracy"])
+
+
+@pytest.mark.ray
+def test_electra_discriminator_fine_tunes_from_its_pretraining_run(ray_cluster, tmp_path):
+    """ELECTRA's second step: classify from an ELECTRA pretraining run trains the discriminator's features with
+    ELECTRA's head (the generator and RTD head stay as pre-trained), learns, and exports as
+    ElectraForSequenceClassification."""
+    from data.storage import Storage
+    from orchestrator.cluster_config import ClusterConfig
+    from orchestrator.export import export_hf
+    from orchestrator.runner import run_job
+    from tests.conftest import tiny_spec
+    from workers.classify import load_classifier
+    from workers.weights import run_weights
+
+    cfg = ClusterConfig.model_validate({"storage": str(tmp_path / "runs"), "job_store": str(tmp_path / "jobs.db")})
+    quiet = {"log": lambda *a, **k: None}
+    electra = {**BPE, "model.family": "electra"}
+    pre = run_job(tiny_spec(**electra, **{"train.steps": 4, "name": "electra-pre"}), cfg, **quiet)
+    assert pre["state"] == "SUCCEEDED", pre
+    spec = tiny_spec(kind="classify", name="electra-cls", **electra, **{
+        "model.init_from": pre["run_dir"], "classify.builtin_packages": PACKAGES, "classify.per_label": 120,
+        "train.steps": 60, "train.micro_batch": 8, "train.lr": 2e-3, "train.warmup_steps": 2,
+        "train.decay": "constant", "checkpoint.every": 60})
+    job = run_job(spec, cfg, **quiet)
+    assert job["state"] == "SUCCEEDED", job
+    losses = [r["loss"] for r in _rows(job["run_dir"])]
+    assert len(losses) == 60 and sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5
+    final = job["final_eval"]
+    print("electra classify held-out", final)
+    assert final["held_out_accuracy"] > final["chance"] + 0.1
+
+    storage = Storage(cfg.storage)
+    last = os.path.join(job["run_dir"], "checkpoints", "step_00000060")
+    model, _ = load_classifier(storage, job["run_dir"], last)
+    pretrained = run_weights(storage, pre["run_dir"]).state
+    tuned = model.trunk.state_dict()
+    for name in ("gen_head.dense.weight", "disc_head.prediction.weight"):          # frozen: as pre-trained
+        assert torch.equal(tuned[name], pretrained[name])
+    assert not torch.equal(tuned["disc_blocks.0.attn.q_proj.weight"], pretrained["disc_blocks.0.attn.q_proj.weight"])
+    pytest.importorskip("transformers")
+    assert export_hf(storage, job["run_dir"], str(tmp_path / "hf"))["class"] == "ElectraForSequenceClassification"

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from models.bart import Bart, BartConfig
-from models.hf import HFError, hf_class, import_hf_family, save_hf
+from models.hf import hf_class, import_hf_family, save_hf
 from models.t5 import T5, T5Config
 
 
@@ -18,8 +18,9 @@ def _inputs():
 
 @pytest.mark.parametrize("cfg", [
     T5Config(vocab_size=256, d_model=32, n_layers=2, n_heads=4, d_kv=16, d_ff=64, max_distance=20),
+    T5Config(vocab_size=256, d_model=32, n_layers=2, n_heads=4, d_ff=64, tie_embeddings=False),
     BartConfig(vocab_size=256, seq_len=40, d_model=32, n_layers=2, n_heads=4, d_ff=64),
-], ids=["t5", "bart"])
+], ids=["t5", "t5-v1.1-untied", "bart"])
 def test_round_trip_gives_equal_logits(cfg, tmp_path):
     import transformers
 
@@ -42,17 +43,16 @@ def test_round_trip_gives_equal_logits(cfg, tmp_path):
         assert torch.equal(back(x, mask, y)[0], a)
 
 
-def test_t5_v1_1_imports_but_is_refused_for_export():
-    # T5 v1.1: its own unscaled head and a gated-GELU MLP; transformers 5 would tie the head on load, so
-    # export refuses it. A v1.1 checkpoint with its lm_head (transformers 4 layout) still imports.
+def test_a_t5_v1_1_checkpoint_in_transformers_4_layout_imports():
+    # T5 v1.1: its own unscaled head and a gated-GELU MLP, as google/t5-v1_1-* ship them (a config.json
+    # with only the non-default keys); the untied round trip is in test_round_trip_gives_equal_logits.
     from models.hf import from_hf
     from models.hf_seq2seq import t5_names
 
     cfg = T5Config(vocab_size=256, d_model=32, n_layers=1, n_heads=4, d_ff=64, tie_embeddings=False)
     model = T5(cfg).eval()
     assert model.lm_head is not None and hasattr(model.encoder.blocks[0].ff, "wi_0")
-    with pytest.raises(HFError, match="untied head"):
-        hf_class(cfg)
+    assert hf_class(cfg) == "T5ForConditionalGeneration"
     theirs = {hf: model.state_dict()[ours] for ours, hf in t5_names(cfg).items()}
     config = {"model_type": "t5", "vocab_size": 256, "d_model": 32, "d_kv": 8, "d_ff": 64, "num_layers": 1,
               "num_heads": 4, "feed_forward_proj": "gated-gelu", "tie_word_embeddings": False}
