@@ -193,10 +193,8 @@ def ray_train_loop(config: dict) -> None:
     from data.sampler import DataPlan
     from data.shards import TokenCache
     from data.storage import Storage
-    from models.transformer import Decoder
     from specs.job import validate_spec
-    from workers.parallel.engine import lr_lambda, make_optimizer
-    from workers.tasks import model_config
+    from workers.parallel.engine import PlainTorch
 
     torch.set_num_threads(1)
     ctx = ray.train.get_context()
@@ -204,22 +202,15 @@ def ray_train_loop(config: dict) -> None:
     spec = validate_spec(config["spec"])
     cache = TokenCache.load(config["token_cache"], Storage(config["storage"], {}))
     plan = DataPlan(cache.tokens, spec.data.seq_len, spec.eval.held_out_tokens, spec.train.seed)
-    torch.manual_seed(spec.train.seed)
-    model = DistributedDataParallel(Decoder(model_config(spec, cache.tokenizer.padded_vocab_size)))
-    opt = make_optimizer(model.module, spec)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(spec))
+    plain = PlainTorch(spec, cache.tokenizer.padded_vocab_size)
+    model = DistributedDataParallel(plain.model)
     G = spec.samples_per_step
     step_s, first_start, last_end, position = [], None, None, 0
     for _ in range(spec.total_steps):
         t0 = _time.time()
         first_start = first_start or t0
         x, y = (torch.from_numpy(a) for a in plan.batch(plan.rank_positions(position, G, rank, world)))
-        _, loss = model(x, y)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), spec.train.grad_clip)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
+        loss = plain.step(x, y, model)
         mean = torch.tensor([loss.item(), 0.0], dtype=torch.float64)
         dist.all_reduce(mean)
         position += G

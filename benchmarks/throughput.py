@@ -95,32 +95,20 @@ def baseline_child(args) -> None:
     from data.sampler import DataPlan
     from data.shards import TokenCache
     from data.storage import Storage
-    from models.transformer import Decoder
-    from workers.parallel.engine import lr_lambda, make_optimizer
-    from workers.tasks import model_config
+    from workers.parallel.engine import PlainTorch
 
     torch.set_num_threads(THREADS)
     spec = make_spec(args)
     cache = TokenCache.load(args.baseline_child, Storage(args.storage, {}))
     plan = DataPlan(cache.tokens, spec.data.seq_len, spec.eval.held_out_tokens, spec.train.seed)
-    cfg = model_config(spec, cache.tokenizer.padded_vocab_size)
-    torch.manual_seed(spec.train.seed)
-    model = Decoder(cfg)
-    model.train()
-    opt = make_optimizer(model, spec)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(spec))
+    plain = PlainTorch(spec, cache.tokenizer.padded_vocab_size)
     G, T = spec.samples_per_step, spec.data.seq_len
     step_s, iter_s, cpu_ends, position = [], [], [], 0
     t_prev = time.time()
     for _ in range(spec.total_steps):
         t0 = time.time()
         x, y = (torch.from_numpy(a) for a in plan.batch(plan.rank_positions(position, G, 0, 1)))
-        _, loss = model(x, y)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), spec.train.grad_clip)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
+        loss = plain.step(x, y)
         loss.item()
         position += G
         t1 = time.time()

@@ -86,3 +86,24 @@ def test_bench_writes_the_results_file_and_the_readme_table_matches_it(tmp_path)
     subprocess.run([sys.executable, "-m", "benchmarks.readme", "--results", str(out), "--readme", str(doc)],
                    cwd=ROOT, check=True, capture_output=True, timeout=120)
     assert "40 episodes/s (generate 25%); KV cache 8.5x faster" in doc.read_text()
+
+
+def test_the_plain_torch_baseline_trains_the_specs_model_with_its_schedule():
+    # benchmarks/throughput.py and job_overhead.py measure the engine against this loop.
+    import torch
+
+    from tests.conftest import tiny_spec
+    from workers.parallel.engine import PlainTorch, lr_lambda
+
+    spec = tiny_spec(**{"train.steps": 6, "train.warmup_steps": 2, "train.grad_clip": 0.5})
+    plain = PlainTorch(spec, 320)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 320, (4, spec.data.seq_len), generator=g)
+    y = torch.roll(x, -1, 1)
+    losses, lrs = [], []
+    for step in range(6):
+        lrs.append(plain.opt.param_groups[0]["lr"])
+        losses.append(plain.step(x, y).item())
+        assert all(p.grad is None for p in plain.model.parameters())
+    assert losses[-1] < losses[0]
+    assert lrs == [spec.train.lr * lr_lambda(spec)(s) for s in range(6)]

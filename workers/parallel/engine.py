@@ -56,6 +56,31 @@ def make_optimizer(model: torch.nn.Module, spec) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=t.lr, betas=t.betas)
 
 
+class PlainTorch:
+    """The spec's decoder, optimizer, schedule and clipping in plain PyTorch, no DeepSpeed: the baseline loop
+    the benchmarks measure the engine against (``benchmarks/throughput.py``, ``benchmarks/job_overhead.py``)."""
+
+    def __init__(self, spec, vocab_size: int):
+        from workers.tasks import model_config
+
+        torch.manual_seed(spec.train.seed)
+        self.model = Decoder(model_config(spec, vocab_size))
+        self.model.train()
+        self.opt = make_optimizer(self.model, spec)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_lambda(spec))
+        self.grad_clip = spec.train.grad_clip
+
+    def step(self, x: torch.Tensor, y: torch.Tensor, model: torch.nn.Module | None = None) -> torch.Tensor:
+        """One optimizer step on (x, y) through ``model`` (default the decoder; e.g. a DDP wrapper of it)."""
+        _, loss = (model or self.model)(x, y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+        self.opt.step()
+        self.sched.step()
+        self.opt.zero_grad(set_to_none=True)
+        return loss
+
+
 def build_engine(model: torch.nn.Module, spec, load_universal: bool = False):
     """Apply the spec's parallelism to the single-device model, then DeepSpeed.
 
