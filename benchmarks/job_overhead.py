@@ -154,8 +154,13 @@ def run_switchyard(args, cluster, store, i: int) -> dict:
     loop_start = first_end - rows[0]["elapsed"]
     last_end = walls.get(rows[-1]["step"], loop_start + rows[-1]["elapsed"])
     succeeded = ts["SUCCEEDED"]
+    startup = {}  # the job's own start-up phases (workers/phases.py), seconds each, in order
+    with open(os.path.join(rec.run_dir, "startup.json")) as f:
+        for ph in json.load(f).get("history", []):
+            if ph.get("end") is not None:
+                startup[ph["phase"]] = round(ph["end"] - ph["start"], 3)
     return {
-        "job_id": job_id, "steps": len(rows), "first_step_time_source": source,
+        "job_id": job_id, "steps": len(rows), "first_step_time_source": source, "startup_phases_s": startup,
         "start_overhead_s": loop_start - t_submit,
         "total_overhead_s": (succeeded - t_submit) - sum(step_s),
         "first_step_end_s": first_end - t_submit,
@@ -326,6 +331,7 @@ def main() -> None:
             print(f"switchyard #{i + 1} ({'warm gang' if i else 'cold, warm pool' if not args.no_pool else 'cold'}): start {s['start_overhead_s']:.2f} s, "
                   f"total {s['total_overhead_s']:.2f} s (wall {s['wall_s']:.2f} s, in steps {s['step_time_s']:.2f} s; "
                   + ", ".join(f"{k} {v:.2f}" for k, v in s["phases_s"].items() if v is not None) + ")")
+            print("    start-up phases: " + ", ".join(f"{k} {v:.2f}" for k, v in s["startup_phases_s"].items()))
         try:
             ray.get(controller.shutdown.remote(), timeout=30)
         except Exception:

@@ -84,8 +84,40 @@ def run_rank(rank: int, port: int, out_dir: str) -> None:
         n_local = sum(p.numel() for n, p in model.named_parameters() if "deepspeed_experts" in n)
         result[str(ep_size)] = dict(reference=reference, converted=converted, losses=losses,
                                     dropped=dropped, local_expert_params=n_local)
+        if ep_size == 2:
+            result["resume"] = resume_from_own_files(engine, rank, out_dir)
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump(result, f)
+
+
+def resume_from_own_files(engine, rank: int, out_dir: str) -> dict:
+    """Save, then load from a folder holding only the files ``workers.checkpoint.rank_files`` gives this rank
+    (what it downloads from object storage): with every weight shifted first, the reload gives back the loss
+    of the saved model."""
+    import shutil
+
+    import torch.distributed as dist
+
+    from workers.checkpoint import _dp_rank, expert_share, rank_files
+
+    saved = os.path.join(out_dir, "ckpt")
+    engine.save_checkpoint(saved, tag="t")
+    dist.barrier()
+    every = sorted(os.listdir(os.path.join(saved, "t")))
+    mine = rank_files(every, _dp_rank(engine), expert_share(engine))
+    own = os.path.join(out_dir, f"own{rank}", "t")
+    os.makedirs(own)
+    for name in mine:
+        shutil.copy(os.path.join(saved, "t", name), own)
+    idx = batch(STEPS, rank)
+    with torch.no_grad():
+        before = engine(idx, idx)[1].item()
+        for p in engine.module.parameters():                  # the reload must put every weight back
+            p.add_(0.5)
+    engine.load_checkpoint(os.path.dirname(own), tag="t")
+    with torch.no_grad():
+        after = engine(idx, idx)[1].item()
+    return dict(every=every, mine=mine, before=before, after=after)
 
 
 def free_port() -> int:
@@ -110,3 +142,12 @@ def test_ep2_matches_ep1_over_two_ranks(tmp_path):
         assert ep2["dropped"] == pytest.approx(ep1["dropped"], abs=1e-6)
         assert max(ep1["dropped"]) > 0
         assert ep1["losses"][-1] < ep1["losses"][0]
+        # a rank reads only its own experts: 2 MoE layers x 4 experts saved, 2 x 2 of them loaded, and the
+        # engine loaded from just those files computes what it computed before the reload
+        res = r["resume"]
+        experts = [n for n in res["every"] if "_expert_" in n]
+        assert len(experts) == 8
+        own = [n for n in res["mine"] if "_expert_" in n]
+        assert own == sorted(f"layer_{layer}_expert_{2 * rank + i}_mp_rank_00_model_states.pt"
+                             for layer in (0, 1) for i in (0, 1))
+        assert res["after"] == pytest.approx(res["before"], rel=1e-6)

@@ -45,6 +45,10 @@ from workers.checkpoint_writer import PendingSave, host_weights, snapshot, uploa
 log = logging.getLogger(__name__)
 
 ZERO_SHARD_RE = re.compile(r"zero_pp_rank_(\d+)_mp_rank_\d+_(?:model|optim)_states\.pt$")
+EXPERT_FILE_RE = re.compile(r"^layer_(\d+)_expert_(\d+)_mp_rank_\d+_model_states\.pt$")
+"""DeepSpeed MoE: one file per (MoE layer, global expert id)."""
+EXPERT_OPTIM_RE = re.compile(r"^expp_rank_(\d+)_mp_rank_\d+_optim_states\.pt$")
+"""DeepSpeed MoE without ZeRO: the optimizer state of one expert-parallel rank."""
 DOWNLOAD_THREADS = 4
 
 
@@ -88,13 +92,31 @@ def convert_to_universal(storage: Storage, ckpt: CheckpointInfo) -> None:
 
 
 
-def rank_files(rels: list[str], dp_rank: int | None) -> list[str]:
-    """The files of a DeepSpeed checkpoint folder one data-parallel rank reads: everything but the other
-    ranks' ZeRO shards (``zero_pp_rank_<r>_...``); all of them when ``dp_rank`` is None."""
-    if dp_rank is None:
-        return list(rels)
-    return [rel for rel in rels
-            if (m := ZERO_SHARD_RE.search(posixpath.basename(rel))) is None or int(m.group(1)) == dp_rank]
+@dataclass(frozen=True)
+class ExpertShare:
+    """The experts one rank holds under expert parallelism, as DeepSpeed's checkpoint files name them."""
+
+    ep_rank: int
+    """The rank's index in its (largest) expert-parallel group: its ``expp_rank_<r>`` optimizer file."""
+    experts: frozenset
+    """(MoE layer id, global expert id) pairs: its ``layer_<l>_expert_<e>`` files."""
+
+
+def rank_files(rels: list[str], dp_rank: int | None, experts: ExpertShare | None = None) -> list[str]:
+    """The files of a DeepSpeed checkpoint folder one rank reads: everything but the other data-parallel
+    ranks' ZeRO shards (``zero_pp_rank_<r>_...``; all of them when ``dp_rank`` is None) and, with experts
+    sharded, the other expert-parallel ranks' expert and expert-optimizer files."""
+    def mine(rel: str) -> bool:
+        name = posixpath.basename(rel)
+        if dp_rank is not None and (m := ZERO_SHARD_RE.search(name)) is not None:
+            return int(m.group(1)) == dp_rank
+        if experts is not None and (m := EXPERT_FILE_RE.match(name)) is not None:
+            return (int(m.group(1)), int(m.group(2))) in experts.experts
+        if experts is not None and (m := EXPERT_OPTIM_RE.match(name)) is not None:
+            return int(m.group(1)) == experts.ep_rank
+        return True
+
+    return [rel for rel in rels if mine(rel)]
 
 
 def _dp_rank(engine) -> int | None:
@@ -103,6 +125,22 @@ def _dp_rank(engine) -> int | None:
 
     group = getattr(engine.optimizer, "dp_process_group", None)
     return dist.get_rank(group=group) if group is not None else None
+
+
+def expert_share(engine) -> ExpertShare | None:
+    """The experts ``engine``'s rank loads, numbered as DeepSpeed's ``load_moe_state_dict`` numbers them (MoE
+    layers in module order, global id = expert-parallel rank x local experts + local id); None without MoE."""
+    from deepspeed.moe.layer import MoE
+    from deepspeed.utils import groups
+
+    layers = [m for m in engine.module.modules() if isinstance(m, MoE)]
+    if not layers:
+        return None
+    held = set()
+    for layer_id, layer in enumerate(layers):
+        r, n = groups._get_expert_parallel_rank(layer.expert_group_name), layer.num_local_experts
+        held.update((layer_id, r * n + i) for i in range(n))
+    return ExpertShare(groups._get_expert_parallel_rank(groups._get_max_expert_size_name()), frozenset(held))
 
 
 def download(storage: Storage, uri: str, local_dir: str, rels: list[str]) -> None:
@@ -134,7 +172,7 @@ def load_checkpoint(engine, storage: Storage, ckpt: CheckpointInfo, universal: b
             storage.get_dir(uri, os.path.join(staging, tag))
         else:
             every = sorted(rel[len(tag) + 1:] for rel in ckpt.manifest.get("files", {}) if rel.startswith(f"{tag}/"))
-            mine = rank_files(every, _dp_rank(engine))
+            mine = rank_files(every, _dp_rank(engine), expert_share(engine))
             download(storage, uri, os.path.join(staging, tag), mine)
             log.info("resume: downloaded %d of the %d files of %s", len(mine), len(every), uri)
         with tensors_only():
