@@ -96,29 +96,42 @@ def _read_file(fs, path: str, fmt: str, text_field: str) -> Iterator[str]:
             offset = 0
             for lineno, raw in enumerate(f, 1):
                 line, at, offset = raw, offset, offset + len(raw)
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(_utf8(line, path, at))
-                except json.JSONDecodeError:
-                    raise UsageError(f"{path}: line {lineno} is not valid JSON") from None
-                if not isinstance(row, dict) or text_field not in row:
-                    raise UsageError(f"{path}: line {lineno} has no {text_field!r} field; set data.text_field")
-                if row[text_field] is None:
-                    raise UsageError(f"{path}: line {lineno} has {text_field!r}: null; remove the line or give text")
-                yield str(row[text_field])
+                text = jsonl_text(line, path, at, text_field, lineno)
+                if text is not None:
+                    yield text
     else:
         with fs.open(path, "rb", compression="infer") as f:
-            text = _utf8(f.read(), path, 0)
-        yield text.replace("\r\n", "\n").replace("\r", "\n") if "\r" in text else text
+            yield decode_utf8(f.read(), path, 0, newlines=True)
 
 
-def _utf8(raw: bytes, path: str, offset: int) -> str:
-    """Strict UTF-8: a corpus with invalid bytes is refused with the file and the byte offset, never patched."""
+def decode_utf8(raw: bytes, path: str, offset: int, newlines: bool = False) -> str:
+    """Strict UTF-8: a corpus with invalid bytes is refused with the file and the byte offset, never patched.
+
+    With ``newlines``, \\r\\n and \\r become \\n (Python's universal newlines, as text files have always
+    been read here)."""
     try:
-        return raw.decode("utf-8")
+        text = raw.decode("utf-8")
     except UnicodeDecodeError as err:
         raise UsageError(f"{path}: invalid UTF-8 at byte {offset + err.start}; re-encode the file as UTF-8") from None
+    return text.replace("\r\n", "\n").replace("\r", "\n") if newlines and "\r" in text else text
+
+
+def jsonl_text(line: bytes, path: str, offset: int, text_field: str, lineno: int | None = None) -> str | None:
+    """The ``text_field`` of one JSONL line at byte ``offset`` (None for a blank line).
+
+    Errors name the line by ``lineno`` when the reader counted lines, else by its byte offset."""
+    if not line.strip():
+        return None
+    where = f"line {lineno}" if lineno is not None else f"the line at byte {offset}"
+    try:
+        row = json.loads(decode_utf8(line, path, offset))
+    except json.JSONDecodeError:
+        raise UsageError(f"{path}: {where} is not valid JSON") from None
+    if not isinstance(row, dict) or text_field not in row:
+        raise UsageError(f"{path}: {where} has no {text_field!r} field; set data.text_field")
+    if row[text_field] is None:
+        raise UsageError(f"{path}: {where} has {text_field!r}: null; remove the line or give text")
+    return str(row[text_field])
 
 
 def iter_documents(corpus: str, fmt: str = "auto", text_field: str = "text", max_docs: int | None = None,

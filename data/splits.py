@@ -32,7 +32,7 @@ from typing import Iterator
 
 import fsspec
 
-from data.corpus import BUILTIN_STDLIB, docstrings_of, hash_stdlib_files, stdlib_files
+from data.corpus import BUILTIN_STDLIB, decode_utf8, docstrings_of, hash_stdlib_files, jsonl_text, stdlib_files
 from specs.errors import UsageError
 
 UNIT_BYTES = 16 << 20
@@ -266,16 +266,6 @@ def _first_line_start(f, offset: int, size: int) -> int:
     return size
 
 
-def _decode(raw: bytes, path: str, offset: int, newlines: bool = False) -> str:
-    """UTF-8 text; with ``newlines``, \\r\\n and \\r become \\n (Python's universal newlines, as text files
-    have always been read here)."""
-    try:
-        text = raw.decode("utf-8")
-        return text.replace("\r\n", "\n").replace("\r", "\n") if newlines and "\r" in text else text
-    except UnicodeDecodeError as err:
-        raise UsageError(f"{path}: invalid UTF-8 at byte {offset + err.start}; re-encode the file as UTF-8") from None
-
-
 def _open_compressed(fs, unit: Unit):
     import pyarrow as pa
 
@@ -305,27 +295,12 @@ def _text_pieces(fs, unit: Unit) -> Iterator[tuple[str, bool]]:
             if cut < 0 and len(pending) >= MAX_PIECE:
                 cut = _utf8_boundary(pending)
             if cut > 0:
-                yield _decode(pending[:cut], unit.path, pos - len(pending), True), False
+                yield decode_utf8(pending[:cut], unit.path, pos - len(pending), True), False
                 pending = pending[cut:]
         if pending:
-            yield _decode(pending, unit.path, pos - len(pending), True), False
+            yield decode_utf8(pending, unit.path, pos - len(pending), True), False
     if unit.last_of_file:
         yield "", True
-
-
-def _jsonl_text(line: bytes, path: str, offset: int, text_field: str) -> str | None:
-    if not line.strip():
-        return None
-    try:
-        row = json.loads(_decode(line, path, offset))
-    except json.JSONDecodeError:
-        raise UsageError(f"{path}: the line at byte {offset} is not valid JSON") from None
-    if not isinstance(row, dict) or text_field not in row:
-        raise UsageError(f"{path}: the line at byte {offset} has no {text_field!r} field; set data.text_field")
-    value = row[text_field]
-    if value is None:
-        raise UsageError(f"{path}: the line at byte {offset} has {text_field!r}: null; remove it or give text")
-    return str(value)
 
 
 def _jsonl_docs(fs, unit: Unit, text_field: str) -> Iterator[str]:
@@ -339,12 +314,12 @@ def _jsonl_docs(fs, unit: Unit, text_field: str) -> Iterator[str]:
                 pending += block
                 *lines, pending = pending.split(b"\n")
                 for line in lines:
-                    text = _jsonl_text(line, unit.path, pos, text_field)
+                    text = jsonl_text(line, unit.path, pos, text_field)
                     pos += len(line) + 1
                     if text is not None:
                         yield text
             if pending:
-                text = _jsonl_text(pending, unit.path, pos, text_field)
+                text = jsonl_text(pending, unit.path, pos, text_field)
                 if text is not None:
                     yield text
         return
@@ -356,7 +331,7 @@ def _jsonl_docs(fs, unit: Unit, text_field: str) -> Iterator[str]:
             line = f.readline()
             if not line:
                 break
-            text = _jsonl_text(line, unit.path, pos, text_field)
+            text = jsonl_text(line, unit.path, pos, text_field)
             pos += len(line)
             if text is not None:
                 yield text

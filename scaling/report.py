@@ -274,6 +274,20 @@ def _png(fig) -> bytes:
     return buf.getvalue()
 
 
+def _compute_grid(t) -> np.ndarray:
+    """C values spanning the table's budgets with a margin, for the fitted lines."""
+    return np.geomspace(t.c.min() / 1.5, t.c.max() * 1.5, 100)
+
+
+def _against_compute(fig, ax, ylabel: str) -> bytes:
+    """Finish a plot whose x axis is compute: log scale, labels, legend; PNG bytes."""
+    ax.set_xscale("log")
+    ax.set_xlabel("compute C = 6ND (FLOPs)")
+    ax.set_ylabel(ylabel)
+    ax.legend(fontsize=8)
+    return _png(fig)
+
+
 def plot_isoflops(rep: FitReport) -> bytes:
     """Final loss against N per budget, with each budget's fitted parabola and its vertex."""
     fig, ax = _figure()
@@ -312,15 +326,11 @@ def plot_loss_vs_compute(rep: FitReport) -> bytes:
         order = np.argsort(rep.approach1.flops)
         ax.plot(rep.approach1.flops[order], rep.approach1.frontier_loss[order], color="black", lw=1.2,
                 label=f"frontier ({rep.approach1.source})")
-    c = np.geomspace(t.c.min() / 1.5, t.c.max() * 1.5, 100)
+    c = _compute_grid(t)
     p = rep.approach3.params
     ax.plot(c, p.loss(p.n_opt(c), p.d_opt(c)), color="tab:red", lw=1.2, ls="--",
             label="approach 3: L(N_opt, D_opt)")
-    ax.set_xscale("log")
-    ax.set_xlabel("compute C = 6ND (FLOPs)")
-    ax.set_ylabel("final loss")
-    ax.legend(fontsize=8)
-    return _png(fig)
+    return _against_compute(fig, ax, "final loss")
 
 
 def plot_n_opt(rep: FitReport) -> bytes:
@@ -328,7 +338,7 @@ def plot_n_opt(rep: FitReport) -> bytes:
     fig, ax = _figure()
     t = rep.table
     ax.scatter(t.c, t.n, s=10, color="lightgrey", label="runs")
-    c = np.geomspace(t.c.min() / 1.5, t.c.max() * 1.5, 100)
+    c = _compute_grid(t)
     if rep.approach1 is not None:
         a1 = rep.approach1
         ax.scatter(a1.flops, a1.frontier_n, s=6, color="tab:blue", alpha=0.5)
@@ -340,12 +350,8 @@ def plot_n_opt(rep: FitReport) -> bytes:
         ax.plot(c, a2.n_opt(c), color="tab:green", label=f"approach 2: a={a2.a:.3f}")
     p = rep.approach3.params
     ax.plot(c, p.n_opt(c), color="tab:red", ls="--", label=f"approach 3: a={p.a:.3f}")
-    ax.set_xscale("log")
     ax.set_yscale("log")
-    ax.set_xlabel("compute C = 6ND (FLOPs)")
-    ax.set_ylabel("compute-optimal N")
-    ax.legend(fontsize=8)
-    return _png(fig)
+    return _against_compute(fig, ax, "compute-optimal N")
 
 
 # ----------------------------------------------------------------------------- writing and the command

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from pydantic import AfterValidator, BaseModel, ConfigDict
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict
 
 from specs.errors import UsageError
 
@@ -22,6 +22,9 @@ def _plain_text(v: str | None) -> str | None:
 
 
 PathStr = Annotated[str, AfterValidator(_plain_text)]
+
+FromList = BeforeValidator(lambda v: tuple(v) if isinstance(v, list) else v)
+"""For a tuple field: YAML and JSON give lists, which strict validation would refuse."""
 """A path or URI field of the spec (checked against cluster.yaml's roots at submit: specs.paths)."""
 
 

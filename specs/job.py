@@ -25,7 +25,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, Field, ValidationError, field_validator, model_validator
 
 from data.labelled import BUILTIN_PACKAGES
-from specs.base import BIG, SEED_MAX, PathStr, SpecError, _plain_text, _Section
+from specs.base import BIG, SEED_MAX, FromList, PathStr, SpecError, _plain_text, _Section
 from specs.distill import DistillSpec, distill_combinations
 from specs.rlhf import BuiltinTaskSpec, RLHFSpec
 from specs.seq2seq import NoisingSpec
@@ -112,6 +112,9 @@ class DataSpec(_Section):
     """t5 span corruption and bart denoising settings (specs/seq2seq.py); null = the papers' defaults."""
 
 
+Beta = Annotated[float, Field(ge=0, lt=1)]
+
+
 class TrainSpec(_Section):
     steps: int | None = Field(None, ge=1, le=BIG)
     """Optimizer steps; give either steps or tokens."""
@@ -133,7 +136,7 @@ class TrainSpec(_Section):
     """Decay after warm-up, to min_lr_ratio * lr at the last step."""
     weight_decay: float = Field(0.1, ge=0, le=10)
     """Decoupled weight decay (AdamW)."""
-    betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = (0.9, 0.95)
+    betas: Annotated[tuple[Beta, Beta], FromList] = (0.9, 0.95)
     """Adam betas, each in [0, 1)."""
     grad_clip: float = Field(1.0, ge=0, le=1e6)
     """Global gradient-norm clip (0 = off)."""
@@ -143,11 +146,6 @@ class TrainSpec(_Section):
     """Training precision (fp16 is not offered: it does not run on CPU)."""
     log_every: int = Field(1, ge=1, le=BIG)
     """Write a metrics row every this many steps."""
-
-    @field_validator("betas", mode="before")
-    @classmethod
-    def _betas_list(cls, v):
-        return tuple(v) if isinstance(v, list) else v  # YAML and JSON give lists
 
     @model_validator(mode="after")
     def _steps_or_tokens(self) -> "TrainSpec":
@@ -204,21 +202,16 @@ class CheckpointSpec(_Section):
 class FewShotSpec(_Section):
     """Zero-, one- and few-shot accuracy of a decoder checkpoint on the built-in instruction task (workers/few_shot.py)."""
 
-    k: tuple[Annotated[int, Field(ge=0, le=64)], ...] = (0, 1, 4)
+    k: Annotated[tuple[Annotated[int, Field(ge=0, le=64)], ...], FromList] = (0, 1, 4)
     """Solved examples put in the prompt before each question, one accuracy per k."""
     prompts: int = Field(40, ge=1, le=100_000)
     """Held-out questions scored per k (the same questions for every k)."""
-    families: tuple[str, ...] | None = None
+    families: Annotated[tuple[str, ...] | None, FromList] = None
     """Instruction families (data.instruct.FAMILIES) to ask; null = all of them."""
     max_new_tokens: int = Field(16, ge=1, le=4096)
     """Most answer tokens generated (greedy); the answer ends at the first newline."""
     seed: int = Field(0, ge=0, le=SEED_MAX)
     """Seed of the questions and of the examples drawn for them."""
-
-    @field_validator("k", "families", mode="before")
-    @classmethod
-    def _lists(cls, v):
-        return tuple(v) if isinstance(v, list) else v  # YAML and JSON give lists
 
     @field_validator("k")
     @classmethod
@@ -249,19 +242,14 @@ class ClassifySpec(_Section):
     """{text, label} or {text, text_pair, label} rows, JSONL or Parquet at any fsspec URI; null = the built-in task."""
     heldout_file: PathStr | None = None
     """Held-out rows for accuracy and macro-F1; null = the rows whose text hashes into heldout_percent."""
-    labels: tuple[Annotated[str, Field(min_length=1, max_length=256)], ...] | None = None
+    labels: Annotated[tuple[Annotated[str, Field(min_length=1, max_length=256)], ...] | None, FromList] = None
     """The label set in class-id order; null = the sorted labels of the training rows."""
     heldout_percent: int = Field(10, ge=1, le=50)
     """Share (in %) of rows held out when no heldout_file is given, chosen by a hash of the text."""
-    builtin_packages: tuple[str, ...] = BUILTIN_PACKAGES
+    builtin_packages: Annotated[tuple[str, ...], FromList] = BUILTIN_PACKAGES
     """Built-in task: the standard-library packages whose docstrings are the classes."""
     per_label: int = Field(120, ge=1, le=1_000_000)
     """Built-in task: at most this many docstrings per package (keeps the classes near balanced)."""
-
-    @field_validator("labels", "builtin_packages", mode="before")
-    @classmethod
-    def _lists(cls, v):
-        return tuple(v) if isinstance(v, list) else v  # YAML and JSON give lists
 
     @field_validator("labels", "builtin_packages")
     @classmethod

@@ -2,11 +2,11 @@
 per-stage settings, embedded in ``specs.job.JobSpec`` as ``rlhf:``."""
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
 
-from specs.base import SEED_MAX, PathStr, _Section
+from specs.base import SEED_MAX, FromList, PathStr, _Section
 from workers.rlhf.ppo_config import PPOConfig
 
 
@@ -37,13 +37,8 @@ class BuiltinTaskSpec(_Section):
     """Held-out prompts of the final evaluation."""
     seed: int = Field(0, ge=0, le=SEED_MAX)
     """Seed of the prompt generator (0 to 2**31 - 1)."""
-    families: tuple[str, ...] | None = ("reverse", "add", "upper", "count", "repeat")
+    families: Annotated[tuple[str, ...] | None, FromList] = ("reverse", "add", "upper", "count", "repeat")
     """Instruction families (data.instruct.FAMILIES); null = all of them."""
-
-    @field_validator("families", mode="before")
-    @classmethod
-    def _families_list(cls, v):
-        return tuple(v) if isinstance(v, list) else v  # YAML and JSON give lists
 
     @field_validator("families")
     @classmethod
