@@ -2,6 +2,8 @@
 
 Each task reserves ``workers.eval_cpus`` CPUs, and a GPU when the job's ranks had one: the scheduler sees
 what it holds, and it runs at the speed of its own device instead of squeezed between training ranks.
+With ``eval.shards`` > 1 the task only drives that many shard actors (``workers.sharded_eval``), gang-placed,
+each reserving as much.
 
 A part of ``orchestrator.controller.Controller`` (a mixin: it uses the controller's ``store``, ``storage``,
 ``cluster``, ``active`` and ``eval_jobs``).
@@ -48,13 +50,17 @@ class CheckpointEvaluations:
             ckpt = todo[0]
             cpus = self.cluster.workers.eval_cpus
             gpus = 1 if float(rec.resources.get("gpus_per_worker") or 0) > 0 else 0
-            if self.pool.members and ray.available_resources().get("GPU" if gpus else "CPU", 0) < (gpus or cpus):
+            shards = rec.spec.get("eval", {}).get("shards", 1)
+            if self.pool.members and (ray.available_resources().get("GPU" if gpus else "CPU", 0)
+                                      < (gpus or cpus) * shards):
                 self.pool.release(1)  # an idle pool member gives its room to the evaluation
-            task = ray.remote(evaluate_checkpoint).options(num_cpus=cpus, num_gpus=gpus, max_retries=1)
+            # Sharded: this task only drives the shard actors, which reserve cpus and gpus each.
+            held = (0, 0) if shards > 1 else (cpus, gpus)
+            task = ray.remote(evaluate_checkpoint).options(num_cpus=held[0], num_gpus=held[1], max_retries=1)
             inflight[ckpt.path] = task.remote(self.storage, rec.run_dir, ckpt.path, ckpt.step,
                                               rec.spec.get("eval", {}).get("batches", 8),
                                               rec.spec.get("train", {}).get("micro_batch", 8),
-                                              max(1, int(cpus)))
+                                              max(1, int(cpus)), gpus)
 
     # ------------------------------------------------------------------ evaluation results
 

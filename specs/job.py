@@ -233,6 +233,9 @@ class EvalSpec(_Section):
     """Batches of held-out samples per evaluation."""
     few_shot: FewShotSpec | None = None
     """Also score each decoder checkpoint zero/one/few-shot on the built-in instruction task (null = off)."""
+    shards: int = Field(1, ge=1, le=64)
+    """Evaluation actors a decoder is cut into by blocks, each reading only its own tensors: for a model too
+    large for one task's memory or device (workers/sharded_eval.py). Pretrain decoders without Switch layers."""
 
 
 class ClassifySpec(_Section):
@@ -342,6 +345,11 @@ class JobSpec(_Section):
             self._classify_combinations()
         if self.kind == "distill":
             distill_combinations(self)
+        if self.eval.shards > 1 and not (m.is_decoder and m.moe is None and self.kind == "pretrain"):
+            raise ValueError("eval.shards: sharded evaluation cuts pretrain decoders (gpt2, llama, palm) without "
+                             "Switch layers; set eval.shards: 1")
+        if self.eval.shards > 1 and self.eval.few_shot is not None:
+            raise ValueError("eval.few_shot: few-shot scoring needs the whole model in one task; set eval.shards: 1")
         if self.eval.few_shot is not None and not (m.is_decoder and self.kind in ("pretrain", "sft")):
             raise ValueError("eval.few_shot: few-shot evaluation scores decoders (gpt2, llama, palm) of pretrain "
                              "and sft jobs")
@@ -355,9 +363,12 @@ class JobSpec(_Section):
         from workers.tasks import model_config
 
         try:
-            model_config(self, vocab_size=512)
+            cfg = model_config(self, vocab_size=512)
         except Exception as err:  # the builder raises its own error type; any refusal is the spec's fault
             raise SpecError(f"model: {str(err).removeprefix('model: ')}") from None
+        if self.eval.shards > cfg.n_layers:
+            raise SpecError(f"eval.shards: {self.eval.shards} shards for {cfg.n_layers} blocks; use at most one "
+                            "shard per block")
 
     def _rlhf_combinations(self) -> None:
         p, m, d, ppo = self.parallel, self.model, self.rlhf.data, self.rlhf.ppo

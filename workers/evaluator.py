@@ -1,7 +1,8 @@
 """Checkpoint evaluation: held-out loss and perplexity of one complete checkpoint.
 
 Runs as a Ray task on resources the controller reserves for it
-(``workers.eval_cpus`` CPUs, and one GPU when the job's ranks had GPUs), so it
+(``workers.eval_cpus`` CPUs, and one GPU when the job's ranks had GPUs; with
+``eval.shards`` > 1, that much for each shard actor), so it
 neither steals cores from training ranks nor waits behind them for a share of
 an oversubscribed CPU. It reads only tensors (the consolidated safetensors) and
 the held-out slice of the token stream that training never sees, in batches of
@@ -13,7 +14,9 @@ import math
 
 
 def evaluate_checkpoint(storage, run_dir: str, ckpt_path: str, step: int, batches: int, micro_batch: int,
-                        threads: int = 1) -> dict:
+                        threads: int = 1, gpus: int = 0) -> dict:
+    """One checkpoint's held-out evaluation. With ``eval.shards`` > 1 this task only drives the shard actors
+    (``workers.sharded_eval``), each on ``threads`` CPUs and ``gpus`` GPUs of its own."""
     import torch
 
     torch.set_num_threads(threads)
@@ -32,6 +35,10 @@ def evaluate_checkpoint(storage, run_dir: str, ckpt_path: str, step: int, batche
         from workers.classify import evaluate_classify_checkpoint
 
         return evaluate_classify_checkpoint(storage, spec, run_dir, ckpt_path, step)
+    if spec.eval.shards > 1:
+        from workers.sharded_eval import evaluate_sharded
+
+        return evaluate_sharded(storage, spec, run_dir, ckpt_path, step, batches, micro_batch, threads, gpus)
     if spec.kind not in ("pretrain", "distill"):                 # a distill run holds its student only
         return with_few_shot(evaluate_stage_checkpoint(storage, spec, run_dir, ckpt_path, step), storage, spec, run_dir)
     cfg = config_from_dict(spec.model.family, storage.read_json(f"{run_dir}/model_config.json")["model"])
