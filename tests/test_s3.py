@@ -68,3 +68,15 @@ def test_checkpoints_and_resume_on_s3(ray_cluster, s3_server, tmp_path):
         line = next(x for x in log.splitlines() if "resume: downloaded" in x)
         got, every = (int(n) for n in re.search(r"downloaded (\d+) of the (\d+) files", line).groups())
         assert got == every - 1, line
+    # The checkpoint on s3 evaluates whole and in shards (each shard fetches model.safetensors to its disk).
+    import ray
+
+    from workers.evaluator import evaluate_checkpoint
+    from workers.sharded_eval import evaluate_sharded
+
+    ckpt = checkpoint_dir(run_dir, 8)
+    whole = evaluate_checkpoint(storage, run_dir, ckpt, 8, spec.eval.batches, spec.train.micro_batch)
+    shards = tiny_spec(**{"parallel.zero_stage": 2, "data.max_docs": 150, "eval.shards": 2})
+    scored = ray.get(ray.remote(evaluate_sharded).options(num_cpus=0).remote(
+        storage, shards, run_dir, ckpt, 8, spec.eval.batches, spec.train.micro_batch))
+    assert scored["loss"] == pytest.approx(whole["loss"], rel=1e-5) and scored["extra"]["shards"] == 2
