@@ -22,10 +22,10 @@ def _plain_text(v: str | None) -> str | None:
 
 
 PathStr = Annotated[str, AfterValidator(_plain_text)]
+"""A path or URI field of the spec (checked against cluster.yaml's roots at submit: specs.paths)."""
 
 FromList = BeforeValidator(lambda v: tuple(v) if isinstance(v, list) else v)
 """For a tuple field: YAML and JSON give lists, which strict validation would refuse."""
-"""A path or URI field of the spec (checked against cluster.yaml's roots at submit: specs.paths)."""
 
 
 class SpecError(UsageError):

@@ -113,6 +113,7 @@ class DataSpec(_Section):
 
 
 Beta = Annotated[float, Field(ge=0, lt=1)]
+"""One of Adam's betas."""
 
 
 class TrainSpec(_Section):
