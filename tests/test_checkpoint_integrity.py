@@ -79,6 +79,16 @@ def test_resume_is_refused_when_folders_exist_but_none_is_complete(run):
         ck.resume_choice(st, run_dir)
 
 
+def test_folders_that_never_got_their_manifest_start_the_run_at_step_0(run, caplog):
+    """A crash while the first checkpoint was being published (files moved, no manifest) saved nothing."""
+    st, run_dir = run
+    path, _ = _write(st, run_dir, 8)
+    os.remove(os.path.join(path, "manifest.json"))
+    with caplog.at_level(logging.WARNING, logger="workers.checkpoint"):
+        assert ck.resume_choice(st, run_dir) is None
+    assert any("never published (no manifest): step_00000008 ignored" in r.getMessage() for r in caplog.records)
+
+
 def test_a_writer_of_an_earlier_attempt_publishes_nothing(run):
     st, run_dir = run
     first = ck.begin_attempt(st, run_dir, "controller", "job-1")

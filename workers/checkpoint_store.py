@@ -233,8 +233,10 @@ def latest_checkpoint(storage: Storage, run_dir: str) -> CheckpointInfo | None:
 
 def resume_choice(storage: Storage, run_dir: str) -> CheckpointInfo | None:
     """The newest complete checkpoint whose files match their checksums; a failing one is skipped with a
-    line in the log. UserError when the run has checkpoint folders but none is complete and intact
-    (resuming at step 0 would silently throw the run away)."""
+    line in the log. UserError when a checkpoint was published (it has a manifest) but none is complete
+    and intact now: resuming at step 0 would silently throw the run away. Folders that never got their
+    manifest (a crash while one was being published) saved nothing: they are ignored, and with nothing
+    else the run starts at step 0."""
     done = list_checkpoints(storage, run_dir)
     for ckpt in reversed(done):
         problem = verify(storage, ckpt)
@@ -242,10 +244,15 @@ def resume_choice(storage: Storage, run_dir: str) -> CheckpointInfo | None:
             return ckpt
         log.warning("checkpoint %s skipped: %s; trying the one before it", ckpt.path, problem)
     folders = checkpoint_folders(storage, run_dir)
-    if folders:
+    if not storage.is_local:
+        storage.fs.invalidate_cache()
+    if any(storage.fs.exists(f"{checkpoint_dir(run_dir, s)}/manifest.json") for s in folders):
         bad = ", ".join(f"step_{s:08d}" for s in folders[-3:])
         raise UserError(f"resume: {run_dir} has checkpoint folders ({bad}) but none is complete and intact "
                         "(manifest, sizes and sha256); nothing to resume from: start a new run")
+    if folders:
+        log.warning("checkpoint folders of %s were never published (no manifest): %s ignored; starting at step 0",
+                    run_dir, ", ".join(f"step_{s:08d}" for s in folders))
     return None
 
 
