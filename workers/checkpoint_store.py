@@ -244,9 +244,9 @@ def resume_choice(storage: Storage, run_dir: str) -> CheckpointInfo | None:
             return ckpt
         log.warning("checkpoint %s skipped: %s; trying the one before it", ckpt.path, problem)
     folders = checkpoint_folders(storage, run_dir)
-    if not storage.is_local:
+    if not done and not storage.is_local:
         storage.fs.invalidate_cache()
-    if any(storage.fs.exists(f"{checkpoint_dir(run_dir, s)}/manifest.json") for s in folders):
+    if done or any(storage.fs.exists(f"{checkpoint_dir(run_dir, s)}/manifest.json") for s in folders):
         bad = ", ".join(f"step_{s:08d}" for s in folders[-3:])
         raise UserError(f"resume: {run_dir} has checkpoint folders ({bad}) but none is complete and intact "
                         "(manifest, sizes and sha256); nothing to resume from: start a new run")

@@ -87,11 +87,11 @@ class EvalShard:
             with safe_open(_local_copy(storage, uri, tmp), framework="pt") as f:
                 stored = set(f.keys())
                 for prefix, layer in self.layers:
-                    names = [prefix + k for k in layer.state_dict()]
-                    missing = [n for n in names if n not in stored]
+                    own = list(layer.state_dict())
+                    missing = [prefix + k for k in own if prefix + k not in stored]
                     if missing:
                         raise UserError(f"checkpoint {ckpt_path}: model.safetensors lacks {missing[:3]}")
-                    layer.load_state_dict({k: f.get_tensor(prefix + k) for k in layer.state_dict()}, strict=True)
+                    layer.load_state_dict({k: f.get_tensor(prefix + k) for k in own}, strict=True)
                     layer.to(self.device).eval()
 
     def parameters(self) -> int:
