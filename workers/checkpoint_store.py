@@ -164,13 +164,17 @@ def staging_dir(run_dir: str, attempt: str | None, step: int) -> str:
     return posixpath.join(run_dir, "checkpoints", STAGING, attempt or "unfenced", f"step_{step:08d}")
 
 
+def manifest_uri(path: str) -> str:
+    """The manifest of the checkpoint folder ``path``: written last, so a folder without it saved nothing."""
+    return f"{path}/manifest.json"
+
+
 def _is_complete(storage: Storage, path: str) -> dict | None:
     fs = storage.fs
-    manifest_uri = f"{path}/manifest.json"
-    if not fs.exists(manifest_uri):
+    if not fs.exists(manifest_uri(path)):
         return None
     try:
-        manifest = storage.read_json(manifest_uri)
+        manifest = storage.read_json(manifest_uri(path))
     except (ValueError, OSError):
         return None
     for rel, size in manifest.get("files", {}).items():
@@ -246,7 +250,7 @@ def resume_choice(storage: Storage, run_dir: str) -> CheckpointInfo | None:
     folders = checkpoint_folders(storage, run_dir)
     if not done and not storage.is_local:
         storage.fs.invalidate_cache()
-    if done or any(storage.fs.exists(f"{checkpoint_dir(run_dir, s)}/manifest.json") for s in folders):
+    if done or any(storage.fs.exists(manifest_uri(checkpoint_dir(run_dir, s))) for s in folders):
         bad = ", ".join(f"step_{s:08d}" for s in folders[-3:])
         raise UserError(f"resume: {run_dir} has checkpoint folders ({bad}) but none is complete and intact "
                         "(manifest, sizes and sha256); nothing to resume from: start a new run")
@@ -282,8 +286,8 @@ def publish(storage: Storage, run_dir: str, step: int, extra: dict, parts: list[
         if not storage.is_local:
             fs.invalidate_cache()  # the other ranks' uploads are not in this process's listing cache
         if fs.exists(path):  # an earlier attempt's unfinished folder of this step: invisible first, then gone
-            if fs.exists(f"{path}/manifest.json"):
-                fs.rm(f"{path}/manifest.json")
+            if fs.exists(manifest_uri(path)):
+                fs.rm(manifest_uri(path))
             fs.rm(path, recursive=True)
         if storage.is_local:
             fs.mv(staged, path, recursive=True)  # one rename
@@ -295,7 +299,7 @@ def publish(storage: Storage, run_dir: str, step: int, extra: dict, parts: list[
                         zero_stage=zero_stage, attempt=attempt, time=time.time())
         if (why := fenced()) is not None:  # checked again right before the manifest makes it visible
             return why
-        storage.write_json(f"{path}/manifest.json", manifest)
+        storage.write_json(manifest_uri(path), manifest)
         _drop_staging(storage, run_dir, attempt)
     except OSError as err:
         fault = storage_fault(err, f"{run_dir} (checkpoint step {step})", intact)
@@ -355,6 +359,6 @@ def apply_retention(storage: Storage, run_dir: str, keep: int, protect: set[str]
     victims = [c for c in done[:-keep] if c.path not in protect] if keep > 0 else []
     fs = storage.fs
     for c in victims:
-        fs.rm(f"{c.path}/manifest.json")  # invisible first, then gone
+        fs.rm(manifest_uri(c.path))  # invisible first, then gone
         fs.rm(c.path, recursive=True)
     return [c.path for c in victims]
