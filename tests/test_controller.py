@@ -30,10 +30,10 @@ def _losses(run_dir):
 def test_node_loss_restarts_from_checkpoint_with_the_same_losses(ray_cluster, controller):
     cfg, _ = controller
     store = JobStore(cfg.job_store)
-    # 3 ranks x 2 CPUs: the 4-CPU head holds two, the third must go to another node.
-    node_b = ray_cluster.add_node(num_cpus=2)
+    # 2 ranks x 3 CPUs: the 4-CPU head holds one, the other must go to another node.
+    node_b = ray_cluster.add_node(num_cpus=3)
     ray_cluster.wait_for_nodes()
-    spec = tiny_spec(**{"resources.workers": 3, "resources.cpus_per_worker": 2, "resources.torch_threads": 1,
+    spec = tiny_spec(**{"resources.workers": 2, "resources.cpus_per_worker": 3, "resources.torch_threads": 1,
                         "train.steps": 12, "train.micro_batch": 2, "checkpoint.every": 4, "max_restarts": 2})
     job = submit_spec(cfg, spec, priority=0)
     wait_for(lambda: _state(store, job) == JobState.RUNNING, what="RUNNING")
@@ -41,7 +41,7 @@ def test_node_loss_restarts_from_checkpoint_with_the_same_losses(ray_cluster, co
     assert len(nodes) == 2, "the job's workers span two nodes"
     wait_for(lambda: (store.get(job).step or 0) >= 6, what="step 6")
     ray_cluster.remove_node(node_b)
-    node_c = ray_cluster.add_node(num_cpus=2)  # a replacement joins
+    node_c = ray_cluster.add_node(num_cpus=3)  # a replacement joins
     wait_for(lambda: store.get(job).terminal, timeout=300, what="job end")
     rec = store.get(job)
     assert rec.state == JobState.SUCCEEDED, rec.reason
@@ -86,7 +86,9 @@ def test_cancel_frees_resources_promptly(controller):
     cfg, _ = controller
     store = JobStore(cfg.job_store)
     free_before = ray.available_resources().get("CPU", 0)
-    job = submit_spec(cfg, tiny_spec(name="long", **{"train.steps": 5000, "checkpoint.every": 1000}), priority=0)
+    job = submit_spec(cfg, tiny_spec(name="long", **{"train.steps": 5000, "checkpoint.every": 1000,
+                                                     "resources.workers": 1, "resources.cpus_per_worker": 2}),
+                      priority=0)
     wait_for(lambda: (store.get(job).step or 0) >= 2, what="training")
     assert ray.available_resources().get("CPU", 0) <= free_before - 2
     t0 = time.time()
@@ -102,11 +104,13 @@ def test_cancel_frees_resources_promptly(controller):
 def test_killed_controller_comes_back_and_loses_no_job(controller):
     cfg, handle = controller
     store = JobStore(cfg.job_store)
-    job = submit_spec(cfg, tiny_spec(name="survivor", **{"train.steps": 16, "checkpoint.every": 4}), priority=0)
+    one = {"resources.workers": 1}   # what matters here is the controller, not the gang
+    job = submit_spec(cfg, tiny_spec(name="survivor", **one, **{"train.steps": 16, "checkpoint.every": 4}),
+                      priority=0)
     wait_for(lambda: (store.get(job).step or 0) >= 5, what="step 5")
     old_pid = store.controller().pid
     ray.kill(handle, no_restart=False)  # Ray restarts the detached actor
-    queued_meanwhile = submit_spec(cfg, tiny_spec(name="meanwhile", **{"train.steps": 3}), priority=0)
+    queued_meanwhile = submit_spec(cfg, tiny_spec(name="meanwhile", **one, **{"train.steps": 3}), priority=0)
     wait_for(lambda: store.controller().pid != old_pid, timeout=60, what="new controller")
     for j in (job, queued_meanwhile):
         wait_for(lambda: store.get(j).terminal, timeout=300, what=f"{j} end")
@@ -120,9 +124,9 @@ def test_user_errors_fail_at_once_without_restarts(controller, tmp_path):
     store = JobStore(cfg.job_store)
     # Submit refuses this spec now (the model shape is checked at validation), so it goes into the store
     # directly, as a spec written by an older Switchyard would be: the controller fails it once, no restart.
-    raw = tiny_spec(name="badmodel").to_dict()
+    raw = tiny_spec(name="badmodel", **{"resources.workers": 1}).to_dict()
     raw["model"].update(preset=None, d_model=30, n_layers=1, n_heads=4)
-    job = store.submit("badmodel", "train", raw, 0, {"workers": 2, "cpus_per_worker": 1}, 3,
+    job = store.submit("badmodel", "train", raw, 0, {"workers": 1, "cpus_per_worker": 1}, 3,
                        run_dir_for=lambda jid: os.path.join(cfg.storage, f"badmodel-{jid}")).id
     wait_for(lambda: store.get(job).terminal, timeout=120, what="failure")
     rec = store.get(job)

@@ -95,7 +95,7 @@ def test_run_resume_of_a_run_the_controller_owns_is_refused(ray_cluster, cluster
 def test_a_zombie_writer_of_attempt_1_is_ignored_while_attempt_2_runs(ray_cluster, cluster_cfg):
     st = Storage(cluster_cfg.storage)
     spec = tiny_spec(**{"train.steps": 400, "checkpoint.every": 2, "checkpoint.keep": 2,
-                        "checkpoint.consolidated": False})
+                        "checkpoint.consolidated": False, "resources.workers": 1})
     run_dir = st.path(f"zombie-{os.getpid()}-{time.time_ns()}")
     st.makedirs(run_dir)
     st.write_json(f"{run_dir}/spec.json", spec.to_dict())
@@ -133,7 +133,7 @@ def test_rank_0_killed_while_it_writes_a_checkpoint_resumes_from_the_previous_on
     store, st = JobStore(cfg.job_store), Storage(cfg.storage)
     job = submit_spec(cfg, tiny_spec(name="kill9", **{"train.steps": 60, "checkpoint.every": 1,
                                                       "checkpoint.keep": 3, "checkpoint.consolidated": False,
-                                                      "max_restarts": 2}), priority=0)
+                                                      "max_restarts": 2, "resources.workers": 1}), priority=0)
     wait_for(lambda: store.get(job).state == JobState.RUNNING and ck.latest_checkpoint(st, store.get(job).run_dir),
              what="first checkpoint")
     rec = store.get(job)
@@ -203,7 +203,7 @@ def test_storage_full_or_read_only_mid_run_fails_the_job_and_keeps_the_checkpoin
     store, st = JobStore(cfg.job_store), Storage(cfg.storage)
     job = submit_spec(cfg, tiny_spec(name=f"disk-{fault.replace('-', '')}",
                                      **{"train.steps": 400, "checkpoint.every": 2, "checkpoint.keep": 2,
-                                        "max_restarts": 3}), priority=0)
+                                        "max_restarts": 3, "resources.workers": 1}), priority=0)
     ckpts = os.path.join(store.get(job).run_dir, "checkpoints")
     if not _mount_tmpfs(ckpts, 256):  # its own small filesystem, before the first checkpoint
         store.request_cancel(job)
