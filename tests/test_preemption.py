@@ -107,7 +107,9 @@ def test_two_jobs_of_alternating_priority_do_not_ping_pong(preempting_controller
     """Each time one job gets the cluster, the other is raised above it: the cap ends the exchange."""
     cfg, _ = preempting_controller
     store = JobStore(cfg.job_store)
-    spec = dict(**BIG, **{"resources.workers": 2, "train.steps": 20, "train.micro_batch": 2, "checkpoint.every": 2})
+    # One rank that takes the whole 4-CPU head: each job holds the cluster alone, as two 2-CPU ranks would.
+    spec = {"resources.workers": 1, "resources.cpus_per_worker": 4, "resources.torch_threads": 1,
+            "train.steps": 20, "train.micro_batch": 2, "checkpoint.every": 2}
     a = submit_spec(cfg, tiny_spec(name="ping", **spec), priority=0, owner="alice")
     wait_for(lambda: store.get(a).state == JobState.RUNNING, what="ping RUNNING")
     b = submit_spec(cfg, tiny_spec(name="pong", **spec), priority=1, owner="bob")
