@@ -148,7 +148,7 @@ def test_checkpoint_evaluation_of_each_stage(chain):
             assert out["loss"] == pytest.approx(rm["final_eval"]["held_out_loss"], rel=1e-5)
         else:
             assert out["loss"] == pytest.approx(sft["final_eval"]["held_out_loss"], rel=1e-5)
-    ppo = run(ppo_spec(chain, **{"train.steps": 2, "name": "t-ppo-eval"}), cfg)
+    ppo = run(ppo_spec(chain, **{"train.steps": 2, "name": "t-ppo-eval", "resources.workers": 1}), cfg)
     ckpt = latest_checkpoint(storage, ppo["run_dir"])
     out = evaluate_checkpoint(storage, ppo["run_dir"], ckpt.path, ckpt.step, 2, 4)
     assert set(out["extra"]) == {"reward", "kl", "kl_beta"}
@@ -161,10 +161,11 @@ def test_sft_starts_from_a_pretrained_checkpoint(chain):
 
     cfg, data_dir = chain[0], chain[1]
     storage = Storage(cfg.storage)
-    pre = run(tiny_spec(**{"name": "t-pre", "data.seq_len": 96, "train.steps": 2}), cfg)
+    pre = run(tiny_spec(**{"name": "t-pre", "data.seq_len": 96, "train.steps": 2, "resources.workers": 1}), cfg)
     ckpt = latest_checkpoint(storage, pre["run_dir"]).path
     sft = run(stage_spec("sft", data_dir, **{"name": "t-sft-pre", "train.steps": 1, "train.lr": 1e-9,
-                                             "train.warmup_steps": 0, "model.init_from": ckpt}), cfg)
+                                             "train.warmup_steps": 0, "model.init_from": ckpt,
+                                             "resources.workers": 1}), cfg)
     before, after = load_consolidated(storage, ckpt), load_consolidated(storage, latest_checkpoint(storage, sft["run_dir"]).path)
     assert before.keys() == after.keys()
     for k in before:
