@@ -242,7 +242,8 @@ def test_electra_discriminator_fine_tunes_from_its_pretraining_run(ray_cluster, 
     cfg = ClusterConfig.model_validate({"storage": str(tmp_path / "runs"), "job_store": str(tmp_path / "jobs.db")})
     quiet = {"log": lambda *a, **k: None}
     electra = {**BPE, "model.family": "electra"}
-    pre = run_job(tiny_spec(**electra, **{"train.steps": 4, "name": "electra-pre", "resources.workers": 1}), cfg, **quiet)
+    pre = run_job(tiny_spec(**electra, **{"train.steps": 4, "name": "electra-pre", "resources.workers": 1}), cfg,
+                  **quiet)
     assert pre["state"] == "SUCCEEDED", pre
     spec = tiny_spec(kind="classify", name="electra-cls", **electra, **{
         "model.init_from": pre["run_dir"], "classify.builtin_packages": PACKAGES, "classify.per_label": 120,
