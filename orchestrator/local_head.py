@@ -157,24 +157,31 @@ def start_head(cluster) -> str:
 
 
 def stop_session(session: str, timeout_s: float = 20.0) -> None:
-    """End the processes of one local Ray session (the head `up` started), not every Ray on the machine."""
+    """End the processes of one local Ray session (the head `up` started), not every Ray on the machine.
+
+    In Ray's own order (`ray stop`): the raylet first, then the agents and monitors, the GCS last. Sent all
+    at once, the GCS waits on a raylet that is itself going away and hangs out the whole grace period."""
     import psutil
 
-    procs = []
+    buckets: list[list[psutil.Process]] = [[], [], []]
     for p in psutil.process_iter(["cmdline"]):
         try:
-            if any(session in part for part in (p.info["cmdline"] or [])):
-                procs.append(p)
+            cmdline = p.info["cmdline"] or []
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
-    for p in procs:
-        try:
-            p.terminate()
-        except psutil.NoSuchProcess:
-            pass
-    _, alive = psutil.wait_procs(procs, timeout=timeout_s)
-    for p in alive:
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
+        if p.pid == os.getpid() or not any(session in part for part in cmdline):
+            continue
+        program = os.path.basename(cmdline[0])
+        buckets[0 if program == "raylet" else 2 if program == "gcs_server" else 1].append(p)
+    for procs in buckets:
+        for p in procs:
+            try:
+                p.terminate()
+            except psutil.NoSuchProcess:
+                pass
+        _, alive = psutil.wait_procs(procs, timeout=timeout_s / len(buckets))
+        for p in alive:
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
