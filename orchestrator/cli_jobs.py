@@ -215,14 +215,30 @@ def _age(ts: float | None) -> str:
 
 
 def pending_line(job: dict) -> str:
-    """'#2, waiting for quota: ...' for a queued job, '' otherwise (status and list show it)."""
+    """'#2, waiting for quota: ...' for a queued job, '' otherwise (status and list show it).
+
+    A reason that already says what it waits for ('waiting for resources: ...') is not prefixed again."""
     p = job.get("pending") or {}
     if job.get("state") != "QUEUED" or not p:
         return ""
-    line = f"#{p.get('position')}, waiting for {p.get('waiting_for')}: {p.get('reason')}"
+    reason = str(p.get("reason") or "")
+    said = reason.startswith("waiting for ")
+    line = f"#{p.get('position')}, " + (reason if said else f"waiting for {p.get('waiting_for')}: {reason}")
     if p.get("preempted_by"):
         line += f" (preempted by {p['preempted_by']})"
     return line
+
+
+QUEUED_SHOWN = 20  # the cluster `status` lists the queue's head; --json and `list` have every job
+NAME_MAX = 40  # `list`'s name column: as wide as the longest name on the page, up to this
+
+
+def _clip(name: str, width: int) -> str:
+    """A name cut to ``width`` in the middle, so a sweep's or pipeline's runs keep the ends that tell them apart."""
+    if len(name) <= width:
+        return name
+    head = (width - 1) // 2
+    return f"{name[:head]}~{name[len(name) - (width - 1 - head):]}"
 
 
 def cmd_list(args) -> int:
@@ -236,13 +252,14 @@ def cmd_list(args) -> int:
     if args.json:
         print(json_output.dumps(rows))
         return 0
-    print(f"{'ID':<20} {'NAME':<24} {'OWNER':<10} {'STATE':<11} {'PRIO':>4} {'STEP':>7} {'RESTARTS':>8} {'AGE':>6}"
+    w = min(NAME_MAX, max([4] + [len(r["name"]) for r in rows]))
+    print(f"{'ID':<20} {'NAME':<{w}} {'OWNER':<10} {'STATE':<11} {'PRIO':>4} {'STEP':>7} {'RESTARTS':>8} {'AGE':>6}"
           "  WHY")
     for r in sorted(rows, key=lambda r: r["submitted_at"]):
         why = pending_line(r)
         if not why and r["state"] == "PREEMPTED":
             why = f"preempted by {r.get('preempted_by')}; checkpointing"
-        print(f"{r['id']:<20} {r['name'][:24]:<24} {(r.get('owner') or '-')[:10]:<10} {r['state']:<11} "
+        print(f"{r['id']:<20} {_clip(r['name'], w):<{w}} {(r.get('owner') or '-')[:10]:<10} {r['state']:<11} "
               f"{r['priority']:>4} {r['step'] or 0:>7} {r['restarts']:>8} {_age(r['submitted_at']):>6}  {why}")
     if total > len(rows):
         newest = (args.page - 1) * args.limit
@@ -381,10 +398,12 @@ def cmd_status(args) -> int:
             print(f"node {n['node'][:12]} {n['address']}: CPU {n['free']['CPU']:g}/{n['total']['CPU']:g} free, "
                   f"GPU {n['free']['GPU']:g}/{n['total']['GPU']:g} free")
         print(f"running: {len(out['running'])}  queued: {len(out['queued'])}")
-        for r in out["running"] + out["queued"]:
+        for r in out["running"] + out["queued"][:QUEUED_SHOWN]:
             why = pending_line(r)
             print(f"  {r['id']} {r['name']} {r['state']} prio {r['priority']} step {r['step']}"
                   + (f"  {why}" if why else ""))
+        if len(out["queued"]) > QUEUED_SHOWN:
+            print(f"  ... and {len(out['queued']) - QUEUED_SHOWN} more queued (`switchyard list` pages through all)")
     return 0
 
 
