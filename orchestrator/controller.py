@@ -67,6 +67,7 @@ CONTROLLER_NAME = "switchyard-controller"
 TICK_S = 0.2  # a tick costs what changed (queue_view.py); a submit waits half a tick on average
 TRAINING_KINDS = ("train", "sweep-run", "pipeline-stage")
 FAIR_SHARE_HORIZON = 30  # half-lives of run history that fair share reads
+DOWN_STOP_S = 20.0  # at `switchyard down`, running jobs get this long to checkpoint and stop (stop_controller waits 30)
 VACATED_GRACE_S = 15.0  # a preempted gang's room counts as spoken for this long (Ray's free view lags its removal)
 
 
@@ -128,8 +129,29 @@ class Controller(GangStarts, CheckpointEvaluations, ParentJobs):
         with self._lock:
             self._release_warm()
             self.pool.release()
-            for act in list(self.active.values()):
-                act.run.shutdown()
+            self._stop_jobs_for_shutdown()
+            self.store.clear_controller(self.pid)
+
+    def _stop_jobs_for_shutdown(self, timeout_s: float = DOWN_STOP_S) -> None:
+        """`switchyard down`: running jobs finish their step, save a checkpoint and stop (killed past
+        ``timeout_s``; the latest complete checkpoint stays), then wait QUEUED for the next `up`. A stop the
+        user asked for spends none of the job's restarts."""
+        running = [act for act in self.active.values() if act.started]
+        for act in running:
+            act.run.group.stop()
+        deadline = time.time() + timeout_s
+        for act in running:
+            act.run.done(max(0.0, deadline - time.time()))
+        for job_id, act in list(self.active.items()):
+            step = (act.run.group.progress(timeout_s=1.0).get("last_checkpoint") if act.started else None)
+            act.run.shutdown()
+            where = f"its checkpoint at step {step}" if step else "its latest complete checkpoint"
+            try:
+                self.store.transition(job_id, JobState.QUEUED, f"stopped with the controller (switchyard down); "
+                                      f"resumes from {where} at the next start")
+            except Exception:  # it ended meanwhile
+                log.exception("job %s: not requeued at shutdown", job_id)
+        self.active.clear()
 
     # ------------------------------------------------------------------ loop
 

@@ -75,6 +75,7 @@ _TERMINAL = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED})
 # QUEUED -> STARTING      the scheduler admitted it; the controller creates the placement group
 # STARTING -> RUNNING     every rank is up
 # STARTING -> QUEUED      the placement group could not be placed after all; back in the queue
+# STARTING|RUNNING -> QUEUED   stopped with the controller (`switchyard down`); resumes at the next `up`
 # STARTING|RUNNING -> RESTARTING   an infrastructure fault the failure policy will retry
 # RESTARTING -> QUEUED    wait for resources again (usual case)
 # RESTARTING -> STARTING  restart straight away on resources still held
@@ -92,7 +93,8 @@ LEGAL_TRANSITIONS: dict[JobState, frozenset[JobState]] = {
          JobState.CANCELLED}
     ),
     JobState.RUNNING: frozenset(
-        {JobState.SUCCEEDED, JobState.RESTARTING, JobState.PREEMPTED, JobState.FAILED, JobState.CANCELLED}
+        {JobState.SUCCEEDED, JobState.QUEUED, JobState.RESTARTING, JobState.PREEMPTED, JobState.FAILED,
+         JobState.CANCELLED}
     ),
     JobState.PREEMPTED: frozenset(
         {JobState.QUEUED, JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED}

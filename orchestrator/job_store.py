@@ -521,6 +521,12 @@ class JobStore(JobQueries):
             cur = conn.execute("UPDATE controller SET heartbeat = ? WHERE id = 0 AND pid = ?", (self._clock(), pid))
             return cur.rowcount == 1
 
+    def clear_controller(self, pid: int) -> bool:
+        """The controller ``pid`` stopped on purpose: no record is left to refuse the next one; False if it
+        was not the recorded one."""
+        with self._write() as conn:
+            return conn.execute("DELETE FROM controller WHERE id = 0 AND pid = ?", (pid,)).rowcount == 1
+
     def controller(self) -> ControllerInfo | None:
         """The recorded controller, or None if none ever registered."""
         with self._read() as conn:

@@ -134,9 +134,9 @@ def describe_cluster(total_per_node: Mapping[str, Resources], gpus: bool = False
              "GPU": sum(r.get("GPU", 0) for r in total_per_node.values())}
     head = f"{len(nodes)} node{'' if len(nodes) == 1 else 's'} with {res(total)} in all"
     if len(nodes) <= 4:
-        return head + ": " + ", ".join(f"{n} ({res(total_per_node[n])})" for n in nodes)
+        return head + ": " + ", ".join(f"{n[:12]} ({res(total_per_node[n])})" for n in nodes)  # Ray's ids: 56 hex
     big = max(nodes, key=lambda n: (total_per_node[n].get("GPU", 0), total_per_node[n].get("CPU", 0)))
-    return f"{head}, the largest {big} ({res(total_per_node[big])})"
+    return f"{head}, the largest {big[:12]} ({res(total_per_node[big])})"
 
 
 def give_back(free: Mapping[str, Resources], jobs: Iterable[Any]) -> dict[str, dict[str, float]]:

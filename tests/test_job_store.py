@@ -355,6 +355,8 @@ def test_controller_row(tmp_path):
     assert ctl.heartbeat(1) is False  # a stale controller learns it was replaced
     info = cli.controller()
     assert (info.pid, info.address, info.heartbeat) == (4242, "ray://head:10001", 60.0)
+    assert cli.clear_controller(1) is False and cli.controller() is not None  # only the recorded one clears it
+    assert ctl.clear_controller(4242) is True and cli.controller() is None
 
 
 def test_status_dict_is_json_ready(store):
