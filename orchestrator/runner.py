@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import os
 import secrets
+import signal
 import sys
 import threading
 import time
@@ -267,6 +268,7 @@ def run_job(spec: JobSpec, cluster, resume_dir: str | None = None, log=print) ->
     state = "FAILED"
     summary: dict = {}
     bar = None
+    before = _sigterm_as_interrupt()
     try:
         job.start(resume=resume_dir is not None)
         while not job.done(timeout_s=0.5):
@@ -291,7 +293,8 @@ def run_job(spec: JobSpec, cluster, resume_dir: str | None = None, log=print) ->
         if job.group is not None:
             job.group.stop()
             try:
-                job.done(timeout_s=20)
+                if job.done(timeout_s=20):
+                    summary = job.result()  # the ranks' own result: the step they stopped (and saved) at
             except Exception:
                 pass
         state = "CANCELLED"
@@ -307,6 +310,8 @@ def run_job(spec: JobSpec, cluster, resume_dir: str | None = None, log=print) ->
         log(f"a worker failed: {_last_line(err)} (see {run_dir}/logs/)")
         state = "FAILED"
     finally:
+        if before is not None:
+            signal.signal(signal.SIGTERM, before)
         stop_watch.set()
         watch.join(timeout=5)
         if bar is not None:
@@ -315,6 +320,18 @@ def run_job(spec: JobSpec, cluster, resume_dir: str | None = None, log=print) ->
     return {"id": job_id, "state": state, "run_dir": run_dir, "steps": summary.get("steps"),
             "first_loss": summary.get("first_loss"), "final_loss": summary.get("final_loss"),
             "tokens_per_s": summary.get("tokens_per_s"), "final_eval": summary.get("final_eval")}
+
+
+def _sigterm_as_interrupt():
+    """SIGTERM (`kill`, `docker stop`, a batch scheduler's stop) stops the run as Ctrl-C does: the ranks save a
+    checkpoint and stop. Returns the handler it replaced (None off the main thread, where none can be set)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    return signal.signal(signal.SIGTERM, interrupt)
 
 
 def refuse_owned_resume(cluster, storage: Storage, run_dir: str) -> None:

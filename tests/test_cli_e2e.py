@@ -64,3 +64,48 @@ def test_cli_lifecycle(tmp_path):
     finally:
         sy(cluster, "down", check=False)
     assert not (tmp_path / "state" / "ray_address").exists()
+
+
+def _interrupted_run(cluster, sig, *args):
+    """`switchyard run ...` stopped with ``sig`` once it trains; returns (exit code, its output)."""
+    import signal
+
+    env = dict(os.environ)
+    env.pop("RAY_ADDRESS", None)
+    p = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "--cluster", str(cluster), "run", *args],
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT, env=env,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # a terminal's Ctrl-C
+    try:
+        out = []
+        for line in p.stdout:
+            out.append(line)
+            if line.startswith("start-up "):  # the first step is done
+                break
+        time.sleep(3.0)
+        p.send_signal(sig)
+        out.append(p.stdout.read())
+        return p.wait(timeout=120), "".join(out)
+    finally:
+        p.kill()
+
+
+def test_ctrl_c_and_sigterm_stop_a_run_at_a_saved_step_that_resume_continues(tmp_path):
+    import signal
+
+    cluster = tmp_path / "cluster.yaml"
+    cluster.write_text(f"storage: {tmp_path / 'runs'}\njob_store: {tmp_path / 'state' / 'jobs.db'}\n")
+    spec = [os.path.join(ROOT, "examples", "pretrain.yaml"), "--set", "train.steps=100000",
+            "--set", "checkpoint.every=100000", "--set", "data.max_docs=300", "--set", "resources.workers=1"]
+    rc, out = _interrupted_run(cluster, signal.SIGINT, *spec)
+    assert rc == 1 and "interrupted: stopping the workers" in out and "Traceback" not in out, out[-2000:]
+    run_dir = out.split("switchyard run --resume ")[1].split(")")[0]
+    first = sorted(os.listdir(os.path.join(run_dir, "checkpoints")))
+    assert len(first) == 1 and "CANCELLED: sy-" in out
+    stopped_at = int(first[0].split("_")[1])
+    assert f"steps={stopped_at} " in out  # the checkpoint is the step it stopped at (none was due)
+    rc, out = _interrupted_run(cluster, signal.SIGTERM, "--resume", run_dir)
+    assert rc == 1 and "interrupted: stopping the workers" in out and "SIGTERM received" not in out, out[-2000:]
+    second = sorted(os.listdir(os.path.join(run_dir, "checkpoints")))
+    assert second[0] == first[0] and len(second) == 2 and int(second[1].split("_")[1]) > stopped_at
+    steps = [json.loads(line)["step"] for line in open(os.path.join(run_dir, "metrics.jsonl"))]
+    assert steps == list(range(1, len(steps) + 1))  # the resume went on from the saved step
