@@ -268,7 +268,7 @@ def run_job(spec: JobSpec, cluster, resume_dir: str | None = None, log=print) ->
     state = "FAILED"
     summary: dict = {}
     bar = None
-    before = _sigterm_as_interrupt()
+    restore_sigterm = _sigterm_as_interrupt()
     try:
         job.start(resume=resume_dir is not None)
         while not job.done(timeout_s=0.5):
@@ -310,8 +310,7 @@ def run_job(spec: JobSpec, cluster, resume_dir: str | None = None, log=print) ->
         log(f"a worker failed: {_last_line(err)} (see {run_dir}/logs/)")
         state = "FAILED"
     finally:
-        if before is not None:
-            signal.signal(signal.SIGTERM, before)
+        restore_sigterm()
         stop_watch.set()
         watch.join(timeout=5)
         if bar is not None:
@@ -324,14 +323,16 @@ def run_job(spec: JobSpec, cluster, resume_dir: str | None = None, log=print) ->
 
 def _sigterm_as_interrupt():
     """SIGTERM (`kill`, `docker stop`, a batch scheduler's stop) stops the run as Ctrl-C does: the ranks save a
-    checkpoint and stop. Returns the handler it replaced (None off the main thread, where none can be set)."""
+    checkpoint and stop. Returns what puts the earlier handling back (nothing to do off the main thread,
+    where no handler can be set; SIG_DFL where the earlier handler was not Python's, such as Ray's own)."""
     if threading.current_thread() is not threading.main_thread():
-        return None
+        return lambda: None
 
     def interrupt(signum, frame):
         raise KeyboardInterrupt
 
-    return signal.signal(signal.SIGTERM, interrupt)
+    before = signal.signal(signal.SIGTERM, interrupt)
+    return lambda: signal.signal(signal.SIGTERM, signal.SIG_DFL if before is None else before)
 
 
 def refuse_owned_resume(cluster, storage: Storage, run_dir: str) -> None:
