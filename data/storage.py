@@ -99,3 +99,10 @@ class Storage:
             dst = os.path.join(local_dir, rel)
             os.makedirs(os.path.dirname(dst), exist_ok=True)
             fs.get_file(path, dst)
+
+
+def storage_for(path: str, storage: Storage) -> Storage:
+    """A Storage rooted at ``path``, with the run storage's options when it is on the same filesystem."""
+    scheme = path.split("://")[0] if "://" in path else "file"
+    same = scheme == (storage.root.split("://")[0] if "://" in storage.root else "file")
+    return Storage(path, dict(storage.options) if same else {})

@@ -14,7 +14,7 @@ and say so here:
   has 16 heads of 128.
 * gpt3-13b: d_model 5140 is not 40 heads of 128; the preset has 5120.
 
-Counted with ``models.transformer.param_counts`` (vocabulary 50257, context
+Counted with ``models.transformer_config.param_counts`` (vocabulary 50257, context
 2048, tied output projection: token and position tables, every block and the
 final LayerNorm), the presets land within 1% of the printed figures except
 medium (+1.7%), xl (+1.2%), 2.7b (-1.8%) and 13b (-1.1%): the paper prints
@@ -66,4 +66,4 @@ GPT3_PRESETS: dict[str, dict] = {
     name: dict(d_model=r.d_model, n_layers=r.n_layers, n_heads=r.n_heads, seq_len=GPT3_CONTEXT)
     for name, r in GPT3_LADDER.items()
 }
-"""Sizes for ``models.transformer.PRESETS`` (decoder families)."""
+"""Sizes for ``models.transformer_config.PRESETS`` (decoder families)."""

@@ -167,16 +167,15 @@ def local_files(raw: dict) -> list[tuple[str, str]]:
 
 
 def check_remote_spec(raw, source: str) -> None:
-    """Validate a job spec here before sending it (the server validates again) and refuse laptop files."""
-    import importlib.util
+    """Validate a job spec here before sending it (the server validates again) and refuse laptop files.
 
+    The model's shape is checked here too: its config needs no torch (``workers/model_config.py``)."""
     if not isinstance(raw, dict):
         raise UsageError(f"{source}: expected a mapping of sections (model, data, train, ...)")
     if "pipeline" not in raw:
         from specs.job import validate_spec
 
-        # The model-shape check builds a model config with torch; a laptop without torch leaves it to the server.
-        validate_spec(raw, source=source, check_model=importlib.util.find_spec("torch") is not None)
+        validate_spec(raw, source=source)
     refuse_local_files(raw, source)
 
 

@@ -117,9 +117,9 @@ def submit_spec(cluster, spec, priority: int, kind: str = "train", parent_id: st
                 owner: str | None = None, after: tuple[str, ...] | list[str] = ()) -> str:
     from data.storage import Storage
     from orchestrator.job_store import safe_join
-    from orchestrator.runner import preflight, worker_resources
-
+    from orchestrator.preflight import preflight
     from specs.paths import check_job_paths
+    from workers.resources import worker_resources
 
     check_job_paths(spec, cluster.path_roots())  # cluster.yaml's read/write roots (the ranks check again)
     storage = Storage(cluster.storage, dict(cluster.storage_options))

@@ -295,7 +295,8 @@ def submit_stage(cluster, store: JobStore, storage: Storage, parent: JobRecord, 
     A stage that ran before with the same spec gets its old run directory back, so it resumes
     from its latest complete checkpoint; with a changed spec it starts afresh in a new one.
     """
-    from orchestrator.runner import preflight, worker_resources
+    from orchestrator.preflight import preflight
+    from workers.resources import worker_resources
 
     pdir = parent.spec["pipeline_dir"]
     job_spec = stage_spec(spec, stage, pdir, links_of(state), source)
@@ -358,7 +359,7 @@ def submit_pipeline(cluster, raw: Any, source: str = "pipeline", priority: int |
     pdir = pipeline_dir(cluster.storage, spec.name)
     _check_stage_paths(cluster, spec, pdir, source)
     check_data_files(spec, storage, source)
-    from orchestrator.runner import preflight
+    from orchestrator.preflight import preflight
 
     preflight(stage_spec(spec, "sft", pdir, {s: placeholder(pdir, s) for s in STAGES}, source), storage)
     state = read_state(storage, pdir) or {"name": spec.name, "stages": {}}

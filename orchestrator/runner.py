@@ -6,7 +6,6 @@ torch.distributed -> training (progress bar) -> result. The controller
 """
 from __future__ import annotations
 
-import math
 import os
 import secrets
 import signal
@@ -17,14 +16,15 @@ from dataclasses import dataclass
 
 import ray
 
-from data.corpus import BUILTIN_STDLIB, resolve_files
 from data.shards import TokenSource
 from data.storage import Storage
+from orchestrator.preflight import preflight
 from specs.errors import UsageError, root_cause
 from specs.job import JobSpec, validate_spec
 from workers.checkpoint import begin_attempt, current_attempt
 from workers import phases
 from workers.kind import RunContext
+from workers.resources import worker_resources
 from workers.worker_group import PlacementTimeout, WorkerGroup, WorkerResources
 
 
@@ -36,44 +36,6 @@ def storage_of(cluster) -> Storage:
     """The storage jobs use, carrying cluster.yaml's read/write roots to the ranks (specs.paths)."""
     roots = cluster.path_roots() if hasattr(cluster, "path_roots") else None
     return Storage(cluster.storage, dict(cluster.storage_options), roots=roots)
-
-
-def worker_resources(spec: JobSpec, cluster) -> WorkerResources:
-    r = spec.resources
-    cpus = r.cpus_per_worker if r.cpus_per_worker is not None else cluster.workers.cpus
-    gpus = r.gpus_per_worker if r.gpus_per_worker is not None else cluster.workers.gpus
-    threads = r.torch_threads or max(1, int(math.floor(cpus)))
-    return WorkerResources(r.workers, cpus, gpus, threads, cluster.workers.network_interface)
-
-
-def preflight(spec: JobSpec, storage: Storage) -> None:
-    """Checks that need the storage but no workers: a missing corpus, weights or dataset file fails
-    before anything starts."""
-    from workers.weights import storage_for
-
-    if spec.data.corpus != BUILTIN_STDLIB and not spec.data.corpus.startswith("builtin:"):
-        resolve_files(spec.data.corpus, storage.options)
-    weights = {"model.init_from": (spec.model.init_from, ("config.json", "spec.json", "manifest.json"))}
-    if spec.kind == "distill":
-        weights["distill.teacher"] = (spec.distill.teacher, ("config.json", "spec.json", "manifest.json"))
-    if spec.kind == "ppo":
-        weights["rlhf.ppo.reward_model"] = (spec.rlhf.ppo.reward_model, ("spec.json", "manifest.json"))
-    for field, (path, markers) in weights.items():
-        if path and not any(storage_for(path, storage).exists(f"{path.rstrip('/')}/{m}") for m in markers):
-            kinds = "a run directory, a checkpoint folder or a Hugging Face folder" if "config.json" in markers \
-                else "a run directory or a checkpoint folder"
-            raise UsageError(f"{field}: {path} is not {kinds} (none of {', '.join(markers)} there)")
-    if spec.kind == "classify":
-        from data.labelled import classify_rows
-
-        classify_rows(spec.classify)                  # every labelled row checked before a worker starts
-    if spec.kind != "pretrain":
-        d = spec.rlhf.data
-        for field in ("demonstrations", "demonstrations_heldout", "comparisons", "comparisons_heldout", "prompts",
-                      "eval_prompts"):
-            uri = getattr(d, field)
-            if uri and not storage_for(uri, storage).exists(uri):
-                raise UsageError(f"rlhf.data.{field}: no such dataset file {uri}")
 
 
 def feasible(res: WorkerResources) -> str | None:

@@ -180,7 +180,8 @@ def submit_sweep(cluster, path, dry_run: bool = False, flops_per_s: float | None
 
 
 def _submit_child(cluster, spec, priority: int, parent_id: str, after: tuple[str, ...] = ()) -> str:
-    from orchestrator.runner import preflight, worker_resources
+    from orchestrator.preflight import preflight
+    from workers.resources import worker_resources
 
     preflight(spec, _storage(cluster))
     res = worker_resources(spec, cluster)
@@ -216,7 +217,7 @@ def sweep_status(cluster, name: str) -> dict:
 
 def record_result(store: JobStore, storage: Storage, job_id: str) -> None:
     """A sweep run ended well: add its row to the sweep's table."""
-    from models.transformer import DecoderConfig, flops_per_token
+    from models.transformer_config import DecoderConfig, flops_per_token
     from scaling.table import append_row, make_row
 
     rec = store.get(job_id)
@@ -365,7 +366,7 @@ def cmd_sweep(args) -> int:
 
 def register_fit(sub) -> None:
     """``fit TABLE`` (scaling.report) fits a table here; from a laptop it also takes a sweep's name."""
-    from scaling.report import add_fit_command
+    from scaling.fit_command import add_fit_command
 
     p = add_fit_command(sub)
     p.set_defaults(func=cmd_fit)

@@ -6,9 +6,9 @@ Chinchilla's rule of thumb N ~ sqrt(C / (6 * 20)) (about 20 tokens per
 parameter), each for D = C / (6 N) tokens: the IsoFLOP design of Chinchilla's
 approach 2, which ``scaling.fit`` then fits three ways.
 
-The planner is pure: no Ray, no files. It walks a ladder of model shapes
+The planner is pure: no Ray, no torch, no files. It walks a ladder of model shapes
 (wider, deeper, or both), counts every shape's parameters exactly with
-``models.transformer.param_counts`` using the vocabulary and sequence length
+``models.transformer_config.param_counts`` using the vocabulary and sequence length
 the jobs will use, picks the shapes nearest each target N, and returns one
 ``PlannedRun`` per job with the dotted job-spec overrides to apply to the
 sweep's ``base``. Every run's job spec is validated here, so a bad base fails
@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ValidationError
 
-from models.transformer import decoder_config, flops_per_token, param_counts
+from models.transformer_config import decoder_config, flops_per_token, param_counts
 from scaling.sweep_spec import SweepError, SweepSpec, run_name
 from specs.job import DataSpec, ModelSpec, SpecError, apply_overrides, validate_spec
 

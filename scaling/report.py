@@ -6,15 +6,17 @@ approaches, approach 3's status (converged, boundary, not converged), the
 run-to-run noise of repeated points, a closing line on whether the
 approaches' intervals for a overlap, and three PNG plots: IsoFLOP profiles with their
 parabolas, loss against compute with the frontier, and N_opt(C) with the runs.
+
+The command's arguments and handler (``add_fit_command``, ``fit_command``) are
+in ``scaling/fit_command.py``, so that building the CLI's parser does not import
+scipy; both are importable from here.
 """
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import math
 import posixpath
-import sys
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -26,7 +28,8 @@ from specs.errors import UsageError
 from scaling.approach3 import Approach3Result, fit_approach3
 from scaling.bootstrap import BootstrapResult, bootstrap, consistency
 from scaling.fit import Approach1Result, Approach2Result, Curve, FitError, fit_approach1, fit_approach2, group_budgets
-from scaling.fit_table import FitTable, load_table
+from scaling.fit_command import add_fit_command, fit_command  # noqa: F401  (re-exported)
+from scaling.fit_table import FitTable
 
 PLOTS = ("isoflops.png", "loss_vs_compute.png", "n_opt.png")
 
@@ -384,45 +387,6 @@ def write_report(rep: FitReport, out_dir: str) -> dict[str, Any]:
         json.dump(data, f, indent=2)
         f.write("\n")
     return data
-
-
-def add_fit_command(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Register `fit TABLE [--out DIR] [--json] [--bootstrap N] [--seed S] [--loss-column NAME]`."""
-    p = subparsers.add_parser(
-        "fit", help="fit Chinchilla scaling laws (approaches 1-3) to a sweep's results",
-        description="Fit approaches 1, 2 and 3 of the Chinchilla paper to a results table and write "
-                    "fit.json, fit.md and plots. TABLE is a sweep directory or a CSV/Parquet file with "
-                    "columns for N (N/params/n_params), D (D/tokens) or C (C/flops/compute) and the loss "
-                    "(loss/held_out_loss/final_loss).")
-    p.add_argument("table", help="sweep directory, or a .csv/.parquet table (any fsspec URI)")
-    p.add_argument("--out", metavar="DIR", default=None,
-                   help="output directory (default: <sweep>/fit or <table stem>_fit)")
-    p.add_argument("--json", action="store_true", help="print the report as one JSON object on the last line")
-    p.add_argument("--bootstrap", metavar="N", type=int, default=100,
-                   help="bootstrap resamples for the intervals (0 = none; default 100)")
-    p.add_argument("--seed", metavar="S", type=int, default=0, help="seed of the bootstrap resampling")
-    p.add_argument("--loss-column", metavar="NAME", default=None,
-                   help="which column holds the loss (default: the first of loss, held_out_loss, final_loss, ...)")
-    p.set_defaults(func=fit_command)
-    return p
-
-
-def fit_command(args: argparse.Namespace) -> int:
-    """Handler of `fit`: UsageError (exit code 2 in the CLI) on bad input, else 0."""
-    if args.bootstrap < 0 or args.bootstrap == 1:
-        raise UsageError(f"fit: --bootstrap {args.bootstrap}: give 0 (no intervals) or at least 2 resamples")
-    table = load_table(args.table, loss_column=args.loss_column)
-    out_dir = args.out or default_out_dir(args.table)
-    if not args.json:
-        print(f"fitting {table.n.size} runs from {args.table} ...", file=sys.stderr)
-    rep = run_fits(table, n_bootstrap=args.bootstrap, seed=args.seed)
-    data = write_report(rep, out_dir)
-    if args.json:
-        print(json.dumps(data))
-        return 0
-    print("\n".join(summary_lines(data)))
-    print(f"wrote {data['outputs']['json']}, {data['outputs']['markdown']} and {len(PLOTS)} plots")
-    return 0
 
 
 def summary_lines(data: dict[str, Any]) -> list[str]:

@@ -360,8 +360,8 @@ class JobSpec(_Section):
         return self
 
     def check_model_shape(self) -> None:
-        """The model's own invariants (heads divide d_model, ...), checked by building its config (imports torch)."""
-        from workers.tasks import model_config
+        """The model's own invariants (heads divide d_model, ...), checked by building its config (no torch)."""
+        from workers.model_config import model_config
 
         try:
             cfg = model_config(self, vocab_size=512)
@@ -511,7 +511,7 @@ def apply_overrides(raw: dict, overrides: list[str] | dict[str, Any]) -> dict:
 def validate_spec(raw: Any, source: str = "spec", check_model: bool = True) -> JobSpec:
     """Raw data -> JobSpec, or SpecError naming the field. Strict: no strings for numbers, no bools for ints.
 
-    ``check_model`` also builds the model config (heads divide d_model, ...), which imports torch.
+    ``check_model`` also builds the model config (heads divide d_model, ...), which needs no torch.
     """
     if not isinstance(raw, dict):
         raise SpecError(f"{source}: expected a mapping of sections (model, data, train, ...), got {type(raw).__name__}")

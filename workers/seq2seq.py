@@ -17,70 +17,28 @@ resumed job sees exactly the noise an uninterrupted one would have.
 
 The loss is the mean cross-entropy over target tokens; held-out windows are
 noised the same way with epoch 0.
+
+The t5/bart config of a spec (``seq2seq_config``) and its counts
+(``seq2seq_counts``) are in ``workers/model_config.py``, which needs no torch,
+and importable from here.
 """
 from __future__ import annotations
 
 import numpy as np
 import torch
 
-from data.noising import (SENTINEL_ROWS, bart_noise, corrupted_lengths, noise_mask, sample_rng, sentence_ends,
-                          sentinel_ids, span_corruption, span_counts)
+from data.noising import SENTINEL_ROWS, bart_noise, noise_mask, sample_rng, sentence_ends, sentinel_ids, span_corruption
 from data.sampler import DataPlan
-from models.bart import Bart, BartConfig, bart_config
-from models.bart import param_counts as bart_counts
-from models.t5 import T5, T5Config, t5_config
-from models.t5 import param_counts as t5_counts
+from models.bart import Bart
+from models.t5 import T5, T5Config
 from specs.errors import UserError
 from specs.seq2seq import NoisingSpec
-
-SEQ2SEQ_CONFIGS = {"t5": T5Config, "bart": BartConfig}
-
-
-def is_seq2seq_config(cfg) -> bool:
-    return isinstance(cfg, (T5Config, BartConfig))
-
-
-def seq2seq_config(spec, vocab_size: int):
-    """The spec's t5 or bart model; ``vocab_size`` is the tokenizer's padded vocab (T5 adds its sentinel rows)."""
-    m = spec.model
-    if m.moe is not None or m.n_kv_heads is not None or m.parallel_block is not None:
-        raise ValueError(f"{m.family} has no Switch layers, n_kv_heads or parallel_block; leave them out")
-    sizes = dict(d_model=m.d_model, n_layers=m.n_layers, n_heads=m.n_heads, d_ff=m.d_ff, dropout=m.dropout)
-    if m.family == "t5":
-        noising = spec.data.noising or NoisingSpec()
-        _, spans = span_counts(spec.data.seq_len, noising.noise_density, noising.mean_span_length)
-        if spans + 1 > SENTINEL_ROWS:
-            raise ValueError(f"t5 has {SENTINEL_ROWS - 1} sentinels for noise spans, and data.seq_len "
-                             f"{spec.data.seq_len} makes {spans}; use a shorter data.seq_len or a longer "
-                             "data.noising.mean_span_length")
-        return t5_config(m.preset, vocab_size=vocab_size + SENTINEL_ROWS, tie_embeddings=m.tie_embeddings, **sizes)
-    if m.tie_embeddings is False:
-        raise ValueError("bart always ties its output head to the shared embedding; leave tie_embeddings out")
-    return bart_config(m.preset, vocab_size=vocab_size, seq_len=spec.data.seq_len, **sizes)
+from workers.model_config import (  # noqa: F401  (re-exported: the configs and counts, built without torch)
+    SEQ2SEQ_CONFIGS, is_seq2seq_config, seq2seq_config, seq2seq_counts)
 
 
 def build_seq2seq(cfg) -> torch.nn.Module:
     return T5(cfg) if isinstance(cfg, T5Config) else Bart(cfg)
-
-
-def seq2seq_counts(cfg, seq_len: int, noising: NoisingSpec | None) -> dict:
-    """Parameter counts and training FLOPs per window token: 6 x (weights a token meets) per encoder and
-    decoder token, plus attention's 12 x layers x d x (keys attended), scaled by each stack's length."""
-    noising = noising or NoisingSpec()
-    if isinstance(cfg, T5Config):
-        counts, inner = t5_counts(cfg), cfg.n_heads * cfg.head_dim
-        enc_len, dec_len = corrupted_lengths(seq_len, noising.noise_density, noising.mean_span_length)
-        ff = (3 if cfg.gated else 2) * cfg.d_model * cfg.d_ff
-    else:
-        counts, inner = bart_counts(cfg), cfg.d_model
-        enc_len, dec_len = seq_len, seq_len
-        ff = 2 * cfg.d_model * cfg.d_ff
-    d, L = cfg.d_model, cfg.n_layers
-    enc = L * (4 * d * inner + ff)
-    dec = L * (8 * d * inner + ff) + cfg.vocab_size * d
-    attn = 12 * L * inner * (enc_len * enc_len + dec_len * dec_len / 2 + dec_len * enc_len)
-    flops = (6 * (enc * enc_len + dec * dec_len) + attn) / seq_len
-    return {**counts, "flops_per_token": float(flops)}
 
 
 class Seq2SeqLM:

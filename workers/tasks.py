@@ -1,5 +1,8 @@
-"""What a model kind trains on: building the model from the spec, and the task that turns
+"""What a model kind trains on: building the model from its config, and the task that turns
 global sample positions into a batch and a loss.
+
+The config a spec describes (``model_config``) and its counts (``model_counts``)
+are in ``workers/model_config.py``, which needs no torch, and importable from here.
 
 ``CausalLM`` (decoders: next-token prediction) and ``MaskedLM`` (encoders:
 masked LM, plus NSP for BERT or sentence order for ALBERT) are two plain
@@ -15,54 +18,15 @@ import torch
 import torch.nn.functional as F
 
 from data.sampler import DataPlan
-from models import electra
 from models.electra import Electra, ElectraConfig
-from models.transformer import Decoder, DecoderConfig, decoder_config, flops_per_token, param_counts
+from models.transformer import Decoder
 from specs.errors import UserError
-from workers.seq2seq import SEQ2SEQ_CONFIGS, Seq2SeqLM, build_seq2seq, is_seq2seq_config, seq2seq_counts
+from workers.model_config import (  # noqa: F401  (re-exported: the spec's model config, built without torch)
+    config_from_dict, is_encoder_config, is_seq2seq_config, model_config, model_counts, model_kind)
+from workers.seq2seq import Seq2SeqLM, build_seq2seq
+
 
 # ----------------------------------------------------------------------------- model
-
-
-def model_config(spec, vocab_size: int):
-    """The spec's model as a ``DecoderConfig`` (gpt2/llama/palm) or an ``EncoderConfig`` (bert/roberta/albert)."""
-    m = spec.model
-    moe = None
-    if m.moe is not None:
-        from models.moe import SwitchConfig
-
-        moe = SwitchConfig(**m.moe.model_dump())
-    try:
-        if m.family in SEQ2SEQ_CONFIGS:
-            from workers.seq2seq import seq2seq_config
-
-            return seq2seq_config(spec, vocab_size)
-        if m.family == "electra":
-            from models.electra import electra_config
-
-            return electra_config(m.preset, vocab_size=vocab_size, seq_len=spec.data.seq_len, d_model=m.d_model,
-                                  n_layers=m.n_layers, n_heads=m.n_heads, d_ff=m.d_ff, dropout=m.dropout, moe=moe)
-        if not m.is_decoder:
-            from models.encoder import encoder_config
-
-            return encoder_config(m.family, m.preset, vocab_size=vocab_size, seq_len=spec.data.seq_len,
-                                  d_model=m.d_model, n_layers=m.n_layers, n_heads=m.n_heads, d_ff=m.d_ff,
-                                  dropout=m.dropout, moe=moe)
-        return decoder_config(
-            m.family, m.preset, vocab_size=vocab_size, seq_len=spec.data.seq_len, d_model=m.d_model,
-            n_layers=m.n_layers, n_heads=m.n_heads, n_kv_heads=m.n_kv_heads, d_ff=m.d_ff,
-            parallel_block=m.parallel_block, tie_embeddings=m.tie_embeddings, dropout=m.dropout, moe=moe)
-    except ValueError as err:
-        raise UserError(f"model: {err}") from None
-
-
-def is_encoder_config(cfg) -> bool:
-    return not isinstance(cfg, DecoderConfig)
-
-
-def model_kind(cfg) -> str:
-    """What model_config.json calls the model: decoder, encoder or encoder-decoder."""
-    return "encoder-decoder" if is_seq2seq_config(cfg) else "encoder" if is_encoder_config(cfg) else "decoder"
 
 
 def build_model(cfg) -> torch.nn.Module:
@@ -75,43 +39,6 @@ def build_model(cfg) -> torch.nn.Module:
 
         return Encoder(cfg)
     return Decoder(cfg)
-
-
-def config_from_dict(family: str, d: dict):
-    """Inverse of ``cfg.to_dict()`` for the family's kind (model_config.json)."""
-    from specs.job import DECODER_FAMILIES
-
-    if family in DECODER_FAMILIES:
-        return DecoderConfig.from_dict(d)
-    if family in SEQ2SEQ_CONFIGS:
-        return SEQ2SEQ_CONFIGS[family].from_dict(d)
-    if family == "electra":
-        return ElectraConfig.from_dict(d)
-    from models.encoder import EncoderConfig
-
-    return EncoderConfig.from_dict(d)
-
-
-def model_counts(cfg, seq_len: int, noising=None) -> dict:
-    """Exact parameter counts and training FLOPs per token at ``seq_len`` (attention included), either kind."""
-    if not is_encoder_config(cfg):
-        return {**param_counts(cfg), "flops_per_token": flops_per_token(cfg, seq_len)["with_attention"]}
-    if is_seq2seq_config(cfg):
-        return seq2seq_counts(cfg, seq_len, noising)
-    if isinstance(cfg, ElectraConfig):
-        return {**electra.param_counts(cfg), "flops_per_token": electra.flops_per_token(cfg, seq_len)}
-    from models.encoder import param_counts as encoder_counts
-
-    counts = encoder_counts(cfg)
-    # Compute per token: a shared (ALBERT) block counts once per application, a Switch layer one expert.
-    d, ff = cfg.d_model, cfg.d_ff
-    dense_block = 4 * (d * d + d) + (d * ff + ff + ff * d + d) + 4 * d
-    active = counts["total"] + (cfg.n_layers - cfg.n_blocks) * dense_block
-    if cfg.moe is not None:
-        n_moe = sum(1 for layer in range(cfg.n_blocks) if cfg.moe.applies_to(layer))
-        active -= n_moe * (cfg.moe.num_experts - 1) * (d * ff + ff + ff * d + d)
-    flops = 6.0 * active + 12.0 * cfg.n_layers * d * seq_len
-    return {**counts, "flops_per_token": flops}
 
 
 # ----------------------------------------------------------------------------- tasks

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from data.storage import Storage
+from data.storage import Storage, storage_for
 from models.encoder import EncoderConfig
 from models.heads import ScalarHeadModel
 from models.transformer import Decoder, DecoderConfig
@@ -82,13 +82,6 @@ def checkpoint_of(storage: Storage, path: str) -> tuple[str, str]:
     """(run directory, checkpoint folder) of a run directory or a checkpoint folder; ValueError if neither."""
     run_dir, ckpt = resolve_checkpoint(storage, path)
     return run_dir, ckpt.path
-
-
-def storage_for(path: str, storage: Storage) -> Storage:
-    """A Storage rooted at ``path``, with the run storage's options when it is on the same filesystem."""
-    scheme = path.split("://")[0] if "://" in path else "file"
-    same = scheme == (storage.root.split("://")[0] if "://" in storage.root else "file")
-    return Storage(path, dict(storage.options) if same else {})
 
 
 # ----------------------------------------------------------------------------- reading weights

@@ -10,22 +10,7 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from workers.rank import RankWorker
-
-
-@dataclass(frozen=True)
-class WorkerResources:
-    workers: int
-    cpus: float
-    gpus: float
-    threads: int
-    network_interface: str | None = None
-    """Interface the collectives bind to; None: the one holding the node's Ray address."""
-
-    def bundles(self) -> list[dict]:
-        b = {"CPU": self.cpus}
-        if self.gpus:
-            b["GPU"] = self.gpus
-        return [dict(b) for _ in range(self.workers)]
+from workers.resources import WorkerResources
 
 
 class PlacementTimeout(Exception):
