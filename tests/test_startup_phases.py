@@ -152,19 +152,23 @@ def test_status_and_logs_show_the_phase_of_a_starting_job(tmp_path, capsys):
 
 
 def test_a_rank_imports_deepspeed_without_transformers_which_stays_importable():
-    """A rank process's DeepSpeed import leaves transformers (installed here, for the HF tests) unimported:
-    about a quarter of that import's CPU, paid by every rank. Anything importing transformers later gets it."""
+    """A rank's way to its first step (``workers.rank.PRELOAD``, DeepSpeed first, as ``RankWorker`` imports
+    it) leaves transformers (installed here, for the HF tests) unimported: about a quarter of DeepSpeed's
+    import, paid by every rank. Anything importing transformers later gets it."""
     import subprocess
     import sys
 
-    probe = ("import sys\n"
-             "from workers.rank import RankWorker\n"
-             "RankWorker(rank=None)\n"  # a pool member: what a cold rank imports, and more
-             "assert 'deepspeed' in sys.modules and 'deepspeed.runtime.engine' in sys.modules\n"
-             "assert 'transformers' not in sys.modules, sorted(m for m in sys.modules if m.startswith('transformers'))[:5]\n"
+    probe = ("import importlib, sys\n"
+             "from workers.rank import PRELOAD, import_deepspeed\n"
+             "import_deepspeed()\n"
+             "for name in PRELOAD:\n"
+             "    importlib.import_module(name)\n"
+             "assert 'deepspeed.runtime.engine' in sys.modules\n"
+             "assert 'transformers' not in sys.modules, sorted(m for m in sys.modules if 'transformers' in m)[:5]\n"
              "import transformers\n"
              "print('transformers', transformers.__version__)\n")
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
-    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, timeout=300)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.splitlines()[-1].startswith("transformers "), out.stdout[-500:]
