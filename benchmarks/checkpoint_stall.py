@@ -41,9 +41,10 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 os.environ["DS_ACCELERATOR"] = "cpu"                   # before deepspeed is imported
-prebuilt = os.path.join(sys.prefix, "torch_extensions")  # DeepSpeed's ops as the ranks use them
-if os.path.isdir(prebuilt):
-    os.environ.setdefault("TORCH_EXTENSIONS_DIR", prebuilt)
+
+from workers.rank import use_prebuilt_ops  # noqa: E402  (after the path and the accelerator)
+
+use_prebuilt_ops()                                     # DeepSpeed's ops as the ranks use them
 
 TARGET_STEP_RATIO = 1.2
 TARGET_MEMORY_RATIO = 1.2

@@ -235,10 +235,9 @@ NAME_MAX = 40  # `list`'s name column: as wide as the longest name on the page, 
 
 def _clip(name: str, width: int) -> str:
     """A name cut to ``width`` in the middle, so a sweep's or pipeline's runs keep the ends that tell them apart."""
-    if len(name) <= width:
-        return name
-    head = (width - 1) // 2
-    return f"{name[:head]}~{name[len(name) - (width - 1 - head):]}"
+    from specs.errors import clip_middle
+
+    return clip_middle(name, width, mark="~")
 
 
 def cmd_list(args) -> int:

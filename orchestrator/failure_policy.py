@@ -12,7 +12,10 @@ from __future__ import annotations
 import ray
 
 from orchestrator import scheduler as sched
-from specs.errors import UserError, root_cause
+from specs.errors import UserError, clip_middle, root_cause
+
+USER_LINE_MAX = 1000   # a UserError's one line, long paths and all
+INFRA_LINE_MAX = 300   # the last line of anything else (a library's error can be a page long)
 
 
 def describe(err: BaseException) -> tuple[str, str]:
@@ -21,8 +24,10 @@ def describe(err: BaseException) -> tuple[str, str]:
         return "infra", "a rank's process died or its node was lost"
     cause = root_cause(err)
     text = str(cause).strip()
-    message = (text.splitlines()[-1] if text else type(cause).__name__)[:300]
-    return ("user" if isinstance(cause, UserError) else "infra"), message
+    line = text.splitlines()[-1] if text else type(cause).__name__
+    if isinstance(cause, UserError):  # our own line: its end says what is intact and what to do
+        return "user", clip_middle(line, USER_LINE_MAX)
+    return "infra", clip_middle(line, INFRA_LINE_MAX)
 
 
 def decide(err: BaseException, restarts: int, max_restarts: int, job_id: str) -> sched.Restart | sched.Fail:

@@ -13,6 +13,15 @@ UsageError = UserError
 """The name the CLI side has always used; the same class."""
 
 
+def clip_middle(text: str, width: int, mark: str = " ... ") -> str:
+    """``text`` cut to ``width`` characters in the middle: both ends stay, where a name's tells runs apart
+    and where an error line says what is left and what to do."""
+    if len(text) <= width:
+        return text
+    head = (width - len(mark)) // 2
+    return f"{text[:head]}{mark}{text[len(text) - (width - len(mark) - head):]}"
+
+
 def root_cause(err: BaseException) -> BaseException:
     """The UserError a rank raised, unwrapped from Ray's task error (its ``cause``); else ``err`` itself."""
     cause = getattr(err, "cause", None)

@@ -9,6 +9,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 
+from workers.rank import use_prebuilt_ops  # noqa: E402
+
+use_prebuilt_ops()  # every test process and its children use the DeepSpeed ops `make install` built
+
 import pytest
 
 

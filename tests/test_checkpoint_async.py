@@ -32,14 +32,12 @@ def _child(port: int, root: str) -> None:
     """Saves at steps 2 (trains on while it is written), 4 (its write fails), 6 (dies mid-write)."""
     import threading
 
-    import sys
+    from workers.rank import import_deepspeed, use_prebuilt_ops
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-    prebuilt = os.path.join(sys.prefix, "torch_extensions")            # DeepSpeed's ops as the ranks use them
-    if os.path.isdir(prebuilt):
-        os.environ.setdefault("TORCH_EXTENSIONS_DIR", prebuilt)
     torch.set_num_threads(1)
-    import deepspeed
+    use_prebuilt_ops()  # DeepSpeed as a rank imports it
+    deepspeed = import_deepspeed()
 
     from workers import checkpoint_writer
     from workers.parallel.engine import build_engine

@@ -34,7 +34,7 @@ def test_node_loss_restarts_from_checkpoint_with_the_same_losses(ray_cluster, co
     node_b = ray_cluster.add_node(num_cpus=3)
     ray_cluster.wait_for_nodes()
     spec = tiny_spec(**{"resources.workers": 2, "resources.cpus_per_worker": 3, "resources.torch_threads": 1,
-                        "train.steps": 400, "train.micro_batch": 2, "checkpoint.every": 4, "max_restarts": 2})
+                        "train.steps": 100, "train.micro_batch": 2, "checkpoint.every": 4, "max_restarts": 2})
     job = submit_spec(cfg, spec, priority=0)
     wait_for(lambda: _state(store, job) == JobState.RUNNING, what="RUNNING")
     nodes = {w["node"] for w in store.get(job).workers}
@@ -125,7 +125,7 @@ def test_a_stopped_controller_checkpoints_its_jobs_and_spends_no_restart(control
 
     cfg, _ = controller
     store = JobStore(cfg.job_store)
-    job = submit_spec(cfg, tiny_spec(name="downed", **{"resources.workers": 1, "train.steps": 400,
+    job = submit_spec(cfg, tiny_spec(name="downed", **{"resources.workers": 1, "train.steps": 150,
                                                        "checkpoint.every": 1000}), priority=0)
     wait_for(lambda: (store.get(job).step or 0) >= 3, what="step 3")
     assert stop_controller(cfg.ray.namespace)
@@ -133,12 +133,12 @@ def test_a_stopped_controller_checkpoints_its_jobs_and_spends_no_restart(control
     assert rec.state == JobState.QUEUED and rec.restarts == 0, (rec.state, rec.reason)
     assert rec.reason.startswith("stopped with the controller (switchyard down); resumes from its checkpoint at step")
     stopped_at = int(rec.reason.split("at step ")[1].split()[0])
-    assert 3 <= stopped_at < 400  # a checkpoint the stop wrote: none is due before step 1000
+    assert 3 <= stopped_at < 150  # a checkpoint the stop wrote: none is due before step 1000
     start_controller(cfg, tick_s=0.3, backfill_window_s=120)
     wait_for(lambda: store.get(job).terminal, timeout=300, what="the job to end")
     rec = store.get(job)
-    assert rec.state == JobState.SUCCEEDED and rec.step == 400 and rec.restarts == 0, rec.reason
-    assert len(_losses(rec.run_dir)) == 400
+    assert rec.state == JobState.SUCCEEDED and rec.step == 150 and rec.restarts == 0, rec.reason
+    assert len(_losses(rec.run_dir)) == 150
 
 
 def test_user_errors_fail_at_once_without_restarts(controller, tmp_path):

@@ -50,3 +50,20 @@ def test_failure_policy_user_errors_fail_at_once_faults_restart():
     assert isinstance(d, Fail) and "model.d_model" in d.reason
     assert isinstance(failure_policy.decide(RuntimeError("gloo: connection reset"), 0, 3, job_id="j"), Restart)
     assert isinstance(failure_policy.decide(RuntimeError("gloo: connection reset"), 3, 3, job_id="j"), Fail)
+
+
+def test_a_long_failure_line_keeps_its_end():
+    """A storage fault under a deep run directory: the reason still says which checkpoint is intact and
+    what to do (a cut at 300 characters once dropped both). Another error's line is cut in the middle."""
+    from workers.checkpoint_store import storage_fault
+
+    deep = "/mnt/team-bucket/" + "/".join(["a-rather-long-folder-name"] * 12) + "/run-sy-20261204-2c21c2"
+    err = OSError(30, "Read-only file system", f"{deep}/checkpoints/step_00000016/manifest.json.tmp-a4319cb3")
+    fault = storage_fault(err, f"{deep} (checkpoint step 16)", 14)
+    d = failure_policy.decide(fault, 0, 3, job_id="j")
+    assert isinstance(d, Fail) and len(str(fault)) > 300
+    assert d.reason.startswith(f"storage: {deep} (checkpoint step 16) is read-only")
+    assert "; the checkpoint at step 14 is intact; free space or make it writable, then resume" in d.reason
+    noise = RuntimeError("x" * 150 + "y" * 2000 + " the end of the library's line")
+    r = failure_policy.decide(noise, 0, 3, job_id="j").reason
+    assert "x" * 140 in r and r.endswith("the end of the library's line") and " ... " in r and len(r) < 400

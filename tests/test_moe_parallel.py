@@ -45,7 +45,10 @@ def run_rank(rank: int, port: int, out_dir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(WORLD_SIZE), LOCAL_RANK=str(rank), LOCAL_SIZE=str(WORLD_SIZE))
     torch.set_num_threads(1)
-    import deepspeed
+    from workers.rank import import_deepspeed, use_prebuilt_ops
+
+    use_prebuilt_ops()  # DeepSpeed as a rank imports it: its prebuilt ops (never compiled here), no transformers
+    deepspeed = import_deepspeed()
 
     from workers.parallel.experts import DeepSpeedSwitch, expert_parallel, moe_param_groups
 

@@ -21,10 +21,7 @@ class RankWorker:
 
     def __init__(self, rank: int | None, world_size: int = 0, run_dir: str = "", storage=None, threads: int = 1):
         os.environ.setdefault("DS_ACCELERATOR", "cpu" if not _has_cuda_env() else "cuda")
-        # DeepSpeed's compiled ops, built once by `make install` into the environment (never rebuilt per HOME).
-        prebuilt = os.path.join(sys.prefix, "torch_extensions")
-        if os.path.isdir(prebuilt):
-            os.environ.setdefault("TORCH_EXTENSIONS_DIR", prebuilt)
+        use_prebuilt_ops()
         self._ctx = None
         self._stop_early = False
         self._log_local = None
@@ -205,6 +202,14 @@ class RankWorker:
 PRELOAD = ("deepspeed", "workers.train_loop", "workers.pretrain", "workers.checkpoint_writer", "safetensors.torch",
            "tokenizers", "torch.utils.tensorboard")
 """What a job imports on its way to the first step (the loop imports most of it lazily)."""
+
+
+def use_prebuilt_ops() -> None:
+    """Point DeepSpeed at the compiled ops `make install` built into the environment (its shared-memory
+    comm op), so that no process compiles them again under its own HOME (about 40 s)."""
+    prebuilt = os.path.join(sys.prefix, "torch_extensions")
+    if os.path.isdir(prebuilt):
+        os.environ.setdefault("TORCH_EXTENSIONS_DIR", prebuilt)
 
 
 def import_deepspeed():
