@@ -14,7 +14,7 @@ UsageError = UserError
 
 
 def clip_middle(text: str, width: int, mark: str = " ... ") -> str:
-    """``text`` cut to ``width`` characters in the middle: both ends stay, where a name's tells runs apart
+    """``text`` cut to ``width`` characters in the middle: both ends stay: where a name tells its runs apart,
     and where an error line says what is left and what to do."""
     if len(text) <= width:
         return text
