@@ -32,12 +32,11 @@ def _child(port: int, root: str) -> None:
     """Saves at steps 2 (trains on while it is written), 4 (its write fails), 6 (dies mid-write)."""
     import threading
 
-    from workers.rank import import_deepspeed, use_prebuilt_ops
+    from workers.rank import import_deepspeed
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     torch.set_num_threads(1)
-    use_prebuilt_ops()  # DeepSpeed as a rank imports it
-    deepspeed = import_deepspeed()
+    deepspeed = import_deepspeed()  # as a rank imports it (the prebuilt ops come from conftest's environment)
 
     from workers import checkpoint_writer
     from workers.parallel.engine import build_engine

@@ -45,10 +45,9 @@ def run_rank(rank: int, port: int, out_dir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(WORLD_SIZE), LOCAL_RANK=str(rank), LOCAL_SIZE=str(WORLD_SIZE))
     torch.set_num_threads(1)
-    from workers.rank import import_deepspeed, use_prebuilt_ops
+    from workers.rank import import_deepspeed
 
-    use_prebuilt_ops()  # DeepSpeed as a rank imports it: its prebuilt ops (never compiled here), no transformers
-    deepspeed = import_deepspeed()
+    deepspeed = import_deepspeed()  # as a rank imports it (the prebuilt ops come from conftest's environment)
 
     from workers.parallel.experts import DeepSpeedSwitch, expert_parallel, moe_param_groups
 
