@@ -8,6 +8,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from specs.errors import UsageError
+from specs.validate import unknown_field
 
 DEFAULT_PATH = "cluster.yaml"
 
@@ -199,6 +200,8 @@ def load_cluster_config(path: str | None = None) -> ClusterConfig:
         loc = ".".join(str(x) for x in e["loc"])
         got = e.get("input")
         shown = f" (got {got!r})" if not isinstance(got, dict) and len(repr(got)) < 60 else ""
+        if e["type"] == "extra_forbidden":
+            shown, e["msg"] = "", unknown_field(ClusterConfig, tuple(e["loc"]), see="cluster.yaml: where the cluster and the storage are")
         raise UsageError(f"{path}: {loc or 'cluster'}: {e['msg']}{shown}") from None
     paths = cfg.paths or PathsConfig()
     paths = PathsConfig(read=[_resolve(r, base) for r in (paths.read if paths.read is not None else ["."])],

@@ -217,7 +217,7 @@ def load_pipeline(raw: Any, source: str, overrides: list[str] | None = None, sto
     try:
         spec = PipelineSpec.model_validate(raw, strict=True)
     except ValidationError as err:
-        raise SpecError(f"{source}: {_format_error(err)}") from None
+        raise SpecError(f"{source}: {_format_error(err, PipelineSpec, see='InstructGPT pipeline')}") from None
     try:  # non-finite numbers and integers past 64 bits anywhere in the file (stage fragments included)
         check_plain(raw, source)
     except InputError as err:

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from specs.errors import UsageError
 from specs.job import SpecError, read_yaml
+from specs.validate import unknown_field
 
 SWEEP_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,31}$")
 
@@ -229,7 +230,7 @@ def validate_sweep(raw: Any, source: str = "sweep") -> SweepSpec:
         loc = ".".join(str(x) for x in e["loc"])
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
-            msg = "unknown field; check the spelling"
+            msg = unknown_field(SweepSpec, tuple(e["loc"]), see="Scaling-law sweeps (Chinchilla)")
         head = f"{loc}: " if loc and not msg.startswith(("base.", "budgets:", "n_budgets:", "head_dim:",
                                                          "width_step:", "d_model:")) else ""
         raise SweepError(f"{source}: {head}{msg}") from None

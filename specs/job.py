@@ -29,7 +29,7 @@ from specs.base import BIG, SEED_MAX, FromList, PathStr, SpecError, _plain_text,
 from specs.distill import DistillSpec, distill_combinations
 from specs.rlhf import BuiltinTaskSpec, RLHFSpec
 from specs.seq2seq import NoisingSpec
-from specs.validate import InputError, check_plain, load_plain_yaml, read_plain_yaml
+from specs.validate import InputError, check_plain, load_plain_yaml, read_plain_yaml, unknown_field
 from workers.rlhf.ppo_config import PPOShares
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
@@ -455,12 +455,15 @@ class JobSpec(_Section):
 # ---------------------------------------------------------------------- loading
 
 
-def _format_error(err: ValidationError) -> str:
+def _format_error(err: ValidationError, root: type | None = None, see: str = "Job specs") -> str:
+    """The first error as one line naming the field; ``root`` (JobSpec by default) names an unknown field's
+    neighbours."""
     e = err.errors()[0]
-    loc = ".".join(str(x) for x in e["loc"] if not str(x).startswith("function-after"))
+    parts = tuple(x for x in e["loc"] if not str(x).startswith("function-after"))
+    loc = ".".join(str(x) for x in parts)
     msg = e["msg"].removeprefix("Value error, ")
     if e["type"] == "extra_forbidden":
-        return f"{loc}: unknown field; check the spelling (see README 'Spec format')"
+        return f"{loc}: {unknown_field(root or JobSpec, parts, see)}"
     if e["type"] == "literal_error":
         return f"{loc}: {msg} (got {e.get('input')!r})"
     if msg.startswith(("train:", "parallel.", "model.", "deepspeed:", "deepspeed.", "train.", "rlhf.", "classify.",

@@ -233,3 +233,36 @@ def float_arg(lo: float, hi: float):
         return value
     parse.__name__ = "number"
     return parse
+
+
+def _section_model(annotation: Any):
+    """The pydantic model class inside a field's annotation (``X``, ``X | None``, ...), or None."""
+    from typing import get_args
+
+    if isinstance(annotation, type) and hasattr(annotation, "model_fields"):
+        return annotation
+    for arg in get_args(annotation):
+        if (found := _section_model(arg)) is not None:
+            return found
+    return None
+
+
+def unknown_field(root: Any, loc: tuple, see: str) -> str:
+    """What to say about the unknown field at ``loc`` under the pydantic model ``root``: the known field
+    closest to it ("did you mean 'preset'?"), else the section's fields; then where the README lists them."""
+    import difflib
+
+    model = root
+    for part in loc[:-1]:
+        if isinstance(part, int):  # a list item: the same model as its list
+            continue
+        field = getattr(model, "model_fields", {}).get(part)
+        model = _section_model(field.annotation) if field is not None else None
+        if model is None:
+            return f"unknown field; check the spelling (see README '{see}')"
+    names = [f.alias or name for name, f in model.model_fields.items()]
+    close = difflib.get_close_matches(str(loc[-1]), names, n=1, cutoff=0.6)
+    if close:
+        return f"unknown field; did you mean '{close[0]}'? (see README '{see}')"
+    where = ".".join(str(p) for p in loc[:-1] if not isinstance(p, int)) or "the top level"
+    return f"unknown field; {where} takes {', '.join(names)} (see README '{see}')"

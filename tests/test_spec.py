@@ -1,15 +1,14 @@
 """Spec validation: typed at the edge, one-line errors naming the field."""
+import re
 import subprocess
 import sys
 
 import pytest
 
+from specs.errors import UsageError
 from specs.job import SpecError, apply_overrides, load_spec, parse_override, validate_spec
 from workers.parallel.deepspeed_config import deepspeed_config
-try:
-    from workers.parallel.engine import lr_lambda
-except ImportError:  # before the workers/ refactor
-    from workers.parallel.engine import lr_lambda
+from workers.parallel.engine import lr_lambda
 
 
 def _err(raw):
@@ -43,6 +42,27 @@ def test_defaults_and_derived_values():
 ])
 def test_bad_specs_name_the_field(raw, needle):
     assert needle in _err(raw)
+
+
+@pytest.mark.parametrize("raw, line", [
+    ({"model": {"presett": "tiny"}}, "model.presett: unknown field; did you mean 'preset'? (see README 'Job specs')"),
+    ({"modle": {}}, "modle: unknown field; did you mean 'model'?"),
+    ({"rlhf": {"ppo": {"kl_bta": 0.1}}}, "rlhf.ppo.kl_bta: unknown field; did you mean 'kl_beta'?"),
+    ({"model": {"size": "tiny"}}, "model.size: unknown field; model takes family, preset, d_model, n_layers, "),
+])
+def test_an_unknown_field_gets_the_nearest_known_one_or_its_sections_fields(raw, line):
+    assert line in _err(raw)
+
+
+def test_an_unknown_field_in_cluster_yaml_or_a_sweep_gets_the_same_help(tmp_path):
+    from orchestrator.cluster_config import load_cluster_config
+    from scaling.sweep_spec import SweepError, validate_sweep
+
+    (tmp_path / "cluster.yaml").write_text("workers: {cpu: 1}\n")
+    with pytest.raises(UsageError, match=re.escape("workers.cpu: unknown field; did you mean 'cpus'?")):
+        load_cluster_config(str(tmp_path / "cluster.yaml"))
+    with pytest.raises(SweepError, match="colour: unknown field; the top level takes name, family, "):
+        validate_sweep({"name": "x", "budgets": [1e13], "colour": "red"})
 
 
 def test_overrides_keep_types():
@@ -80,7 +100,7 @@ def test_cli_bad_spec_exits_2_with_one_line_and_starts_nothing(tmp_path):
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 2
     lines = [ln for ln in out.stderr.splitlines() if ln.strip()]
-    assert lines == [f"switchyard: error: {bad}: train.micro_bach: unknown field; check the spelling (see README 'Spec format')"]
+    assert lines == [f"switchyard: error: {bad}: train.micro_bach: unknown field; did you mean 'micro_batch'? (see README 'Job specs')"]
     assert not (tmp_path / "runs").exists()
 
 
