@@ -231,6 +231,7 @@ def pending_line(job: dict) -> str:
 
 QUEUED_SHOWN = 20  # the cluster `status` lists the queue's head; --json and `list` have every job
 NAME_MAX = 40  # `list`'s name column: as wide as the longest name on the page, up to this
+WHY_MAX = 120  # a failed or cancelled job's reason in `list`, cut in the middle; `status JOB` has all of it
 
 
 def _clip(name: str, width: int) -> str:
@@ -240,13 +241,41 @@ def _clip(name: str, width: int) -> str:
     return clip_middle(name, width, mark="~")
 
 
+def list_why(job: dict) -> str:
+    """`list`'s WHY column: where a queued job waits, who preempted it, why it failed or was cancelled."""
+    from specs.errors import clip_middle
+
+    if why := pending_line(job):
+        return why
+    if job["state"] == "PREEMPTED":
+        return f"preempted by {job.get('preempted_by')}; checkpointing"
+    if job["state"] in ("FAILED", "CANCELLED") and job.get("reason"):
+        return clip_middle(" ".join(str(job["reason"]).split()), WHY_MAX)
+    return ""
+
+
+def _states(arg: str | None) -> list[str] | None:
+    """``--state failed,queued`` -> ['FAILED', 'QUEUED'], or UsageError naming the states there are."""
+    from orchestrator.job_records import JobState
+
+    if not arg:
+        return None
+    names = [s.strip().upper() for s in arg.split(",") if s.strip()]
+    known = [s.value for s in JobState]
+    if bad := [n for n in names if n not in known]:
+        raise UsageError(f"list --state {bad[0].lower()}: not a job state; give one or more of "
+                         f"{', '.join(k.lower() for k in known)}, comma-separated")
+    return names
+
+
 def cmd_list(args) -> int:
+    states = _states(args.state)
     client = _remote(args)
     if client is not None:
-        got = client.jobs_page(args.limit, args.page)
+        got = client.jobs_page(args.limit, args.page, state=",".join(states) if states else None, owner=args.owner)
         rows, total = got["jobs"], got["total"]
     else:
-        recs, total = _store(_cluster(args)).page(limit=args.limit, page=args.page)
+        recs, total = _store(_cluster(args)).page(states, limit=args.limit, page=args.page, owner=args.owner)
         rows = [r.to_status_dict() for r in recs]
     if args.json:
         print(json_output.dumps(rows))
@@ -255,9 +284,7 @@ def cmd_list(args) -> int:
     print(f"{'ID':<20} {'NAME':<{w}} {'OWNER':<10} {'STATE':<11} {'PRIO':>4} {'STEP':>7} {'RESTARTS':>8} {'AGE':>6}"
           "  WHY")
     for r in sorted(rows, key=lambda r: r["submitted_at"]):
-        why = pending_line(r)
-        if not why and r["state"] == "PREEMPTED":
-            why = f"preempted by {r.get('preempted_by')}; checkpointing"
+        why = list_why(r)
         print(f"{r['id']:<20} {_clip(r['name'], w):<{w}} {(r.get('owner') or '-')[:10]:<10} {r['state']:<11} "
               f"{r['priority']:>4} {r['step'] or 0:>7} {r['restarts']:>8} {_age(r['submitted_at']):>6}  {why}")
     if total > len(rows):
@@ -534,6 +561,9 @@ def register(sub) -> None:
     p.add_argument("--json", action="store_true")
     p.add_argument("--limit", type=int_arg(1, 100_000), default=100, help="jobs per page (default 100)")
     p.add_argument("--page", type=int_arg(1, 1 << 31), default=1, help="1: the newest jobs, 2: the ones before, ...")
+    p.add_argument("--state", default=None, metavar="STATE[,STATE...]",
+                   help="only jobs in these states (queued, running, failed, ...)")
+    p.add_argument("--owner", default=None, help="only this user's jobs")
     p.set_defaults(func=cmd_list)
     p = sub.add_parser("status", help="one job, or the cluster")
     p.add_argument("job", nargs="?")

@@ -197,6 +197,8 @@ def test_cli_over_the_api_from_a_machine_without_ray_or_the_job_store(tmp_path):
         assert _sy(laptop, "wait", long_job, "--timeout", "240", env=alice, laptop=True, check=False).returncode == 1
         listing = _sy(laptop, "list", env=bob, laptop=True).stdout
         assert job in listing and "SUCCEEDED" in listing and "CANCELLED" in listing and "alice" in listing
+        cancelled = _sy(laptop, "list", "--state", "cancelled", "--owner", "alice", env=bob, laptop=True).stdout
+        assert long_job in cancelled and job not in cancelled and "cancelled by user" in cancelled
         assert not (laptop_dir / "nothing").exists()  # the laptop never made a job store or storage
     finally:
         _sy(head, "down", check=False)

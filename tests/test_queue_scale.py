@@ -98,6 +98,27 @@ def test_cli_list_shows_a_page_and_says_how_to_see_the_rest(tmp_path, capsys):
     assert exit_.value.code == 2 and "--limit" in capsys.readouterr().err
 
 
+def test_cli_list_filters_by_state_and_owner_and_says_why_a_job_failed(tmp_path, capsys):
+    from orchestrator.cli import main
+
+    cfg = tmp_path / "cluster.yaml"
+    cfg.write_text(f"storage: {tmp_path / 'runs'}\njob_store: {tmp_path / 'jobs.db'}\n")
+    store = JobStore(tmp_path / "jobs.db")
+    ids = [submit(store, f"j{i}").id for i in range(3)]
+    store.transition(ids[1], JobState.FAILED, "needs 64 workers x {1 CPU} but the cluster has 2 CPUs " + "x" * 200
+                     + " ask for fewer or smaller workers")
+    assert main(["--cluster", str(cfg), "list", "--state", "failed,cancelled"]) == 0
+    out = capsys.readouterr().out
+    assert [i for i in ids if i in out] == [ids[1]]
+    line = next(ln for ln in out.splitlines() if ids[1] in ln)
+    assert "needs 64 workers" in line and line.endswith("ask for fewer or smaller workers") and " ... " in line
+    assert main(["--cluster", str(cfg), "list", "--state", "QUEUED", "--owner", "nobody"]) == 0
+    assert not [i for i in ids if i in capsys.readouterr().out]
+    assert main(["--cluster", str(cfg), "list", "--state", "dead"]) == 2
+    err = capsys.readouterr().err
+    assert "list --state dead: not a job state; give one or more of queued," in err
+
+
 def _full_read(store: JobStore) -> list[sched.QueuedJob]:
     """What the controller read before issue #15: every queued job in full, dependencies one by one."""
     queued = [r for r in store.list([S.QUEUED]) if r.kind in KINDS]
