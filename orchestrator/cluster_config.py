@@ -201,7 +201,8 @@ def load_cluster_config(path: str | None = None) -> ClusterConfig:
         got = e.get("input")
         shown = f" (got {got!r})" if not isinstance(got, dict) and len(repr(got)) < 60 else ""
         if e["type"] == "extra_forbidden":
-            shown, e["msg"] = "", unknown_field(ClusterConfig, tuple(e["loc"]), see="cluster.yaml: where the cluster and the storage are")
+            see = "cluster.yaml: where the cluster and the storage are"
+            shown, e["msg"] = "", unknown_field(ClusterConfig, tuple(e["loc"]), see=see)
         raise UsageError(f"{path}: {loc or 'cluster'}: {e['msg']}{shown}") from None
     paths = cfg.paths or PathsConfig()
     paths = PathsConfig(read=[_resolve(r, base) for r in (paths.read if paths.read is not None else ["."])],

@@ -260,7 +260,7 @@ def unknown_field(root: Any, loc: tuple, see: str) -> str:
         model = _section_model(field.annotation) if field is not None else None
         if model is None:
             return f"unknown field; check the spelling (see README '{see}')"
-    names = [f.alias or name for name, f in model.model_fields.items()]
+    names = list(model.model_fields)
     close = difflib.get_close_matches(str(loc[-1]), names, n=1, cutoff=0.6)
     if close:
         return f"unknown field; did you mean '{close[0]}'? (see README '{see}')"

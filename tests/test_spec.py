@@ -100,7 +100,8 @@ def test_cli_bad_spec_exits_2_with_one_line_and_starts_nothing(tmp_path):
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 2
     lines = [ln for ln in out.stderr.splitlines() if ln.strip()]
-    assert lines == [f"switchyard: error: {bad}: train.micro_bach: unknown field; did you mean 'micro_batch'? (see README 'Job specs')"]
+    assert lines == [f"switchyard: error: {bad}: train.micro_bach: unknown field; did you mean 'micro_batch'? "
+                     "(see README 'Job specs')"]
     assert not (tmp_path / "runs").exists()
 
 
