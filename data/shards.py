@@ -27,6 +27,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from data.storage import Storage
@@ -95,6 +96,20 @@ def build_token_cache(source: TokenSource, storage: Storage, log=print, max_acto
     return folder
 
 
+def int32_ids(column) -> np.ndarray:
+    """A Parquet column of int32 token ids as one numpy array, over Arrow's own buffers.
+
+    pyarrow's ``to_numpy`` imports pandas on its first call (to pick conversion options pandas decides),
+    about 0.7 s that a rank paid inside its first training step; a rank has no other use for pandas."""
+    parts = []
+    for chunk in column.chunks:
+        if chunk.type != pa.int32() or chunk.null_count:
+            raise ValueError(f"token shard column: expected int32 ids without nulls, got {chunk.type} "
+                             f"with {chunk.null_count} null(s); delete the token cache to rebuild it")
+        parts.append(np.frombuffer(chunk.buffers()[1], dtype=np.int32, count=len(chunk), offset=4 * chunk.offset))
+    return parts[0] if len(parts) == 1 else np.concatenate(parts) if parts else np.empty(0, np.int32)
+
+
 class TokenStream:
     """A cache entry's token ids, addressed like a (n_tokens,) int32 array but read on demand.
 
@@ -146,9 +161,9 @@ class TokenStream:
                 return ids
             f = self._file(shard)
             if self.rg is None:  # a shard written in one row group per table (format 1): read it whole
-                ids = f.read().column("ids").to_numpy()
+                ids = int32_ids(f.read(columns=["ids"]).column(0))
             else:
-                ids = f.read_row_group(group, columns=["ids"]).column(0).to_numpy()
+                ids = int32_ids(f.read_row_group(group, columns=["ids"]).column(0))
             self._groups[key] = ids
             if len(self._groups) > CACHE_ROW_GROUPS:
                 self._groups.popitem(last=False)

@@ -234,6 +234,37 @@ def test_token_stream_reads_ranges_like_an_array(tmp_path, small_units):
     assert len(stream._groups) <= CACHE_ROW_GROUPS and a._perm is not None
 
 
+def test_a_rank_reads_the_token_stream_without_importing_pandas(tmp_path, small_units):
+    """pyarrow's to_numpy imports pandas at its first call: 0.7 s inside a cold job's first step."""
+    corpus = _corpus(tmp_path / "c", seed=6)
+    storage = Storage(str(tmp_path / "store"))
+    folder = build_token_cache(TokenSource(corpus), storage, log=lambda *_: None, use_ray=False)
+    full = _expected(corpus, TokenCache.load(folder, storage).tokenizer)
+    np.save(tmp_path / "full.npy", full)
+    child = ("import sys, numpy as np; from data.shards import TokenCache; from data.storage import Storage; "
+             f"s = TokenCache.load({folder!r}, Storage({str(tmp_path / 'store')!r})).tokens; "
+             f"full = np.load({str(tmp_path / 'full.npy')!r}); "
+             "assert np.array_equal(s[0:len(full)], full) and np.array_equal(s[5:900], full[5:900]); "
+             "print('pandas' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=120,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "False"
+
+
+def test_int32_ids_reads_chunks_and_slices_and_refuses_other_columns():
+    from data.shards import int32_ids
+
+    ids = pa.chunked_array([pa.array(np.arange(10, dtype=np.int32)).slice(3, 5),
+                            pa.array(np.arange(100, 104, dtype=np.int32))])
+    assert int32_ids(ids).tolist() == [3, 4, 5, 6, 7, 100, 101, 102, 103]
+    assert int32_ids(pa.chunked_array([], type=pa.int32())).tolist() == []
+    with pytest.raises(ValueError, match="expected int32 ids without nulls, got int64"):
+        int32_ids(pa.chunked_array([pa.array([1, 2], type=pa.int64())]))
+    with pytest.raises(ValueError, match="with 1 null"):
+        int32_ids(pa.chunked_array([pa.array([1, None], type=pa.int32())]))
+
+
 @pytest.mark.parametrize("n", [1, 2, 3, 7, 64, 1000, 4097, 65_537])
 def test_window_order_is_a_bijection_computed_per_index(n):
     perm = IndexPermutation(n, seed=5, epoch=0)

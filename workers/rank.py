@@ -12,8 +12,14 @@ import socket
 import sys
 import tempfile
 import threading
+from datetime import timedelta
 
 log = logging.getLogger(__name__)
+
+COLLECTIVE_TIMEOUT = timedelta(minutes=30)
+"""How long a collective waits for every rank: torch's and DeepSpeed's default, as before."""
+RENDEZVOUS_TIMEOUT = COLLECTIVE_TIMEOUT
+"""How long the rendezvous store waits for a rank (env:// rendezvous used the collective timeout too)."""
 
 
 class RankWorker:
@@ -93,12 +99,18 @@ class RankWorker:
         return {"rank": self.rank, "node": ray.get_runtime_context().get_node_id(),
                 "ip": ray.util.get_node_ip_address(), "pid": os.getpid()}
 
-    def free_port(self) -> int:
-        import ray
+    def open_store(self) -> int:
+        """(Rank 0) Start the rendezvous store, listening before any rank joins; returns its port.
 
-        with socket.socket() as s:
-            s.bind((ray.util.get_node_ip_address(), 0))
-            return s.getsockname()[1]
+        With ``env://`` rendezvous rank 0 starts the store inside ``init_process_group``, and a rank that
+        gets there first retries its connection with a growing back-off: up to half a second of every
+        cold start here. A store that is already up answers a rank's first try."""
+        import ray
+        import torch.distributed as dist
+
+        self._store = dist.TCPStore(ray.util.get_node_ip_address(), 0, self.world_size, is_master=True,
+                                    wait_for_workers=False, timeout=RENDEZVOUS_TIMEOUT)
+        return self._store.port
 
     def open_probe(self) -> int:
         """Listen on the node's address for the other ranks' reachability probe; returns the port."""
@@ -151,7 +163,11 @@ class RankWorker:
         if torch.cuda.is_available():
             torch.cuda.set_device(0)  # Ray gives each GPU actor its own CUDA_VISIBLE_DEVICES
         backend = "nccl" if torch.cuda.is_available() else "gloo"
-        deepspeed.init_distributed(dist_backend=backend, verbose=False)
+        store = self._store if self.rank == 0 else torch.distributed.TCPStore(
+            master_addr, master_port, self.world_size, is_master=False, timeout=RENDEZVOUS_TIMEOUT)
+        torch.distributed.init_process_group(backend, store=store, rank=self.rank, world_size=self.world_size,
+                                             timeout=COLLECTIVE_TIMEOUT)
+        deepspeed.init_distributed(dist_backend=backend, verbose=False)  # DeepSpeed's backend over that group
         import logging
 
         logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
@@ -200,8 +216,9 @@ class RankWorker:
 
 
 PRELOAD = ("deepspeed", "workers.train_loop", "workers.pretrain", "workers.checkpoint_writer", "safetensors.torch",
-           "tokenizers", "torch.utils.tensorboard")
-"""What a job imports on its way to the first step (the loop imports most of it lazily)."""
+           "tokenizers", "torch.utils.tensorboard", "numpy.ma")
+"""What a job imports on its way to the first step (the loop imports most of it lazily; numpy imports
+``numpy.ma`` at the sampler's first ``np.unique``)."""
 
 
 def use_prebuilt_ops() -> None:

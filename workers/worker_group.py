@@ -99,7 +99,7 @@ class WorkerGroup:
     def init_distributed(self, master_ip: str) -> None:
         """Check every rank reaches every other at its node's address, then join torch.distributed there."""
         self.check_reachable()
-        port = ray.get(self.actors[0].free_port.remote())
+        port = ray.get(self.actors[0].open_store.remote())
         ray.get([a.setup.remote(master_ip, port, self.resources.network_interface) for a in self.actors])
         self.distributed = True
 
