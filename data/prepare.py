@@ -86,15 +86,16 @@ class ShardWriter:
 
     def write(self, unit: Unit, max_docs: int | None = None) -> dict:
         """Tokenize ``unit`` into ``shard-<index>.parquet``; return (and store) its index entry."""
-        import pyarrow as pa
         import pyarrow.parquet as pq
+
+        from data.shards import IDS_SCHEMA, ids_table
 
         t0 = time.time()
         name = f"shard-{unit.index:05d}"
         uri = f"{self.folder}/{name}.parquet"
         local = self.storage.is_local
         target = f"{self.storage.local_path(uri)}.tmp-{uuid.uuid4().hex[:8]}" if local else uri
-        schema = pa.schema([("ids", pa.int32())])
+        schema = IDS_SCHEMA
         writer, sink = None, None
         eos = self.tok.eos_id
         buf: list[np.ndarray] = []
@@ -110,7 +111,7 @@ class ShardWriter:
                 sink = open(target, "wb") if local else self.storage.fs.open(target, "wb")
                 writer = pq.ParquetWriter(sink, schema, compression="zstd", use_dictionary=False,
                                           write_statistics=False)
-            writer.write_table(pa.table({"ids": ids[:keep]}, schema=schema), row_group_size=ROW_GROUP_TOKENS)
+            writer.write_table(ids_table(ids[:keep]), row_group_size=ROW_GROUP_TOKENS)
             buf, buffered = ([ids[keep:]], len(ids) - keep) if keep < len(ids) else ([], 0)
 
         texts: list[str] = []

@@ -31,6 +31,7 @@ class RankWorker:
         self._ctx = None
         self._stop_early = False
         self._log_local = None
+        self._store = None  # rank 0's rendezvous store (open_store)
         import torch  # noqa: F401  (before the snapshot below: importing it sets variables of its own)
 
         import_deepspeed()
@@ -163,6 +164,9 @@ class RankWorker:
         if torch.cuda.is_available():
             torch.cuda.set_device(0)  # Ray gives each GPU actor its own CUDA_VISIBLE_DEVICES
         backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if self.rank == 0 and self._store is None:  # no open_store first: rank 0 starts the store here
+            self._store = torch.distributed.TCPStore(master_addr, master_port, self.world_size, is_master=True,
+                                                     wait_for_workers=False, timeout=RENDEZVOUS_TIMEOUT)
         store = self._store if self.rank == 0 else torch.distributed.TCPStore(
             master_addr, master_port, self.world_size, is_master=False, timeout=RENDEZVOUS_TIMEOUT)
         torch.distributed.init_process_group(backend, store=store, rank=self.rank, world_size=self.world_size,
