@@ -49,6 +49,9 @@ def test_a_job_waits_while_a_foreign_actor_holds_the_cpus(ray_cluster, controlle
     wait_for(lambda: _free_cpus() == _total_cpus(), timeout=60, what="an idle cluster")
     holder = ray.remote(Holder).options(num_cpus=_total_cpus() - 1).remote()  # leaves 1 CPU; the job needs 2
     ray.get(holder.ping.remote())
+    # The GCS learns of the actor's CPUs from its raylet's next resource report (the view the controller
+    # and `ray status` read); a job submitted before that may start and wait for its gang instead.
+    wait_for(lambda: _free_cpus() == 1, timeout=30, what="the actor's CPUs to show as used")
     job = submit_spec(cfg, tiny_spec(name="waits", **{"train.steps": 4}), priority=0)
     try:
         time.sleep(5.0)  # many controller ticks
