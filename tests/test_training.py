@@ -46,6 +46,7 @@ def test_resume_after_checkpoint_repeats_the_same_losses(ray_cluster, cluster_cf
     os.remove(os.path.join(checkpoint_dir(run_dir, 8), "manifest.json"))
     resumed = _run(cluster_cfg, resume=run_dir, **{"parallel.zero_stage": 2})
     assert resumed["steps"] == 8
+    assert resumed["first_loss"] == r["first_loss"]  # the run's first loss, not the resumed part's (step 5)
     assert _losses(run_dir) == pytest.approx(full, rel=1e-5, abs=1e-5)
     # The resumed part really ran steps 5-8 (step 8's checkpoint is complete again), and the metrics
     # keep one row per step: the first attempt's rows of the replayed steps were dropped.

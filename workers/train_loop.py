@@ -76,6 +76,7 @@ def train(ctx: RunContext) -> dict:
     if latest is not None:
         startup.enter("loading_checkpoint", latest.path)
         state.step, state.position = resume(kind, checkpointer, latest, universal, spec.total_steps)
+        state.first_loss = latest.manifest.get("first_loss")  # the run's, not this attempt's (older: None)
     startup.enter("first_step", f"step {state.step + 1}")
     try:
         return run(env, kind, checkpointer, state)
@@ -117,7 +118,7 @@ def run(env: RankEnv, kind: JobKind, checkpointer: Checkpointer, state: LoopStat
         if env.rank == 0 and checkpointer.is_current():  # a zombie never overwrites the metrics (remote storage)
             writer.sync()
         manifest = {"data": kind.order.state(state.position).to_dict(), "spec_hash": spec.spec_hash(),
-                    "kind": spec.kind, "loss": state.last_loss}
+                    "kind": spec.kind, "loss": state.last_loss, "first_loss": state.first_loss}
         checkpointer.save(state.step, kind.engine, manifest, kind.checkpoint_state(state.step))
         ctx.progress["last_checkpoint"] = state.step
         saved.append(state.step)
