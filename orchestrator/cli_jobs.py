@@ -323,6 +323,13 @@ def job_status(store, job_id: str, storage=None) -> dict:
         out["startup"] = None if startup is None else {
             "phase": startup.get("phase"), "current": None if rec.terminal else phases.describe(startup),
             "summary": phases.summary(startup)}
+        if rec.kind == "train":
+            from workers.checkpoint_store import unevaluated
+
+            try:
+                out["evals_pending"] = len(unevaluated(storage, rec.run_dir))
+            except (OSError, ValueError):  # the run directory is gone or unreadable: nothing to say
+                out["evals_pending"] = 0
     children = store.list(parent_id=rec.id)
     if children:
         out["stages"] = [{"id": c.id, "name": c.name, "state": c.state.value, "step": c.step} for c in children]
@@ -408,6 +415,9 @@ def cmd_status(args) -> int:
             print("metrics: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in m.items()))
         for e in out.get("evals", []):
             print(_eval_line(e, e["checkpoint"] == out.get("best_checkpoint")))
+        if out.get("evals_pending"):
+            print(f"eval: {out['evals_pending']} checkpoint(s) not evaluated yet; the controller evaluates each "
+                  "when the cluster has room for it (workers.eval_cpus)")
         for w in out.get("workers") or []:
             print(f"rank {w['rank']}: node {str(w['node'])[:12]} pid {w['pid']}")
         for s in out.get("stages", []):

@@ -42,8 +42,6 @@ import re
 import time
 from dataclasses import dataclass
 
-import torch
-
 from data.storage import Storage
 from specs.errors import UserError
 
@@ -74,6 +72,8 @@ def tensors_only():
     shared storage must not be able to run code in our ranks. Tensors, builtins
     and the few plain DeepSpeed data classes above load; anything else fails.
     """
+    import torch  # here: the layout and listing above serve `switchyard status` too, which has no torch
+
     allowed = []
     for name in DEEPSPEED_SAFE_GLOBALS:
         module, _, attr = name.rpartition(".")
