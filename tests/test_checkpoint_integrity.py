@@ -114,6 +114,28 @@ def test_retention_never_deletes_a_checkpoint_the_controller_has_not_evaluated(r
     assert ck.retain(st, run_dir, keep=1) == [paths[0], paths[2]]
 
 
+def test_status_says_how_many_checkpoints_wait_for_their_evaluation(run, capsys, tmp_path):
+    from orchestrator.cli import main
+    from orchestrator.cli_jobs import job_status
+    from orchestrator.job_store import JobStore
+
+    st, run_dir = run
+    store = JobStore(str(tmp_path / "jobs.db"))
+    rec = store.submit("t", "train", {}, 0, {"workers": 1, "cpus_per_worker": 1, "gpus_per_worker": 0}, 0,
+                       lambda i: run_dir)
+    ck.begin_attempt(st, run_dir, "controller", rec.id)
+    paths = [_write(st, run_dir, s, model=True)[0] for s in (2, 4, 6)]
+    st.write_text(f"{run_dir}/evals.jsonl", json.dumps({"checkpoint": paths[0], "loss": 1.0}) + "\n")
+    out = job_status(store, rec.id, st)
+    assert out["evals_pending"] == 2
+    cfg = tmp_path / "cluster.yaml"
+    cfg.write_text(f"storage: {tmp_path}\njob_store: {tmp_path / 'jobs.db'}\n")
+    assert main(["--cluster", str(cfg), "status", rec.id]) == 0
+    assert "eval: 2 checkpoint(s) not evaluated yet" in capsys.readouterr().out
+    ck.begin_attempt(st, run_dir, "run")                              # `switchyard run`: nothing evaluates
+    assert job_status(store, rec.id, st)["evals_pending"] == 0
+
+
 def test_a_nan_evaluation_is_never_the_best(tmp_path):
     from orchestrator.controller import Controller
     from orchestrator.job_store import JobStore
