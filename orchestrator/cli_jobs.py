@@ -280,6 +280,10 @@ def cmd_list(args) -> int:
     if args.json:
         print(json_output.dumps(rows))
         return 0
+    if not total:
+        print("no jobs match --state/--owner" if states or args.owner else
+              "no jobs yet: `switchyard submit SPEC` queues one")
+        return 0
     w = min(NAME_MAX, max([4] + [len(r["name"]) for r in rows]))
     print(f"{'ID':<20} {'NAME':<{w}} {'OWNER':<10} {'STATE':<11} {'PRIO':>4} {'STEP':>7} {'RESTARTS':>8} {'AGE':>6}"
           "  WHY")
@@ -429,7 +433,8 @@ def cmd_status(args) -> int:
     else:
         c = out["controller"]
         print(f"Ray: {out.get('address') or 'not running'}   controller: "
-              f"{'pid ' + str(c['pid']) if c['alive'] else 'not running'}")
+              f"{'pid ' + str(c['pid']) if c['alive'] else 'not running'}"
+              + ("" if c["alive"] or client is not None else "   (`switchyard up` starts them)"))
         for n in out.get("nodes", []):
             print(f"node {n['node'][:12]} {n['address']}: CPU {n['free']['CPU']:g}/{n['total']['CPU']:g} free, "
                   f"GPU {n['free']['GPU']:g}/{n['total']['GPU']:g} free")
