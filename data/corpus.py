@@ -84,7 +84,7 @@ def _read_file(fs, path: str, fmt: str, text_field: str) -> Iterator[str]:
         import pyarrow.parquet as pq
 
         with fs.open(path, "rb") as f:
-            table = pq.ParquetFile(f).read()  # pq.read_table would import pandas (0.7 s)
+            table = pq.ParquetFile(f).read()  # pq.read_table would import pandas
         if text_field not in table.column_names:
             raise UsageError(f"{path}: no column {text_field!r} (columns: {table.column_names}); "
                              f"set data.text_field")

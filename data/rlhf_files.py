@@ -72,7 +72,7 @@ def iter_rows(uri: str) -> Iterator[tuple[int, Any]]:
         import pyarrow.parquet as pq
 
         with fs.open(path, "rb") as f:
-            table = pq.ParquetFile(f).read()  # pq.read_table would import pandas (0.7 s)
+            table = pq.ParquetFile(f).read()  # pq.read_table would import pandas
         for i, row in enumerate(table.to_pylist(), start=1):
             yield i, row
         return

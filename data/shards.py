@@ -103,8 +103,8 @@ IDS_SCHEMA = pa.schema([("ids", pa.int32())])
 def int32_ids(column) -> np.ndarray:
     """A Parquet column of int32 token ids as one numpy array, over Arrow's own buffers.
 
-    pyarrow's ``to_numpy`` imports pandas on its first call (to pick conversion options pandas decides),
-    about 0.7 s that a rank paid inside its first training step; a rank has no other use for pandas."""
+    pyarrow's ``to_numpy`` imports pandas on its first call (to pick conversion options pandas decides):
+    0.25 CPU-seconds here, 0.7 s of a loaded rank's first training step; a rank has no other use for it."""
     parts = []
     for chunk in column.chunks:
         if chunk.type != pa.int32() or chunk.null_count:
@@ -116,7 +116,7 @@ def int32_ids(column) -> np.ndarray:
 
 def ids_table(ids: np.ndarray):
     """int32 token ids as a one-column (``ids``) Arrow table over the array's own memory (``pa.table`` would
-    import pandas, as ``to_numpy`` does: 0.7 s of every tokenizing process)."""
+    import pandas, as ``to_numpy`` does, in every tokenizing process)."""
     ids = np.ascontiguousarray(ids, dtype=np.int32)
     column = pa.Array.from_buffers(pa.int32(), len(ids), [None, pa.py_buffer(ids)])
     return pa.Table.from_arrays([column], schema=IDS_SCHEMA)
