@@ -11,7 +11,7 @@ loads an exported folder:
 | bert    | BertForPreTraining (or BertForMaskedLM) | names; the MLM decoder is the word table (tied)         |
 | roberta | BertForMaskedLM                         | no segment table: one all-zero row (type_vocab_size=1). Not RobertaForMaskedLM: it offsets positions by padding_idx + 1 |
 | albert  | AlbertForPreTraining (or AlbertForMaskedLM) | factorized embedding, shared layer = one layer group |
-| electra | ElectraForPreTraining (export only)     | the discriminator: shared embeddings, its blocks, RTD head (``models/hf_electra.py``) |
+| electra | ElectraForPreTraining                   | the discriminator: shared embeddings, its blocks, RTD head; imported, the generator starts fresh (``models/hf_electra.py``) |
 | palm    | refused                                 | the parallel attention + MLP block has no HF class      |
 
 Switch (MoE) layers are refused both ways: no HF class routes top-1 with a
@@ -415,8 +415,13 @@ def from_hf(config: dict, state: dict[str, torch.Tensor]) -> tuple[str, Any, dic
         from models.hf_seq2seq import from_hf as seq2seq_from_hf
 
         return seq2seq_from_hf(model_type, config, {k: v.float() for k, v in state.items()})
+    if model_type == "electra":
+        from models.hf_electra import electra_from_hf
+
+        return ("electra", *electra_from_hf(config, {k: v.float() for k, v in state.items()}))
     if model_type not in HF_DEFAULTS:
-        raise HFError(f"model_type {model_type!r} has no Switchyard model; llama, gpt2, bert and albert do")
+        raise HFError(f"model_type {model_type!r} has no Switchyard model; llama, gpt2, bert, albert, electra, "
+                      "t5 and bart do")
     c = {**HF_DEFAULTS[model_type], **config}
     sd = {k: v.float() for k, v in state.items()}
     if model_type == "llama":

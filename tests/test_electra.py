@@ -1,5 +1,5 @@
 """ELECTRA: generator sampling and RTD labels by hand, the task's masks and uniforms, the Hugging Face
-export, and one two-rank run that trains, resumes exactly and exports (models/electra.py, workers/electra.py)."""
+export and import (the discriminator; the generator starts fresh), and one two-rank run that trains, resumes exactly and exports (models/electra.py, workers/electra.py)."""
 from __future__ import annotations
 
 import json
@@ -96,6 +96,96 @@ def test_discriminator_exports_as_electra_for_pretraining_with_equal_logits(tmp_
         ours = model.eval().discriminator_logits(ids, types)
         theirs = hf(input_ids=ids, token_type_ids=types).logits
     assert torch.allclose(ours, theirs, atol=1e-5)
+
+    from models.hf import import_hf_family                                           # and back
+    from models.hf_electra import FRESH_ON_IMPORT
+    from workers.weights import load_state
+
+    _, back_cfg, state = import_hf_family(str(tmp_path))
+    back = Electra(back_cfg).eval()
+    load_state(back, state, "the export", FRESH_ON_IMPORT)
+    with torch.no_grad():
+        assert torch.allclose(back.discriminator_logits(ids, types), ours, atol=1e-6)
+
+
+def _hf_electra(transformers, folder, cls="ElectraForPreTraining", **sizes):
+    """A small ELECTRA written by transformers itself (random weights) into ``folder``; the model."""
+    conf = transformers.ElectraConfig(**{
+        "vocab_size": TOK.padded_vocab_size, "embedding_size": 64, "hidden_size": 64, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "intermediate_size": 128, "max_position_embeddings": 64,
+        "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0, **sizes})
+    torch.manual_seed(5)
+    model = getattr(transformers, cls)(conf).eval()
+    model.save_pretrained(str(folder), safe_serialization=True)
+    return model
+
+
+def test_a_transformers_electra_discriminator_imports_with_its_logits_and_a_fresh_generator(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from models.hf import import_hf_family
+    from models.hf_electra import FRESH_ON_IMPORT
+    from workers.weights import load_state
+
+    hf = _hf_electra(transformers, tmp_path / "disc")
+    family, cfg, state = import_hf_family(str(tmp_path / "disc"))
+    assert family == "electra" and (cfg.d_model, cfg.n_layers, cfg.n_heads, cfg.d_ff) == (64, 2, 4, 128)
+    assert (cfg.gen_d_model, cfg.gen_n_heads, cfg.gen_d_ff) == (16, 1, 64)            # a quarter, fresh
+    assert not any(k.startswith("gen_") for k in state) and "disc_head.prediction.weight" in state
+    model = Electra(cfg).eval()
+    with pytest.raises(ValueError, match="missing"):                                 # strict but for the generator
+        load_state(model, state, "the folder")
+    load_state(model, state, "the folder", FRESH_ON_IMPORT)
+    ids = torch.randint(0, TOK.vocab_size, (2, 40), generator=torch.Generator().manual_seed(2))
+    types = torch.randint(0, 2, (2, 40), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert torch.allclose(model.discriminator_logits(ids, types), hf(input_ids=ids, token_type_ids=types).logits,
+                              atol=1e-5)
+
+    base = _hf_electra(transformers, tmp_path / "base", cls="ElectraModel")          # no RTD head: it stays fresh
+    _, cfg, state = import_hf_family(str(tmp_path / "base"))
+    assert not any(k.startswith("disc_head.") for k in state)
+    model = Electra(cfg).eval()
+    load_state(model, state, "the folder", FRESH_ON_IMPORT)
+    with torch.no_grad():
+        assert torch.allclose(model.hidden(ids, types), base(input_ids=ids, token_type_ids=types).last_hidden_state,
+                              atol=1e-5)
+
+
+def test_electra_folders_that_do_not_map_are_refused_in_one_line(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from models.hf import HFError, import_hf_family
+
+    _hf_electra(transformers, tmp_path / "gen", cls="ElectraForMaskedLM")
+    with pytest.raises(HFError, match=r"ELECTRA's generator \(ElectraForMaskedLM\); import the discriminator"):
+        import_hf_family(str(tmp_path / "gen"))
+    _hf_electra(transformers, tmp_path / "small", embedding_size=32)                 # ELECTRA-Small's layout
+    with pytest.raises(HFError, match="embedding_size 32 differs from hidden_size 64"):
+        import_hf_family(str(tmp_path / "small"))
+
+
+def test_a_classify_job_starts_its_electra_trunk_from_a_transformers_folder(tmp_path):
+    """The worker's own path (init_config, build_model, load_init_state): the trunk's features are the folder's."""
+    transformers = pytest.importorskip("transformers")
+    from data.storage import Storage
+    from models.classifier import SequenceClassifier
+    from tests.conftest import tiny_spec
+    from workers.model_config import model_config
+    from workers.tasks import build_model
+    from workers.weights import init_config, load_init_state
+
+    hf = _hf_electra(transformers, tmp_path / "disc")
+    spec = tiny_spec(kind="classify", **{"model.family": "electra", "model.init_from": str(tmp_path / "disc"),
+                                         "data.seq_len": 48})
+    cfg, init = init_config(spec, Storage(str(tmp_path)), model_config(spec, TOK.padded_vocab_size), TOK,
+                            str(tmp_path / "cache"))
+    assert init.fresh and cfg.d_model == 64 and cfg.dropout == spec.model.dropout
+    trunk = build_model(cfg)
+    load_init_state(trunk, init)
+    clf = SequenceClassifier(trunk, 3).eval()
+    ids = torch.randint(0, TOK.vocab_size, (2, 48), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        assert torch.allclose(trunk.hidden(ids), hf.electra(input_ids=ids).last_hidden_state, atol=1e-5)
+        assert clf(ids)[0].shape == (2, 3)
 
 
 @pytest.mark.ray

@@ -43,6 +43,9 @@ class Weights:
     """The checkpoint folder or Hugging Face folder read."""
     tokenizer_dir: str | None
     """Folder with the tokenizer.json the weights were trained with."""
+    fresh: tuple[str, ...] = ()
+    """Prefixes of the model's parameters the source has no weights for (an imported ELECTRA's generator):
+    they keep the built model's initialisation."""
 
 
 # ----------------------------------------------------------------------------- which checkpoint
@@ -102,15 +105,18 @@ def tensors(storage: Storage, ckpt: str, which: str = "model") -> dict[str, torc
     return ckpt_lib.load_consolidated(storage, ckpt, FILES[which])
 
 
-def load_state(module: torch.nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
-    """Load ``state`` into ``module``; a key may be missing only where it is tied to one that is present.
+def load_state(module: torch.nn.Module, state: dict[str, torch.Tensor], where: str,
+               fresh: tuple[str, ...] = ()) -> None:
+    """Load ``state`` into ``module``; a key may be missing only where it is tied to one that is present,
+    or where it starts with one of the ``fresh`` prefixes (it keeps the module's initialisation).
 
     Raises ValueError naming ``where`` and the first mismatched keys.
     """
     own = module.state_dict()
     present = {own[k].data_ptr() for k in state if k in own}
     missing, unexpected = module.load_state_dict(state, strict=False)
-    missing = [k for k in missing if own[k].data_ptr() not in present]             # tied: stored once
+    missing = [k for k in missing if own[k].data_ptr() not in present              # tied: stored once
+               and not k.startswith(fresh)]
     if missing or unexpected:
         raise ValueError(f"{where} does not match the model: missing {missing[:4]}, unexpected {unexpected[:4]}")
 
@@ -141,7 +147,10 @@ def source_weights(storage: Storage, path: str) -> Weights:
         from models.hf import import_hf_family
 
         family, cfg, state = import_hf_family(path, fs=storage.fs)
-        return Weights(family, cfg, state, path, path)
+        fresh = ()
+        if family == "electra":                                       # the folder holds the discriminator only
+            from models.hf_electra import FRESH_ON_IMPORT as fresh
+        return Weights(family, cfg, state, path, path, fresh)
     if not storage.exists(f"{path}/spec.json") and not storage.exists(f"{path}/manifest.json"):
         raise ValueError(f"{path}: not a Hugging Face folder (config.json), a run directory (spec.json) "
                          "or a checkpoint folder (manifest.json)")
@@ -258,6 +267,6 @@ def init_config(spec, storage: Storage, cfg, tokenizer, token_cache: str) -> tup
 def load_init_state(model: torch.nn.Module, w: Weights) -> None:
     """Load ``model.init_from`` weights into the freshly built model."""
     try:
-        load_state(model, w.state, f"model.init_from: {w.source}")
+        load_state(model, w.state, f"model.init_from: {w.source}", w.fresh)
     except ValueError as err:
         raise UserError(str(err)) from None
