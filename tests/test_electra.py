@@ -1,5 +1,6 @@
 """ELECTRA: generator sampling and RTD labels by hand, the task's masks and uniforms, the Hugging Face
-export and import (the discriminator; the generator starts fresh), and one two-rank run that trains, resumes exactly and exports (models/electra.py, workers/electra.py)."""
+export and import (the discriminator; the generator starts fresh), and one two-rank run that trains,
+resumes exactly and exports (models/electra.py, workers/electra.py)."""
 from __future__ import annotations
 
 import json
