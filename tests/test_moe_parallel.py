@@ -153,3 +153,28 @@ def test_ep2_matches_ep1_over_two_ranks(tmp_path):
         assert own == sorted(f"layer_{layer}_expert_{2 * rank + i}_mp_rank_00_model_states.pt"
                              for layer in (0, 1) for i in (0, 1))
         assert res["after"] == pytest.approx(res["before"], rel=1e-6)
+
+
+def test_deepspeed_gating_runs_eagerly_and_compiles_nothing():
+    """DeepSpeed wraps its gating helpers in torch.compile (12 s of inductor per rank process on a CPU, then a
+    graph break); DeepSpeedSwitch takes the wrapper off, so gating, in training and at another shape, compiles
+    no frame and gives the same routing."""
+    from torch._dynamo.utils import counters
+
+    from workers.parallel.experts import GATE_HELPERS, eager_gate_helpers
+    from workers.rank import import_deepspeed
+
+    import_deepspeed()
+    from deepspeed.moe import sharded_moe
+
+    eager_gate_helpers()
+    eager_gate_helpers()                                                               # idempotent
+    assert not any(hasattr(getattr(sharded_moe, name), "_torchdynamo_orig_callable") for name in GATE_HELPERS)
+    counters.clear()
+    logits = torch.randn(64, 4, generator=torch.Generator().manual_seed(0))
+    _, combine, dispatch, counts = sharded_moe.top1gating(logits, capacity_factor=1.25, min_capacity=4,
+                                                          use_rts=False)[:4]
+    sharded_moe.top1gating(logits[:40], capacity_factor=2.0, min_capacity=4, use_rts=False)
+    assert not counters["frames"], dict(counters["frames"])
+    capacity = max(4, -(-64 * 1.25 // 4))                                             # ceil(S / N x factor)
+    assert dispatch.shape == (64, 4, capacity) and int(dispatch.sum()) == int(counts.clamp(max=capacity).sum())

@@ -41,6 +41,25 @@ import torch.nn.functional as F
 from models.moe import SwitchConfig, SwitchMLP, router_z_loss
 
 JITTER_EPSILON_DEEPSPEED = 0.01  # fixed inside deepspeed.moe.sharded_moe.multiplicative_jitter
+GATE_HELPERS = ("_capacity", "_top_idx", "_one_hot_to_float")
+"""The small ops of ``deepspeed.moe.sharded_moe``'s gating that DeepSpeed wraps in ``torch.compile``."""
+
+
+def eager_gate_helpers() -> None:
+    """Run DeepSpeed's gating helpers eagerly: take off the ``torch.compile`` wrapper DeepSpeed gives them.
+
+    Each is one small op (a capacity, a top-k, a one-hot). Compiled, the first
+    gating call of every rank process spent 12 s in inductor on a CPU, two of
+    the three then failing to compile (a graph break, and a screen of warnings
+    in the job's log), and a new shape (an eval batch) compiles again. Eager,
+    a gating call takes milliseconds. Idempotent.
+    """
+    from deepspeed.moe import sharded_moe
+
+    for name in GATE_HELPERS:
+        original = getattr(getattr(sharded_moe, name, None), "_torchdynamo_orig_callable", None)
+        if original is not None:
+            setattr(sharded_moe, name, original)
 
 
 class DeepSpeedSwitch(nn.Module):
@@ -49,6 +68,7 @@ class DeepSpeedSwitch(nn.Module):
     def __init__(self, switch: SwitchMLP, ep_size: int, ep_rank: int):
         from deepspeed.moe.layer import MoE
 
+        eager_gate_helpers()
         super().__init__()
         cfg: SwitchConfig = switch.cfg
         if cfg.num_experts % ep_size:
