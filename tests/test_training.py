@@ -27,13 +27,16 @@ def _run(cluster_cfg, resume=None, **overrides):
 
 
 def test_zero_stages_give_the_same_loss_curve(ray_cluster, cluster_cfg):
-    curves = {}
+    curves, logs = {}, {}
     for stage in (0, 1, 2, 3):
         r = _run(cluster_cfg, **{"parallel.zero_stage": stage, "train.steps": 6, "checkpoint.every": 100})
         curves[stage] = _losses(r["run_dir"])
+        logs[stage] = "".join(open(os.path.join(r["run_dir"], "logs", f"rank_{i}.log")).read() for i in (0, 1))
     assert curves[0][-1] < curves[0][0]
     for stage in (1, 2, 3):
         assert curves[stage] == pytest.approx(curves[0], rel=1e-4, abs=1e-4), stage
+    for stage, text in logs.items():  # the libraries' warnings about each other's calls stay out of the log
+        assert "Warning" not in text, (stage, text)
 
 
 def test_resume_after_checkpoint_repeats_the_same_losses(ray_cluster, cluster_cfg):

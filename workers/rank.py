@@ -35,6 +35,7 @@ class RankWorker:
         import torch  # noqa: F401  (before the snapshot below: importing it sets variables of its own)
 
         import_deepspeed()
+        quiet_library_warnings()
         if rank is None:  # a pool member: pay now for what a job's start and first step would
             _preload()
         self._base_env = dict(os.environ)  # what assign() restores: no job's variables survive into the next
@@ -231,6 +232,20 @@ def use_prebuilt_ops() -> None:
     prebuilt = os.path.join(sys.prefix, "torch_extensions")
     if os.path.isdir(prebuilt):
         os.environ.setdefault("TORCH_EXTENSIONS_DIR", prebuilt)
+
+
+LIBRARY_WARNINGS = (
+    (FutureWarning, r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated"),
+)
+"""(category, message) of warnings a rank's log does not show: ones about a library's own calls into another
+(DeepSpeed's ZeRO-2/3 into torch.distributed, on every rank of every job) that a user can do nothing about."""
+
+
+def quiet_library_warnings() -> None:
+    import warnings
+
+    for category, message in LIBRARY_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=category)
 
 
 def import_deepspeed():
