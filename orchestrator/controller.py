@@ -343,9 +343,21 @@ class Controller(GangStarts, CheckpointEvaluations, ParentJobs):
         log.warning("job %s: %s: %s", job_id, type(decision).__name__.lower(), decision.reason)
         if isinstance(decision, sched.Restart):
             self.store.transition(job_id, JobState.RESTARTING, decision.reason)
-            self.store.transition(job_id, JobState.QUEUED, "waiting to restart from the latest checkpoint")
+            self.store.transition(job_id, JobState.QUEUED, self._restart_point(rec.run_dir))
         else:
             self.store.transition(job_id, JobState.FAILED, decision.reason)
+
+    def _restart_point(self, run_dir: str) -> str:
+        """Where a restart resumes, for the job's reason: the latest complete checkpoint, or step 0."""
+        from workers.checkpoint_store import latest_checkpoint
+
+        try:
+            ckpt = latest_checkpoint(self.storage, run_dir)
+        except Exception:  # noqa: BLE001 -- the storage may be what failed; the note is advisory
+            return "waiting to restart from its latest complete checkpoint"
+        if ckpt is None:
+            return "waiting to restart from step 0 (no checkpoint was complete yet)"
+        return f"waiting to restart from its checkpoint at step {ckpt.step}"
 
     # ------------------------------------------------------------------ scheduling
 

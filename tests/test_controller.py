@@ -1,6 +1,7 @@
 """The controller on a real (simulated multi-node) Ray cluster: queue, gang admission, faults, evals."""
 import json
 import os
+import re
 import time
 
 import pytest
@@ -40,6 +41,11 @@ def test_node_loss_restarts_from_checkpoint_with_the_same_losses(ray_cluster, co
     nodes = {w["node"] for w in store.get(job).workers}
     assert len(nodes) == 2, "the job's workers span two nodes"
     wait_for(lambda: (store.get(job).step or 0) >= 6, what="step 6")
+    from data.storage import Storage
+    from workers.checkpoint_store import latest_checkpoint
+
+    # Checkpoints are written behind training: the one of step 4 may still be on its way at step 6.
+    wait_for(lambda: latest_checkpoint(Storage(cfg.storage), store.get(job).run_dir) is not None, what="a checkpoint")
     ray_cluster.remove_node(node_b)
     node_c = ray_cluster.add_node(num_cpus=3)  # a replacement joins
     wait_for(lambda: store.get(job).terminal, timeout=300, what="job end")
@@ -47,6 +53,9 @@ def test_node_loss_restarts_from_checkpoint_with_the_same_losses(ray_cluster, co
     assert rec.state == JobState.SUCCEEDED, rec.reason
     assert rec.restarts == 1
     assert [h.to_state for h in rec.history].count(JobState.RESTARTING) == 1
+    after = [h.reason for h in rec.history if h.from_state == JobState.RESTARTING]    # says where it resumes
+    assert len(after) == 1 and re.fullmatch(r"waiting to restart from its checkpoint at step (\d+)", after[0])
+    assert int(after[0].rsplit(" ", 1)[1]) % 4 == 0 and int(after[0].rsplit(" ", 1)[1]) >= 4, after
     resumed = _losses(rec.run_dir)
     reference = run_job(spec, cfg, log=lambda *a, **k: None)
     assert reference["state"] == "SUCCEEDED"
