@@ -72,9 +72,9 @@ BENCHMARKS: dict[str, Benchmark] = {
         "KV cache same tokens and >= 2x faster",
         quick=("--iters", "1", "--rollout", "8", "--new-tokens", "24")),
     "fit_speed": Benchmark(
-        "fit_speed.py", "Chinchilla approach 3, full 4500-start grid, 300 points; bootstrap of 100",
-        "converged; fit <= 10 s CPU; bootstrap <= 20 s CPU",
-        quick=("--points-per-budget", "6", "--bootstrap", "0")),
+        "fit_speed.py", "Chinchilla approach 3, full 4500-start grid, 300 points, vs scipy's L-BFGS-B from "
+        "every start; bootstrap of 100 vs 100 full fits", "converged; fit CPU <= 0.25 x scipy's; bootstrap CPU "
+        "<= 0.02 x 100 fits", quick=("--points-per-budget", "6", "--bootstrap", "0", "--scipy", "3")),
     "fit_epoch": Benchmark(
         "fit_epoch.py", "approach 3 and intervals on Epoch AI's 240 Chinchilla points",
         "E, alpha, beta equal Epoch's refit to 4 digits; converged; intervals contain estimates",
