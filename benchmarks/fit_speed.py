@@ -66,6 +66,8 @@ def main() -> None:
                     help="the baseline: scipy L-BFGS-B from K evenly spaced grid starts, scaled to the grid")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
+    if args.scipy < 1:
+        ap.error("--scipy K: the baseline needs at least 1 start")
 
     n, d, loss = runs(args.budgets, args.points_per_budget, 0.005, args.seed)
     fit_approach3(n[:20], d[:20], loss[:20], starts=chinchilla_starts()[:10])        # warm imports and caches
@@ -77,8 +79,6 @@ def main() -> None:
     out = {"points": int(n.size), "starts": res.n_starts, "fit_wall_s": wall, "fit_cpu_s": cpu,
            "converged": res.converged, "n_converged_starts": res.n_converged, "n_near_best": res.n_near_best,
            "params": {"E": p.E, "A": p.A, "B": p.B, "alpha": p.alpha, "beta": p.beta, "a": p.a, "b": p.b}}
-    if args.scipy < 1:
-        ap.error("--scipy K: the baseline needs at least 1 start")
     met = res.converged
     if args.bootstrap:
         _, bwall, bcpu = timed(lambda: bootstrap(n, d, loss, n_resamples=args.bootstrap, base=res))

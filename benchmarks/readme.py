@@ -62,8 +62,6 @@ def _ppo(r: dict) -> str:
 
 
 def _fit_speed(r: dict) -> str:
-    if "fit_ratio" not in r:  # a result from before the scipy baseline
-        return f"{r.get('points')} points, {r.get('starts')} starts: {_g(r.get('fit_cpu_s'))} s CPU"
     boot = (f"; bootstrap {_g(r.get('bootstrap_cpu_s'))} s CPU (ratio {_g(r.get('bootstrap_ratio'))})"
             if "bootstrap_cpu_s" in r else "")
     return (f"{r.get('points')} points, {r.get('starts')} starts: {_g(r.get('fit_cpu_s'))} s CPU vs scipy "

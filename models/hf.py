@@ -526,6 +526,16 @@ def import_hf_family(folder: str, fs=None) -> tuple[str, Any, dict[str, torch.Te
     return from_hf(config, _read_weights(folder, fs))
 
 
+def fresh_on_import(family: str) -> tuple[str, ...]:
+    """Prefixes of our parameters a Hugging Face folder of ``family`` has no weights for (ELECTRA's generator):
+    loading leaves them as the built model initialised them."""
+    if family == "electra":
+        from models.hf_electra import FRESH_ON_IMPORT
+
+        return FRESH_ON_IMPORT
+    return ()
+
+
 def import_hf(folder: str, fs=None) -> tuple[Any, dict[str, torch.Tensor]]:
     """A transformers folder -> (DecoderConfig | EncoderConfig, state dict that loads into Decoder | Encoder)."""
     _, cfg, state = import_hf_family(folder, fs)

@@ -83,7 +83,7 @@ def generator_size(d_model: int) -> dict[str, int]:
 def electra_from_hf(config: dict, sd: dict[str, torch.Tensor]) -> tuple[ElectraConfig, dict[str, torch.Tensor]]:
     """(config.json dict, HF discriminator state dict) -> (our config, our state dict without the generator);
     HFError (from ``models.hf``) for what does not map."""
-    from models.hf import HFError, _need, _strip
+    from models.hf import HFError, _need, _strip, _unlinear
 
     c = {**HF_DEFAULTS, **config}
     if any(k.startswith(("generator_predictions.", "generator_lm_head.")) for k in sd):
@@ -99,8 +99,6 @@ def electra_from_hf(config: dict, sd: dict[str, torch.Tensor]) -> tuple[ElectraC
         raise HFError(f"electra: embedding_size {c['embedding_size']} differs from hidden_size {d} (ELECTRA-Small's "
                       "factorised embeddings); only discriminators with embeddings at their own width import")
     sd = _strip(sd, "electra")
-    if "electra.embeddings_project.weight" in sd:
-        raise HFError("electra: the folder has an embeddings_project; only embeddings at the hidden width import")
     types = c["type_vocab_size"]
     type_table = _need(sd, "electra.embeddings.token_type_embeddings.weight", "electra")
     if types == 1 and not type_table.any():
@@ -120,6 +118,5 @@ def electra_from_hf(config: dict, sd: dict[str, torch.Tensor]) -> tuple[ElectraC
         pairs += [("disc_head.dense", "discriminator_predictions.dense"),
                   ("disc_head.prediction", "discriminator_predictions.dense_prediction")]
     for ours, theirs in pairs:
-        out[f"{ours}.weight"] = _need(sd, f"{theirs}.weight", "electra")
-        out[f"{ours}.bias"] = _need(sd, f"{theirs}.bias", "electra")
+        _unlinear(out, sd, ours, theirs, "electra")
     return cfg, out

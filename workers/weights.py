@@ -144,13 +144,10 @@ def source_weights(storage: Storage, path: str) -> Weights:
     """``model.init_from``: a Hugging Face folder (config.json), a run directory or a checkpoint folder."""
     path = path.rstrip("/")
     if storage.exists(f"{path}/config.json"):
-        from models.hf import import_hf_family
+        from models.hf import fresh_on_import, import_hf_family
 
         family, cfg, state = import_hf_family(path, fs=storage.fs)
-        fresh = ()
-        if family == "electra":                                       # the folder holds the discriminator only
-            from models.hf_electra import FRESH_ON_IMPORT as fresh
-        return Weights(family, cfg, state, path, path, fresh)
+        return Weights(family, cfg, state, path, path, fresh_on_import(family))
     if not storage.exists(f"{path}/spec.json") and not storage.exists(f"{path}/manifest.json"):
         raise ValueError(f"{path}: not a Hugging Face folder (config.json), a run directory (spec.json) "
                          "or a checkpoint folder (manifest.json)")
