@@ -123,8 +123,10 @@ def bad_values(ann, optional: bool, bounds: dict) -> list[str]:
         return [v for v in vals if v not in (_y(c) for c in choices)]
     if origin is tuple:
         args = typing.get_args(ann)
-        if args and args[-1] is Ellipsis:  # tuple[str, ...]
-            return base + ["5", "'x'", "[1]", "[no-such-entry]", "{a: 1}", "[[a]]"]
+        if args and args[-1] is Ellipsis:  # tuple[str, ...] or tuple[int, ...] (eval.few_shot.k)
+            item = typing.get_args(args[0])[0] if typing.get_origin(args[0]) is typing.Annotated else args[0]
+            return base + ["5", "'x'", "[no-such-entry]", "{a: 1}", "[[a]]"] + (
+                ["[-1]", "[1, 1]"] if item is int else ["[1]"])
         return base + ["[0.9]", "[0.9, 0.9, 0.9]", "[1.5, 0.9]", "[-0.1, 0.9]", "[.nan, 0.9]", "[0.9, .inf]",
                        "'0.9'", "0.9", "['0.9', 0.9]", "[true, 0.9]", "{a: 1}"]
     if origin is dict:  # the deepspeed block
