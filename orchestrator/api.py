@@ -28,6 +28,11 @@ Endpoints (all JSON unless noted; ``{id}`` takes a unique id prefix too):
     GET  /api/v1/sweeps/{name}             sweep progress (owner, after, runs, results, fit)
     GET  /api/v1/sweeps/{name}/fit         the fit results (fit.json) once the sweep is fitted
     POST /api/v1/tokens                    {user, admin?} -> {user, admin, token}  (admins only)
+    GET  /api/v1/tokens[?user=U]           [{id, user, admin, created_at}]: every token for an admin,
+                                           the caller's own otherwise (never a token, only its id)
+    DELETE /api/v1/tokens/{id}             -> the revoked token's {id, ...}  (its user or an admin;
+                                           {id} takes a unique prefix of 4+ hex digits)
+    DELETE /api/v1/tokens?user=U           -> {user, revoked}: every token of U  (U itself or an admin)
 
 Specs are validated here again whatever the client did. A spec that names a
 file must name one the cluster can read (storage URI or a path on the
@@ -49,7 +54,7 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from orchestrator.job_store import JobNotFoundError, JobState, JobStore
+from orchestrator.job_store import JobNotFoundError, JobState, JobStore, TokenNotFoundError
 from specs.errors import UsageError
 from specs.job import apply_overrides
 
@@ -112,6 +117,9 @@ class Api:
         r.add_get(f"{PREFIX}/sweeps/{{name}}", self.sweep)
         r.add_get(f"{PREFIX}/sweeps/{{name}}/fit", self.sweep_fit)
         r.add_post(f"{PREFIX}/tokens", self.create_token)
+        r.add_get(f"{PREFIX}/tokens", self.list_tokens)
+        r.add_delete(f"{PREFIX}/tokens", self.revoke_user_tokens)
+        r.add_delete(f"{PREFIX}/tokens/{{id}}", self.revoke_token)
         from orchestrator import dashboard  # the web pages at /dashboard/ and their JSON, same token auth
 
         dashboard.add_routes(app, self)
@@ -123,7 +131,7 @@ class Api:
             return await handler(request)
         except ApiError as err:
             return _json({"error": str(err)}, err.status)
-        except JobNotFoundError as err:
+        except (JobNotFoundError, TokenNotFoundError) as err:
             return _json({"error": str(err)}, 404)
         except UsageError as err:
             return _json({"error": str(err)}, 400)
@@ -388,6 +396,29 @@ class Api:
             raise ApiError(400, "user: give the user name")
         token = await self._run(self.store.create_token, user, admin)
         return _json({"user": user.lower(), "admin": admin, "token": token}, 201)
+
+    async def list_tokens(self, request):
+        caller, user = request["caller"], request.query.get("user")
+        if not caller.admin:
+            if user is not None and user.lower() != caller.user:
+                raise ApiError(403, f"only admins may list another user's tokens; yours: GET {PREFIX}/tokens")
+            user = caller.user
+        return _json([t.to_dict() for t in await self._run(self.store.tokens, user)])
+
+    async def revoke_token(self, request):
+        caller = request["caller"]
+        info = await self._run(self.store.token_by_id, request.match_info["id"])
+        if not caller.admin and info.user != caller.user:
+            raise ApiError(403, f"token {info.id} belongs to {info.user}; only its user or an admin may revoke it")
+        return _json((await self._run(self.store.revoke_token, info.id)).to_dict())
+
+    async def revoke_user_tokens(self, request):
+        caller, user = request["caller"], request.query.get("user")
+        if not user:
+            raise ApiError(400, f"user: give ?user=NAME (or DELETE {PREFIX}/tokens/ID for one token)")
+        if not caller.admin and user.lower() != caller.user:
+            raise ApiError(403, f"only {user.lower()} or an admin may revoke {user.lower()}'s tokens")
+        return _json({"user": user.lower(), "revoked": await self._run(self.store.revoke_tokens, user)})
 
 
 # ---------------------------------------------------------------------- serving

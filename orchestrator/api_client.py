@@ -134,6 +134,15 @@ class ApiClient:
     def create_token(self, user: str, admin: bool = False) -> dict:
         return self.call("POST", "/tokens", {"user": user, "admin": admin})
 
+    def tokens(self, user: str | None = None) -> list[dict]:
+        return self.call("GET", "/tokens", query={"user": user})
+
+    def revoke_token(self, token_id: str) -> dict:
+        return self.call("DELETE", f"/tokens/{urllib.parse.quote(token_id)}")
+
+    def revoke_tokens(self, user: str) -> dict:
+        return self.call("DELETE", "/tokens", query={"user": user})
+
 
 class ApiRequestError(UsageError):
     """The server answered with an error status; ``status`` is the HTTP code."""

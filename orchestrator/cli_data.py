@@ -44,7 +44,7 @@ def cmd_data_prepare(args) -> int:
 
 def register(sub) -> None:
     p = sub.add_parser("data", help="token caches: prepare a corpus ahead of the jobs that train on it")
-    dsub = p.add_subparsers(dest="data_command", required=True)
+    dsub = p.add_subparsers(dest="data_command", required=True, metavar="{prepare}")
     q = dsub.add_parser("prepare", help="tokenize CORPUS into Parquet token shards with a pool of Ray actors "
                                         "(resumable; prints files, bytes, tokens/s and ETA)")
     q.add_argument("corpus", help="file, folder or glob at any fsspec URI (txt, JSONL[.gz|.zst], Parquet, "

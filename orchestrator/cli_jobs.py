@@ -528,7 +528,11 @@ def _remote_wait(client, args) -> int:
 
 
 def cmd_token(args) -> int:
-    """`switchyard token create USER [--admin]`: on the head (or as an admin over the API); prints the token once."""
+    """`switchyard token create|list|revoke`: on the head, or over the API (create and others' tokens: admins)."""
+    return {"create": _token_create, "list": _token_list, "revoke": _token_revoke}[args.token_command](args)
+
+
+def _token_create(args) -> int:
     client = _remote(args)
     if client is not None:
         token = client.create_token(args.user, args.admin)["token"]
@@ -537,6 +541,38 @@ def cmd_token(args) -> int:
     print(token)
     print(f"token for {args.user.lower()}{' (admin)' if args.admin else ''}: only its hash is stored, so keep it "
           "now; on the laptop put it in $SWITCHYARD_TOKEN or ~/.switchyard/token", file=sys.stderr)
+    return 0
+
+
+def _token_list(args) -> int:
+    client = _remote(args)
+    rows = (client.tokens(args.user) if client is not None
+            else [t.to_dict() for t in _store(_cluster(args)).tokens(args.user)])
+    if args.json:
+        print(json_output.dumps(rows))
+        return 0
+    if not rows:
+        print(f"{args.user.lower()} has no API tokens" if args.user else
+              "no API tokens yet: `switchyard token create USER` makes one")
+        return 0
+    print(f"{'ID':<13} {'USER':<20} {'ADMIN':<5} {'AGE':>6}")
+    for t in rows:
+        admin = "yes" if t["admin"] else "-"
+        print(f"{t['id']:<13} {_clip(t['user'], 20):<20} {admin:<5} {_age(t['created_at']):>6}")
+    return 0
+
+
+def _token_revoke(args) -> int:
+    if (args.user is None) == (args.id is None):
+        raise UsageError("token revoke: give a USER (all of their tokens) or --id ID (one token), not both")
+    client = _remote(args)
+    store = _store(_cluster(args)) if client is None else None
+    if args.id is not None:
+        info = client.revoke_token(args.id) if client is not None else store.revoke_token(args.id).to_dict()
+        print(f"revoked token {info['id']} of {info['user']}{' (admin)' if info['admin'] else ''}")
+        return 0
+    n = client.revoke_tokens(args.user)["revoked"] if client is not None else store.revoke_tokens(args.user)
+    print(f"revoked {n} token(s) of {args.user.lower()}" if n else f"{args.user.lower()} had no API tokens")
     return 0
 
 
@@ -596,8 +632,19 @@ def register(sub) -> None:
     p.add_argument("job")
     p.add_argument("--timeout", type=float_arg(0, 1e9), default=None)
     p.set_defaults(func=cmd_wait)
-    p = sub.add_parser("token", help="API tokens: `token create USER [--admin]` prints a new bearer token")
-    p.add_argument("action", choices=["create"])
-    p.add_argument("user")
-    p.add_argument("--admin", action="store_true", help="may cancel or change anyone's job")
-    p.set_defaults(func=cmd_token)
+    p = sub.add_parser("token", help="API tokens: `token create USER [--admin]` prints a new bearer token; "
+                                     "`token list`, `token revoke USER | --id ID`")
+    tsub = p.add_subparsers(dest="token_command", required=True, metavar="{create,list,revoke}")
+    q = tsub.add_parser("create", help="print a new bearer token for USER (only its hash is kept)")
+    q.add_argument("user")
+    q.add_argument("--admin", action="store_true", help="may cancel or change anyone's job")
+    q.set_defaults(func=cmd_token)
+    q = tsub.add_parser("list", help="the API tokens by id (never the tokens): every one on the head or for an "
+                                     "admin, your own otherwise")
+    q.add_argument("user", nargs="?", default=None, help="only this user's tokens")
+    q.add_argument("--json", action="store_true")
+    q.set_defaults(func=cmd_token)
+    q = tsub.add_parser("revoke", help="revoke every token of USER, or one by --id (its requests get 401 at once)")
+    q.add_argument("user", nargs="?", default=None)
+    q.add_argument("--id", default=None, help="a token id from `token list` (a unique prefix of 4+ digits works)")
+    q.set_defaults(func=cmd_token)

@@ -43,6 +43,10 @@ class AmbiguousJobIdError(UsageError, LookupError):
     """An id prefix that matches more than one job."""
 
 
+class TokenNotFoundError(UsageError, LookupError):
+    """No API token with that id or id prefix."""
+
+
 class QuotaError(UsageError):
     """A submission over the team's quota of queued jobs."""
 
@@ -202,6 +206,24 @@ class EvalRecord:
             "ts": self.ts,
             "extra": dict(self.extra),
         }
+
+
+@dataclass(frozen=True)
+class TokenInfo:
+    """An API token as the store knows it: never the token itself, only who holds it."""
+
+    id: str
+    """The first ``TOKEN_ID_CHARS`` hex digits of the token's SHA-256: what `token list` shows and
+    `token revoke --id` takes (a prefix of it works too)."""
+    user: str
+    admin: bool
+    created_at: float
+
+    def to_dict(self) -> dict:
+        return {"id": self.id, "user": self.user, "admin": self.admin, "created_at": self.created_at}
+
+
+TOKEN_ID_CHARS = 12
 
 
 @dataclass(frozen=True)

@@ -53,7 +53,10 @@ from orchestrator.job_records import (  # noqa: F401  (re-exported: the rest of 
     JobState,
     JobStoreError,
     QuotaError,
+    TOKEN_ID_CHARS,
     RunHistory,
+    TokenInfo,
+    TokenNotFoundError,
     Transition,
     _HAS_WORKERS,
     _eval,
@@ -499,6 +502,39 @@ class JobStore(JobQueries):
             row = conn.execute("SELECT user, admin FROM tokens WHERE hash = ?", (_token_hash(token),)).fetchone()
         return (row["user"], bool(row["admin"])) if row else None
 
+    def tokens(self, user: str | None = None) -> list[TokenInfo]:
+        """Every API token (or ``user``'s), oldest first, by id: the hashes' first digits, never the tokens."""
+        where, args = ("WHERE user = ?", (user.lower(),)) if user is not None else ("", ())
+        with self._read() as conn:
+            rows = conn.execute(f"SELECT hash, user, admin, created_at FROM tokens {where} "
+                                "ORDER BY created_at, rowid", args).fetchall()
+        return [_token_info(r) for r in rows]
+
+    def token_by_id(self, token_id: str) -> TokenInfo:
+        """The one token whose id starts with ``token_id`` (at least 4 hex digits)."""
+        return _token_info(self._token_row(token_id))
+
+    def revoke_token(self, token_id: str) -> TokenInfo:
+        """Delete the one token whose id starts with ``token_id``; the next request with it gets 401."""
+        row = self._token_row(token_id)
+        with self._write() as conn:
+            conn.execute("DELETE FROM tokens WHERE hash = ?", (row["hash"],))
+        return _token_info(row)
+
+    def _token_row(self, token_id: str):
+        tid = token_id.strip().lower() if isinstance(token_id, str) else ""
+        if len(tid) < 4 or any(c not in "0123456789abcdef" for c in tid):
+            raise UsageError(f"token id: give at least 4 hex digits of an id `switchyard token list` shows, "
+                             f"got {token_id!r}")
+        with self._read() as conn:
+            rows = conn.execute("SELECT hash, user, admin, created_at FROM tokens WHERE hash LIKE ? LIMIT 2",
+                                (tid + "%",)).fetchall()
+        if not rows:
+            raise TokenNotFoundError(f"no API token has the id {tid} (`switchyard token list` shows them)")
+        if len(rows) > 1:
+            raise UsageError(f"token id {tid} matches more than one token; give more of it")
+        return rows[0]
+
     def revoke_tokens(self, user: str) -> int:
         """Delete every token of ``user``; returns how many."""
         with self._write() as conn:
@@ -547,6 +583,10 @@ def _with_descendants(conn: sqlite3.Connection, job_id: str) -> Iterator[str]:
         seen.add(jid)
         yield jid
         pending += [r["id"] for r in conn.execute("SELECT id FROM jobs WHERE parent_id = ?", (jid,))]
+
+
+def _token_info(row) -> TokenInfo:
+    return TokenInfo(row["hash"][:TOKEN_ID_CHARS], row["user"], bool(row["admin"]), row["created_at"])
 
 
 def _token_hash(token: str) -> str:

@@ -89,6 +89,55 @@ def test_only_the_owner_or_an_admin_may_cancel_or_change(server):
     assert client(srv, new).whoami() == {"user": "dana", "admin": False}
 
 
+def test_tokens_are_listed_and_revoked_over_the_api_and_from_a_laptop(server, tmp_path, monkeypatch, capsys):
+    from orchestrator.cli import main
+
+    cfg, srv, tokens = server
+    alice, bob, ops = (client(srv, tokens[u]) for u in ("alice", "bob", "ops"))
+    spare = ops.create_token("alice")["token"]
+    every = ops.tokens()
+    assert [t["user"] for t in every] == ["alice", "bob", "root", "ops", "alice"]
+    assert not any(tok in json.dumps(every) for tok in [*tokens.values(), spare])  # ids, never the tokens
+    mine = alice.tokens()
+    assert [t["user"] for t in mine] == ["alice", "alice"] and alice.tokens("alice") == mine
+    with pytest.raises(ApiRequestError) as err:
+        alice.tokens("bob")
+    assert err.value.status == 403
+    bobs = next(t["id"] for t in every if t["user"] == "bob")
+    for attempt, status in ((lambda: alice.revoke_token(bobs), 403), (lambda: alice.revoke_tokens("bob"), 403),
+                            (lambda: alice.revoke_token("000000000000"), 404), (lambda: alice.revoke_token("xy"), 400)):
+        with pytest.raises(ApiRequestError) as err:
+            attempt()
+        assert err.value.status == status
+    assert bob.whoami()["user"] == "bob"
+    # Revoked: the very next request with it is refused.
+    assert alice.revoke_token(mine[1]["id"][:6])["id"] == mine[1]["id"]
+    with pytest.raises(ApiRequestError) as err:
+        client(srv, spare).whoami()
+    assert err.value.status == 401 and "revoked" in str(err.value)
+    assert alice.whoami()["user"] == "alice"
+    assert ops.revoke_tokens("BOB") == {"user": "bob", "revoked": 1}
+    with pytest.raises(ApiRequestError) as err:
+        bob.jobs()
+    assert err.value.status == 401
+
+    # The CLI on a laptop (api: in its cluster.yaml) goes through the same endpoints.
+    laptop = _laptop(tmp_path, srv)
+    monkeypatch.setenv("SWITCHYARD_TOKEN", tokens["ops"])
+    assert main(["--cluster", laptop, "token", "list"]) == 0
+    table = capsys.readouterr().out
+    assert "alice" in table and "root" in table and "bob" not in table and tokens["ops"] not in table
+    assert main(["--cluster", laptop, "token", "revoke", "--id", mine[0]["id"]]) == 0
+    assert f"revoked token {mine[0]['id']} of alice" in capsys.readouterr().out
+    with pytest.raises(ApiRequestError):
+        alice.whoami()
+    assert main(["--cluster", laptop, "token", "revoke", "alice", "--id", mine[0]["id"]]) == 2
+    assert "not both" in capsys.readouterr().err
+    assert main(["--cluster", laptop, "token", "list", "--json"]) == 0
+    assert [t["user"] for t in json.loads(capsys.readouterr().out)] == ["root", "ops"]
+    assert not (tmp_path / "nothing").exists()
+
+
 def test_specs_are_validated_on_the_server_and_quotas_apply(server):
     _, srv, tokens = server
     alice = client(srv, tokens["alice"])
@@ -339,3 +388,29 @@ def test_after_holds_a_pipeline_and_a_sweep_and_a_cancelled_dependency_fails_the
     decision = pl.decide(store.get(pid), store.list(parent_id=pid), None, set(), False)
     assert decision.state == JobState.FAILED and f"dependency {first} ended CANCELLED" in decision.reason
     assert failed_dependency(store, sweep_parent).startswith(f"dependency {first} ended CANCELLED")
+
+
+def test_token_commands_on_the_head(tmp_path, capsys):
+    from orchestrator.cli import main
+
+    head = tmp_path / "head.yaml"
+    head.write_text(f"storage: {tmp_path / 'runs'}\njob_store: {tmp_path / 'jobs.db'}\n")
+    assert main(["--cluster", str(head), "token", "list"]) == 0
+    assert "no API tokens yet" in capsys.readouterr().out
+    assert main(["--cluster", str(head), "token", "create", "Eve", "--admin"]) == 0
+    eve = capsys.readouterr().out.strip()
+    assert main(["--cluster", str(head), "token", "create", "finn"]) == 0
+    finn = capsys.readouterr().out.strip()
+    store = JobStore(str(tmp_path / "jobs.db"))
+    assert store.check_token(eve) == ("eve", True) and store.check_token(finn) == ("finn", False)
+    assert main(["--cluster", str(head), "token", "list"]) == 0
+    rows = capsys.readouterr().out.splitlines()
+    assert rows[0].split() == ["ID", "USER", "ADMIN", "AGE"] and [r.split()[1:3] for r in rows[1:]] == [
+        ["eve", "yes"], ["finn", "-"]]
+    assert main(["--cluster", str(head), "token", "revoke", "finn"]) == 0
+    assert "revoked 1 token(s) of finn" in capsys.readouterr().out and store.check_token(finn) is None
+    assert main(["--cluster", str(head), "token", "revoke", "--id", "000000000000"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no API token has the id 000000000000" in err
+    assert main(["--cluster", str(head), "token", "revoke"]) == 2
+    assert store.check_token(eve) == ("eve", True)

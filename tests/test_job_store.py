@@ -25,9 +25,11 @@ from orchestrator.job_store import (
     JobNotFoundError,
     JobState,
     JobStore,
+    TokenNotFoundError,
     safe_join,
     validate_name,
 )
+from specs.errors import UsageError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RES = {"workers": 2, "cpus_per_worker": 1, "gpus_per_worker": 0}
@@ -516,3 +518,24 @@ def test_tokens_store_only_a_hash(store):
     raw = open(store.path, "rb").read()
     assert token.encode() not in raw
     assert store.revoke_tokens("alice") == 1 and store.check_token(token) is None
+
+
+def test_tokens_are_listed_by_id_and_revoked_one_at_a_time(store):
+    import hashlib
+
+    a1, a2, b = store.create_token("alice"), store.create_token("Alice"), store.create_token("bob", admin=True)
+    listed = store.tokens()
+    assert [(t.user, t.admin) for t in listed] == [("alice", False), ("alice", False), ("bob", True)]
+    assert [t.id for t in listed] == [hashlib.sha256(x.encode()).hexdigest()[:12] for x in (a1, a2, b)]
+    assert not any(x in str([t.to_dict() for t in listed]) for x in (a1, a2, b))
+    assert [t.id for t in store.tokens("ALICE")] == [t.id for t in listed[:2]]
+    assert store.revoke_token(listed[0].id[:6].upper()).user == "alice"  # a prefix, any case
+    assert store.check_token(a1) is None and store.check_token(a2) == ("alice", False)
+    assert store.check_token(b) == ("bob", True)
+    for bad, says in ((listed[0].id, "no API token has the id"), ("abc", "at least 4 hex digits"),
+                      ("zzzz", "at least 4 hex digits"), ("%%%%", "at least 4 hex digits")):
+        with pytest.raises(UsageError, match=says):
+            store.revoke_token(bad)
+    with pytest.raises(TokenNotFoundError):
+        store.token_by_id(listed[0].id)
+    assert [t.id for t in store.tokens()] == [listed[1].id, listed[2].id]
