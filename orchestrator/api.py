@@ -18,7 +18,8 @@ Endpoints (all JSON unless noted; ``{id}`` takes a unique id prefix too):
                                            `pipeline:` starts an InstructGPT pipeline, one with `budgets:`
                                            a sweep (as POST /sweeps); `after` holds every kind
     GET  /api/v1/jobs/{id}                 job (a pipeline's stages and report included)
-    PATCH /api/v1/jobs/{id}                {priority} -> job  (owner or admin)
+    PATCH /api/v1/jobs/{id}                {priority} -> job  (owner or admin; a pipeline's or sweep's
+                                           live stages or runs too; {id} may be its name)
     POST /api/v1/jobs/{id}/cancel          -> job  (owner or admin; {id} may be a pipeline's or sweep's name)
     GET  /api/v1/jobs/{id}/wait?timeout=S  job once terminal, or after S s (at most 60) as it is
     GET  /api/v1/jobs/{id}/logs?rank=R&follow=1   text/plain, streamed while the job runs
@@ -57,6 +58,7 @@ from aiohttp import web
 from orchestrator.job_store import JobNotFoundError, JobState, JobStore, TokenNotFoundError
 from specs.errors import UsageError
 from specs.job import apply_overrides
+from specs.validate import check_priority
 
 log = logging.getLogger(__name__)
 
@@ -243,8 +245,8 @@ class Api:
         overrides, after = body.get("set") or [], body.get("after") or []
         if not isinstance(raw, dict):
             raise ApiError(400, "spec: send the spec as a JSON object (the YAML file's contents)")
-        if priority is not None and (not isinstance(priority, int) or isinstance(priority, bool)):
-            raise ApiError(400, "priority must be an integer")
+        if priority is not None:
+            check_priority(priority)
         if not (isinstance(overrides, list) and all(isinstance(o, str) for o in overrides)):
             raise ApiError(400, "set must be a list of KEY=VALUE strings")
         if not (isinstance(after, list) and all(isinstance(a, str) for a in after)):
@@ -264,14 +266,17 @@ class Api:
         return {"id": job_id}
 
     async def change(self, request):
+        from orchestrator.cli_jobs import find_job  # an id, or a pipeline's or sweep's name
+
         body = await self._body(request)
-        rec = await self._run(self.store.get, request.match_info["id"])
+        rec = await self._run(find_job, self.store, request.match_info["id"])
         self._own(request["caller"], rec)
-        if set(body) != {"priority"} or not isinstance(body["priority"], int) or isinstance(body["priority"], bool):
+        if set(body) != {"priority"}:
             raise ApiError(400, "send {\"priority\": N}: priority is the one field a job's owner may change")
+        check_priority(body["priority"])
         if rec.terminal:
             raise ApiError(409, f"{rec.id} is {rec.state.value}: nothing to change")
-        await self._run(self.store.update, rec.id, priority=body["priority"])
+        await self._run(self.store.set_priority, rec.id, body["priority"])
         return _json(await self._run(self._status, rec.id))
 
     async def cancel(self, request):

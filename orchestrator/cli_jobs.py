@@ -512,6 +512,25 @@ def cmd_cancel(args) -> int:
     return 0
 
 
+def cmd_priority(args) -> int:
+    """`switchyard priority JOB P`: a live job's (or a whole pipeline's or sweep's) new priority."""
+    client = _remote(args)
+    if client is not None:
+        out = client.set_priority(args.job, args.priority)
+        print(f"{out['id']}: priority {out['priority']} ({out['state']})")
+        return 0
+    cluster = _cluster(args)
+    store = _store(cluster)
+    rec = find_job(store, args.job)
+    authorize(cluster, local_user(), rec)
+    if rec.terminal:
+        raise UsageError(f"priority: {rec.id} is {rec.state.value}; only a queued or running job's priority changes")
+    changed = store.set_priority(rec.id, args.priority)
+    more = f", and {len(changed) - 1} of its live stages or runs" if len(changed) > 1 else ""
+    print(f"{rec.id}: priority {rec.priority} -> {args.priority}{more} ({rec.state.value})")
+    return 0
+
+
 def _remote_wait(client, args) -> int:
     deadline = time.time() + args.timeout if args.timeout else None
     while True:
@@ -628,6 +647,11 @@ def register(sub) -> None:
     p = sub.add_parser("cancel", help="cancel a queued or running job")
     p.add_argument("job")
     p.set_defaults(func=cmd_cancel)
+    p = sub.add_parser("priority", help="change a queued or running job's priority (a pipeline's or sweep's: all "
+                                        "of its live jobs); the queue reorders at the next tick")
+    p.add_argument("job", help="a job id (or unique prefix), or a pipeline's or sweep's name")
+    p.add_argument("priority", type=int_arg(PRIORITY_MIN, PRIORITY_MAX), help="higher runs first")
+    p.set_defaults(func=cmd_priority)
     p = sub.add_parser("wait", help="block until a job ends; exit 0 on SUCCEEDED")
     p.add_argument("job")
     p.add_argument("--timeout", type=float_arg(0, 1e9), default=None)

@@ -442,6 +442,19 @@ class JobStore(JobQueries):
                     conn.execute("UPDATE jobs SET cancel_requested = 1, updated_at = ? WHERE id = ?", (now, jid))
             return self._load_one(conn, job_id)
 
+    def set_priority(self, job_id: str, priority: int) -> list[str]:
+        """Give a live job (and its pipeline stages or sweep runs that are still live) a new priority; the
+        next scheduling tick orders the queue by it. Returns the ids changed; a terminal job changes nothing."""
+        priority = _check_int(priority, "priority")
+        with self._write() as conn:
+            now, changed = self._clock(), []
+            self._state(conn, job_id)
+            for jid in _with_descendants(conn, job_id):
+                if not self._state(conn, jid).terminal:
+                    conn.execute("UPDATE jobs SET priority = ?, updated_at = ? WHERE id = ?", (priority, now, jid))
+                    changed.append(jid)
+            return changed
+
     # -------------------------------------------------------------- evals and history
 
     def add_eval(self, job_id: str, checkpoint: str, step: int, loss: float, perplexity: float | None = None,

@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from specs.errors import UsageError
 from specs.job import SpecError, read_yaml
-from specs.validate import unknown_field
+from specs.validate import PRIORITY_MAX, PRIORITY_MIN, unknown_field
 
 SWEEP_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,31}$")
 
@@ -120,8 +120,8 @@ class SweepSpec(BaseModel):
     """Target d_model / n_layers when vary is 'both'; shapes stay within a factor 2 of it."""
     vocab_size: int | None = Field(None, ge=1)
     """Embedding rows for counting N; default from base.data (320 for the byte tokenizer)."""
-    priority: int = 0
-    """Scheduling priority of every run (higher runs first)."""
+    priority: int = Field(0, ge=PRIORITY_MIN, le=PRIORITY_MAX)
+    """Scheduling priority of every run (higher runs first, -1000000 to 1000000)."""
     base: dict[str, Any] = Field(default_factory=dict)
     """Partial job spec shared by every run (data, train recipe, resources, ...); may hold
     train.warmup_fraction, which the planner turns into each run's train.warmup_steps."""

@@ -203,6 +203,11 @@ PRIORITY_MIN, PRIORITY_MAX = -1_000_000, 1_000_000
 """Job priorities (higher runs first): `submit --priority`, a pipeline file's priority."""
 
 
+def check_priority(value, where: str = "priority") -> int:
+    """A job priority from a request or a file: an integer from PRIORITY_MIN to PRIORITY_MAX."""
+    return check_int64(value, where, PRIORITY_MIN, PRIORITY_MAX)
+
+
 def int_arg(lo: int, hi: int):
     """An argparse ``type=`` for an integer within [lo, hi] (argparse turns the error into one line, exit 2)."""
     import argparse

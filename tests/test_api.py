@@ -79,6 +79,13 @@ def test_only_the_owner_or_an_admin_may_cancel_or_change(server):
     assert err.value.status == 403
     assert JobStore(cfg.job_store).get(job).state == JobState.QUEUED
     assert ops.set_priority(job, 7)["priority"] == 7
+    for bad in (10**7, True, "3", 2.5):
+        with pytest.raises(ApiRequestError) as err:
+            alice.set_priority(job, bad)
+        assert err.value.status == 400 and "priority" in str(err.value)
+    with pytest.raises(ApiRequestError) as err:
+        alice.submit(SPEC, priority=-(10**7))
+    assert err.value.status == 400 and "from -1000000 to 1000000" in str(err.value)
     assert alice.cancel(job)["state"] == "CANCELLED"
     assert bob.wait(job, 5)["state"] == "CANCELLED"
     # Tokens over the API: admins only.

@@ -299,3 +299,39 @@ def test_a_v2_store_is_migrated_and_its_jobs_get_revs(tmp_path):
     new = submit(store, "new")
     store.update("sy-old", priority=3)
     assert view.refresh(store) == 2 and view.rows["sy-old"].priority == 3 and new.id in view.rows
+
+
+def test_cli_priority_reorders_the_queue_at_the_next_refresh_and_reaches_a_sweeps_live_runs(tmp_path, capsys):
+    from orchestrator.cli import main
+    from orchestrator.cli_jobs import local_user
+
+    cfg = tmp_path / "cluster.yaml"
+    cfg.write_text(f"storage: {tmp_path / 'runs'}\njob_store: {tmp_path / 'jobs.db'}\n")
+    store = JobStore(tmp_path / "jobs.db")
+    me = local_user()
+    a, b, c = (submit(store, n, owner=me).id for n in ("a", "b", "c"))
+    view = QueueView(KINDS)
+    view.refresh(store)
+    assert [j.job_id for j in view.jobs()] == [a, b, c]
+    assert main(["--cluster", str(cfg), "priority", c, "5"]) == 0
+    assert f"{c}: priority 0 -> 5 (QUEUED)" in capsys.readouterr().out
+    assert view.refresh(store) == 1 and [j.job_id for j in view.jobs()] == [c, a, b]
+
+    sweep = store.submit("sw", "sweep", {"runs": 2}, 0, {"workers": 0, "cpus_per_worker": 0, "gpus_per_worker": 0},
+                         0, lambda j: safe_join("/tmp/runs", j), owner=me)
+    runs = [submit(store, f"sw-{i}", kind="sweep-run", parent_id=sweep.id, owner=me).id for i in range(3)]
+    store.transition(runs[0], JobState.CANCELLED, "done with")
+    assert main(["--cluster", str(cfg), "priority", "sw", "9"]) == 0  # by the sweep's name
+    assert "and 2 of its live stages or runs" in capsys.readouterr().out
+    assert [store.get(r).priority for r in runs] == [0, 9, 9] and store.get(sweep.id).priority == 9
+
+    theirs = submit(store, "theirs", owner="someone-else").id
+    for args, says in (([theirs, "3"], "belongs to someone-else"), ([runs[0], "3"], "is CANCELLED"),
+                       ([a, "2000000"], "from -1000000 to 1000000"), (["nope", "1"], "nope")):
+        try:
+            code = main(["--cluster", str(cfg), "priority", *args])
+        except SystemExit as exit_:  # argparse's refusal of the number
+            code = exit_.code
+        err = capsys.readouterr().err
+        assert code == 2 and says in err and err.count("\n") == 1, err
+    assert store.get(theirs).priority == 0 and store.get(a).priority == 0

@@ -156,6 +156,7 @@ def test_format_plan_lists_every_run_and_times():
     ({"name": "x", "family": "gpt2", "budgets": [1e13], "base": {"model": {"family": "llama"}}}, "contradicts"),
     ({"name": "Bad Name", "budgets": [1e13]}, "name"),
     ({"name": "x", "budgets": [1e13, 1.0001e13]}, "first 3 significant digits"),
+    ({"name": "x", "budgets": [1e13], "priority": 10**7}, "priority"),
 ])
 def test_bad_sweeps_name_the_field(raw, needle):
     with pytest.raises(SweepError, match=re.escape(needle)) as err:
