@@ -284,7 +284,7 @@ class Api:
 
         rec = await self._run(find_job, self.store, request.match_info["id"])
         self._own(request["caller"], rec)
-        await self._run(self.store.request_cancel, rec.id)
+        await self._run(self.store.request_cancel, rec.id, request["caller"].user)
         return _json(await self._run(self._status, rec.id))
 
     async def wait(self, request):

@@ -506,8 +506,9 @@ def cmd_cancel(args) -> int:
     cluster = _cluster(args)
     store = _store(cluster)
     rec = find_job(store, args.job)
-    authorize(cluster, local_user(), rec)
-    rec = store.request_cancel(rec.id)
+    user = local_user()
+    authorize(cluster, user, rec)
+    rec = store.request_cancel(rec.id, by=user)
     print(f"{rec.id}: {rec.state.value}" + (" (stopping)" if not rec.terminal else ""))
     return 0
 

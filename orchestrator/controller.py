@@ -195,7 +195,7 @@ class Controller(GangStarts, CheckpointEvaluations, ParentJobs):
             if rec.kind not in TRAINING_KINDS:
                 continue  # sweeps and pipelines are bookkeeping records: nothing of theirs ran
             if rec.cancel_requested:
-                self.store.transition(rec.id, JobState.CANCELLED, "cancelled while the controller was down")
+                self.store.transition(rec.id, JobState.CANCELLED, f"{rec.cancel_reason} while the controller was down")
                 continue
             if rec.state == JobState.PREEMPTED:
                 self.store.transition(rec.id, JobState.QUEUED, f"preempted by {rec.preempted_by}; the controller "
@@ -211,14 +211,15 @@ class Controller(GangStarts, CheckpointEvaluations, ParentJobs):
         """A cancel of a running (or stopping) job: stop it now."""
         for job_id, act in list(self.active.items()):
             if act.starter is not None and act.starter.is_alive():
-                if act.abort is None and self.store.get(job_id).cancel_requested:
-                    self._abort_start(act, JobState.CANCELLED, "cancelled by user while starting")
+                rec = self.store.get(job_id)
+                if act.abort is None and rec.cancel_requested:
+                    self._abort_start(act, JobState.CANCELLED, f"{rec.cancel_reason} while starting")
                 continue  # the starter ends soon; _watch_running then stops whatever it made
             rec = self.store.get(job_id)
             if rec.cancel_requested and not rec.terminal:
                 act.run.shutdown()
                 self.active.pop(job_id)
-                self.store.transition(job_id, JobState.CANCELLED, "cancelled by user")
+                self.store.transition(job_id, JobState.CANCELLED, rec.cancel_reason)
 
     # ------------------------------------------------------------------ running jobs
 
@@ -485,7 +486,8 @@ class Controller(GangStarts, CheckpointEvaluations, ParentJobs):
                 else:
                     self.store.transition(decision.job_id, JobState.FAILED, decision.reason)
             elif isinstance(decision, sched.Cancel):
-                self.store.transition(decision.job_id, JobState.CANCELLED, "cancelled by user")
+                why = self.store.get(decision.job_id).cancel_reason
+                self.store.transition(decision.job_id, JobState.CANCELLED, why)
         for job_id in self.queue.due(now, plan):  # the jobs the pass did not need to decide: notes now and then
             wait, position = plan.wait_for(job_id)
             self.queue.note_pending(job_id, position, wait, now)

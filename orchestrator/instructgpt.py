@@ -462,7 +462,7 @@ def decide(parent: JobRecord, children: list[JobRecord], state: dict | None, eva
     """
     live = [c for c in children if not c.terminal]
     if parent.cancel_requested:
-        return Wait("stopping the running stage") if live else Finish(JobState.CANCELLED, "cancelled by user")
+        return Wait("stopping the running stage") if live else Finish(JobState.CANCELLED, parent.cancel_reason)
     if live:
         return Wait(f"stage {stage_of(live[0], parent.name)} {live[0].state.value}")
     done = done_stages(state)

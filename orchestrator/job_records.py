@@ -318,6 +318,14 @@ class JobRecord:
     pending: dict[str, Any] | None = None
     """Why a QUEUED job is not running, as the controller last saw it:
     {position, waiting_for: capacity|quota|dependency|backfill|preemption, reason, at}."""
+    cancelled_by: str | None = None
+    """Who asked for the cancel (the API token's user, or the local user on the head); None if no one
+    did, or the cancel came from an older Switchyard."""
+
+    @property
+    def cancel_reason(self) -> str:
+        """The reason its CANCELLED transition gives: 'cancelled by alice' (by whom, as sacct says it)."""
+        return f"cancelled by {self.cancelled_by or 'user'}"
 
     @property
     def run_intervals(self) -> list[tuple[float, float | None]]:
@@ -359,6 +367,7 @@ class JobRecord:
             "parent_id": self.parent_id,
             "resources": dict(self.resources),
             "cancel_requested": self.cancel_requested,
+            "cancelled_by": self.cancelled_by,
             "report": self.report,
             "owner": self.owner,
             "team": self.team,
@@ -416,4 +425,5 @@ def _record(row: sqlite3.Row, history: tuple[Transition, ...], evals: tuple[Eval
         preemptions=row["preemptions"],
         preempted_by=row["preempted_by"],
         pending=json.loads(row["pending_json"]) if row["pending_json"] else None,
+        cancelled_by=row["cancelled_by"],
     )

@@ -10,7 +10,7 @@ import json
 import math
 from typing import Any
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 # ---------------------------------------------------------------------- schema
 
@@ -120,6 +120,11 @@ AFTER UPDATE OF state, priority, resources_json, spec_json, cancel_requested, te
                 preempted_by ON jobs BEGIN
     UPDATE jobs SET rev = (SELECT MAX(rev) FROM jobs) + 1 WHERE id = NEW.id;
 END;
+"""
+
+# v3 -> v4: who asked for a cancel (the CANCELLED transition names them).
+_MIGRATE_V3 = """
+ALTER TABLE jobs ADD COLUMN cancelled_by TEXT;
 """
 
 # Fields callers may set through update() and transition(): name -> (column, is_json).

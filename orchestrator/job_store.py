@@ -68,6 +68,7 @@ from orchestrator.job_records import (  # noqa: F401  (re-exported: the rest of 
 from orchestrator.job_schema import (  # noqa: F401
     _MIGRATE_V1,
     _MIGRATE_V2,
+    _MIGRATE_V3,
     _SCHEMA,
     SCHEMA_VERSION,
     _check_int,
@@ -187,6 +188,7 @@ class JobStore(JobQueries):
                     f"(v{SCHEMA_VERSION}); upgrade Switchyard"
                 )
             steps = {0: _SCHEMA + _MIGRATE_V2, 1: _MIGRATE_V1 + _MIGRATE_V2, 2: _MIGRATE_V2}.get(version, "")
+            steps += _MIGRATE_V3 if version < 4 else ""
             statement = ""
             for line in steps.splitlines(keepends=True):  # whole statements, a trigger's body included
                 statement += line
@@ -412,15 +414,17 @@ class JobStore(JobQueries):
             for jid in _with_descendants(conn, job_id):
                 conn.execute("UPDATE jobs SET owner = ?, team = ? WHERE id = ?", (owner, team, jid))
 
-    def request_cancel(self, job_id: str, reason: str = "cancelled by user") -> JobRecord:
-        """Ask for a job (and its pipeline or sweep children) to be cancelled.
+    def request_cancel(self, job_id: str, by: str | None = None) -> JobRecord:
+        """Ask for a job (and its pipeline or sweep children) to be cancelled, ``by`` whom.
 
         A QUEUED job holds no resources, so it is CANCELLED here and now; that
         way a cancel works even with no controller running, and a controller
         that tries to start it afterwards gets ``IllegalTransitionError``.
-        Other live jobs get ``cancel_requested`` set for the controller to act
-        on. Terminal jobs are left as they are. Returns the job's record.
+        Other live jobs get ``cancel_requested`` (and ``cancelled_by``) set for
+        the controller to act on; its CANCELLED transition names who asked.
+        Terminal jobs are left as they are. Returns the job's record.
         """
+        reason = f"cancelled by {by or 'user'}"
         with self._write() as conn:
             now = self._clock()
             self._state(conn, job_id)
@@ -430,16 +434,17 @@ class JobStore(JobQueries):
                     continue
                 if state is JobState.QUEUED:
                     conn.execute(
-                        "UPDATE jobs SET state = ?, reason = ?, cancel_requested = 1, updated_at = ?,"
-                        " finished_at = ? WHERE id = ?",
-                        (JobState.CANCELLED.value, reason, now, now, jid),
+                        "UPDATE jobs SET state = ?, reason = ?, cancel_requested = 1, cancelled_by = ?,"
+                        " updated_at = ?, finished_at = ? WHERE id = ?",
+                        (JobState.CANCELLED.value, reason, by, now, now, jid),
                     )
                     conn.execute(
                         "INSERT INTO transitions (job_id, ts, from_state, to_state, reason) VALUES (?, ?, ?, ?, ?)",
                         (jid, now, state.value, JobState.CANCELLED.value, reason),
                     )
                 else:
-                    conn.execute("UPDATE jobs SET cancel_requested = 1, updated_at = ? WHERE id = ?", (now, jid))
+                    conn.execute("UPDATE jobs SET cancel_requested = 1, cancelled_by = ?, updated_at = ? WHERE id = ?",
+                                 (by, now, jid))
             return self._load_one(conn, job_id)
 
     def set_priority(self, job_id: str, priority: int) -> list[str]:

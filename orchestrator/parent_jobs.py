@@ -63,7 +63,7 @@ class ParentJobs:
                 continue
             ref = self._fits.get(parent.id)
             if ref is None and parent.cancel_requested:  # its runs were cancelled with it: no fit
-                self.store.transition(parent.id, JobState.CANCELLED, "cancelled by user")
+                self.store.transition(parent.id, JobState.CANCELLED, parent.cancel_reason)
                 continue
             dead = failed_dependency(self.store, parent)
             if ref is None and dead:  # its runs never ran (the scheduler failed them): nothing to fit

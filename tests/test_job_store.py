@@ -332,6 +332,33 @@ def test_cancel_running_job_sets_flag_and_cascades(store):
     assert store.request_cancel(ppo.id).state is S.CANCELLED  # idempotent
 
 
+def test_a_cancel_names_who_asked(store):
+    queued, running = submit(store, "q"), submit(store, "r")
+    drive(store, running.id, PATH_TO[S.RUNNING])
+    rec = store.request_cancel(queued.id, by="ops")
+    assert rec.state is S.CANCELLED and rec.cancelled_by == "ops" and rec.reason == "cancelled by ops"
+    assert rec.history[-1].reason == "cancelled by ops" and rec.to_status_dict()["cancelled_by"] == "ops"
+    rec = store.request_cancel(running.id, by="alice")
+    assert rec.state is S.RUNNING and rec.cancel_requested and rec.cancelled_by == "alice"
+    assert rec.cancel_reason == "cancelled by alice"  # what the controller's CANCELLED transition says
+    assert submit(store).cancel_reason == "cancelled by user"  # no one named (an older Switchyard's cancel)
+
+
+def test_v3_store_is_migrated_and_keeps_its_jobs(tmp_path):
+    path = tmp_path / "v3.db"
+    store = JobStore(path)
+    rec = submit(store, owner="carol")
+    conn = sqlite3.connect(path)
+    conn.executescript("ALTER TABLE jobs DROP COLUMN cancelled_by; PRAGMA user_version = 3;")
+    conn.close()
+    store = JobStore(path)
+    assert store.get(rec.id).owner == "carol" and store.get(rec.id).cancelled_by is None
+    assert store.request_cancel(rec.id, by="dana").reason == "cancelled by dana"
+    conn = sqlite3.connect(path)
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == 4
+    conn.close()
+
+
 def test_evals(store):
     rec = submit(store)
     store.add_eval(rec.id, "ckpt-200", 200, 2.0, extra={"win_rate": 0.6})
