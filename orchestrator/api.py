@@ -28,8 +28,9 @@ Endpoints (all JSON unless noted; ``{id}`` takes a unique id prefix too):
                                            the caller owns the sweep (resubmitting one: owner or admin)
     GET  /api/v1/sweeps/{name}             sweep progress (owner, after, runs, results, fit)
     GET  /api/v1/sweeps/{name}/fit         the fit results (fit.json) once the sweep is fitted
-    POST /api/v1/tokens                    {user, admin?} -> {user, admin, token}  (admins only)
-    GET  /api/v1/tokens[?user=U]           [{id, user, admin, created_at}]: every token for an admin,
+    POST /api/v1/tokens                    {user, admin?, expires_in_s?} -> {user, admin, expires_in_s, token}
+                                           (admins only; no expires_in_s: valid until revoked)
+    GET  /api/v1/tokens[?user=U]           [{id, user, admin, created_at, expires_at}]: every token for an admin,
                                            the caller's own otherwise (never a token, only its id)
     DELETE /api/v1/tokens/{id}             -> the revoked token's {id, ...}  (its user or an admin;
                                            {id} takes a unique prefix of 4+ hex digits)
@@ -151,7 +152,8 @@ class Api:
             raise ApiError(401, "no token: send Authorization: Bearer <token> (`switchyard token create USER`)")
         found = await asyncio.to_thread(self.store.check_token, token)
         if found is None:
-            raise ApiError(401, "unknown or revoked token")
+            raise ApiError(401, "unknown, expired or revoked token (an admin makes a new one: `switchyard token "
+                                "create`)")
         user, admin = found
         request["caller"] = Caller(user, admin or user in self.cluster.admins)
         return await handler(request)
@@ -396,11 +398,11 @@ class Api:
         if not caller.admin:
             raise ApiError(403, "only admins may create tokens (or run `switchyard token create` on the head)")
         body = await self._body(request)
-        user, admin = body.get("user"), bool(body.get("admin", False))
+        user, admin, expires = body.get("user"), bool(body.get("admin", False)), body.get("expires_in_s")
         if not isinstance(user, str):
             raise ApiError(400, "user: give the user name")
-        token = await self._run(self.store.create_token, user, admin)
-        return _json({"user": user.lower(), "admin": admin, "token": token}, 201)
+        token = await self._run(self.store.create_token, user, admin, expires)
+        return _json({"user": user.lower(), "admin": admin, "expires_in_s": expires, "token": token}, 201)
 
     async def list_tokens(self, request):
         caller, user = request["caller"], request.query.get("user")

@@ -131,8 +131,8 @@ class ApiClient:
     def sweep_fit(self, name: str) -> dict:
         return self.call("GET", f"/sweeps/{urllib.parse.quote(name)}/fit")
 
-    def create_token(self, user: str, admin: bool = False) -> dict:
-        return self.call("POST", "/tokens", {"user": user, "admin": admin})
+    def create_token(self, user: str, admin: bool = False, expires_in_s: float | None = None) -> dict:
+        return self.call("POST", "/tokens", {"user": user, "admin": admin, "expires_in_s": expires_in_s})
 
     def tokens(self, user: str | None = None) -> list[dict]:
         return self.call("GET", "/tokens", query={"user": user})

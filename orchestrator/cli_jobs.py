@@ -555,12 +555,13 @@ def cmd_token(args) -> int:
 def _token_create(args) -> int:
     client = _remote(args)
     if client is not None:
-        token = client.create_token(args.user, args.admin)["token"]
+        token = client.create_token(args.user, args.admin, args.expires)["token"]
     else:
-        token = _store(_cluster(args)).create_token(args.user, args.admin)
+        token = _store(_cluster(args)).create_token(args.user, args.admin, args.expires)
     print(token)
-    print(f"token for {args.user.lower()}{' (admin)' if args.admin else ''}: only its hash is stored, so keep it "
-          "now; on the laptop put it in $SWITCHYARD_TOKEN or ~/.switchyard/token", file=sys.stderr)
+    lasts = f", valid for {_span(args.expires)}" if args.expires else ""
+    print(f"token for {args.user.lower()}{' (admin)' if args.admin else ''}{lasts}: only its hash is stored, so "
+          "keep it now; on the laptop put it in $SWITCHYARD_TOKEN or ~/.switchyard/token", file=sys.stderr)
     return 0
 
 
@@ -575,11 +576,19 @@ def _token_list(args) -> int:
         print(f"{args.user.lower()} has no API tokens" if args.user else
               "no API tokens yet: `switchyard token create USER` makes one")
         return 0
-    print(f"{'ID':<13} {'USER':<20} {'ADMIN':<5} {'AGE':>6}")
+    print(f"{'ID':<13} {'USER':<20} {'ADMIN':<5} {'AGE':>6}  EXPIRES")
+    now = time.time()
     for t in rows:
-        admin = "yes" if t["admin"] else "-"
-        print(f"{t['id']:<13} {_clip(t['user'], 20):<20} {admin:<5} {_age(t['created_at']):>6}")
+        admin, end = "yes" if t["admin"] else "-", t.get("expires_at")
+        expires = "never" if end is None else "expired" if end <= now else f"in {_span(end - now)}"
+        print(f"{t['id']:<13} {_clip(t['user'], 20):<20} {admin:<5} {_age(t['created_at']):>6}  {expires}")
     return 0
+
+
+def _span(s: float) -> str:
+    """A lifetime for people: 45s, 90m, 12h, 30d."""
+    return f"{s:.0f}s" if s < 120 else f"{s / 60:.0f}m" if s < 7200 else f"{s / 3600:.0f}h" if s < 172800 \
+        else f"{s / 86400:.0f}d"
 
 
 def _token_revoke(args) -> int:
@@ -614,7 +623,8 @@ def cmd_wait(args) -> int:
 
 
 def register(sub) -> None:
-    from specs.validate import PRIORITY_MAX, PRIORITY_MIN, float_arg, int_arg
+    from orchestrator.job_records import TOKEN_MAX_LIFETIME_S
+    from specs.validate import PRIORITY_MAX, PRIORITY_MIN, duration_arg, float_arg, int_arg
 
     p = sub.add_parser("up", help="start (or attach to) the cluster from cluster.yaml and the controller")
     p.set_defaults(func=cmd_up)
@@ -663,6 +673,8 @@ def register(sub) -> None:
     q = tsub.add_parser("create", help="print a new bearer token for USER (only its hash is kept)")
     q.add_argument("user")
     q.add_argument("--admin", action="store_true", help="may cancel or change anyone's job")
+    q.add_argument("--expires", type=duration_arg(TOKEN_MAX_LIFETIME_S), default=None, metavar="DURATION",
+                   help="refused after this long: 90m, 12h, 30d (default: valid until revoked)")
     q.set_defaults(func=cmd_token)
     q = tsub.add_parser("list", help="the API tokens by id (never the tokens): every one on the head or for an "
                                      "admin, your own otherwise")

@@ -218,12 +218,16 @@ class TokenInfo:
     user: str
     admin: bool
     created_at: float
+    expires_at: float | None = None
+    """Unix time after which the API refuses it; None: it never expires."""
 
     def to_dict(self) -> dict:
-        return {"id": self.id, "user": self.user, "admin": self.admin, "created_at": self.created_at}
+        return {"id": self.id, "user": self.user, "admin": self.admin, "created_at": self.created_at,
+                "expires_at": self.expires_at}
 
 
 TOKEN_ID_CHARS = 12
+TOKEN_MAX_LIFETIME_S = 3650 * 86400  # `token create --expires` takes at most ten years
 
 
 @dataclass(frozen=True)

@@ -122,9 +122,10 @@ AFTER UPDATE OF state, priority, resources_json, spec_json, cancel_requested, te
 END;
 """
 
-# v3 -> v4: who asked for a cancel (the CANCELLED transition names them).
+# v3 -> v4: who asked for a cancel (the CANCELLED transition names them); API tokens that expire.
 _MIGRATE_V3 = """
 ALTER TABLE jobs ADD COLUMN cancelled_by TEXT;
+ALTER TABLE tokens ADD COLUMN expires_at REAL;
 """
 
 # Fields callers may set through update() and transition(): name -> (column, is_json).

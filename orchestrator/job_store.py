@@ -54,6 +54,7 @@ from orchestrator.job_records import (  # noqa: F401  (re-exported: the rest of 
     JobStoreError,
     QuotaError,
     TOKEN_ID_CHARS,
+    TOKEN_MAX_LIFETIME_S,
     RunHistory,
     TokenInfo,
     TokenNotFoundError,
@@ -503,28 +504,38 @@ class JobStore(JobQueries):
 
     # -------------------------------------------------------------- API tokens
 
-    def create_token(self, user: str, admin: bool = False) -> str:
-        """A new bearer token for ``user``; only its SHA-256 is stored, so print it now or lose it."""
+    def create_token(self, user: str, admin: bool = False, expires_in_s: float | None = None) -> str:
+        """A new bearer token for ``user``, valid for ``expires_in_s`` seconds (None: until revoked); only
+        its SHA-256 is stored, so print it now or lose it."""
         user = validate_name(user, "user name")
+        if expires_in_s is not None and (isinstance(expires_in_s, bool) or not isinstance(expires_in_s, (int, float))
+                                         or not 0 < expires_in_s <= TOKEN_MAX_LIFETIME_S):
+            raise UsageError(f"expires: give a lifetime from 1 second to {TOKEN_MAX_LIFETIME_S // 86400} days, "
+                             f"got {expires_in_s!r}")
         token = "sy_" + secrets.token_urlsafe(32)
+        now = self._clock()
         with self._write() as conn:
-            conn.execute("INSERT INTO tokens (hash, user, admin, created_at) VALUES (?, ?, ?, ?)",
-                         (_token_hash(token), user, int(bool(admin)), self._clock()))
+            conn.execute("INSERT INTO tokens (hash, user, admin, created_at, expires_at) VALUES (?, ?, ?, ?, ?)",
+                         (_token_hash(token), user, int(bool(admin)), now,
+                          None if expires_in_s is None else now + expires_in_s))
         return token
 
     def check_token(self, token: str) -> tuple[str, bool] | None:
-        """(user, admin) for a valid token, else None."""
+        """(user, admin) for a valid token, else None (unknown, revoked or expired)."""
         if not isinstance(token, str) or not token:
             return None
         with self._read() as conn:
-            row = conn.execute("SELECT user, admin FROM tokens WHERE hash = ?", (_token_hash(token),)).fetchone()
-        return (row["user"], bool(row["admin"])) if row else None
+            row = conn.execute("SELECT user, admin, expires_at FROM tokens WHERE hash = ?",
+                               (_token_hash(token),)).fetchone()
+        if row is None or (row["expires_at"] is not None and self._clock() >= row["expires_at"]):
+            return None
+        return row["user"], bool(row["admin"])
 
     def tokens(self, user: str | None = None) -> list[TokenInfo]:
         """Every API token (or ``user``'s), oldest first, by id: the hashes' first digits, never the tokens."""
         where, args = ("WHERE user = ?", (user.lower(),)) if user is not None else ("", ())
         with self._read() as conn:
-            rows = conn.execute(f"SELECT hash, user, admin, created_at FROM tokens {where} "
+            rows = conn.execute(f"SELECT hash, user, admin, created_at, expires_at FROM tokens {where} "
                                 "ORDER BY created_at, rowid", args).fetchall()
         return [_token_info(r) for r in rows]
 
@@ -545,8 +556,8 @@ class JobStore(JobQueries):
             raise UsageError(f"token id: give at least 4 hex digits of an id `switchyard token list` shows, "
                              f"got {token_id!r}")
         with self._read() as conn:
-            rows = conn.execute("SELECT hash, user, admin, created_at FROM tokens WHERE hash LIKE ? LIMIT 2",
-                                (tid + "%",)).fetchall()
+            rows = conn.execute("SELECT hash, user, admin, created_at, expires_at FROM tokens WHERE hash LIKE ? "
+                                "LIMIT 2", (tid + "%",)).fetchall()
         if not rows:
             raise TokenNotFoundError(f"no API token has the id {tid} (`switchyard token list` shows them)")
         if len(rows) > 1:
@@ -604,7 +615,8 @@ def _with_descendants(conn: sqlite3.Connection, job_id: str) -> Iterator[str]:
 
 
 def _token_info(row) -> TokenInfo:
-    return TokenInfo(row["hash"][:TOKEN_ID_CHARS], row["user"], bool(row["admin"]), row["created_at"])
+    return TokenInfo(row["hash"][:TOKEN_ID_CHARS], row["user"], bool(row["admin"]), row["created_at"],
+                     row["expires_at"])
 
 
 def _token_hash(token: str) -> str:

@@ -224,6 +224,28 @@ def int_arg(lo: int, hi: int):
     return parse
 
 
+DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def duration_arg(hi_s: float):
+    """An argparse ``type=`` for a lifetime such as 90m, 12h, 30d or 3600 (seconds), up to ``hi_s``."""
+    import argparse
+
+    def parse(text: str) -> float:
+        t = text.strip().lower()
+        unit = DURATION_UNITS.get(t[-1:], None)
+        try:
+            value = float(t[:-1] if unit else t) * (unit or 1)
+        except ValueError:
+            value = math.nan
+        if not (math.isfinite(value) and 0 < value <= hi_s):
+            raise argparse.ArgumentTypeError(f"expected a duration such as 90m, 12h or 30d (at most "
+                                             f"{hi_s / 86400:g}d), got {text!r}")
+        return value
+    parse.__name__ = "duration"
+    return parse
+
+
 def float_arg(lo: float, hi: float):
     """An argparse ``type=`` for a finite number within [lo, hi]."""
     import argparse

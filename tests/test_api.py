@@ -5,6 +5,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 import urllib.request
 
 import pytest
@@ -105,6 +106,7 @@ def test_tokens_are_listed_and_revoked_over_the_api_and_from_a_laptop(server, tm
     spare = ops.create_token("alice")["token"]
     every = ops.tokens()
     assert [t["user"] for t in every] == ["alice", "bob", "root", "ops", "alice"]
+    assert all(t["expires_at"] is None for t in every)
     assert not any(tok in json.dumps(every) for tok in [*tokens.values(), spare])  # ids, never the tokens
     mine = alice.tokens()
     assert [t["user"] for t in mine] == ["alice", "alice"] and alice.tokens("alice") == mine
@@ -124,6 +126,15 @@ def test_tokens_are_listed_and_revoked_over_the_api_and_from_a_laptop(server, tm
         client(srv, spare).whoami()
     assert err.value.status == 401 and "revoked" in str(err.value)
     assert alice.whoami()["user"] == "alice"
+    brief = ops.create_token("hal", expires_in_s=1)
+    assert brief["expires_in_s"] == 1 and client(srv, brief["token"]).whoami()["user"] == "hal"
+    time.sleep(1.1)
+    with pytest.raises(ApiRequestError) as err:
+        client(srv, brief["token"]).whoami()
+    assert err.value.status == 401 and "expired" in str(err.value)
+    with pytest.raises(ApiRequestError) as err:
+        ops.create_token("hal", expires_in_s=-1)
+    assert err.value.status == 400 and "expires" in str(err.value)
     assert ops.revoke_tokens("BOB") == {"user": "bob", "revoked": 1}
     with pytest.raises(ApiRequestError) as err:
         bob.jobs()
@@ -142,7 +153,7 @@ def test_tokens_are_listed_and_revoked_over_the_api_and_from_a_laptop(server, tm
     assert main(["--cluster", laptop, "token", "revoke", "alice", "--id", mine[0]["id"]]) == 2
     assert "not both" in capsys.readouterr().err
     assert main(["--cluster", laptop, "token", "list", "--json"]) == 0
-    assert [t["user"] for t in json.loads(capsys.readouterr().out)] == ["root", "ops"]
+    assert [t["user"] for t in json.loads(capsys.readouterr().out)] == ["root", "ops", "hal"]
     assert not (tmp_path / "nothing").exists()
 
 
@@ -413,7 +424,7 @@ def test_token_commands_on_the_head(tmp_path, capsys):
     assert store.check_token(eve) == ("eve", True) and store.check_token(finn) == ("finn", False)
     assert main(["--cluster", str(head), "token", "list"]) == 0
     rows = capsys.readouterr().out.splitlines()
-    assert rows[0].split() == ["ID", "USER", "ADMIN", "AGE"] and [r.split()[1:3] for r in rows[1:]] == [
+    assert rows[0].split() == ["ID", "USER", "ADMIN", "AGE", "EXPIRES"] and [r.split()[1:3] for r in rows[1:]] == [
         ["eve", "yes"], ["finn", "-"]]
     assert main(["--cluster", str(head), "token", "revoke", "finn"]) == 0
     assert "revoked 1 token(s) of finn" in capsys.readouterr().out and store.check_token(finn) is None
@@ -422,3 +433,14 @@ def test_token_commands_on_the_head(tmp_path, capsys):
     assert err.count("\n") == 1 and "no API token has the id 000000000000" in err
     assert main(["--cluster", str(head), "token", "revoke"]) == 2
     assert store.check_token(eve) == ("eve", True)
+    capsys.readouterr()
+    assert main(["--cluster", str(head), "token", "create", "gil", "--expires", "30d"]) == 0
+    out = capsys.readouterr()
+    assert "valid for 30d" in out.err and store.check_token(out.out.strip()) == ("gil", False)
+    assert main(["--cluster", str(head), "token", "list", "gil"]) == 0
+    assert capsys.readouterr().out.splitlines()[1].split()[-2:] == ["in", "30d"]
+    for bad in ("0", "-1h", "soon", "4000d"):
+        with pytest.raises(SystemExit) as exit_:
+            main(["--cluster", str(head), "token", "create", "gil", f"--expires={bad}"])
+        assert exit_.value.code == 2 and "expected a duration such as 90m" in capsys.readouterr().err
+    assert len(store.tokens("gil")) == 1

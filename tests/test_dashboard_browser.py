@@ -126,7 +126,7 @@ def test_no_token_or_a_bad_one_is_refused(live, browser):
     assert codes[:2] == [401, 401] and "no token" in codes[2]
     page.fill("#token", live["tokens"]["alice"] + "x")
     page.click("#signin")
-    page.wait_for_selector("#login-error:has-text('unknown or revoked token')")
+    page.wait_for_selector("#login-error:has-text('unknown, expired or revoked token')")
     assert not page.is_visible("#top") and page.inner_text("#main") == ""
     shot(page, "login-refused")
     page.close()

@@ -566,3 +566,19 @@ def test_tokens_are_listed_by_id_and_revoked_one_at_a_time(store):
     with pytest.raises(TokenNotFoundError):
         store.token_by_id(listed[0].id)
     assert [t.id for t in store.tokens()] == [listed[1].id, listed[2].id]
+
+
+def test_a_token_with_a_lifetime_is_refused_once_it_is_over(tmp_path):
+    clock = Clock()
+    store = JobStore(tmp_path / "jobs.db", clock=clock)
+    short, forever = store.create_token("alice", expires_in_s=60), store.create_token("bob")
+    assert [t.expires_at for t in store.tokens()] == [clock.t + 60, None]
+    clock.t += 59
+    assert store.check_token(short) == ("alice", False)
+    clock.t += 1
+    assert store.check_token(short) is None and store.check_token(forever) == ("bob", False)
+    assert store.tokens("alice")[0].expires_at <= clock.t  # still listed, so an admin sees it expired
+    for bad in (0, -5, 1e12, True, "60"):
+        with pytest.raises(UsageError, match="expires: give a lifetime"):
+            store.create_token("carol", expires_in_s=bad)
+    assert store.tokens("carol") == []
