@@ -408,7 +408,7 @@ class Api:
         caller, user = request["caller"], request.query.get("user")
         if not caller.admin:
             if user is not None and user.lower() != caller.user:
-                raise ApiError(403, f"only admins may list another user's tokens; yours: GET {PREFIX}/tokens")
+                raise ApiError(403, "only admins may list another user's tokens; leave the user out to list yours")
             user = caller.user
         return _json([t.to_dict() for t in await self._run(self.store.tokens, user)])
 
