@@ -382,8 +382,6 @@ def cmd_status(args) -> int:
     client = _remote(args)
     if client is not None:
         out = client.job(args.job) if args.job else client.cluster()
-        if not args.job:
-            out.setdefault("address", cluster.api.url)
     elif args.job:
         from data.storage import Storage
 
@@ -432,7 +430,8 @@ def cmd_status(args) -> int:
             print(f"reason: {out['reason']}")
     else:
         c = out["controller"]
-        print(f"Ray: {out.get('address') or 'not running'}   controller: "
+        where = f"API: {cluster.api.url}" if client is not None else f"Ray: {out.get('address') or 'not running'}"
+        print(f"{where}   controller: "
               f"{'pid ' + str(c['pid']) if c['alive'] else 'not running'}"
               + ("" if c["alive"] or client is not None else "   (`switchyard up` starts them)"))
         for n in out.get("nodes", []):
