@@ -347,6 +347,8 @@ def test_sweeps_over_the_api_have_owners_status_and_fit_results_also_from_a_lapt
     assert main(["--cluster", laptop, "sweep", "status", "apisweep"]) == 0
     shown = capsys.readouterr().out
     assert "sweep apisweep" in shown and "6/6 runs in the table" in shown and "owner alice" in shown
+    assert main(["--cluster", laptop, "status"]) == 0
+    assert capsys.readouterr().out.startswith(f"API: {srv.url}   controller: not running")
     printed = _sy(laptop, "fit", "apisweep", "--out", str(tmp_path / "mine"), env=bob_env, laptop=True).stdout
     assert f"alpha={fit['approach3']['alpha']!r}" in printed
     assert json.load(open(tmp_path / "mine" / "fit.json")) == fit
