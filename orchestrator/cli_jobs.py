@@ -512,6 +512,24 @@ def cmd_cancel(args) -> int:
     return 0
 
 
+def cmd_whoami(args) -> int:
+    """`switchyard whoami`: who this machine acts as (the API token's user, or the login name on the head)."""
+    cluster = _cluster(args)
+    client = _remote(args)
+    if client is not None:
+        me, where = client.whoami(), f"over the API at {cluster.api.url}"
+    else:
+        user = local_user()
+        me, where = {"user": user, "admin": user in cluster.admins}, "on the head (the login name)"
+    if args.json:
+        print(json_output.dumps(me))
+        return 0
+    admin = ("an admin: may cancel or change anyone's job" if me["admin"] else
+             "may cancel or change your own jobs")
+    print(f"{me['user']} {where}; {admin}")
+    return 0
+
+
 def cmd_priority(args) -> int:
     """`switchyard priority JOB P`: a live job's (or a whole pipeline's or sweep's) new priority."""
     client = _remote(args)
@@ -666,6 +684,10 @@ def register(sub) -> None:
     p.add_argument("job")
     p.add_argument("--timeout", type=float_arg(0, 1e9), default=None)
     p.set_defaults(func=cmd_wait)
+    p = sub.add_parser("whoami", help="who this machine acts as: the API token's user, or the login name on the "
+                                      "head; and whether an admin")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_whoami)
     p = sub.add_parser("token", help="API tokens: `token create USER [--admin]` prints a new bearer token; "
                                      "`token list`, `token revoke USER | --id ID`")
     tsub = p.add_subparsers(dest="token_command", required=True, metavar="{create,list,revoke}")

@@ -143,6 +143,8 @@ def test_tokens_are_listed_and_revoked_over_the_api_and_from_a_laptop(server, tm
     # The CLI on a laptop (api: in its cluster.yaml) goes through the same endpoints.
     laptop = _laptop(tmp_path, srv)
     monkeypatch.setenv("SWITCHYARD_TOKEN", tokens["ops"])
+    assert main(["--cluster", laptop, "whoami"]) == 0
+    assert capsys.readouterr().out == f"ops over the API at {srv.url}; an admin: may cancel or change anyone's job\n"
     assert main(["--cluster", laptop, "token", "list"]) == 0
     table = capsys.readouterr().out
     assert "alice" in table and "root" in table and "bob" not in table and tokens["ops"] not in table
@@ -413,11 +415,14 @@ def test_after_holds_a_pipeline_and_a_sweep_and_a_cancelled_dependency_fails_the
 
 def test_token_commands_on_the_head(tmp_path, capsys):
     from orchestrator.cli import main
+    from orchestrator.cli_jobs import local_user
 
     head = tmp_path / "head.yaml"
     head.write_text(f"storage: {tmp_path / 'runs'}\njob_store: {tmp_path / 'jobs.db'}\n")
     assert main(["--cluster", str(head), "token", "list"]) == 0
     assert "no API tokens yet" in capsys.readouterr().out
+    assert main(["--cluster", str(head), "whoami", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == {"user": local_user(), "admin": False}
     assert main(["--cluster", str(head), "token", "create", "Eve", "--admin"]) == 0
     eve = capsys.readouterr().out.strip()
     assert main(["--cluster", str(head), "token", "create", "finn"]) == 0
