@@ -349,11 +349,13 @@ def test_v3_store_is_migrated_and_keeps_its_jobs(tmp_path):
     store = JobStore(path)
     rec = submit(store, owner="carol")
     conn = sqlite3.connect(path)
-    conn.executescript("ALTER TABLE jobs DROP COLUMN cancelled_by; PRAGMA user_version = 3;")
+    conn.executescript("ALTER TABLE jobs DROP COLUMN cancelled_by; ALTER TABLE tokens DROP COLUMN expires_at; "
+                       "PRAGMA user_version = 3;")
     conn.close()
     store = JobStore(path)
     assert store.get(rec.id).owner == "carol" and store.get(rec.id).cancelled_by is None
     assert store.request_cancel(rec.id, by="dana").reason == "cancelled by dana"
+    assert store.check_token(store.create_token("erin", expires_in_s=60)) == ("erin", False)
     conn = sqlite3.connect(path)
     assert conn.execute("PRAGMA user_version").fetchone()[0] == 4
     conn.close()
