@@ -172,6 +172,7 @@ def test_job_page_curves_grow_while_it_trains(live, browser):
     assert points(page, "chart-lr") > 0 and points(page, "chart-tokens_per_s") > 0
     assert page.get_attribute("svg#chart-loss path.series", "d").count("L") >= first
     assert "RUNNING" in page.inner_text("#job-head") and page.is_enabled("#cancel")
+    assert "null" not in page.inner_text("#job-head") and page.input_value("#priority-input") == "0"
     assert page.locator("#timeline rect.segment[data-state='RUNNING']").count() >= 1
     assert page.locator("#workers tbody tr").count() == 2
     until(page, lambda: "[switchyard] rank" in page.inner_text("#log"), PAGE_MS, "the ranks' log lines")
@@ -190,6 +191,7 @@ def test_cancel_from_the_page_only_for_your_own_job(live, browser):
     bob.goto(f"{live['url']}/dashboard/#/job/{job}")
     bob.wait_for_selector("#cancel")
     assert bob.is_disabled("#cancel") and "only alice" in bob.get_attribute("#cancel", "title")
+    assert bob.is_disabled("#priority-set") and bob.is_disabled("#priority-input")
     # Forcing it from bob's page is refused by the server.
     code = bob.evaluate("""async ([id, token]) => (await fetch(`/api/v1/jobs/${id}/cancel`,
         {method: 'POST', headers: {Authorization: `Bearer ${token}`}})).status""", [job, live["tokens"]["bob"]])
@@ -198,11 +200,23 @@ def test_cancel_from_the_page_only_for_your_own_job(live, browser):
     bob.close()
     alice = sign_in(browser, live["url"], live["tokens"]["alice"])
     alice.goto(f"{live['url']}/dashboard/#/job/{job}")
+    alice.wait_for_selector("#priority-set:not([disabled])")
+    alice.fill("#priority-input", "2000000")  # out of range: the server's one line, nothing changed
+    alice.click("#priority-set")
+    alice.wait_for_selector("#priority-message:has-text('from -1000000 to 1000000')")
+    assert store.get(job).priority == 0
+    alice.fill("#priority-input", "-3")  # lower, so it cannot preempt the training job
+    alice.click("#priority-set")
+    until(alice, lambda: store.get(job).priority == -3, PAGE_MS, "the new priority stored")
+    alice.wait_for_selector("#job-head .kv:has-text('priority-3')")
+    assert alice.inner_text("#priority-message") == ""
     alice.click("#cancel:not([disabled])")
     alice.click("#cancel-yes")
     alice.wait_for_selector("#job-head .state[data-state='CANCELLED']")
     assert store.get(job).state == JobState.CANCELLED
-    assert alice.is_disabled("#cancel")
+    assert alice.is_disabled("#cancel") and alice.is_disabled("#priority-set")
+    assert "null" not in alice.inner_text("#job-head") and "undefined" not in alice.inner_text("#job-head")
+    assert store.get(job).reason == "cancelled by alice" and "cancelled by alice" in alice.inner_text("#history")
     shot(alice, "cancelled")
     alice.close()
 

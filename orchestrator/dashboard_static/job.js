@@ -58,7 +58,8 @@ async function jobPage(id) {
   let job = await api(`/jobs/${encodeURIComponent(id)}`);
   if (job.kind === "pipeline") { location.replace(`#/pipeline/${encodeURIComponent(job.id)}`); return; }
   if (job.kind === "sweep") { location.replace(`#/sweep/${encodeURIComponent(job.name)}`); return; }
-  const head = h("div", {id: "job-head"});
+  const headTitle = h("div", {});
+  const headBody = h("div", {});
   const timelineCard = card("State timeline");
   const charts = h("div", {class: "grid", id: "charts"});
   const chartObjs = {};
@@ -74,6 +75,13 @@ async function jobPage(id) {
   const logPre = h("pre", {id: "log"});
   const logsCard = card("Logs", h("div", {class: "toolbar"}, rankSelect, h("label", {}, follow, " follow")), logPre);
   const stagesCard = h("div", {});
+  // Outside what drawJob redraws (headBody): a number being typed survives the page's refreshes.
+  const prioInput = h("input", {id: "priority-input", type: "number", min: "-1000000", max: "1000000", step: "1"});
+  const prioSet = h("button", {id: "priority-set", type: "button", onclick: () => doPriority()}, "Set priority");
+  const prioBar = h("p", {class: "toolbar", id: "priority-bar"}, h("label", {for: "priority-input"}, "new priority "),
+    prioInput, " ", prioSet, " ", h("span", {id: "priority-message", class: "error"}));
+  const head = h("div", {id: "job-head"}, headTitle,
+                 card(null, headBody, prioBar, h("p", {class: "note"}, `run dir: ${job.run_dir}`)));
   show(head, timelineCard, h("div", {class: "card"}, h("h2", {}, "Curves"), charts), evalsCard, workersCard,
        stagesCard, logsCard);
 
@@ -90,10 +98,14 @@ async function jobPage(id) {
       h("button", {id: "cancel-yes", class: "danger solid", type: "button", onclick: doCancel}, "Yes, cancel it"), " ",
       h("button", {type: "button", onclick: () => { confirmBox.hidden = true; }}, "No"));
     cancel.addEventListener("click", () => { confirmBox.hidden = false; });
+    prioInput.disabled = prioSet.disabled = !mine || TERMINAL.has(job.state);
+    prioSet.title = mine ? "" : `only ${job.owner || "its owner"} or an admin may change this job's priority`;
+    if (document.activeElement !== prioInput) prioInput.value = String(job.priority);
     const m = job.metrics || {};
-    head.replaceChildren(
-      h("h1", {}, `${job.name} `, h("span", {class: "muted"}, job.id), " ", stateBadge(job.state)),
-      card(null, h("div", {class: "kv"},
+    headTitle.replaceChildren(
+      h("h1", {}, `${job.name} `, h("span", {class: "muted"}, job.id), " ", stateBadge(job.state)));
+    headBody.replaceChildren(...[  // replaceChildren would write a null as the text "null"
+      h("div", {class: "kv"},
         h("div", {}, h("span", {}, "owner"), `${job.owner || "–"}${job.team ? ` (${job.team})` : ""}`),
         h("div", {}, h("span", {}, "kind"), job.kind),
         h("div", {}, h("span", {}, "priority"), fmt(job.priority)),
@@ -109,8 +121,8 @@ async function jobPage(id) {
           `#${job.pending.position} in the queue, ${pendingText(job.pending)}`) : null,
         job.reason && TERMINAL.has(job.state) ? h("p", {class: job.state === "SUCCEEDED" ? "muted" : "error"},
           job.reason) : null,
-        h("p", {class: "toolbar"}, cancel, confirmBox, h("span", {id: "cancel-message", class: "error"})),
-        h("p", {class: "note"}, `run dir: ${job.run_dir}`)));
+        h("p", {class: "toolbar"}, cancel, confirmBox, h("span", {id: "cancel-message", class: "error"}))
+    ].filter(Boolean));
     timelineCard.replaceChildren(h("h2", {}, "State timeline"), timeline(job),
       h("div", {class: "legend"}, Object.entries(STATE_COLORS).map(([s, c]) =>
         h("span", {}, h("i", {style: `background:${c}`}), s))),
@@ -134,6 +146,24 @@ async function jobPage(id) {
         tr([jobLink(s.id), s.name, stateBadge(s.state), fmt(s.step)])))));
     }
   };
+
+  async function doPriority() {
+    const msg = document.getElementById("priority-message");
+    const value = Number(prioInput.value);
+    msg.textContent = "";
+    if (prioInput.value.trim() === "" || !Number.isInteger(value)) {
+      msg.textContent = "priority: give a whole number from -1000000 to 1000000";
+      return;
+    }
+    try {
+      job = await api(`/jobs/${encodeURIComponent(job.id)}`, {method: "PATCH", body: {priority: value}});
+      prioInput.blur();
+      lastUpdate = null;
+      drawJob();
+    } catch (e) {
+      if (!(e instanceof AuthError)) msg.textContent = e.message;
+    }
+  }
 
   async function doCancel() {
     document.getElementById("cancel-confirm").hidden = true;
