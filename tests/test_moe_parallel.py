@@ -90,6 +90,12 @@ def run_rank(rank: int, port: int, out_dir: str) -> None:
             result["resume"] = resume_from_own_files(engine, rank, out_dir)
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump(result, f)
+    # Leave together and tear gloo down: a rank exiting while its peer still talks to it can abort in
+    # gloo's threads ("terminate called without an active exception", SIGABRT; once in a fresh-clone run).
+    import torch.distributed as dist
+
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 def resume_from_own_files(engine, rank: int, out_dir: str) -> dict:
