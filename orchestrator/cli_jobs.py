@@ -564,9 +564,7 @@ def _remote_wait(client, args) -> int:
     return 0 if out["state"] == "SUCCEEDED" else 1
 
 
-def cmd_token(args) -> int:
-    """`switchyard token create|list|revoke`: on the head, or over the API (create and others' tokens: admins)."""
-    return {"create": _token_create, "list": _token_list, "revoke": _token_revoke}[args.token_command](args)
+# `switchyard token create|list|revoke`: on the head, or over the API (create and others' tokens: admins).
 
 
 def _token_create(args) -> int:
@@ -696,13 +694,13 @@ def register(sub) -> None:
     q.add_argument("--admin", action="store_true", help="may cancel or change anyone's job")
     q.add_argument("--expires", type=duration_arg(TOKEN_MAX_LIFETIME_S), default=None, metavar="DURATION",
                    help="refused after this long: 90m, 12h, 30d (default: valid until revoked)")
-    q.set_defaults(func=cmd_token)
+    q.set_defaults(func=_token_create)
     q = tsub.add_parser("list", help="the API tokens by id (never the tokens): every one on the head or for an "
                                      "admin, your own otherwise")
     q.add_argument("user", nargs="?", default=None, help="only this user's tokens")
     q.add_argument("--json", action="store_true")
-    q.set_defaults(func=cmd_token)
+    q.set_defaults(func=_token_list)
     q = tsub.add_parser("revoke", help="revoke every token of USER, or one by --id (its requests get 401 at once)")
     q.add_argument("user", nargs="?", default=None)
     q.add_argument("--id", default=None, help="a token id from `token list` (a unique prefix of 4+ digits works)")
-    q.set_defaults(func=cmd_token)
+    q.set_defaults(func=_token_revoke)
