@@ -70,11 +70,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _extra_commands():
     """Subcommands owned by other modules register themselves here."""
+    from orchestrator.cli_access import register as register_access
     from orchestrator.cli_jobs import register as register_jobs
 
     from orchestrator.sweep import register as register_sweep
 
-    out = [register_jobs, register_sweep]
+    out = [register_jobs, register_access, register_sweep]
     try:
         from orchestrator.sweep import register_fit
 

@@ -46,7 +46,6 @@ from orchestrator.queue_view import EXACT_POSITIONS, QueueView
 from orchestrator.starts import WARM_MAX, Active, GangStarts
 from specs.errors import UsageError
 from orchestrator.job_store import JobState, JobStore
-from specs.job import validate_spec
 from workers.pool import WarmPool
 from workers.worker_group import poll
 

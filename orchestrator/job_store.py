@@ -79,19 +79,20 @@ from orchestrator.job_schema import (  # noqa: F401
     _perplexity,
 )
 from orchestrator.job_queries import JobQueries, _filters
+from orchestrator.job_tokens import JobTokens
 from specs.errors import UsageError
 
 
 # ---------------------------------------------------------------------- the store
 
 
-class JobStore(JobQueries):
+class JobStore(JobQueries, JobTokens):
     """The SQLite job store at ``path``. Cheap to construct; opens its connections on first use.
 
     Writes take ids exactly; only :meth:`get` resolves a unique prefix (for
     people typing ids at the CLI). Pages, name lookups, fair share's run
     history and the controller's notes on waiting jobs come from
-    ``job_queries.JobQueries``; ``queue_view`` and ``job_retention`` read and
+    ``job_queries.JobQueries``, API tokens from ``job_tokens.JobTokens``; ``queue_view`` and ``job_retention`` read and
     write through ``_read`` and ``_write`` too.
     """
 
@@ -502,73 +503,6 @@ class JobStore(JobQueries):
             rows = conn.execute("SELECT * FROM transitions WHERE job_id = ? ORDER BY seq", (job_id,)).fetchall()
         return [_transition(r) for r in rows]
 
-    # -------------------------------------------------------------- API tokens
-
-    def create_token(self, user: str, admin: bool = False, expires_in_s: float | None = None) -> str:
-        """A new bearer token for ``user``, valid for ``expires_in_s`` seconds (None: until revoked); only
-        its SHA-256 is stored, so print it now or lose it."""
-        user = validate_name(user, "user name")
-        if expires_in_s is not None and (isinstance(expires_in_s, bool) or not isinstance(expires_in_s, (int, float))
-                                         or not 0 < expires_in_s <= TOKEN_MAX_LIFETIME_S):
-            raise UsageError(f"expires: give a lifetime from 1 second to {TOKEN_MAX_LIFETIME_S // 86400} days, "
-                             f"got {expires_in_s!r}")
-        token = "sy_" + secrets.token_urlsafe(32)
-        now = self._clock()
-        with self._write() as conn:
-            conn.execute("INSERT INTO tokens (hash, user, admin, created_at, expires_at) VALUES (?, ?, ?, ?, ?)",
-                         (_token_hash(token), user, int(bool(admin)), now,
-                          None if expires_in_s is None else now + expires_in_s))
-        return token
-
-    def check_token(self, token: str) -> tuple[str, bool] | None:
-        """(user, admin) for a valid token, else None (unknown, revoked or expired)."""
-        if not isinstance(token, str) or not token:
-            return None
-        with self._read() as conn:
-            row = conn.execute("SELECT user, admin, expires_at FROM tokens WHERE hash = ?",
-                               (_token_hash(token),)).fetchone()
-        if row is None or (row["expires_at"] is not None and self._clock() >= row["expires_at"]):
-            return None
-        return row["user"], bool(row["admin"])
-
-    def tokens(self, user: str | None = None) -> list[TokenInfo]:
-        """Every API token (or ``user``'s), oldest first, by id: the hashes' first digits, never the tokens."""
-        where, args = ("WHERE user = ?", (user.lower(),)) if user is not None else ("", ())
-        with self._read() as conn:
-            rows = conn.execute(f"SELECT hash, user, admin, created_at, expires_at FROM tokens {where} "
-                                "ORDER BY created_at, rowid", args).fetchall()
-        return [_token_info(r) for r in rows]
-
-    def token_by_id(self, token_id: str) -> TokenInfo:
-        """The one token whose id starts with ``token_id`` (at least 4 hex digits)."""
-        return _token_info(self._token_row(token_id))
-
-    def revoke_token(self, token_id: str) -> TokenInfo:
-        """Delete the one token whose id starts with ``token_id``; the next request with it gets 401."""
-        row = self._token_row(token_id)
-        with self._write() as conn:
-            conn.execute("DELETE FROM tokens WHERE hash = ?", (row["hash"],))
-        return _token_info(row)
-
-    def _token_row(self, token_id: str):
-        tid = token_id.strip().lower() if isinstance(token_id, str) else ""
-        if len(tid) < 4 or any(c not in "0123456789abcdef" for c in tid):
-            raise UsageError(f"token id: give at least 4 hex digits of an id `switchyard token list` shows, "
-                             f"got {token_id!r}")
-        with self._read() as conn:
-            rows = conn.execute("SELECT hash, user, admin, created_at, expires_at FROM tokens WHERE hash LIKE ? "
-                                "LIMIT 2", (tid + "%",)).fetchall()
-        if not rows:
-            raise TokenNotFoundError(f"no API token has the id {tid} (`switchyard token list` shows them)")
-        if len(rows) > 1:
-            raise UsageError(f"token id {tid} matches more than one token; give more of it")
-        return rows[0]
-
-    def revoke_tokens(self, user: str) -> int:
-        """Delete every token of ``user``; returns how many."""
-        with self._write() as conn:
-            return conn.execute("DELETE FROM tokens WHERE user = ?", (user.lower(),)).rowcount
-
     # -------------------------------------------------------------- controller
 
     def set_controller(self, pid: int, address: str) -> ControllerInfo:
@@ -612,15 +546,3 @@ def _with_descendants(conn: sqlite3.Connection, job_id: str) -> Iterator[str]:
         seen.add(jid)
         yield jid
         pending += [r["id"] for r in conn.execute("SELECT id FROM jobs WHERE parent_id = ?", (jid,))]
-
-
-def _token_info(row) -> TokenInfo:
-    return TokenInfo(row["hash"][:TOKEN_ID_CHARS], row["user"], bool(row["admin"]), row["created_at"],
-                     row["expires_at"])
-
-
-def _token_hash(token: str) -> str:
-    import hashlib
-
-    return hashlib.sha256(token.encode()).hexdigest()
-
