@@ -21,6 +21,9 @@ Endpoints (all JSON unless noted; ``{id}`` takes a unique id prefix too):
     PATCH /api/v1/jobs/{id}                {priority} -> job  (owner or admin; a pipeline's or sweep's
                                            live stages or runs too; {id} may be its name)
     POST /api/v1/jobs/{id}/cancel          -> job  (owner or admin; {id} may be a pipeline's or sweep's name)
+    POST /api/v1/jobs/{id}/requeue         {set?} -> job, QUEUED again: a FAILED or CANCELLED job resumes from
+                                           its latest complete checkpoint (owner or admin; 409 for any other
+                                           job, with what to do instead)
     GET  /api/v1/jobs/{id}/wait?timeout=S  job once terminal, or after S s (at most 60) as it is
     GET  /api/v1/jobs/{id}/logs?rank=R&follow=1   text/plain, streamed while the job runs
     POST /api/v1/sweeps                    {sweep: mapping or YAML text, dry_run?, after?, priority?,
@@ -114,6 +117,7 @@ class Api:
         r.add_get(f"{PREFIX}/jobs/{{id}}", self.job)
         r.add_patch(f"{PREFIX}/jobs/{{id}}", self.change)
         r.add_post(f"{PREFIX}/jobs/{{id}}/cancel", self.cancel)
+        r.add_post(f"{PREFIX}/jobs/{{id}}/requeue", self.requeue)
         r.add_get(f"{PREFIX}/jobs/{{id}}/wait", self.wait)
         r.add_get(f"{PREFIX}/jobs/{{id}}/logs", self.logs)
         r.add_post(f"{PREFIX}/sweeps", self.submit_sweep)
@@ -287,6 +291,22 @@ class Api:
         rec = await self._run(find_job, self.store, request.match_info["id"])
         self._own(request["caller"], rec)
         await self._run(self.store.request_cancel, rec.id, request["caller"].user)
+        return _json(await self._run(self._status, rec.id))
+
+    async def requeue(self, request):
+        from orchestrator.cli_jobs import find_job
+        from orchestrator.requeue import refusal, requeue_job
+
+        body = await self._body(request) if request.can_read_body else {}
+        overrides = body.get("set") or []
+        if set(body) - {"set"} or not (isinstance(overrides, list) and all(isinstance(o, str) for o in overrides)):
+            raise ApiError(400, "send {\"set\": [\"KEY=VALUE\", ...]} or nothing: the spec fields to change")
+        rec = await self._run(find_job, self.store, request.match_info["id"])
+        self._own(request["caller"], rec, "requeue")
+        why = await self._run(refusal, self.store, rec)
+        if why:
+            raise ApiError(409, why)
+        await self._run(requeue_job, self.cluster, self.store, rec, request["caller"].user, overrides)
         return _json(await self._run(self._status, rec.id))
 
     async def wait(self, request):

@@ -105,6 +105,9 @@ class ApiClient:
     def cancel(self, job_id: str) -> dict:
         return self.call("POST", f"/jobs/{urllib.parse.quote(job_id)}/cancel")
 
+    def requeue(self, job_id: str, overrides: list[str] | None = None) -> dict:
+        return self.call("POST", f"/jobs/{urllib.parse.quote(job_id)}/requeue", {"set": list(overrides or [])})
+
     def set_priority(self, job_id: str, priority: int) -> dict:
         return self.call("PATCH", f"/jobs/{urllib.parse.quote(job_id)}", {"priority": priority})
 

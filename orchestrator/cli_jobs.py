@@ -113,24 +113,30 @@ def local_user() -> str:
     return name[:64]
 
 
-def submit_spec(cluster, spec, priority: int, kind: str = "train", parent_id: str | None = None, *,
-                owner: str | None = None, after: tuple[str, ...] | list[str] = ()) -> str:
+def checked_resources(cluster, spec) -> dict:
+    """The gang ``spec`` asks of ``cluster``, once its paths are inside cluster.yaml's roots and the files it
+    names exist (UsageError otherwise): what a job is queued with."""
     from data.storage import Storage
-    from orchestrator.job_store import safe_join
     from orchestrator.preflight import preflight
     from specs.paths import check_job_paths
     from workers.resources import worker_resources
 
     check_job_paths(spec, cluster.path_roots())  # cluster.yaml's read/write roots (the ranks check again)
-    storage = Storage(cluster.storage, dict(cluster.storage_options))
-    preflight(spec, storage)
+    preflight(spec, Storage(cluster.storage, dict(cluster.storage_options)))
     res = worker_resources(spec, cluster)
+    return {"workers": res.workers, "cpus_per_worker": res.cpus, "gpus_per_worker": res.gpus}
+
+
+def submit_spec(cluster, spec, priority: int, kind: str = "train", parent_id: str | None = None, *,
+                owner: str | None = None, after: tuple[str, ...] | list[str] = ()) -> str:
+    from orchestrator.job_store import safe_join
+
+    resources = checked_resources(cluster, spec)
     owner = owner or local_user()
     team = cluster.team_of(owner)
     quota = cluster.teams.get(team)
     rec = _store(cluster).submit(
-        spec.name, kind, spec.to_dict(), priority,
-        {"workers": res.workers, "cpus_per_worker": res.cpus, "gpus_per_worker": res.gpus},
+        spec.name, kind, spec.to_dict(), priority, resources,
         spec.max_restarts, run_dir_for=lambda job_id: safe_join(cluster.storage, f"{spec.name}-{job_id}"),
         parent_id=parent_id, owner=owner, team=team, after=list(after),
         max_queued=quota.queued_jobs if quota is not None and parent_id is None else None)
@@ -598,6 +604,9 @@ def register(sub) -> None:
     p = sub.add_parser("cancel", help="cancel a queued or running job")
     p.add_argument("job")
     p.set_defaults(func=cmd_cancel)
+    from orchestrator.requeue import register as register_requeue
+
+    register_requeue(sub)
     p = sub.add_parser("priority", help="change a queued or running job's priority (a pipeline's or sweep's: all "
                                         "of its live jobs); the queue reorders at the next tick")
     p.add_argument("job", help="a job id (or unique prefix), or a pipeline's or sweep's name")

@@ -24,7 +24,9 @@ invocation and the controller actor. That shapes the design:
 
 State changes go through :meth:`JobStore.transition`, which checks
 ``LEGAL_TRANSITIONS`` and writes the history row in the same transaction.
-Terminal states (SUCCEEDED, FAILED, CANCELLED) are final.
+Terminal states (SUCCEEDED, FAILED, CANCELLED) are final for the controller;
+only :meth:`JobStore.requeue`, when someone asks, puts a FAILED or CANCELLED
+job back in the queue.
 """
 from __future__ import annotations
 
@@ -447,6 +449,53 @@ class JobStore(JobQueries, JobTokens):
                 else:
                     conn.execute("UPDATE jobs SET cancel_requested = 1, cancelled_by = ?, updated_at = ? WHERE id = ?",
                                  (by, now, jid))
+            return self._load_one(conn, job_id)
+
+    def requeue(self, job_id: str, by: str | None = None, *, spec: dict[str, Any] | None = None,
+                resources: dict[str, Any] | None = None, max_restarts: int | None = None, note: str = "",
+                max_queued: int | None = None) -> JobRecord:
+        """Put a FAILED or CANCELLED job back in the queue, ``by`` whom, with the same id and run directory.
+
+        The restart budget starts again and the controller resumes the job
+        from its latest complete checkpoint (step 0 when it never wrote one).
+        ``spec``, ``resources`` and ``max_restarts`` replace the job's (a
+        requeue with ``--set``; ``note`` says which fields, in the history).
+        Only jobs outside a pipeline or sweep, and not the parents themselves:
+        submitting those files again continues them. ``max_queued`` is the
+        team's quota of queued jobs, as for :meth:`submit`.
+        """
+        if resources is not None:
+            resources = _check_resources(resources)
+        if max_restarts is not None:
+            max_restarts = _check_int(max_restarts, "max_restarts", 0)
+        reason = f"requeued by {by or 'user'}" + (f" with {note}" if note else "")
+        with self._write() as conn:
+            row = conn.execute("SELECT state, parent_id, kind, team FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if row is None:
+                raise JobNotFoundError(f"no job {job_id!r} in the job store")
+            state = JobState(row["state"])
+            if state not in (JobState.FAILED, JobState.CANCELLED) or row["parent_id"] is not None \
+                    or row["kind"] != "train":
+                raise IllegalTransitionError(f"{job_id} is {state.value} ({row['kind']}): only a FAILED or "
+                                             "CANCELLED job of its own can be requeued")
+            if max_queued is not None:
+                n = conn.execute("SELECT COUNT(*) FROM jobs WHERE team = ? AND state = ? AND parent_id IS NULL",
+                                 (row["team"], JobState.QUEUED.value)).fetchone()[0]
+                if n >= max_queued:
+                    raise QuotaError(f"team {row['team'] or '(none)'} already has {n} queued job(s), its quota "
+                                     f"(queued_jobs: {max_queued}); wait for some to start or cancel one")
+            now = self._clock()
+            conn.execute(
+                "UPDATE jobs SET state = ?, reason = ?, updated_at = ?, finished_at = NULL, restarts = 0,"
+                " cancel_requested = 0, cancelled_by = NULL, preempted_by = NULL, pending_json = NULL,"
+                " blocked_since = NULL, workers_json = '[]', spec_json = COALESCE(?, spec_json),"
+                " resources_json = COALESCE(?, resources_json), max_restarts = COALESCE(?, max_restarts)"
+                " WHERE id = ?",
+                (JobState.QUEUED.value, reason, now, None if spec is None else _dumps(spec, "spec"),
+                 None if resources is None else _dumps(resources, "resources"), max_restarts, job_id))
+            conn.execute(
+                "INSERT INTO transitions (job_id, ts, from_state, to_state, reason) VALUES (?, ?, ?, ?, ?)",
+                (job_id, now, state.value, JobState.QUEUED.value, reason))
             return self._load_one(conn, job_id)
 
     def set_priority(self, job_id: str, priority: int) -> list[str]:

@@ -179,6 +179,43 @@ def test_specs_are_validated_on_the_server_and_quotas_apply(server):
     assert err.value.status == 404
 
 
+def test_a_failed_or_cancelled_job_is_requeued_by_its_owner_over_the_api_and_from_a_laptop(server, tmp_path,
+                                                                                           monkeypatch, capsys):
+    from orchestrator.cli import main
+
+    cfg, srv, tokens = server
+    alice, bob, ops = (client(srv, tokens[u]) for u in ("alice", "bob", "ops"))
+    job = alice.submit(SPEC)["id"]
+    with pytest.raises(ApiRequestError) as err:
+        alice.requeue(job)
+    assert err.value.status == 409 and "is QUEUED, not over" in str(err.value)
+    ops.cancel(job)
+    with pytest.raises(ApiRequestError) as err:
+        bob.requeue(job)
+    assert err.value.status == 403 and "only its owner or an admin may requeue it" in str(err.value)
+    for body, status in (({"set": "train.steps=9"}, 400), ({"priority": 3}, 400),
+                         ({"set": ["train.steps=-9"]}, 400), ({"set": ["name=x"]}, 400)):
+        with pytest.raises(ApiRequestError) as err:
+            alice.call("POST", f"/jobs/{job}/requeue", body)
+        assert err.value.status == status and "\n" not in str(err.value)
+    assert alice.job(job)["state"] == "CANCELLED"
+    back = alice.requeue(job, ["train.steps=6"])
+    assert back["state"] == "QUEUED" and back["cancelled_by"] is None
+    assert back["history"][-1]["reason"] == "requeued by alice with train.steps=6"
+    assert JobStore(cfg.job_store).get(job).spec["train"]["steps"] == 6
+
+    laptop = _laptop(tmp_path, srv)  # the CLI on a laptop goes through the same route
+    monkeypatch.setenv("SWITCHYARD_TOKEN", tokens["alice"])
+    ops.cancel(job)
+    capsys.readouterr()
+    assert main(["--cluster", laptop, "requeue", job]) == 0
+    assert capsys.readouterr().out == (f"{job}: QUEUED again (was CANCELLED at step 0); it resumes from its latest "
+                                       "complete checkpoint\n")
+    assert main(["--cluster", laptop, "requeue", job]) == 2
+    assert "is QUEUED, not over" in capsys.readouterr().err
+    assert not (tmp_path / "nothing").exists()
+
+
 def test_logs_stream_and_cluster_view(server):
     cfg, srv, tokens = server
     alice = client(srv, tokens["alice"])

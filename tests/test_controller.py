@@ -95,10 +95,13 @@ def test_cancel_frees_resources_promptly(controller):
     cfg, _ = controller
     store = JobStore(cfg.job_store)
     free_before = ray.available_resources().get("CPU", 0)
-    job = submit_spec(cfg, tiny_spec(name="long", **{"train.steps": 5000, "checkpoint.every": 1000,
+    from data.storage import Storage
+    from workers.checkpoint_store import latest_checkpoint
+
+    job = submit_spec(cfg, tiny_spec(name="long", **{"train.steps": 5000, "checkpoint.every": 2,
                                                      "resources.workers": 1, "resources.cpus_per_worker": 2}),
                       priority=0)
-    wait_for(lambda: (store.get(job).step or 0) >= 2, what="training")
+    wait_for(lambda: latest_checkpoint(Storage(cfg.storage), store.get(job).run_dir), what="a checkpoint")
     assert ray.available_resources().get("CPU", 0) <= free_before - 2
     t0 = time.time()
     store.request_cancel(job)
@@ -108,6 +111,25 @@ def test_cancel_frees_resources_promptly(controller):
     queued = submit_spec(cfg, tiny_spec(name="never", **{"resources.workers": 64}), priority=0)
     wait_for(lambda: store.get(queued).terminal, timeout=30, what="impossible job fails")
     assert "needs 64 workers" in store.get(queued).reason
+
+    # A cancel stops the ranks at once; requeued (`switchyard requeue`), the job resumes at its latest complete
+    # checkpoint and runs to its (new) end.
+    from orchestrator.requeue import requeue_job
+
+    stopped = store.get(job)
+    kept = latest_checkpoint(Storage(cfg.storage), stopped.run_dir)
+    assert stopped.state == JobState.CANCELLED and kept.step >= 2  # the store's step may lag the ranks'
+    end = kept.step + 3
+    requeue_job(cfg, store, stopped, "alice", [f"train.steps={end}"])
+    wait_for(lambda: store.get(job).terminal, timeout=300, what="the requeued job's end")
+    rec = store.get(job)
+    assert rec.state == JobState.SUCCEEDED and rec.step == end, rec.reason
+    assert [h.reason for h in rec.history if h.to_state == JobState.QUEUED][-1] == (
+        f"requeued by alice with train.steps={end}")
+    assert [h.reason for h in rec.history if h.to_state == JobState.STARTING][-1].endswith("(resuming)")
+    with open(os.path.join(rec.run_dir, "logs", "rank_0.log")) as f:
+        assert f"(step {kept.step}, position" in f.read()
+    assert len(_losses(rec.run_dir)) == end
 
 
 def test_killed_controller_comes_back_and_loses_no_job(controller):

@@ -218,6 +218,10 @@ def test_cancel_from_the_page_only_for_your_own_job(live, browser):
     assert "null" not in alice.inner_text("#job-head") and "undefined" not in alice.inner_text("#job-head")
     assert store.get(job).reason == "cancelled by alice" and "cancelled by alice" in alice.inner_text("#history")
     shot(alice, "cancelled")
+    alice.click("#requeue:not([disabled])")  # back in the queue, behind the training job again
+    alice.wait_for_selector("#job-head .state[data-state='QUEUED']")
+    assert store.get(job).state == JobState.QUEUED and "requeued by alice" in alice.inner_text("#history")
+    assert not alice.is_disabled("#cancel") and alice.query_selector("#requeue") is None
     alice.close()
 
 

@@ -1,4 +1,5 @@
-// The dashboard's page for one job: its timeline, live curves, evaluations, workers, log tail and cancel.
+// The dashboard's page for one job: its timeline, live curves, evaluations, workers, log tail, priority, cancel
+// and requeue.
 // Helpers (h, api, table, every, show …) are in app.js.
 "use strict";
 
@@ -98,6 +99,12 @@ async function jobPage(id) {
       h("button", {id: "cancel-yes", class: "danger solid", type: "button", onclick: doCancel}, "Yes, cancel it"), " ",
       h("button", {type: "button", onclick: () => { confirmBox.hidden = true; }}, "No"));
     cancel.addEventListener("click", () => { confirmBox.hidden = false; });
+    // A FAILED or CANCELLED job of its own goes back in the queue and resumes from its latest checkpoint.
+    const requeue = (job.state === "FAILED" || job.state === "CANCELLED") && job.kind === "train" && !job.parent_id
+      ? h("button", {id: "requeue", type: "button", disabled: !mine, onclick: doRequeue,
+                     title: mine ? "queue it again: it resumes from its latest complete checkpoint"
+                                 : `only ${job.owner || "its owner"} or an admin may requeue this job`}, "Requeue")
+      : null;
     prioInput.disabled = prioSet.disabled = !mine || TERMINAL.has(job.state);
     prioSet.title = mine ? "" : `only ${job.owner || "its owner"} or an admin may change this job's priority`;
     if (document.activeElement !== prioInput) prioInput.value = String(job.priority);
@@ -121,7 +128,8 @@ async function jobPage(id) {
           `#${job.pending.position} in the queue, ${pendingText(job.pending)}`) : null,
         job.reason && TERMINAL.has(job.state) ? h("p", {class: job.state === "SUCCEEDED" ? "muted" : "error"},
           job.reason) : null,
-        h("p", {class: "toolbar"}, cancel, confirmBox, h("span", {id: "cancel-message", class: "error"}))
+        h("p", {class: "toolbar"}, cancel, confirmBox, requeue ? [" ", requeue] : "",
+          h("span", {id: "cancel-message", class: "error"}))
     ].filter(Boolean));
     timelineCard.replaceChildren(h("h2", {}, "State timeline"), timeline(job),
       h("div", {class: "legend"}, Object.entries(STATE_COLORS).map(([s, c]) =>
@@ -173,6 +181,17 @@ async function jobPage(id) {
       lastUpdate = null;
       drawJob();
       document.getElementById("cancel-message").textContent = "";
+    } catch (e) {
+      if (!(e instanceof AuthError)) msg.textContent = e.message;
+    }
+  }
+
+  async function doRequeue() {
+    const msg = document.getElementById("cancel-message");
+    try {
+      job = await api(`/jobs/${encodeURIComponent(job.id)}/requeue`, {method: "POST"});
+      lastUpdate = null;
+      drawJob();
     } catch (e) {
       if (!(e instanceof AuthError)) msg.textContent = e.message;
     }
