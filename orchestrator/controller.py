@@ -183,9 +183,9 @@ class Controller(GangStarts, CheckpointEvaluations, ParentJobs):
             return
         self._compacted_at = now
         done = compact(self.store, RetentionPolicy(r.finished_days, r.max_finished, r.batch), now)
-        if done.deleted:
-            log.info("job store retention: deleted %d finished jobs (%d kept for jobs that wait for them)",
-                     done.deleted, done.kept_for_dependents)
+        if done.deleted or done.tokens:
+            log.info("job store retention: deleted %d finished jobs (%d kept for jobs that wait for them) and %d "
+                     "expired API tokens", done.deleted, done.kept_for_dependents, done.tokens)
 
     # ------------------------------------------------------------------ reconcile
 

@@ -14,6 +14,10 @@ Policy (README paragraph; ``job_store_retention:`` in cluster.yaml):
     and returns the freed pages to the filesystem (SQLite's incremental
     vacuum on stores created since schema v3; older files reuse them).
 
+    An API token that expired is deleted ``finished_days`` after it expired;
+    until then ``switchyard token list`` shows it as expired. Tokens without
+    an expiry stay until they are revoked.
+
 Fair share is not disturbed: usage decays with a half-life of a day by
 default, so a job finished 30 days ago weighs 2**-30 of what it did.
 """
@@ -48,12 +52,16 @@ class Compaction:
     """Jobs deleted, pipeline stages and sweep runs included."""
     kept_for_dependents: int
     """Finished jobs past the policy kept because a live job waits for them."""
+    tokens: int = 0
+    """API tokens deleted: those that expired more than ``finished_days`` ago."""
 
 
 def compact(store: Any, policy: RetentionPolicy, now: float | None = None) -> Compaction:
     """Delete what ``policy`` no longer keeps from ``store`` (a ``JobStore``), in one write transaction."""
     now = time.time() if now is None else now
     with store._write() as conn:
+        tokens = conn.execute("DELETE FROM tokens WHERE expires_at < ?",
+                              (now - policy.finished_days * 86400.0,)).rowcount
         old = [r[0] for r in conn.execute(
             "SELECT id FROM jobs WHERE finished_at < ? AND parent_id IS NULL ORDER BY finished_at LIMIT ?",
             (now - policy.finished_days * 86400.0, policy.batch))]
@@ -62,7 +70,7 @@ def compact(store: Any, policy: RetentionPolicy, now: float | None = None) -> Co
             " ORDER BY finished_at DESC, id DESC LIMIT ? OFFSET ?", (policy.batch, policy.max_finished))]
         candidates = list(dict.fromkeys(old + over))[:policy.batch]
         if not candidates:
-            return Compaction(0, 0)
+            return Compaction(0, 0, tokens)
         waited_for = {d for (after,) in conn.execute(
             f"SELECT after_json FROM jobs WHERE state NOT IN ({', '.join('?' * len(_TERMINAL))})"
             " AND after_json != '[]'", _TERMINAL) for d in json.loads(after)}
@@ -86,7 +94,7 @@ def compact(store: Any, policy: RetentionPolicy, now: float | None = None) -> Co
             conn.execute(f"DELETE FROM jobs WHERE id IN ({', '.join('?' * len(part))})", part)
     if doomed:
         _vacuum(store)
-    return Compaction(len(doomed), kept)
+    return Compaction(len(doomed), kept, tokens)
 
 
 def _tree(conn: Any, root: str) -> dict[str, str]:

@@ -264,8 +264,16 @@ def test_retention_deletes_old_finished_jobs_with_their_history_and_keeps_what_i
     waiting = submit(store, "waiting", after=[waited_for.id])
     recent = submit(store, "recent")
     store.transition(recent.id, S.CANCELLED, "x")
+    # Tokens that expired over 30 days ago go; one that expired since, and one with no expiry, stay.
+    clock.t -= 40 * day
+    store.create_token("gone", expires_in_s=day)
+    clock.t += 35 * day
+    store.create_token("lapsed", expires_in_s=day)
+    store.create_token("kept")
+    clock.t += 5 * day
     done = compact(store, RetentionPolicy(finished_days=30), now=clock.t)
-    assert done.deleted == 1 and done.kept_for_dependents == 1
+    assert done.deleted == 1 and done.kept_for_dependents == 1 and done.tokens == 1
+    assert [t.user for t in store.tokens()] == ["lapsed", "kept"]
     left = {r.id for r in store.list()}
     assert old.id not in left and {waited_for.id, sweep.id, done_run.id, recent.id, waiting.id} <= left
     with store._read() as conn:
