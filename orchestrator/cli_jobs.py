@@ -326,6 +326,7 @@ def job_status(store, job_id: str, storage=None) -> dict:
 
         return pipeline_status(store, storage, rec)
     out = rec.to_status_dict()
+    out.update(_progress(rec))
     if storage is not None and rec.run_dir:
         from workers import phases
 
@@ -344,6 +345,27 @@ def job_status(store, job_id: str, storage=None) -> dict:
     if children:
         out["stages"] = [{"id": c.id, "name": c.name, "state": c.state.value, "step": c.step} for c in children]
     return out
+
+
+def _progress(rec) -> dict:
+    """``steps_total`` of a training job, and while it runs ``eta_s``: its steps left at this attempt's rate."""
+    from specs.job import validate_spec
+
+    if rec.kind not in ("train", "sweep-run", "pipeline-stage"):
+        return {}
+    try:
+        total = validate_spec(rec.spec, source=rec.id).total_steps
+    except Exception:  # a spec an older Switchyard wrote: status still works, without the total
+        return {}
+    rate = (rec.metrics or {}).get("steps_per_s")
+    running = rec.state.value == "RUNNING" and isinstance(rate, (int, float)) and rate > 0
+    return {"steps_total": total, "eta_s": max(0, total - rec.step) / rate if running else None}
+
+
+def _eta(seconds: float) -> str:
+    """Time left for people: 40s, 12m, 3.5h."""
+    return f"{seconds:.0f}s" if seconds < 90 else f"{seconds / 60:.0f}m" if seconds < 5400 else \
+        f"{seconds / 3600:.1f}h"
 
 
 def _eval_line(e: dict, best: bool) -> str:
@@ -405,8 +427,12 @@ def cmd_status(args) -> int:
             print(f"reason: {out['reason']}")
     elif args.job:
         m = out.get("metrics") or {}
-        print(f"{out['id']}  {out['name']}  {out['state']}  priority {out['priority']}  step {out['step']}  "
+        of = f"/{out['steps_total']}" if out.get("steps_total") else ""
+        print(f"{out['id']}  {out['name']}  {out['state']}  priority {out['priority']}  step {out['step']}{of}  "
               f"restarts {out['restarts']}  owner {out.get('owner') or '-'} ({out.get('team') or '-'})")
+        if out.get("eta_s") is not None:
+            done = 100.0 * out["step"] / max(1, out["steps_total"])
+            print(f"progress: {done:.0f}%, {m['steps_per_s']:.3g} steps/s, about {_eta(out['eta_s'])} left")
         print(f"run_dir: {out['run_dir']}")
         if pending_line(out):
             print(f"queued: {pending_line(out)}")

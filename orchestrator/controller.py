@@ -279,7 +279,12 @@ class Controller(GangStarts, CheckpointEvaluations, ParentJobs):
             progress = act.run.group.progress(timeout_s=1.0)
             if progress.get("step") is not None:
                 metrics = {k: progress.get(k) for k in ("loss", "tokens_per_s", "last_checkpoint") if progress.get(k) is not None}
-                self.store.update(job_id, step=int(progress["step"]), metrics=metrics)
+                step, now = int(progress["step"]), time.time()
+                act.first_progress = act.first_progress or (now, step)
+                t0, step0 = act.first_progress
+                if step > step0 and now > t0:  # this attempt's steps per second, for `status`'s time left
+                    metrics["steps_per_s"] = (step - step0) / (now - t0)
+                self.store.update(job_id, step=step, metrics=metrics)
             if not status.done:
                 if act.preempt is not None and time.time() - act.preempt_at > self.cluster.preemption.stop_timeout_s:
                     self._requeue_preempted(job_id, act, None, killed=True)

@@ -48,6 +48,7 @@ class Active:
     since: float = 0.0                     # when it entered STARTING
     abort: tuple | None = None             # (state, reason) once a start is cancelled or past its deadline
     bundles: tuple = ()                    # what it asked for: counted as held until its gang is placed
+    first_progress: tuple | None = None    # (time, step) of this attempt's first progress: its step rate
 
     @property
     def starting(self) -> bool:

@@ -55,10 +55,19 @@ def test_cli_lifecycle(tmp_path):
         assert cluster_view["controller"]["alive"] and cluster_view["nodes"]
         assert cluster_view["nodes"][0]["total"]["CPU"] == 4
         assert {j["id"] for j in cluster_view["running"] + cluster_view["queued"]} == {long_job}
+        deadline = time.time() + 120  # a running job's status says how far it is and how long it has left
+        while "progress:" not in (text := sy(cluster, "status", long_job).stdout) and time.time() < deadline:
+            time.sleep(1)
+        assert "/100000  restarts" in text and " steps/s, about " in text, text
         assert sy(cluster, "cancel", long_job).returncode == 0
         assert sy(cluster, "wait", long_job, "--timeout", "240", check=False).returncode == 1
         listing = sy(cluster, "list").stdout
         assert job in listing and "SUCCEEDED" in listing and "CANCELLED" in listing
+        again = sy(cluster, "requeue", long_job).stdout  # back in the queue; cancelled again below
+        assert again.startswith(f"{long_job}: QUEUED again (was CANCELLED at step "), again
+        refused = sy(cluster, "requeue", job, check=False)
+        assert refused.returncode == 2 and "SUCCEEDED, so there is nothing to resume" in refused.stderr
+        assert sy(cluster, "cancel", long_job).returncode == 0
         bad = sy(cluster, "status", "sy-nope", check=False)
         assert bad.returncode == 2 and bad.stderr.count("\n") == 1
     finally:

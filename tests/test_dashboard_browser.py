@@ -173,6 +173,8 @@ def test_job_page_curves_grow_while_it_trains(live, browser):
     assert page.get_attribute("svg#chart-loss path.series", "d").count("L") >= first
     assert "RUNNING" in page.inner_text("#job-head") and page.is_enabled("#cancel")
     assert "null" not in page.inner_text("#job-head") and page.input_value("#priority-input") == "0"
+    page.wait_for_selector("#job-eta:has-text('about ')")  # how far it is, and its time left at this rate
+    assert "/ 100,000" in page.inner_text("#job-head")
     assert page.locator("#timeline rect.segment[data-state='RUNNING']").count() >= 1
     assert page.locator("#workers tbody tr").count() == 2
     until(page, lambda: "[switchyard] rank" in page.inner_text("#log"), PAGE_MS, "the ranks' log lines")

@@ -43,6 +43,8 @@ const pct = v => (v === undefined || v === null) ? "–" : `${(100 * v).toFixed(
 const when = ts => ts ? new Date(ts * 1000).toLocaleString() : "–";
 const clock = ts => ts ? new Date(ts * 1000).toLocaleTimeString() : "–";
 const short = s => s ? String(s).slice(0, 12) : "–";
+// A duration for people, as `switchyard status` writes it: 40s, 12m, 3.5h.
+const span = s => s < 90 ? `${Math.round(s)}s` : s < 5400 ? `${Math.round(s / 60)}m` : `${(s / 3600).toFixed(1)}h`;
 
 function ago(ts) {
   if (!ts) return "–";
