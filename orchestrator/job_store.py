@@ -276,12 +276,7 @@ class JobStore(JobQueries, JobTokens):
                     row = conn.execute("SELECT owner, team FROM jobs WHERE id = ?", (parent_id,)).fetchone()
                     owner, team = row["owner"], row["team"]
             deps = [self._resolve(conn, a) for a in after]
-            if max_queued is not None:
-                n = conn.execute("SELECT COUNT(*) FROM jobs WHERE team = ? AND state = ? AND parent_id IS NULL",
-                                 (team, JobState.QUEUED.value)).fetchone()[0]
-                if n >= max_queued:
-                    raise QuotaError(f"team {team or '(none)'} already has {n} queued job(s), its quota "
-                                     f"(queued_jobs: {max_queued}); wait for some to start or cancel one")
+            _check_queued_quota(conn, team, max_queued)
             now = self._clock()
             day = datetime.fromtimestamp(now, timezone.utc).strftime("%Y%m%d")
             # 24 random bits per day: a clash is rare but possible; we hold the write
@@ -478,12 +473,7 @@ class JobStore(JobQueries, JobTokens):
                     or row["kind"] != "train":
                 raise IllegalTransitionError(f"{job_id} is {state.value} ({row['kind']}): only a FAILED or "
                                              "CANCELLED job of its own can be requeued")
-            if max_queued is not None:
-                n = conn.execute("SELECT COUNT(*) FROM jobs WHERE team = ? AND state = ? AND parent_id IS NULL",
-                                 (row["team"], JobState.QUEUED.value)).fetchone()[0]
-                if n >= max_queued:
-                    raise QuotaError(f"team {row['team'] or '(none)'} already has {n} queued job(s), its quota "
-                                     f"(queued_jobs: {max_queued}); wait for some to start or cancel one")
+            _check_queued_quota(conn, row["team"], max_queued)
             now = self._clock()
             conn.execute(
                 "UPDATE jobs SET state = ?, reason = ?, updated_at = ?, finished_at = NULL, restarts = 0,"
@@ -583,6 +573,17 @@ class JobStore(JobQueries, JobTokens):
 
 
 # ---------------------------------------------------------------------- helpers
+
+
+def _check_queued_quota(conn: sqlite3.Connection, team: str, max_queued: int | None) -> None:
+    """QuotaError when ``team`` already has ``max_queued`` top-level jobs queued (None: no quota)."""
+    if max_queued is None:
+        return
+    n = conn.execute("SELECT COUNT(*) FROM jobs WHERE team = ? AND state = ? AND parent_id IS NULL",
+                     (team, JobState.QUEUED.value)).fetchone()[0]
+    if n >= max_queued:
+        raise QuotaError(f"team {team or '(none)'} already has {n} queued job(s), its quota "
+                         f"(queued_jobs: {max_queued}); wait for some to start or cancel one")
 
 
 def _with_descendants(conn: sqlite3.Connection, job_id: str) -> Iterator[str]:
