@@ -20,7 +20,8 @@ Endpoints (all JSON unless noted; ``{id}`` takes a unique id prefix too):
     GET  /api/v1/jobs/{id}                 job (a pipeline's stages and report included)
     PATCH /api/v1/jobs/{id}                {priority} -> job  (owner or admin; a pipeline's or sweep's
                                            live stages or runs too; {id} may be its name)
-    POST /api/v1/jobs/{id}/cancel          -> job  (owner or admin; {id} may be a pipeline's or sweep's name)
+    POST /api/v1/jobs/{id}/cancel          {checkpoint?} -> job  (owner or admin; {id} may be a pipeline's or
+                                           sweep's name; checkpoint: a running job saves one at its next step)
     POST /api/v1/jobs/{id}/requeue         {set?} -> job, QUEUED again: a FAILED or CANCELLED job resumes from
                                            its latest complete checkpoint (owner or admin; 409 for any other
                                            job, with what to do instead)
@@ -288,9 +289,13 @@ class Api:
     async def cancel(self, request):
         from orchestrator.cli_jobs import find_job  # an id, or a pipeline's or sweep's name
 
+        body = await self._body(request) if request.can_read_body else {}
+        if set(body) - {"checkpoint"} or not isinstance(body.get("checkpoint", False), bool):
+            raise ApiError(400, "send nothing, or {\"checkpoint\": true} to let a running job save a checkpoint "
+                                "first")
         rec = await self._run(find_job, self.store, request.match_info["id"])
         self._own(request["caller"], rec)
-        await self._run(self.store.request_cancel, rec.id, request["caller"].user)
+        await self._run(self.store.request_cancel, rec.id, request["caller"].user, body.get("checkpoint", False))
         return _json(await self._run(self._status, rec.id))
 
     async def requeue(self, request):

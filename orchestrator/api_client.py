@@ -102,8 +102,9 @@ class ApiClient:
     def job(self, job_id: str) -> dict:
         return self.call("GET", f"/jobs/{urllib.parse.quote(job_id)}")
 
-    def cancel(self, job_id: str) -> dict:
-        return self.call("POST", f"/jobs/{urllib.parse.quote(job_id)}/cancel")
+    def cancel(self, job_id: str, checkpoint: bool = False) -> dict:
+        return self.call("POST", f"/jobs/{urllib.parse.quote(job_id)}/cancel",
+                         {"checkpoint": True} if checkpoint else None)
 
     def requeue(self, job_id: str, overrides: list[str] | None = None) -> dict:
         return self.call("POST", f"/jobs/{urllib.parse.quote(job_id)}/requeue", {"set": list(overrides or [])})

@@ -530,17 +530,18 @@ def authorize(cluster, user: str, rec, what: str = "cancel or change") -> None:
 def cmd_cancel(args) -> int:
     client = _remote(args)
     if client is not None:
-        out = client.cancel(args.job)
-        print(f"{out['id']}: {out['state']}" + (" (stopping)" if out["state"] not in ("SUCCEEDED", "FAILED",
-                                                                                      "CANCELLED") else ""))
-        return 0
-    cluster = _cluster(args)
-    store = _store(cluster)
-    rec = find_job(store, args.job)
-    user = local_user()
-    authorize(cluster, user, rec)
-    rec = store.request_cancel(rec.id, by=user)
-    print(f"{rec.id}: {rec.state.value}" + (" (stopping)" if not rec.terminal else ""))
+        out = client.cancel(args.job, checkpoint=args.checkpoint)
+    else:
+        cluster = _cluster(args)
+        store = _store(cluster)
+        rec = find_job(store, args.job)
+        user = local_user()
+        authorize(cluster, user, rec)
+        out = store.request_cancel(rec.id, by=user, checkpoint=args.checkpoint).to_status_dict()
+    live = out["state"] not in ("SUCCEEDED", "FAILED", "CANCELLED")
+    how = " (stopping after a checkpoint at the next step)" if live and out.get("cancel_checkpoint") else \
+        " (stopping)" if live else ""
+    print(f"{out['id']}: {out['state']}{how}")
     return 0
 
 
@@ -629,6 +630,8 @@ def register(sub) -> None:
     p.set_defaults(func=cmd_logs)
     p = sub.add_parser("cancel", help="cancel a queued or running job")
     p.add_argument("job")
+    p.add_argument("--checkpoint", action="store_true",
+                   help="let a running job finish its step and save a checkpoint first (`requeue` resumes there)")
     p.set_defaults(func=cmd_cancel)
     from orchestrator.requeue import register as register_requeue
 

@@ -207,7 +207,8 @@ class Controller(GangStarts, CheckpointEvaluations, ParentJobs):
     # ------------------------------------------------------------------ cancel
 
     def _handle_cancels(self) -> None:
-        """A cancel of a running (or stopping) job: stop it now."""
+        """A cancel of a running (or stopping) job: stop it now, or (``cancel --checkpoint``) ask its ranks to
+        finish the step and save a checkpoint, and kill them if they take longer than a preemption may."""
         for job_id, act in list(self.active.items()):
             if act.starter is not None and act.starter.is_alive():
                 rec = self.store.get(job_id)
@@ -215,10 +216,22 @@ class Controller(GangStarts, CheckpointEvaluations, ParentJobs):
                     self._abort_start(act, JobState.CANCELLED, f"{rec.cancel_reason} while starting")
                 continue  # the starter ends soon; _watch_running then stops whatever it made
             rec = self.store.get(job_id)
-            if rec.cancel_requested and not rec.terminal:
-                act.run.shutdown()
-                self.active.pop(job_id)
-                self.store.transition(job_id, JobState.CANCELLED, rec.cancel_reason)
+            if not rec.cancel_requested or rec.terminal:
+                continue
+            reason = rec.cancel_reason
+            if rec.cancel_checkpoint and rec.state == JobState.RUNNING and act.preempt is None:
+                limit = self.cluster.preemption.stop_timeout_s
+                if act.cancel_at is None:
+                    act.cancel_at = time.time()
+                    act.run.group.stop()  # _watch_running records CANCELLED once the ranks return
+                    log.info("cancelling %s at its next step boundary, with a checkpoint", job_id)
+                    continue
+                if time.time() - act.cancel_at <= limit:
+                    continue
+                reason += f": did not stop within {limit:g} s and was killed"
+            act.run.shutdown()
+            self.active.pop(job_id)
+            self.store.transition(job_id, JobState.CANCELLED, reason)
 
     # ------------------------------------------------------------------ running jobs
 
@@ -302,7 +315,9 @@ class Controller(GangStarts, CheckpointEvaluations, ParentJobs):
             if r.get("final_eval"):
                 metrics.update(r["final_eval"])
             if r["stopped"]:
-                self.store.transition(job_id, JobState.CANCELLED, "stopped", step=r["steps"], metrics=metrics)
+                why = (f"{self.store.get(job_id).cancel_reason}: stopped at step {r['steps']} with a checkpoint"
+                       if act.cancel_at is not None else "stopped")
+                self.store.transition(job_id, JobState.CANCELLED, why, step=r["steps"], metrics=metrics)
             else:
                 self.store.transition(job_id, JobState.SUCCEEDED, "finished", step=r["steps"], metrics=metrics)
                 if self.store.get(job_id).kind == "sweep-run":
@@ -401,7 +416,7 @@ class Controller(GangStarts, CheckpointEvaluations, ParentJobs):
         nodes = tuple(i["node"] for i in infos) if len(infos) == len(bundles) else ("?",) * len(bundles)
         since = rec.running_since if rec.state == JobState.RUNNING and act.started else None
         return sched.RunningJob(job_id, rec.priority, bundles, nodes, since, rec.preemptions, rec.team,
-                                stopping=act.preempt is not None)
+                                stopping=act.preempt is not None or act.cancel_at is not None)
 
     def _running_jobs(self) -> list[sched.RunningJob]:
         """The jobs holding workers, as the scheduler sees them (preemption candidates, quota use).
@@ -501,8 +516,8 @@ class Controller(GangStarts, CheckpointEvaluations, ParentJobs):
 
     def _preempt(self, decision: sched.Preempt) -> None:
         act = self.active.get(decision.job_id)
-        if act is None or act.preempt is not None:
-            return
+        if act is None or act.preempt is not None or act.cancel_at is not None:
+            return  # already stopping: a cancel's stop frees the same room
         from orchestrator.job_store import IllegalTransitionError
 
         try:

@@ -227,6 +227,8 @@ class TokenInfo:
 
 
 TOKEN_ID_CHARS = 12
+CANCEL_CHECKPOINT = 2
+"""``jobs.cancel_requested`` of a cancel that saves a checkpoint first (1: stop at once)."""
 TOKEN_MAX_LIFETIME_S = 3650 * 86400  # `token create --expires` takes at most ten years
 
 
@@ -325,6 +327,8 @@ class JobRecord:
     cancelled_by: str | None = None
     """Who asked for the cancel (the API token's user, or the local user on the head); None if no one
     did, or the cancel came from an older Switchyard."""
+    cancel_checkpoint: bool = False
+    """The cancel asked the ranks to finish the step and save a checkpoint first (``cancel --checkpoint``)."""
 
     @property
     def cancel_reason(self) -> str:
@@ -371,6 +375,7 @@ class JobRecord:
             "parent_id": self.parent_id,
             "resources": dict(self.resources),
             "cancel_requested": self.cancel_requested,
+            "cancel_checkpoint": self.cancel_checkpoint,
             "cancelled_by": self.cancelled_by,
             "report": self.report,
             "owner": self.owner,
@@ -419,6 +424,7 @@ def _record(row: sqlite3.Row, history: tuple[Transition, ...], evals: tuple[Eval
         metrics=json.loads(row["metrics_json"]),
         report=json.loads(row["report_json"]) if row["report_json"] is not None else None,
         cancel_requested=bool(row["cancel_requested"]),
+        cancel_checkpoint=row["cancel_requested"] == CANCEL_CHECKPOINT,
         resources=json.loads(row["resources_json"]),
         blocked_since=row["blocked_since"],
         history=history,

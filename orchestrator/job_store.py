@@ -45,6 +45,7 @@ from typing import Any
 from orchestrator.job_records import (  # noqa: F401  (re-exported: the rest of the tree imports them from here)
     LEGAL_TRANSITIONS,
     SAFE_NAME_RE,
+    CANCEL_CHECKPOINT,
     AmbiguousJobIdError,
     ControllerInfo,
     EvalRecord,
@@ -413,7 +414,7 @@ class JobStore(JobQueries, JobTokens):
             for jid in _with_descendants(conn, job_id):
                 conn.execute("UPDATE jobs SET owner = ?, team = ? WHERE id = ?", (owner, team, jid))
 
-    def request_cancel(self, job_id: str, by: str | None = None) -> JobRecord:
+    def request_cancel(self, job_id: str, by: str | None = None, checkpoint: bool = False) -> JobRecord:
         """Ask for a job (and its pipeline or sweep children) to be cancelled, ``by`` whom.
 
         A QUEUED job holds no resources, so it is CANCELLED here and now; that
@@ -421,7 +422,10 @@ class JobStore(JobQueries, JobTokens):
         that tries to start it afterwards gets ``IllegalTransitionError``.
         Other live jobs get ``cancel_requested`` (and ``cancelled_by``) set for
         the controller to act on; its CANCELLED transition names who asked.
-        Terminal jobs are left as they are. Returns the job's record.
+        With ``checkpoint`` a running job's ranks finish the step and save a
+        checkpoint first (``CANCEL_CHECKPOINT``); a cancel without it, even a
+        later one, stops them at once. Terminal jobs are left as they are.
+        Returns the job's record.
         """
         reason = f"cancelled by {by or 'user'}"
         with self._write() as conn:
@@ -442,8 +446,9 @@ class JobStore(JobQueries, JobTokens):
                         (jid, now, state.value, JobState.CANCELLED.value, reason),
                     )
                 else:
-                    conn.execute("UPDATE jobs SET cancel_requested = 1, cancelled_by = ?, updated_at = ? WHERE id = ?",
-                                 (by, now, jid))
+                    conn.execute("UPDATE jobs SET cancel_requested = CASE WHEN cancel_requested = 1 THEN 1 ELSE ? END,"
+                                 " cancelled_by = ?, updated_at = ? WHERE id = ?",
+                                 (CANCEL_CHECKPOINT if checkpoint else 1, by, now, jid))
             return self._load_one(conn, job_id)
 
     def requeue(self, job_id: str, by: str | None = None, *, spec: dict[str, Any] | None = None,

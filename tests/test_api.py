@@ -189,7 +189,10 @@ def test_a_failed_or_cancelled_job_is_requeued_by_its_owner_over_the_api_and_fro
     with pytest.raises(ApiRequestError) as err:
         alice.requeue(job)
     assert err.value.status == 409 and "is QUEUED, not over" in str(err.value)
-    ops.cancel(job)
+    with pytest.raises(ApiRequestError) as err:
+        alice.call("POST", f"/jobs/{job}/cancel", {"checkpoint": "yes"})
+    assert err.value.status == 400 and "checkpoint" in str(err.value)
+    assert ops.cancel(job, checkpoint=True)["state"] == "CANCELLED"  # queued: nothing to save, cancelled now
     with pytest.raises(ApiRequestError) as err:
         bob.requeue(job)
     assert err.value.status == 403 and "only its owner or an admin may requeue it" in str(err.value)

@@ -59,8 +59,10 @@ def test_cli_lifecycle(tmp_path):
         while "progress:" not in (text := sy(cluster, "status", long_job).stdout) and time.time() < deadline:
             time.sleep(1)
         assert "/100000  restarts" in text and " steps/s, about " in text, text
-        assert sy(cluster, "cancel", long_job).returncode == 0
+        assert sy(cluster, "cancel", long_job, "--checkpoint").stdout == (
+            f"{long_job}: RUNNING (stopping after a checkpoint at the next step)\n")
         assert sy(cluster, "wait", long_job, "--timeout", "240", check=False).returncode == 1
+        assert "with a checkpoint" in json.loads(sy(cluster, "status", long_job, "--json").stdout)["reason"]
         listing = sy(cluster, "list").stdout
         assert job in listing and "SUCCEEDED" in listing and "CANCELLED" in listing
         again = sy(cluster, "requeue", long_job).stdout  # back in the queue; cancelled again below

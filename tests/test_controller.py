@@ -95,13 +95,10 @@ def test_cancel_frees_resources_promptly(controller):
     cfg, _ = controller
     store = JobStore(cfg.job_store)
     free_before = ray.available_resources().get("CPU", 0)
-    from data.storage import Storage
-    from workers.checkpoint_store import latest_checkpoint
-
-    job = submit_spec(cfg, tiny_spec(name="long", **{"train.steps": 5000, "checkpoint.every": 2,
+    job = submit_spec(cfg, tiny_spec(name="long", **{"train.steps": 5000, "checkpoint.every": 1000,
                                                      "resources.workers": 1, "resources.cpus_per_worker": 2}),
                       priority=0)
-    wait_for(lambda: latest_checkpoint(Storage(cfg.storage), store.get(job).run_dir), what="a checkpoint")
+    wait_for(lambda: (store.get(job).step or 0) >= 2, what="training")
     assert ray.available_resources().get("CPU", 0) <= free_before - 2
     t0 = time.time()
     store.request_cancel(job)
@@ -112,14 +109,23 @@ def test_cancel_frees_resources_promptly(controller):
     wait_for(lambda: store.get(queued).terminal, timeout=30, what="impossible job fails")
     assert "needs 64 workers" in store.get(queued).reason
 
-    # A cancel stops the ranks at once; requeued (`switchyard requeue`), the job resumes at its latest complete
-    # checkpoint and runs to its (new) end.
+
+def test_cancel_with_a_checkpoint_then_requeue_resumes_exactly_there(controller):
+    """`cancel --checkpoint` stops at a step boundary with a checkpoint; `requeue` resumes at that step."""
     from orchestrator.requeue import requeue_job
 
+    cfg, _ = controller
+    store = JobStore(cfg.job_store)
+    spec = tiny_spec(name="paused", **{"train.steps": 5000, "checkpoint.every": 1000, "resources.workers": 1,
+                                       "resources.cpus_per_worker": 2})
+    job = submit_spec(cfg, spec, priority=0)
+    wait_for(lambda: (store.get(job).step or 0) >= 3, what="training")
+    assert store.request_cancel(job, by="alice", checkpoint=True).cancel_checkpoint
+    wait_for(lambda: store.get(job).terminal, timeout=60, what="CANCELLED")
     stopped = store.get(job)
-    kept = latest_checkpoint(Storage(cfg.storage), stopped.run_dir)
-    assert stopped.state == JobState.CANCELLED and kept.step >= 2  # the store's step may lag the ranks'
-    end = kept.step + 3
+    assert stopped.state == JobState.CANCELLED and stopped.step >= 3, stopped.reason
+    assert stopped.reason == f"cancelled by alice: stopped at step {stopped.step} with a checkpoint"
+    end = stopped.step + 3
     requeue_job(cfg, store, stopped, "alice", [f"train.steps={end}"])
     wait_for(lambda: store.get(job).terminal, timeout=300, what="the requeued job's end")
     rec = store.get(job)
@@ -128,7 +134,7 @@ def test_cancel_frees_resources_promptly(controller):
         f"requeued by alice with train.steps={end}")
     assert [h.reason for h in rec.history if h.to_state == JobState.STARTING][-1].endswith("(resuming)")
     with open(os.path.join(rec.run_dir, "logs", "rank_0.log")) as f:
-        assert f"(step {kept.step}, position" in f.read()
+        assert f"(step {stopped.step}, position" in f.read()  # the cancel's own checkpoint, not an older one
     assert len(_losses(rec.run_dir)) == end
 
 

@@ -72,6 +72,24 @@ def test_the_store_requeues_only_a_failed_or_cancelled_job_of_its_own(tmp_path):
     assert store.get(other).state is JobState.QUEUED
 
 
+def test_a_cancel_with_a_checkpoint_is_marked_and_a_plain_cancel_after_it_stops_at_once(tmp_path):
+    store = JobStore(str(tmp_path / "jobs.db"))
+    res = {"workers": 1, "cpus_per_worker": 1}
+    job = store.submit("a", "train", {}, 0, res, 0, run_dir_for=lambda j: f"/runs/a-{j}").id
+    store.transition(job, JobState.STARTING, "go")
+    store.transition(job, JobState.RUNNING, "up")
+    rec = store.request_cancel(job, by="alice", checkpoint=True)
+    assert rec.state is JobState.RUNNING and rec.cancel_requested and rec.cancel_checkpoint
+    assert rec.to_status_dict()["cancel_checkpoint"] is True
+    rec = store.request_cancel(job, by="alice", checkpoint=True)  # asking again changes nothing
+    assert rec.cancel_checkpoint
+    rec = store.request_cancel(job, by="ops")  # a plain cancel now: stop at once
+    assert rec.cancel_requested and not rec.cancel_checkpoint and rec.cancelled_by == "ops"
+    assert not store.request_cancel(job, checkpoint=True).cancel_checkpoint  # never back to waiting for one
+    queued = store.submit("b", "train", {}, 0, res, 0, run_dir_for=lambda j: f"/runs/b-{j}").id
+    assert store.request_cancel(queued, checkpoint=True).state is JobState.CANCELLED  # nothing to save
+
+
 @pytest.fixture
 def head(tmp_path):
     cfg = tmp_path / "head.yaml"
