@@ -8,8 +8,7 @@ import pytest
 import ray
 
 from orchestrator.cli_jobs import submit_spec
-from orchestrator.cluster_config import ClusterConfig
-from orchestrator.controller import get_controller, start_controller
+from orchestrator.controller import start_controller
 from orchestrator.job_store import JobState, JobStore
 from orchestrator.runner import run_job
 from tests.conftest import tiny_spec, wait_for
