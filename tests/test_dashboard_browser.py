@@ -224,6 +224,15 @@ def test_cancel_from_the_page_only_for_your_own_job(live, browser):
     alice.wait_for_selector("#job-head .state[data-state='QUEUED']")
     assert store.get(job).state == JobState.QUEUED and "requeued by alice" in alice.inner_text("#history")
     assert not alice.is_disabled("#cancel") and alice.query_selector("#requeue") is None
+    # The training job: its ranks save a checkpoint, then it is CANCELLED (the requeued job gets the room).
+    train = live["train"]
+    alice.goto(f"{live['url']}/dashboard/#/job/{train}")
+    alice.click("#cancel:not([disabled])")
+    alice.click("#cancel-checkpoint")
+    alice.wait_for_selector("#job-head .state[data-state='CANCELLED']", timeout=TRAINING_MS)
+    rec = store.get(train)
+    assert rec.reason == f"cancelled by alice: stopped at step {rec.step} with a checkpoint", rec.reason
+    assert "with a checkpoint" in alice.inner_text("#history") and alice.is_visible("#requeue")
     alice.close()
 
 

@@ -96,7 +96,11 @@ async function jobPage(id) {
                                 title: mine ? "" : `only ${job.owner || "its owner"} or an admin may cancel this job`},
                      job.cancel_requested && !TERMINAL.has(job.state) ? "cancelling…" : "Cancel job");
     const confirmBox = h("span", {id: "cancel-confirm", hidden: true}, " cancel this job? ",
-      h("button", {id: "cancel-yes", class: "danger solid", type: "button", onclick: doCancel}, "Yes, cancel it"), " ",
+      h("button", {id: "cancel-yes", class: "danger solid", type: "button", onclick: () => doCancel(false)},
+        "Yes, cancel it"), " ",
+      job.state === "RUNNING" ? [h("button", {id: "cancel-checkpoint", class: "danger", type: "button",
+        title: "its ranks finish the step and save a checkpoint first, so a requeue loses no step",
+        onclick: () => doCancel(true)}, "Save a checkpoint, then cancel"), " "] : "",
       h("button", {type: "button", onclick: () => { confirmBox.hidden = true; }}, "No"));
     cancel.addEventListener("click", () => { confirmBox.hidden = false; });
     // A FAILED or CANCELLED job of its own goes back in the queue and resumes from its latest checkpoint.
@@ -176,11 +180,12 @@ async function jobPage(id) {
     }
   }
 
-  async function doCancel() {
+  async function doCancel(checkpoint) {
     document.getElementById("cancel-confirm").hidden = true;
     const msg = document.getElementById("cancel-message");
     try {
-      job = await api(`/jobs/${encodeURIComponent(job.id)}/cancel`, {method: "POST"});
+      job = await api(`/jobs/${encodeURIComponent(job.id)}/cancel`,
+                      {method: "POST", body: checkpoint ? {checkpoint: true} : undefined});
       lastUpdate = null;
       drawJob();
       document.getElementById("cancel-message").textContent = "";
