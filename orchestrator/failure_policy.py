@@ -24,7 +24,7 @@ def describe(err: BaseException) -> tuple[str, str]:
         return "infra", "a rank's process died or its node was lost"
     cause = root_cause(err)
     text = str(cause).strip()
-    line = text.splitlines()[-1] if text else type(cause).__name__
+    line = text.splitlines()[-1].strip() if text else type(cause).__name__
     if isinstance(cause, UserError):  # our own line: its end says what is intact and what to do
         return "user", clip_middle(line, USER_LINE_MAX)
     return "infra", clip_middle(line, INFRA_LINE_MAX)

@@ -70,6 +70,12 @@ def test_a_corrupt_shard_of_the_same_size_falls_back_and_none_intact_is_refused(
     assert f"resumed from {ck.checkpoint_dir(run_dir, 4)} (step 4" in log
     assert _losses(run_dir) == pytest.approx(full, rel=1e-5, abs=1e-5)   # steps 5-8 ran again, the same
     assert [c.step for c in _all_intact(st, run_dir)] == [4, 8]         # step 8 was written again, intact
+    # A model of another shape (a requeue's --set model.d_model) fails at once, saying so; nothing is lost.
+    wider = tiny_spec(**{"train.steps": 12, "checkpoint.every": 4, "model.d_model": 128})
+    with pytest.raises(UserError, match=r"resume: the checkpoint at step 8 is of a model of another shape "
+                                        r"\(size mismatch for \S+: copying a param with shape"):
+        run_job(wider, cluster_cfg, resume_dir=run_dir, log=lambda *a, **k: None)
+    assert _losses(run_dir) == pytest.approx(full, rel=1e-5, abs=1e-5)
     for step in (4, 8):                                                 # now nothing is intact
         _flip_a_byte(_largest_shard(ck.checkpoint_dir(run_dir, step)))
     with pytest.raises(UserError, match="has checkpoint folders .* but none is complete and intact"):

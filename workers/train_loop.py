@@ -90,7 +90,14 @@ def train(ctx: RunContext) -> dict:
 def resume(kind: JobKind, checkpointer: Checkpointer, latest: CheckpointInfo, universal: bool,
            total: int) -> tuple[int, int]:
     """Collective: the kind's engines, its data position and extra state from ``latest``; (step, position)."""
-    checkpointer.load(latest, kind.engine, kind.others, universal)
+    try:
+        checkpointer.load(latest, kind.engine, kind.others, universal)
+    except RuntimeError as err:  # torch's load_state_dict: a model of another shape (a requeue's --set model.*)
+        mismatch = _state_dict_mismatch(err)
+        if mismatch is None:
+            raise
+        raise UserError(f"resume: the checkpoint at step {latest.step} is of a model of another shape ({mismatch}); "
+                        "resume with the model fields it was written with, or start a new job") from None
     data = DataState.from_dict(latest.manifest["data"])
     try:
         kind.order.check_resume(data)
@@ -102,6 +109,14 @@ def resume(kind: JobKind, checkpointer: Checkpointer, latest: CheckpointInfo, un
                         "resume with a larger train.steps")
     log.info("resumed from %s (step %d, position %d)", latest.path, latest.step, data.position)
     return latest.step, data.position
+
+
+def _state_dict_mismatch(err: RuntimeError) -> str | None:
+    """The first line of what torch's ``load_state_dict`` found wrong (a size, a missing or unexpected key)."""
+    lines = [line.strip() for line in str(err).splitlines()]
+    if not lines or not lines[0].startswith("Error(s) in loading state_dict"):
+        return None
+    return next((line.rstrip(".") for line in lines[1:] if line), lines[0])
 
 
 def run(env: RankEnv, kind: JobKind, checkpointer: Checkpointer, state: LoopState) -> dict:
