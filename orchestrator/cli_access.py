@@ -11,7 +11,7 @@ import sys
 import time
 
 from orchestrator import json_output
-from orchestrator.cli_jobs import _age, _clip, _cluster, _remote, _store, local_user
+from orchestrator.cli_jobs import _age, _clip, _cluster, _remote, _store, local_user, span
 from specs.errors import UsageError
 
 
@@ -43,7 +43,7 @@ def _token_create(args) -> int:
     else:
         token = _store(_cluster(args)).create_token(args.user, args.admin, args.expires)
     print(token)
-    lasts = f", valid for {_span(args.expires)}" if args.expires else ""
+    lasts = f", valid for {span(args.expires)}" if args.expires else ""
     print(f"token for {args.user.lower()}{' (admin)' if args.admin else ''}{lasts}: only its hash is stored, so "
           "keep it now; on the laptop put it in $SWITCHYARD_TOKEN or ~/.switchyard/token", file=sys.stderr)
     return 0
@@ -64,15 +64,9 @@ def _token_list(args) -> int:
     now = time.time()
     for t in rows:
         admin, end = "yes" if t["admin"] else "-", t.get("expires_at")
-        expires = "never" if end is None else "expired" if end <= now else f"in {_span(end - now)}"
+        expires = "never" if end is None else "expired" if end <= now else f"in {span(end - now)}"
         print(f"{t['id']:<13} {_clip(t['user'], 20):<20} {admin:<5} {_age(t['created_at']):>6}  {expires}")
     return 0
-
-
-def _span(s: float) -> str:
-    """A lifetime for people: 45s, 90m, 12h, 30d."""
-    return f"{s:.0f}s" if s < 120 else f"{s / 60:.0f}m" if s < 7200 else f"{s / 3600:.0f}h" if s < 172800 \
-        else f"{s / 86400:.0f}d"
 
 
 def _token_revoke(args) -> int:

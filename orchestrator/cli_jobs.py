@@ -362,10 +362,10 @@ def _progress(rec) -> dict:
     return {"steps_total": total, "eta_s": max(0, total - rec.step) / rate if running else None}
 
 
-def _eta(seconds: float) -> str:
-    """Time left for people: 40s, 12m, 3.5h."""
-    return f"{seconds:.0f}s" if seconds < 90 else f"{seconds / 60:.0f}m" if seconds < 5400 else \
-        f"{seconds / 3600:.1f}h"
+def span(s: float) -> str:
+    """A duration for people (a job's time left, a token's lifetime): 45s, 90m, 12h, 30d."""
+    return f"{s:.0f}s" if s < 120 else f"{s / 60:.0f}m" if s < 7200 else f"{s / 3600:.0f}h" if s < 172800 \
+        else f"{s / 86400:.0f}d"
 
 
 def _eval_line(e: dict, best: bool) -> str:
@@ -432,7 +432,7 @@ def cmd_status(args) -> int:
               f"restarts {out['restarts']}  owner {out.get('owner') or '-'} ({out.get('team') or '-'})")
         if out.get("eta_s") is not None:
             done = 100.0 * out["step"] / max(1, out["steps_total"])
-            print(f"progress: {done:.0f}%, {m['steps_per_s']:.3g} steps/s, about {_eta(out['eta_s'])} left")
+            print(f"progress: {done:.0f}%, {m['steps_per_s']:.3g} steps/s, about {span(out['eta_s'])} left")
         print(f"run_dir: {out['run_dir']}")
         if pending_line(out):
             print(f"queued: {pending_line(out)}")

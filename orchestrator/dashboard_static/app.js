@@ -43,8 +43,9 @@ const pct = v => (v === undefined || v === null) ? "–" : `${(100 * v).toFixed(
 const when = ts => ts ? new Date(ts * 1000).toLocaleString() : "–";
 const clock = ts => ts ? new Date(ts * 1000).toLocaleTimeString() : "–";
 const short = s => s ? String(s).slice(0, 12) : "–";
-// A duration for people, as `switchyard status` writes it: 40s, 12m, 3.5h.
-const span = s => s < 90 ? `${Math.round(s)}s` : s < 5400 ? `${Math.round(s / 60)}m` : `${(s / 3600).toFixed(1)}h`;
+// A duration for people, as the CLI writes it (cli_jobs.span): 45s, 90m, 12h, 30d.
+const span = s => s < 120 ? `${Math.round(s)}s` : s < 7200 ? `${Math.round(s / 60)}m` :
+  s < 172800 ? `${Math.round(s / 3600)}h` : `${Math.round(s / 86400)}d`;
 
 function ago(ts) {
   if (!ts) return "–";
