@@ -118,6 +118,30 @@ class ApiConfig(_Section):
     """File the CLI reads its bearer token from when the variable is unset."""
 
 
+_STATES = ("QUEUED", "STARTING", "RUNNING", "RESTARTING", "PREEMPTED", "SUCCEEDED", "FAILED", "CANCELLED")
+
+
+class WebhookConfig(_Section):
+    """A URL the controller posts job state changes to (orchestrator/notify.py)."""
+
+    url: str = Field(pattern=r"^https?://[^\s]+$")
+    """http(s) URL that takes a JSON POST (a Slack or Mattermost incoming webhook shows its ``text``)."""
+    states: list[str] = Field(default_factory=lambda: ["SUCCEEDED", "FAILED", "CANCELLED"], min_length=1)
+    """The states whose entry is posted."""
+    owners: list[str] = Field(default_factory=list)
+    """Only these users' jobs (empty: everyone's)."""
+    runs: bool = False
+    """Also pipeline stages and sweep runs (false: only jobs of their own, pipelines and sweeps)."""
+
+    @field_validator("states")
+    @classmethod
+    def _known_states(cls, v: list[str]) -> list[str]:
+        bad = [s for s in v if s.upper() not in _STATES]
+        if bad:
+            raise ValueError(f"{bad[0]!r} is not a job state; give some of {', '.join(_STATES)}")
+        return [s.upper() for s in v]
+
+
 class PathsConfig(_Section):
     """Where jobs may read and write (specs.paths): checked at submit and again in the ranks."""
 
@@ -145,6 +169,8 @@ class ClusterConfig(_Section):
     """Users who may cancel or change anyone's job."""
     fair_share: FairShareConfig = FairShareConfig()
     api: ApiConfig = ApiConfig()
+    webhooks: list[WebhookConfig] = Field(default_factory=list)
+    """URLs the controller posts job state changes to."""
     paths: PathsConfig | None = None
     """Read and write roots of jobs. A cluster.yaml without it reads under its own folder and writes under
     storage; a ClusterConfig built in code without it (tests) is unrestricted."""

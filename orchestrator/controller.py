@@ -46,6 +46,7 @@ from orchestrator.queue_view import EXACT_POSITIONS, QueueView
 from orchestrator.starts import WARM_MAX, Active, GangStarts
 from specs.errors import UsageError
 from orchestrator.job_store import JobState, JobStore
+from orchestrator.notify import Notifier
 from workers.pool import WarmPool
 from workers.worker_group import poll
 
@@ -95,6 +96,7 @@ class Controller(GangStarts, CheckpointEvaluations, ParentJobs):
         self._shares: tuple[float, dict[str, float]] = (0.0, {})  # (computed at, team -> usage / weight)
         self.queue = QueueView(TRAINING_KINDS)  # the queue, read incrementally from the store (queue_view.py)
         self._compacted_at = 0.0  # when the job store's retention policy last ran
+        self.notifier = Notifier(self.cluster.webhooks, self.store)  # cluster.yaml's webhooks (notify.py)
         self._vacated: dict[str, tuple[float, sched.RunningJob]] = {}  # preempted job -> (when, what it held)
         p = self.cluster.preemption
         self.preemption = sched.PreemptionPolicy(p.enabled, p.min_run_s, p.never_preempt_priority, p.max_per_job,
@@ -130,6 +132,11 @@ class Controller(GangStarts, CheckpointEvaluations, ParentJobs):
             self.pool.release()
             self._stop_jobs_for_shutdown()
             self.store.clear_controller(self.pid)
+        try:
+            self.notifier.poll()  # what `down` did to the jobs, then a few seconds to send it
+            self.notifier.drain(5.0)
+        except Exception:
+            log.exception("webhooks: the last changes were not sent")
 
     def _stop_jobs_for_shutdown(self, timeout_s: float = DOWN_STOP_S) -> None:
         """`switchyard down`: running jobs finish their step, save a checkpoint and stop (killed past
@@ -175,6 +182,10 @@ class Controller(GangStarts, CheckpointEvaluations, ParentJobs):
             self._advance_pipelines()
             self._settle_parents()
             self._compact_store()
+        try:
+            self.notifier.poll()
+        except Exception:  # a webhook is never worth a tick
+            log.exception("webhooks: reading new transitions failed")
 
     def _compact_store(self) -> None:
         """Apply the job store's retention policy (``job_retention.py``) at start and every ``every_s``."""

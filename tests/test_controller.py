@@ -220,3 +220,26 @@ def _workers_seen(store, job_id):
     running = [h for h in rec.history if h.to_state == JobState.RUNNING]
     assert running
     return json.load(open(os.path.join(rec.run_dir, "workers.json")))
+
+
+def test_the_controller_posts_what_it_decides_to_cluster_yaml_s_webhooks(ray_cluster, storage_root, tmp_path):
+    """A job the cluster can never hold fails at once; the webhook hears of it (tests/test_notify.py: filters)."""
+    from orchestrator.cluster_config import ClusterConfig
+    from orchestrator.controller import stop_controller
+    from tests.test_notify import Receiver
+
+    receiver = Receiver()
+    cfg = ClusterConfig.model_validate({"storage": storage_root, "job_store": str(tmp_path / "jobs.db"),
+                                        "ray": {"namespace": f"hook-{tmp_path.name}"}, "workers": {"warm_pool": 0},
+                                        "webhooks": [{"url": f"{receiver.url}/team", "states": ["FAILED"]}]})
+    start_controller(cfg, tick_s=0.3, backfill_window_s=120)
+    try:
+        job = submit_spec(cfg, tiny_spec(name="huge", **{"resources.workers": 64}), priority=0)
+        got = receiver.wait(1, timeout=60)
+        assert len(got) == 1 and got[0][0] == "/team", got
+        body = got[0][2]
+        assert body["job"]["id"] == job and (body["from"], body["to"]) == ("QUEUED", "FAILED")
+        assert "needs 64 workers" in body["reason"] and body["text"].startswith(f"switchyard: {job} huge (")
+    finally:
+        stop_controller(cfg.ray.namespace)
+        receiver.close()
