@@ -26,7 +26,8 @@ Endpoints (all JSON unless noted; ``{id}`` takes a unique id prefix too):
                                            its latest complete checkpoint (owner or admin; 409 for any other
                                            job, with what to do instead)
     GET  /api/v1/jobs/{id}/wait?timeout=S  job once terminal, or after S s (at most 60) as it is
-    GET  /api/v1/jobs/{id}/logs?rank=R&follow=1   text/plain, streamed while the job runs
+    GET  /api/v1/jobs/{id}/logs?rank=R&tail=N&follow=1   text/plain (the last N lines of each rank's log
+                                           with tail), streamed while the job runs
     POST /api/v1/sweeps                    {sweep: mapping or YAML text, dry_run?, after?, priority?,
                                            flops_per_s?} -> the submission summary and the plan's `log`;
                                            the caller owns the sweep (resubmitting one: owner or admin)
@@ -52,7 +53,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import posixpath
 import ssl
 import threading
 import time
@@ -328,22 +328,22 @@ class Api:
 
     async def logs(self, request):
         rec = await self._run(self.store.get, request.match_info["id"])
-        rank = request.query.get("rank")
-        if rank is not None and not rank.isdigit():
-            raise ApiError(400, "rank must be a non-negative integer")
+        rank, tail = request.query.get("rank"), request.query.get("tail")
+        for name, value in (("rank", rank), ("tail", tail)):
+            if value is not None and not value.isdigit():
+                raise ApiError(400, f"{name} must be a non-negative integer")
         follow = request.query.get("follow") in ("1", "true", "yes")
         resp = web.StreamResponse(headers={"Content-Type": "text/plain; charset=utf-8"})
         await resp.prepare(request)
         offsets: dict[str, int] = {}
-        log_dir = posixpath.join(rec.run_dir, "logs")
         while True:
-            chunk, files = await self._run(self._read_logs, log_dir, rank, offsets)
+            chunk = await self._run(self._read_logs, rec.run_dir, rank, offsets, None if tail is None else int(tail))
             if chunk:
                 await resp.write(chunk.encode())
             if not follow or (await self._run(self.store.get, rec.id)).terminal:
                 if not follow:
                     break
-                chunk, _ = await self._run(self._read_logs, log_dir, rank, offsets)  # what the end flushed
+                chunk = await self._run(self._read_logs, rec.run_dir, rank, offsets)  # what the end flushed
                 if chunk:
                     await resp.write(chunk.encode())
                 break
@@ -351,18 +351,11 @@ class Api:
         await resp.write_eof()
         return resp
 
-    def _read_logs(self, log_dir: str, rank: str | None, offsets: dict[str, int]) -> tuple[str, list[str]]:
-        files = sorted(self.storage.fs.glob(f"{log_dir}/rank_*.log")) if self.storage.exists(log_dir) else []
-        files = [f for f in files if rank is None or f.endswith(f"rank_{rank}.log")]
-        lines = []
-        for f in files:
-            with self.storage.fs.open(f, "rb") as fh:
-                fh.seek(offsets.get(f, 0))
-                data = fh.read()
-            offsets[f] = offsets.get(f, 0) + len(data)
-            prefix = f"[{posixpath.basename(f)[:-4]}] " if len(files) > 1 else ""
-            lines += [prefix + line for line in data.decode(errors="replace").splitlines()]
-        return "".join(line + "\n" for line in lines), files
+    def _read_logs(self, run_dir: str, rank: str | None, offsets: dict[str, int], tail: int | None = None) -> str:
+        from orchestrator.job_logs import log_files, read_new
+
+        return "".join(line + "\n" for line in read_new(self.storage, log_files(self.storage, run_dir, rank),
+                                                         offsets, tail))
 
     # -------------------------------------------------------------- sweeps and fits
 

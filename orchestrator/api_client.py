@@ -116,9 +116,10 @@ class ApiClient:
         return self.call("GET", f"/jobs/{urllib.parse.quote(job_id)}/wait", query={"timeout": timeout_s},
                          timeout_s=timeout_s + 30)
 
-    def logs(self, job_id: str, rank: int | None = None, follow: bool = False) -> Iterator[str]:
+    def logs(self, job_id: str, rank: int | None = None, follow: bool = False,
+             tail: int | None = None) -> Iterator[str]:
         return self.stream(f"/jobs/{urllib.parse.quote(job_id)}/logs",
-                           {"rank": rank, "follow": "1" if follow else None})
+                           {"rank": rank, "follow": "1" if follow else None, "tail": tail})
 
     def cluster(self) -> dict:
         return self.call("GET", "/cluster")

@@ -485,37 +485,31 @@ def cmd_status(args) -> int:
 def cmd_logs(args) -> int:
     from data.storage import Storage
 
+    from orchestrator.job_logs import log_files, read_new
+
     client = _remote(args)
     if client is not None:
-        for line in client.logs(args.job, args.rank, args.follow):
+        for line in client.logs(args.job, args.rank, args.follow, args.tail):
             print(line, flush=True)
         return 0
     cluster = _cluster(args)
     rec = _store(cluster).get(args.job)
     storage = Storage(cluster.storage, dict(cluster.storage_options))
-    log_dir = posixpath.join(rec.run_dir, "logs")
     offsets: dict[str, int] = {}
     from workers.phases import Watcher
 
     startup = Watcher(storage, rec.run_dir)  # the start-up phases (workers/phases.py) come first
     while True:
-        for line in startup.poll():
+        if args.tail is None:
+            for line in startup.poll():
+                print(line)
+        files = log_files(storage, rec.run_dir, args.rank)
+        for line in read_new(storage, files, offsets, args.tail):
             print(line)
-        files = sorted(storage.fs.glob(f"{log_dir}/rank_*.log")) if storage.exists(log_dir) else []
-        files = [f for f in files if args.rank is None or f.endswith(f"rank_{args.rank}.log")]
-        for f in files:
-            with storage.fs.open(f, "rb") as fh:
-                fh.seek(offsets.get(f, 0))
-                data = fh.read()
-            offsets[f] = offsets.get(f, 0) + len(data)
-            if data:
-                prefix = f"[{posixpath.basename(f)[:-4]}] " if len(files) > 1 else ""
-                for line in data.decode(errors="replace").splitlines():
-                    print(prefix + line)
         sys.stdout.flush()
         if not args.follow or _store(cluster).get(rec.id).terminal:
             if not files and not args.follow:
-                print(f"no logs yet in {log_dir}", file=sys.stderr)
+                print(f"no logs yet in {posixpath.join(rec.run_dir, 'logs')}", file=sys.stderr)
             return 0
         time.sleep(1.0)
 
@@ -627,6 +621,8 @@ def register(sub) -> None:
     p.add_argument("job")
     p.add_argument("--follow", "-f", action="store_true")
     p.add_argument("--rank", type=int_arg(0, 1 << 20), default=None)
+    p.add_argument("--tail", type=int_arg(0, 1 << 30), default=None, metavar="N",
+                   help="only the last N lines of each rank's log (then what follows, with --follow)")
     p.set_defaults(func=cmd_logs)
     p = sub.add_parser("cancel", help="cancel a queued or running job")
     p.add_argument("job")

@@ -231,6 +231,11 @@ def test_logs_stream_and_cluster_view(server):
     lines = list(alice.logs(job))
     assert "[rank_0] hello from 0" in lines and "[rank_1] step 1" in lines
     assert list(alice.logs(job, rank=1)) == ["hello from 1", "step 1"]
+    assert list(alice.logs(job, tail=1)) == ["[rank_0] step 1", "[rank_1] step 1"]  # each rank's last line
+    assert list(alice.logs(job, rank=0, tail=0)) == []
+    with pytest.raises(ApiRequestError) as err:
+        alice.call("GET", f"/jobs/{job}/logs", query={"tail": "-1"})
+    assert err.value.status == 400 and "tail" in str(err.value)
     view = alice.cluster()
     assert [q["id"] for q in view["queued"]] == [job] and view["controller"]["alive"] is False
     assert view["preemption"]["min_run_s"] == 120

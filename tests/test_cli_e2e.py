@@ -51,6 +51,10 @@ def test_cli_lifecycle(tmp_path):
         assert [h["to"] for h in status["history"]][:4] == ["QUEUED", "STARTING", "RUNNING", "SUCCEEDED"]
         logs = sy(cluster, "logs", job).stdout
         assert "[switchyard] rank 0/2" in logs and "[switchyard] rank 1/2" in logs
+        tail = sy(cluster, "logs", job, "--tail", "2").stdout.splitlines()  # each rank's last 2 lines only
+        assert len(tail) == 4 and all(
+            [t for t in tail if t.startswith(f"[{r}] ")] == [x for x in logs.splitlines() if x.startswith(f"[{r}] ")][-2:]
+            for r in ("rank_0", "rank_1")), tail
         cluster_view = json.loads(sy(cluster, "status", "--json").stdout)
         assert cluster_view["controller"]["alive"] and cluster_view["nodes"]
         assert cluster_view["nodes"][0]["total"]["CPU"] == 4
