@@ -229,8 +229,11 @@ class Api:
             recs = await self._run(self.store.list, states)
             return _json([r.to_status_dict() for r in recs if owner is None or r.owner == owner])
         limit, page = (_positive(request.query, k, d) for k, d in (("limit", None), ("page", "1")))
+        from orchestrator.cli_jobs import progress
+
         recs, total = await self._run(lambda: self.store.page(states, limit=limit, page=page, owner=owner))
-        return _json({"jobs": [r.to_status_dict() for r in recs], "total": total, "page": page, "limit": limit})
+        return _json({"jobs": [{**r.to_status_dict(), **progress(r)} for r in recs], "total": total, "page": page,
+                      "limit": limit})
 
     async def job(self, request):
         return _json(await self._run(self._status, request.match_info["id"]))

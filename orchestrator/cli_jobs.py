@@ -282,7 +282,7 @@ def cmd_list(args) -> int:
         rows, total = got["jobs"], got["total"]
     else:
         recs, total = _store(_cluster(args)).page(states, limit=args.limit, page=args.page, owner=args.owner)
-        rows = [r.to_status_dict() for r in recs]
+        rows = [{**r.to_status_dict(), **progress(r)} for r in recs]
     if args.json:
         print(json_output.dumps(rows))
         return 0
@@ -291,12 +291,13 @@ def cmd_list(args) -> int:
               "no jobs yet: `switchyard submit SPEC` queues one")
         return 0
     w = min(NAME_MAX, max([4] + [len(r["name"]) for r in rows]))
-    print(f"{'ID':<20} {'NAME':<{w}} {'OWNER':<10} {'STATE':<11} {'PRIO':>4} {'STEP':>7} {'RESTARTS':>8} {'AGE':>6}"
-          "  WHY")
+    print(f"{'ID':<20} {'NAME':<{w}} {'OWNER':<10} {'STATE':<11} {'PRIO':>4} {'STEP':>13} {'RESTARTS':>8} "
+          f"{'AGE':>6}  WHY")
     for r in sorted(rows, key=lambda r: r["submitted_at"]):
         why = list_why(r)
+        step = f"{r['step'] or 0}" + (f"/{r['steps_total']}" if r.get("steps_total") else "")
         print(f"{r['id']:<20} {_clip(r['name'], w):<{w}} {(r.get('owner') or '-')[:10]:<10} {r['state']:<11} "
-              f"{r['priority']:>4} {r['step'] or 0:>7} {r['restarts']:>8} {_age(r['submitted_at']):>6}  {why}")
+              f"{r['priority']:>4} {step:>13} {r['restarts']:>8} {_age(r['submitted_at']):>6}  {why}")
     if total > len(rows):
         newest = (args.page - 1) * args.limit
         print(f"page {args.page}: jobs {newest + 1}-{newest + len(rows)} of {total}, newest first by page; "
@@ -326,7 +327,7 @@ def job_status(store, job_id: str, storage=None) -> dict:
 
         return pipeline_status(store, storage, rec)
     out = rec.to_status_dict()
-    out.update(_progress(rec))
+    out.update(progress(rec))
     if storage is not None and rec.run_dir:
         from workers import phases
 
@@ -347,7 +348,7 @@ def job_status(store, job_id: str, storage=None) -> dict:
     return out
 
 
-def _progress(rec) -> dict:
+def progress(rec) -> dict:
     """``steps_total`` of a training job, and while it runs ``eta_s``: its steps left at this attempt's rate."""
     from specs.job import validate_spec
 

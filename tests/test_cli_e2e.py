@@ -69,6 +69,7 @@ def test_cli_lifecycle(tmp_path):
         assert "with a checkpoint" in json.loads(sy(cluster, "status", long_job, "--json").stdout)["reason"]
         listing = sy(cluster, "list").stdout
         assert job in listing and "SUCCEEDED" in listing and "CANCELLED" in listing
+        assert " 6/6 " in next(line for line in listing.splitlines() if line.startswith(job))
         again = sy(cluster, "requeue", long_job).stdout  # back in the queue; cancelled again below
         assert again.startswith(f"{long_job}: QUEUED again (was CANCELLED at step "), again
         refused = sy(cluster, "requeue", job, check=False)

@@ -144,6 +144,9 @@ def test_requeue_on_the_head_changes_spec_fields_and_refuses_what_it_cannot_do(h
     assert rec.history[-1].reason == "requeued by ops with train.micro_batch=2, max_restarts=5"
     with open(os.path.join(run_dir, "spec.json")) as f:  # what `run --resume` and `export` read
         assert json.load(f)["train"]["micro_batch"] == 2
+    assert main(["--cluster", cfg, "list"]) == 0  # its step out of its total, as `status` says too
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith(job))
+    assert row.split()[4:7] == ["0", "12/40", "0"], row  # priority, step, restarts (a fresh budget)
 
     store.transition(job, JobState.STARTING, "go")
     store.transition(job, JobState.RUNNING, "up")
