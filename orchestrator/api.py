@@ -303,7 +303,7 @@ class Api:
 
     async def requeue(self, request):
         from orchestrator.cli_jobs import find_job
-        from orchestrator.requeue import refusal, requeue_job
+        from orchestrator.job_control import refusal, requeue_job
 
         body = await self._body(request) if request.can_read_body else {}
         overrides = body.get("set") or []

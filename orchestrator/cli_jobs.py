@@ -522,43 +522,6 @@ def authorize(cluster, user: str, rec, what: str = "cancel or change") -> None:
                          f"may {what} it")
 
 
-def cmd_cancel(args) -> int:
-    client = _remote(args)
-    if client is not None:
-        out = client.cancel(args.job, checkpoint=args.checkpoint)
-    else:
-        cluster = _cluster(args)
-        store = _store(cluster)
-        rec = find_job(store, args.job)
-        user = local_user()
-        authorize(cluster, user, rec)
-        out = store.request_cancel(rec.id, by=user, checkpoint=args.checkpoint).to_status_dict()
-    live = out["state"] not in ("SUCCEEDED", "FAILED", "CANCELLED")
-    how = " (stopping after a checkpoint at the next step)" if live and out.get("cancel_checkpoint") else \
-        " (stopping)" if live else ""
-    print(f"{out['id']}: {out['state']}{how}")
-    return 0
-
-
-def cmd_priority(args) -> int:
-    """`switchyard priority JOB P`: a live job's (or a whole pipeline's or sweep's) new priority."""
-    client = _remote(args)
-    if client is not None:
-        out = client.set_priority(args.job, args.priority)
-        print(f"{out['id']}: priority {out['priority']} ({out['state']})")
-        return 0
-    cluster = _cluster(args)
-    store = _store(cluster)
-    rec = find_job(store, args.job)
-    authorize(cluster, local_user(), rec)
-    if rec.terminal:
-        raise UsageError(f"priority: {rec.id} is {rec.state.value}; only a queued or running job's priority changes")
-    changed = store.set_priority(rec.id, args.priority)
-    more = f", and {len(changed) - 1} of its live stages or runs" if len(changed) > 1 else ""
-    print(f"{rec.id}: priority {rec.priority} -> {args.priority}{more} ({rec.state.value})")
-    return 0
-
-
 def _remote_wait(client, args) -> int:
     deadline = time.time() + args.timeout if args.timeout else None
     while True:
@@ -625,19 +588,9 @@ def register(sub) -> None:
     p.add_argument("--tail", type=int_arg(0, 1 << 30), default=None, metavar="N",
                    help="only the last N lines of each rank's log (then what follows, with --follow)")
     p.set_defaults(func=cmd_logs)
-    p = sub.add_parser("cancel", help="cancel a queued or running job")
-    p.add_argument("job")
-    p.add_argument("--checkpoint", action="store_true",
-                   help="let a running job finish its step and save a checkpoint first (`requeue` resumes there)")
-    p.set_defaults(func=cmd_cancel)
-    from orchestrator.requeue import register as register_requeue
+    from orchestrator.job_control import register as register_control
 
-    register_requeue(sub)
-    p = sub.add_parser("priority", help="change a queued or running job's priority (a pipeline's or sweep's: all "
-                                        "of its live jobs); the queue reorders at the next tick")
-    p.add_argument("job", help="a job id (or unique prefix), or a pipeline's or sweep's name")
-    p.add_argument("priority", type=int_arg(PRIORITY_MIN, PRIORITY_MAX), help="higher runs first")
-    p.set_defaults(func=cmd_priority)
+    register_control(sub)
     p = sub.add_parser("wait", help="block until a job ends; exit 0 on SUCCEEDED")
     p.add_argument("job")
     p.add_argument("--timeout", type=float_arg(0, 1e9), default=None)

@@ -132,11 +132,8 @@ class Controller(GangStarts, CheckpointEvaluations, ParentJobs):
             self.pool.release()
             self._stop_jobs_for_shutdown()
             self.store.clear_controller(self.pid)
-        try:
-            self.notifier.poll()  # what `down` did to the jobs, then a few seconds to send it
-            self.notifier.drain(5.0)
-        except Exception:
-            log.exception("webhooks: the last changes were not sent")
+        self.notifier.poll()  # what `down` did to the jobs, then a few seconds to send it
+        self.notifier.drain(5.0)
 
     def _stop_jobs_for_shutdown(self, timeout_s: float = DOWN_STOP_S) -> None:
         """`switchyard down`: running jobs finish their step, save a checkpoint and stop (killed past
@@ -182,10 +179,7 @@ class Controller(GangStarts, CheckpointEvaluations, ParentJobs):
             self._advance_pipelines()
             self._settle_parents()
             self._compact_store()
-        try:
-            self.notifier.poll()
-        except Exception:  # a webhook is never worth a tick
-            log.exception("webhooks: reading new transitions failed")
+        self.notifier.poll()
 
     def _compact_store(self) -> None:
         """Apply the job store's retention policy (``job_retention.py``) at start and every ``every_s``."""

@@ -454,16 +454,11 @@ class JobStore(JobQueries, JobTokens):
     def requeue(self, job_id: str, by: str | None = None, *, spec: dict[str, Any] | None = None,
                 resources: dict[str, Any] | None = None, max_restarts: int | None = None, note: str = "",
                 max_queued: int | None = None) -> JobRecord:
-        """Put a FAILED or CANCELLED job back in the queue, ``by`` whom, with the same id and run directory.
+        """Put a FAILED or CANCELLED training job of its own (no pipeline or sweep) back in the queue, ``by``
+        whom, with its id and run directory and a fresh restart budget (``orchestrator/job_control.py``).
 
-        The restart budget starts again and the controller resumes the job
-        from its latest complete checkpoint (step 0 when it never wrote one).
-        ``spec``, ``resources`` and ``max_restarts`` replace the job's (a
-        requeue with ``--set``; ``note`` says which fields, in the history).
-        Only jobs outside a pipeline or sweep, and not the parents themselves:
-        submitting those files again continues them. ``max_queued`` is the
-        team's quota of queued jobs, as for :meth:`submit`.
-        """
+        ``spec``, ``resources`` and ``max_restarts`` replace the job's (``--set``; ``note`` names the fields in
+        the history); ``max_queued`` is the team's quota of queued jobs, as for :meth:`submit`."""
         if resources is not None:
             resources = _check_resources(resources)
         if max_restarts is not None:

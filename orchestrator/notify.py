@@ -70,11 +70,16 @@ class Notifier:
         self._lock = threading.Lock()  # the controller's loop and its shutdown both poll
 
     def poll(self) -> int:
-        """Queue a post for each wanted transition since the last poll; returns how many were queued."""
+        """Queue a post for each wanted transition since the last poll; returns how many were queued. Never
+        raises: a webhook is not worth a controller tick (a failed read is logged and tried again next time)."""
         if not self.hooks:
             return 0
-        with self._lock:
-            return self._poll()
+        try:
+            with self._lock:
+                return self._poll()
+        except Exception:
+            log.exception("webhooks: reading new transitions failed")
+            return 0
 
     def _poll(self) -> int:
         with self.store._read() as conn:

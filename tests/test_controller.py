@@ -111,7 +111,7 @@ def test_cancel_frees_resources_promptly(controller):
 
 def test_cancel_with_a_checkpoint_then_requeue_resumes_exactly_there(controller):
     """`cancel --checkpoint` stops at a step boundary with a checkpoint; `requeue` resumes at that step."""
-    from orchestrator.requeue import requeue_job
+    from orchestrator.job_control import requeue_job
 
     cfg, _ = controller
     store = JobStore(cfg.job_store)

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from models.transformer import FAMILIES, PRESETS, Decoder, decoder_config, flops_per_token, param_counts
+from models.transformer import FAMILIES, Decoder, decoder_config, flops_per_token, param_counts
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))

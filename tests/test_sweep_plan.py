@@ -237,7 +237,6 @@ def test_bad_rows_are_refused(tmp_path):
 from scaling.approach3 import LossParams  # noqa: E402
 from scaling.fit import isoflop_profiles  # noqa: E402
 from scaling.plan import centres_from_results, extend_plan  # noqa: E402
-from scaling.sweep_spec import PriorLaw  # noqa: E402
 
 # A law whose optimum sits ~3x above the 20-tokens-per-parameter guess on this ladder (a = 0.57).
 TRUTH = LossParams(E=1.0, A=295.0, B=1000.0, alpha=0.3, beta=0.4)

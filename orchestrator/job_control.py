@@ -1,4 +1,10 @@
-"""``switchyard requeue JOB [--set k=v ...]``: a FAILED or CANCELLED job back in the queue, resuming where it was.
+"""Commands that change a job its owner (or an admin) controls: ``cancel [--checkpoint]``, ``requeue``, ``priority``.
+
+They work on the head, against the job store, or from a laptop over the HTTP
+API; the API's routes call ``requeue_job`` and ``refusal`` here too.
+
+``switchyard requeue JOB [--set k=v ...]`` puts a FAILED or CANCELLED job back
+in the queue, resuming where it was.
 
 A job that failed for a reason someone has since fixed (a full disk, a data
 file that was missing, ``max_restarts`` spent on a flaky node) or that was
@@ -21,6 +27,7 @@ from __future__ import annotations
 
 import sys
 
+from orchestrator.cli_jobs import _cluster, _controller_alive, _remote, _store, authorize, find_job, local_user
 from orchestrator.job_store import IllegalTransitionError, JobState
 from specs.errors import UsageError
 
@@ -84,8 +91,6 @@ def requeued_line(out: dict) -> str:
 
 
 def cmd_requeue(args) -> int:
-    from orchestrator.cli_jobs import _cluster, _controller_alive, _remote, _store, authorize, find_job, local_user
-
     client = _remote(args)
     if client is not None:
         print(requeued_line(client.requeue(args.job, args.set)))
@@ -101,10 +106,59 @@ def cmd_requeue(args) -> int:
     return 0
 
 
+def cmd_cancel(args) -> int:
+    client = _remote(args)
+    if client is not None:
+        out = client.cancel(args.job, checkpoint=args.checkpoint)
+    else:
+        cluster = _cluster(args)
+        store = _store(cluster)
+        rec = find_job(store, args.job)
+        user = local_user()
+        authorize(cluster, user, rec)
+        out = store.request_cancel(rec.id, by=user, checkpoint=args.checkpoint).to_status_dict()
+    live = out["state"] not in ("SUCCEEDED", "FAILED", "CANCELLED")
+    how = " (stopping after a checkpoint at the next step)" if live and out.get("cancel_checkpoint") else \
+        " (stopping)" if live else ""
+    print(f"{out['id']}: {out['state']}{how}")
+    return 0
+
+
+def cmd_priority(args) -> int:
+    """`switchyard priority JOB P`: a live job's (or a whole pipeline's or sweep's) new priority."""
+    client = _remote(args)
+    if client is not None:
+        out = client.set_priority(args.job, args.priority)
+        print(f"{out['id']}: priority {out['priority']} ({out['state']})")
+        return 0
+    cluster = _cluster(args)
+    store = _store(cluster)
+    rec = find_job(store, args.job)
+    authorize(cluster, local_user(), rec)
+    if rec.terminal:
+        raise UsageError(f"priority: {rec.id} is {rec.state.value}; only a queued or running job's priority changes")
+    changed = store.set_priority(rec.id, args.priority)
+    more = f", and {len(changed) - 1} of its live stages or runs" if len(changed) > 1 else ""
+    print(f"{rec.id}: priority {rec.priority} -> {args.priority}{more} ({rec.state.value})")
+    return 0
+
+
 def register(sub) -> None:
+    from specs.validate import PRIORITY_MAX, PRIORITY_MIN, int_arg
+
+    p = sub.add_parser("cancel", help="cancel a queued or running job")
+    p.add_argument("job")
+    p.add_argument("--checkpoint", action="store_true",
+                   help="let a running job finish its step and save a checkpoint first (`requeue` resumes there)")
+    p.set_defaults(func=cmd_cancel)
     p = sub.add_parser("requeue", help="put a FAILED or CANCELLED job back in the queue; it resumes from its "
                                        "latest complete checkpoint with a fresh restart budget")
     p.add_argument("job", help="a job id (or unique prefix)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="change a spec field on the way, e.g. train.micro_batch=4 (not the name)")
     p.set_defaults(func=cmd_requeue)
+    p = sub.add_parser("priority", help="change a queued or running job's priority (a pipeline's or sweep's: all "
+                                        "of its live jobs); the queue reorders at the next tick")
+    p.add_argument("job", help="a job id (or unique prefix), or a pipeline's or sweep's name")
+    p.add_argument("priority", type=int_arg(PRIORITY_MIN, PRIORITY_MAX), help="higher runs first")
+    p.set_defaults(func=cmd_priority)
