@@ -191,20 +191,13 @@ class Api:
         return _json(await self._run(self._cluster_view))
 
     def _cluster_view(self) -> dict:
-        from orchestrator.cli_jobs import HEARTBEAT_STALE_S
+        from orchestrator.cli_jobs import HEARTBEAT_STALE_S, queue_and_running
 
         info = self.store.controller()
-        brief = lambda r: {"id": r.id, "name": r.name, "state": r.state.value, "priority": r.priority,
-                           "step": r.step, "owner": r.owner, "team": r.team, "pending": r.pending,
-                           "resources": r.resources}
-        queued = sorted(self.store.list([JobState.QUEUED]),
-                        key=lambda r: ((r.pending or {}).get("position") or 1 << 30, r.submitted_at))
         out = {"controller": {"pid": info.pid if info else None,
                               "alive": info is not None and time.time() - info.heartbeat < HEARTBEAT_STALE_S,
                               "heartbeat": info.heartbeat if info else None},
-               "queued": [brief(r) for r in queued],
-               "running": [brief(r) for r in self.store.list([JobState.STARTING, JobState.RUNNING,
-                                                              JobState.RESTARTING, JobState.PREEMPTED])],
+               **queue_and_running(self.store),
                "teams": {n: t.model_dump() for n, t in self.cluster.teams.items()},
                "preemption": self.cluster.preemption.model_dump()}
         try:  # inside the controller Ray is connected; elsewhere (tests) the nodes are left out

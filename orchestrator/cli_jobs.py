@@ -1,4 +1,4 @@
-"""CLI commands that talk to the controller and the job store: up, down, submit, list, status, logs, cancel, wait.
+"""CLI commands that talk to the controller and the job store: up, down, submit, list, status, wait.
 
 ``submit``, ``list``, ``status JOB``, ``logs``, ``cancel`` and ``wait`` read and
 write the SQLite job store directly (the store is the source of truth; the
@@ -14,7 +14,6 @@ spec is validated here and again on the server.
 from __future__ import annotations
 
 import os
-import posixpath
 import sys
 import time
 
@@ -394,16 +393,21 @@ def cluster_status(cluster, store) -> dict:
         ray.shutdown()
     except UsageError as err:
         out["address"], out["nodes"], out["error"] = None, [], str(err)
+    out.update(queue_and_running(store))
+    return out
+
+
+def queue_and_running(store) -> dict:
+    """The cluster view's jobs: ``queued`` in queue order with why each waits, and ``running`` (live, holding
+    workers) with their step of the total and time left; for `status` on the head and the API's /cluster."""
     from orchestrator.job_store import JobState
 
-    brief = lambda r: {"id": r.id, "name": r.name, "state": r.state.value, "priority": r.priority, "step": r.step,
-                       "owner": r.owner, "team": r.team, "pending": r.pending}
+    brief = lambda r: {"id": r.id, "name": r.name, "state": r.state.value, "priority": r.priority, "step": r.step,  # noqa: E731
+                       "owner": r.owner, "team": r.team, "pending": r.pending, "resources": r.resources}
     queued = sorted(store.list([JobState.QUEUED]),
                     key=lambda r: ((r.pending or {}).get("position") or 1 << 30, r.submitted_at))
-    out["queued"] = [brief(r) for r in queued]
-    out["running"] = [brief(r) for r in store.list([JobState.STARTING, JobState.RUNNING, JobState.RESTARTING,
-                                                    JobState.PREEMPTED])]
-    return out
+    running = store.list([JobState.STARTING, JobState.RUNNING, JobState.RESTARTING, JobState.PREEMPTED])
+    return {"queued": [brief(r) for r in queued], "running": [{**brief(r), **progress(r)} for r in running]}
 
 
 def cmd_status(args) -> int:
@@ -473,7 +477,9 @@ def cmd_status(args) -> int:
         print(f"running: {len(out['running'])}  queued: {len(out['queued'])}")
         for r in out["running"] + out["queued"][:QUEUED_SHOWN]:
             why = pending_line(r)
-            print(f"  {r['id']} {r['name']} {r['state']} prio {r['priority']} step {r['step']}"
+            of = f"/{r['steps_total']}" if r.get("steps_total") else ""
+            left = f", about {span(r['eta_s'])} left" if r.get("eta_s") is not None else ""
+            print(f"  {r['id']} {r['name']} {r['state']} prio {r['priority']} step {r['step']}{of}{left}"
                   + (f"  {why}" if why else ""))
         if len(out["queued"]) > QUEUED_SHOWN:
             print(f"  ... and {len(out['queued']) - QUEUED_SHOWN} more queued (`switchyard list` pages through all)")
@@ -481,38 +487,6 @@ def cmd_status(args) -> int:
 
 
 # ---------------------------------------------------------------------- logs / cancel / wait
-
-
-def cmd_logs(args) -> int:
-    from data.storage import Storage
-
-    from orchestrator.job_logs import log_files, read_new
-
-    client = _remote(args)
-    if client is not None:
-        for line in client.logs(args.job, args.rank, args.follow, args.tail):
-            print(line, flush=True)
-        return 0
-    cluster = _cluster(args)
-    rec = _store(cluster).get(args.job)
-    storage = Storage(cluster.storage, dict(cluster.storage_options))
-    offsets: dict[str, int] = {}
-    from workers.phases import Watcher
-
-    startup = Watcher(storage, rec.run_dir)  # the start-up phases (workers/phases.py) come first
-    while True:
-        if args.tail is None:
-            for line in startup.poll():
-                print(line)
-        files = log_files(storage, rec.run_dir, args.rank)
-        for line in read_new(storage, files, offsets, args.tail):
-            print(line)
-        sys.stdout.flush()
-        if not args.follow or _store(cluster).get(rec.id).terminal:
-            if not files and not args.follow:
-                print(f"no logs yet in {posixpath.join(rec.run_dir, 'logs')}", file=sys.stderr)
-            return 0
-        time.sleep(1.0)
 
 
 def authorize(cluster, user: str, rec, what: str = "cancel or change") -> None:
@@ -555,6 +529,7 @@ def cmd_wait(args) -> int:
 
 
 def register(sub) -> None:
+    from orchestrator.job_logs import cmd_logs as logs_command
     from specs.validate import PRIORITY_MAX, PRIORITY_MIN, float_arg, int_arg
 
     p = sub.add_parser("up", help="start (or attach to) the cluster from cluster.yaml and the controller")
@@ -587,7 +562,7 @@ def register(sub) -> None:
     p.add_argument("--rank", type=int_arg(0, 1 << 20), default=None)
     p.add_argument("--tail", type=int_arg(0, 1 << 30), default=None, metavar="N",
                    help="only the last N lines of each rank's log (then what follows, with --follow)")
-    p.set_defaults(func=cmd_logs)
+    p.set_defaults(func=logs_command)
     from orchestrator.job_control import register as register_control
 
     register_control(sub)

@@ -1,4 +1,4 @@
-"""Reading a job's rank logs (``<run_dir>/logs/rank_R.log``) for ``switchyard logs`` and the API's logs route.
+"""``switchyard logs``, and reading a job's rank logs (``<run_dir>/logs/rank_R.log``) for it and the API's route.
 
 Each call returns what the ranks wrote since the offsets it was given (and
 moves them), so following a job is calling it again; with ``tail`` the first
@@ -9,6 +9,8 @@ bounded chunks (``orchestrator/dashboard.py``).
 from __future__ import annotations
 
 import posixpath
+import sys
+import time
 
 
 def log_files(storage, run_dir: str, rank: int | str | None = None) -> list[str]:
@@ -35,3 +37,34 @@ def read_new(storage, files: list[str], offsets: dict[str, int], tail: int | Non
         prefix = f"[{posixpath.basename(f)[:-4]}] " if len(files) > 1 else ""
         lines += [prefix + line for line in new]
     return lines
+
+
+def cmd_logs(args) -> int:
+    """`switchyard logs JOB [--rank R] [--tail N] [--follow]`: the start-up phases, then the ranks' lines."""
+    from data.storage import Storage
+    from orchestrator.cli_jobs import _cluster, _remote, _store
+    from workers.phases import Watcher
+
+    client = _remote(args)
+    if client is not None:
+        for line in client.logs(args.job, args.rank, args.follow, args.tail):
+            print(line, flush=True)
+        return 0
+    cluster = _cluster(args)
+    rec = _store(cluster).get(args.job)
+    storage = Storage(cluster.storage, dict(cluster.storage_options))
+    offsets: dict[str, int] = {}
+    startup = Watcher(storage, rec.run_dir)  # the start-up phases (workers/phases.py) come first
+    while True:
+        if args.tail is None:
+            for line in startup.poll():
+                print(line)
+        files = log_files(storage, rec.run_dir, args.rank)
+        for line in read_new(storage, files, offsets, args.tail):
+            print(line)
+        sys.stdout.flush()
+        if not args.follow or _store(cluster).get(rec.id).terminal:
+            if not files and not args.follow:
+                print(f"no logs yet in {posixpath.join(rec.run_dir, 'logs')}", file=sys.stderr)
+            return 0
+        time.sleep(1.0)

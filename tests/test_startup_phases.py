@@ -120,7 +120,7 @@ def test_status_and_logs_show_the_phase_of_a_starting_job(tmp_path, capsys):
 
     import yaml
 
-    from orchestrator import cli_jobs
+    from orchestrator import cli_jobs, job_logs
     from orchestrator.job_store import JobState, JobStore
 
     cfg_path = tmp_path / "cluster.yaml"
@@ -133,7 +133,7 @@ def test_status_and_logs_show_the_phase_of_a_starting_job(tmp_path, capsys):
     store.transition(rec.id, JobState.STARTING, "test")
     storage = Storage(str(tmp_path / "runs"))
     phases.enter(storage, run, "waiting_for_gang", "1 x 1 CPU in one placement group; 0 of 2 CPUs free now", fresh=True)
-    args = argparse.Namespace(cluster=str(cfg_path), job=rec.id, json=False, rank=None, follow=False)
+    args = argparse.Namespace(cluster=str(cfg_path), job=rec.id, json=False, rank=None, follow=False, tail=None)
     assert cli_jobs.cmd_status(args) == 0
     out = capsys.readouterr().out
     import re
@@ -144,7 +144,7 @@ def test_status_and_logs_show_the_phase_of_a_starting_job(tmp_path, capsys):
     phases.set_detail(storage, run, "data prepare: 2/4 shards of 1 file(s), 1.0/2.0 MB, 0.50 M tokens/s, ETA 2s")
     with open(os.path.join(run, "logs", "rank_0.log"), "w") as f:
         f.write("[switchyard] rank 0/1 pid 1 on host\n")
-    assert cli_jobs.cmd_logs(args) == 0
+    assert job_logs.cmd_logs(args) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith("startup +0.0s: waiting for the gang (1 x 1 CPU")
     assert out[1].startswith("startup +") and "preparing data (data prepare: 2/4 shards" in out[1]  # latest detail
