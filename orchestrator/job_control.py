@@ -85,7 +85,8 @@ def requeue_job(cluster, store, rec, by: str, overrides: list[str] | tuple[str, 
 
 def requeued_line(out: dict) -> str:
     """'sy-...: QUEUED again (was FAILED at step 40); it resumes from its latest complete checkpoint'."""
-    was = (out.get("history") or [{}])[-1].get("from") or "FAILED"
+    was = next((h["from"] for h in reversed(out.get("history") or []) if h["to"] == "QUEUED"
+                and h["from"] in ("FAILED", "CANCELLED")), "FAILED")  # the controller may have started it since
     return (f"{out['id']}: QUEUED again (was {was} at step {out.get('step', 0)}); it resumes from its latest "
             "complete checkpoint")
 
