@@ -96,7 +96,6 @@ class Controller(GangStarts, CheckpointEvaluations, ParentJobs):
         self._shares: tuple[float, dict[str, float]] = (0.0, {})  # (computed at, team -> usage / weight)
         self.queue = QueueView(TRAINING_KINDS)  # the queue, read incrementally from the store (queue_view.py)
         self._compacted_at = 0.0  # when the job store's retention policy last ran
-        self.notifier = Notifier(self.cluster.webhooks, self.store)  # cluster.yaml's webhooks (notify.py)
         self._vacated: dict[str, tuple[float, sched.RunningJob]] = {}  # preempted job -> (when, what it held)
         p = self.cluster.preemption
         self.preemption = sched.PreemptionPolicy(p.enabled, p.min_run_s, p.never_preempt_priority, p.max_per_job,
@@ -104,6 +103,8 @@ class Controller(GangStarts, CheckpointEvaluations, ParentJobs):
         self.quotas = {name: sched.TeamQuota(t.cpus, t.gpus, t.weight) for name, t in self.cluster.teams.items()}
         self.pid = os.getpid()
         refuse_second_controller(self.store, self.pid)
+        before = self.store.controller()  # a controller that died: the webhooks hear what changed since it last ticked
+        self.notifier = Notifier(self.cluster.webhooks, self.store, since=before.heartbeat if before else None)
         self.store.set_controller(self.pid, ray.get_runtime_context().gcs_address)
         self._reconcile()
         self.api = None

@@ -16,8 +16,9 @@ carries ``text`` (one line, which Slack and Mattermost incoming webhooks show
 as the message) and the change as data: ``job`` (id, name, kind, owner, team,
 parent_id, run_dir, step), ``from``, ``to``, ``reason`` and ``ts``.
 
-A controller sends what changed after it started: changes made while no
-controller ran are not sent.
+A controller sends what changed after it started and, when the one before
+it died (Ray restarts it), what changed since that one's last tick; after a
+`switchyard down`, changes made while no controller ran are not sent.
 """
 from __future__ import annotations
 
@@ -60,11 +61,14 @@ def wanted(hook: Any, row: Any) -> bool:
 class Notifier:
     """Reads new transitions from the job store and posts the wanted ones to each webhook."""
 
-    def __init__(self, hooks, store, post=None):
+    def __init__(self, hooks, store, since: float | None = None, post=None):
         self.hooks = list(hooks)
         self.store = store
+        self.since = since
+        """The first poll sends what changed after this time (the last tick of a controller that died); None:
+        only what changes after the first poll."""
         self.seq: int | None = None
-        """The last transition looked at; None until the first poll (which starts from the newest)."""
+        """The last transition looked at; None until the first poll."""
         self._post = post or _post
         self._queues: dict[str, queue.Queue] = {}  # one queue and sender thread per URL: a dead one delays no other
         self._lock = threading.Lock()  # the controller's loop and its shutdown both poll
@@ -84,8 +88,10 @@ class Notifier:
     def _poll(self) -> int:
         with self.store._read() as conn:
             if self.seq is None:
-                self.seq = conn.execute("SELECT COALESCE(MAX(seq), 0) FROM transitions").fetchone()[0]
-                return 0
+                where, args = ("WHERE ts <= ?", (self.since,)) if self.since is not None else ("", ())
+                self.seq = conn.execute(f"SELECT COALESCE(MAX(seq), 0) FROM transitions {where}", args).fetchone()[0]
+                if self.since is None:
+                    return 0
             rows = conn.execute(f"SELECT {_COLUMNS} FROM transitions t JOIN jobs j ON j.id = t.job_id "
                                 "WHERE t.seq > ? ORDER BY t.seq LIMIT ?", (self.seq, BATCH)).fetchall()
         queued = 0

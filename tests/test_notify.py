@@ -102,6 +102,21 @@ def test_changes_are_posted_to_each_hook_that_wants_them(tmp_path, receiver, cap
     assert len(warnings) == 3 and all(dead.rsplit("/", 1)[0] in w and "/hook" not in w for w in warnings)
 
 
+def test_after_a_controller_died_its_successor_sends_what_changed_since_its_last_tick(tmp_path, receiver):
+    cfg = ClusterConfig.model_validate({"job_store": str(tmp_path / "jobs.db"),
+                                        "webhooks": [{"url": f"{receiver.url}/h", "states": ["CANCELLED"]}]})
+    store = JobStore(cfg.job_store)
+    res = {"workers": 1, "cpus_per_worker": 1}
+    old, new = (store.submit(n, "train", {}, 0, res, 0, run_dir_for=lambda j: f"/r/{j}").id for n in ("old", "new"))
+    store.request_cancel(old)
+    last_tick = time.time()
+    time.sleep(0.01)
+    store.request_cancel(new)  # while no controller ran
+    notifier = Notifier(cfg.webhooks, store, since=last_tick)
+    assert notifier.poll() == 1 and notifier.drain(10.0)
+    assert [b["job"]["name"] for _, _, b in receiver.wait(1)] == ["new"]
+
+
 def test_a_bad_webhook_in_cluster_yaml_is_one_line(tmp_path):
     for hook, said in (("{url: ftp://x}", "webhooks.0.url"), ("{url: 'http://x', states: [DONE]}", "'DONE' is not"),
                        ("{url: 'http://x', color: red}", "webhooks.0.color")):
