@@ -121,6 +121,10 @@ def checked_resources(cluster, spec) -> dict:
     from workers.resources import worker_resources
 
     check_job_paths(spec, cluster.path_roots())  # cluster.yaml's read/write roots (the ranks check again)
+    cap, limit = cluster.workers.max_time_limit_s, spec.resources.time_limit_s
+    if cap is not None and limit is not None and limit > cap:
+        raise UsageError(f"resources.time_limit_s: {limit:g} s is over this cluster's limit of {cap:g} s "
+                         "(workers.max_time_limit_s in cluster.yaml)")
     preflight(spec, Storage(cluster.storage, dict(cluster.storage_options)))
     res = worker_resources(spec, cluster)
     return {"workers": res.workers, "cpus_per_worker": res.cpus, "gpus_per_worker": res.gpus}
@@ -348,7 +352,8 @@ def job_status(store, job_id: str, storage=None) -> dict:
 
 
 def progress(rec) -> dict:
-    """``steps_total`` of a training job, and while it runs ``eta_s``: its steps left at this attempt's rate."""
+    """``steps_total`` of a training job, ``run_s`` (its time running, all attempts), its ``time_limit_s``, and
+    while it runs ``eta_s``: its steps left at this attempt's rate."""
     from specs.job import validate_spec
 
     if rec.kind not in ("train", "sweep-run", "pipeline-stage"):
@@ -359,7 +364,10 @@ def progress(rec) -> dict:
         return {}
     rate = (rec.metrics or {}).get("steps_per_s")
     running = rec.state.value == "RUNNING" and isinstance(rate, (int, float)) and rate > 0
-    return {"steps_total": total, "eta_s": max(0, total - rec.step) / rate if running else None}
+    now = time.time()
+    return {"steps_total": total, "eta_s": max(0, total - rec.step) / rate if running else None,
+            "time_limit_s": (rec.spec.get("resources") or {}).get("time_limit_s"),
+            "run_s": sum((end or now) - start for start, end in rec.run_intervals)}
 
 
 def span(s: float) -> str:
@@ -438,6 +446,8 @@ def cmd_status(args) -> int:
         if out.get("eta_s") is not None:
             done = 100.0 * out["step"] / max(1, out["steps_total"])
             print(f"progress: {done:.0f}%, {m['steps_per_s']:.3g} steps/s, about {span(out['eta_s'])} left")
+        if out.get("time_limit_s"):
+            print(f"time limit: {span(out['time_limit_s'])}, {span(out['run_s'])} used (resources.time_limit_s)")
         print(f"run_dir: {out['run_dir']}")
         if pending_line(out):
             print(f"queued: {pending_line(out)}")

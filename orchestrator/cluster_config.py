@@ -42,6 +42,9 @@ class WorkerDefaults(_Section):
     (cpus, gpus above); their room goes back to any queued job that needs it. 0: no pool."""
     eval_cpus: float = Field(1, gt=0, le=1024)
     """CPUs each checkpoint evaluation reserves (it also gets a GPU when its job's ranks had one)."""
+    max_time_limit_s: float | None = Field(None, gt=0, le=366 * 86400)
+    """The longest a submitted job may run (over all its attempts), seconds: a job's resources.time_limit_s
+    may not be longer, and a job without one gets this (null: no cap)."""
     start_timeout_s: float = Field(1800, gt=0, le=7 * 86400)
     """Seconds a job may stay STARTING (gang placement, rank start, data preparation, rendezvous); past it the
     job fails, naming the phase it was in."""

@@ -44,6 +44,7 @@ from orchestrator.job_retention import RetentionPolicy, compact
 from orchestrator.parent_jobs import ParentJobs
 from orchestrator.queue_view import EXACT_POSITIONS, QueueView
 from orchestrator.starts import WARM_MAX, Active, GangStarts
+from orchestrator.stops import JobStops
 from specs.errors import UsageError
 from orchestrator.job_store import JobState, JobStore
 from orchestrator.notify import Notifier
@@ -71,7 +72,7 @@ DOWN_STOP_S = 20.0  # at `switchyard down`, running jobs get this long to checkp
 VACATED_GRACE_S = 15.0  # a preempted gang's room counts as spoken for this long (Ray's free view lags its removal)
 
 
-class Controller(GangStarts, CheckpointEvaluations, ParentJobs):
+class Controller(GangStarts, JobStops, CheckpointEvaluations, ParentJobs):
     def __init__(self, cluster: dict, tick_s: float = TICK_S, backfill_window_s: float = 120.0):
         from orchestrator.cluster_config import ClusterConfig
         import orchestrator.runner  # noqa: F401  (imports torch now, not when the first job starts)
@@ -172,7 +173,7 @@ class Controller(GangStarts, CheckpointEvaluations, ParentJobs):
 
     def tick(self) -> None:
         with self._lock:
-            self._handle_cancels()
+            self._handle_stops()
             self._watch_running()
             self._schedule()
             self._evaluate_checkpoints()
@@ -209,35 +210,6 @@ class Controller(GangStarts, CheckpointEvaluations, ParentJobs):
             if rec.state != JobState.RESTARTING:
                 self.store.transition(rec.id, JobState.RESTARTING, "controller restarted; resuming from checkpoint")
             self.store.transition(rec.id, JobState.QUEUED, "requeued after controller restart")
-
-    # ------------------------------------------------------------------ cancel
-
-    def _handle_cancels(self) -> None:
-        """A cancel of a running (or stopping) job: stop it now, or (``cancel --checkpoint``) ask its ranks to
-        finish the step and save a checkpoint, and kill them if they take longer than a preemption may."""
-        for job_id, act in list(self.active.items()):
-            if act.starter is not None and act.starter.is_alive():
-                rec = self.store.get(job_id)
-                if act.abort is None and rec.cancel_requested:
-                    self._abort_start(act, JobState.CANCELLED, f"{rec.cancel_reason} while starting")
-                continue  # the starter ends soon; _watch_running then stops whatever it made
-            rec = self.store.get(job_id)
-            if not rec.cancel_requested or rec.terminal:
-                continue
-            reason = rec.cancel_reason
-            if rec.cancel_checkpoint and rec.state == JobState.RUNNING and act.preempt is None:
-                limit = self.cluster.preemption.stop_timeout_s
-                if act.cancel_at is None:
-                    act.cancel_at = time.time()
-                    act.run.group.stop()  # _watch_running records CANCELLED once the ranks return
-                    log.info("cancelling %s at its next step boundary, with a checkpoint", job_id)
-                    continue
-                if time.time() - act.cancel_at <= limit:
-                    continue
-                reason += f": did not stop within {limit:g} s and was killed"
-            act.run.shutdown()
-            self.active.pop(job_id)
-            self.store.transition(job_id, JobState.CANCELLED, reason)
 
     # ------------------------------------------------------------------ running jobs
 
@@ -321,9 +293,9 @@ class Controller(GangStarts, CheckpointEvaluations, ParentJobs):
             if r.get("final_eval"):
                 metrics.update(r["final_eval"])
             if r["stopped"]:
-                why = (f"{self.store.get(job_id).cancel_reason}: stopped at step {r['steps']} with a checkpoint"
-                       if act.cancel_at is not None else "stopped")
-                self.store.transition(job_id, JobState.CANCELLED, why, step=r["steps"], metrics=metrics)
+                state, why = (act.stopping[0], f"{act.stopping[1]}: stopped at step {r['steps']} with a checkpoint"
+                              ) if act.stopping is not None else (JobState.CANCELLED, "stopped")
+                self.store.transition(job_id, state, why, step=r["steps"], metrics=metrics)
             else:
                 self.store.transition(job_id, JobState.SUCCEEDED, "finished", step=r["steps"], metrics=metrics)
                 if self.store.get(job_id).kind == "sweep-run":
@@ -422,7 +394,7 @@ class Controller(GangStarts, CheckpointEvaluations, ParentJobs):
         nodes = tuple(i["node"] for i in infos) if len(infos) == len(bundles) else ("?",) * len(bundles)
         since = rec.running_since if rec.state == JobState.RUNNING and act.started else None
         return sched.RunningJob(job_id, rec.priority, bundles, nodes, since, rec.preemptions, rec.team,
-                                stopping=act.preempt is not None or act.cancel_at is not None)
+                                stopping=act.preempt is not None or act.stopping is not None)
 
     def _running_jobs(self) -> list[sched.RunningJob]:
         """The jobs holding workers, as the scheduler sees them (preemption candidates, quota use).
@@ -522,8 +494,8 @@ class Controller(GangStarts, CheckpointEvaluations, ParentJobs):
 
     def _preempt(self, decision: sched.Preempt) -> None:
         act = self.active.get(decision.job_id)
-        if act is None or act.preempt is not None or act.cancel_at is not None:
-            return  # already stopping: a cancel's stop frees the same room
+        if act is None or act.preempt is not None or act.stopping is not None:
+            return  # already stopping: a cancel's or a time limit's stop frees the same room
         from orchestrator.job_store import IllegalTransitionError
 
         try:

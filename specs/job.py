@@ -171,6 +171,10 @@ class ResourcesSpec(_Section):
     """The fewest workers an elastic job resumes on (default 1)."""
     elastic_wait_s: float = Field(60.0, ge=0, le=86400)
     """How long an elastic job that lost workers waits for capacity before resuming on fewer, seconds."""
+    time_limit_s: float | None = Field(None, gt=0, le=366 * 86400)
+    """The most a submitted job may spend running, seconds, over all its attempts; then its ranks save a
+    checkpoint and it FAILS, and ``switchyard requeue JOB --set resources.time_limit_s=...`` continues it.
+    None: cluster.yaml's workers.max_time_limit_s, if any."""
 
 
 class ParallelSpec(_Section):

@@ -272,3 +272,14 @@ def test_sweep_files_are_read_as_plain_yaml(box, capsys, text, needle):
     sweep = box.root / "sweep.yaml"
     sweep.write_text(text)
     refused(box, capsys, ["sweep", str(sweep), "--dry-run"], needle)
+
+
+def test_a_time_limit_over_the_cluster_s_cap_is_refused_at_submit(tmp_path, capsys):
+    box = Sandbox(tmp_path, "workers: {max_time_limit_s: 3600}\n")
+    spec = tmp_path / "S"
+    spec.write_text(BASE.replace("resources: {workers: 2}", "resources: {workers: 2, time_limit_s: 7200}"))
+    line = refused(box, capsys, ["submit", str(spec)], "resources.time_limit_s: 7200 s is over this cluster's limit")
+    assert "workers.max_time_limit_s" in line
+    refused(box, capsys, ["submit", str(spec), "--set", "resources.time_limit_s=0"], "resources.time_limit_s")
+    code, lines = box.cli("submit", str(spec), "--set", "resources.time_limit_s=600", capsys=capsys)
+    assert code == 0 and any(ln.startswith("sy-") for ln in lines), lines

@@ -137,6 +137,33 @@ def test_cancel_with_a_checkpoint_then_requeue_resumes_exactly_there(controller)
     assert len(_losses(rec.run_dir)) == end
 
 
+def test_a_job_past_its_time_limit_saves_a_checkpoint_and_fails_saying_how_to_continue(controller):
+    from data.storage import Storage
+    from orchestrator.job_control import requeue_job
+    from workers.checkpoint_store import latest_checkpoint
+
+    cfg, _ = controller
+    store = JobStore(cfg.job_store)
+    spec = tiny_spec(name="timed", **{"train.steps": 5000, "checkpoint.every": 1000, "resources.workers": 1,
+                                      "resources.cpus_per_worker": 2, "resources.time_limit_s": 3})
+    job = submit_spec(cfg, spec, priority=0)
+    wait_for(lambda: store.get(job).terminal, timeout=120, what="the time limit")
+    rec = store.get(job)
+    assert rec.state == JobState.FAILED and rec.restarts == 0, rec.reason
+    assert rec.reason == (f"time limit of 3 s reached (resources.time_limit_s); `switchyard requeue {job} --set "
+                          f"resources.time_limit_s=SECONDS` continues it: stopped at step {rec.step} with a checkpoint")
+    running = sum(end - start for start, end in rec.run_intervals)
+    assert 3 <= running < 3 + 10, running  # stopped at the first tick and step boundary past it
+    assert latest_checkpoint(Storage(cfg.storage), rec.run_dir).step == rec.step > 0
+    from orchestrator.cli_jobs import job_status
+
+    shown = job_status(store, job)  # `status` says the limit and the time used
+    assert shown["time_limit_s"] == 3 and shown["run_s"] == pytest.approx(running)
+    back = requeue_job(cfg, store, rec, "root", ["resources.time_limit_s=600"])
+    assert back.state == JobState.QUEUED and back.spec["resources"]["time_limit_s"] == 600
+    store.request_cancel(job)
+
+
 def test_killed_controller_comes_back_and_loses_no_job(controller):
     cfg, handle = controller
     store = JobStore(cfg.job_store)
