@@ -69,6 +69,7 @@ def requeue_job(cluster, store, rec, by: str, overrides: list[str] | tuple[str, 
         raise UsageError(f"requeue: --set name={spec.name}: a requeued job keeps its name, which names its run "
                          f"directory {rec.run_dir}; submit the spec as a new job to change it")
     resources = checked_resources(cluster, spec)  # its files must still be there, its paths inside the roots
+    _check_time_left(cluster, rec, spec)
     quota = cluster.teams.get(rec.team)
     fields = dict(spec=spec.to_dict(), resources=resources, max_restarts=spec.max_restarts,
                   note=", ".join(overrides)[:NOTE_MAX]) if overrides else {}
@@ -81,6 +82,20 @@ def requeue_job(cluster, store, rec, by: str, overrides: list[str] | tuple[str, 
         Storage(cluster.storage, dict(cluster.storage_options)).write_json(f"{rec.run_dir}/spec.json",
                                                                            fields["spec"])
     return new
+
+
+def _check_time_left(cluster, rec, spec) -> None:
+    """UsageError when the job has already run for all of its time limit: it would stop again at once."""
+    import time
+
+    cap = cluster.workers.max_time_limit_s
+    limits = [t for t in (spec.resources.time_limit_s, cap) if t is not None]
+    now = time.time()
+    used = sum((end or now) - start for start, end in rec.run_intervals)
+    if limits and used >= min(limits):
+        most = f" (at most {cap:g}, workers.max_time_limit_s)" if cap is not None else ""
+        raise UsageError(f"requeue: {rec.id} has run {used:.0f} s, all of its time limit of {min(limits):g} s; "
+                         f"give it more with --set resources.time_limit_s=SECONDS{most}")
 
 
 def requeued_line(out: dict) -> str:

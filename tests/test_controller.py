@@ -11,6 +11,7 @@ from orchestrator.cli_jobs import submit_spec
 from orchestrator.controller import start_controller
 from orchestrator.job_store import JobState, JobStore
 from orchestrator.runner import run_job
+from specs.errors import UsageError
 from tests.conftest import tiny_spec, wait_for
 
 pytestmark = pytest.mark.ray
@@ -159,6 +160,8 @@ def test_a_job_past_its_time_limit_saves_a_checkpoint_and_fails_saying_how_to_co
 
     shown = job_status(store, job)  # `status` says the limit and the time used
     assert shown["time_limit_s"] == 3 and shown["run_s"] == pytest.approx(running)
+    with pytest.raises(UsageError, match="has run \\d+ s, all of its time limit of 3 s; give it more with --set"):
+        requeue_job(cfg, store, rec, "root")  # it would stop again at once
     back = requeue_job(cfg, store, rec, "root", ["resources.time_limit_s=600"])
     assert back.state == JobState.QUEUED and back.spec["resources"]["time_limit_s"] == 600
     store.request_cancel(job)
