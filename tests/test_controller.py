@@ -154,7 +154,7 @@ def test_a_job_past_its_time_limit_saves_a_checkpoint_and_fails_saying_how_to_co
     assert rec.reason == (f"time limit of 3 s reached (resources.time_limit_s); `switchyard requeue {job} --set "
                           f"resources.time_limit_s=SECONDS` continues it: stopped at step {rec.step} with a checkpoint")
     running = sum(end - start for start, end in rec.run_intervals)
-    assert 3 <= running < 3 + 10, running  # stopped at the first tick and step boundary past it
+    assert 3 <= running < 3 + 30, running  # stopped at a tick and step boundary soon after, not 5000 steps on
     assert latest_checkpoint(Storage(cfg.storage), rec.run_dir).step == rec.step > 0
     from orchestrator.cli_jobs import job_status
 
