@@ -271,14 +271,14 @@ def test_a_start_past_its_deadline_fails_and_a_start_can_be_cancelled(tmp_path, 
     act.starter = threading.Thread(target=start, daemon=True)
     act.starter.start()
     ctl.active[rec.id] = act
-    ctl._handle_cancels()
+    ctl._handle_stops()
     ctl._watch_running()
     assert run.shutdowns == 0 and ctl.store.get(rec.id).state == JobState.STARTING
     if how == "deadline":
         now[0] += 6                                   # past workers.start_timeout_s = 5
     else:
         ctl.store.request_cancel(rec.id)
-    ctl._handle_cancels()
+    ctl._handle_stops()
     ctl._watch_running()                              # the ranks are killed: the starter ends
     act.starter.join(10)
     ctl._watch_running()
