@@ -293,8 +293,9 @@ class Controller(GangStarts, JobStops, CheckpointEvaluations, ParentJobs):
             if r.get("final_eval"):
                 metrics.update(r["final_eval"])
             if r["stopped"]:
-                state, why = (act.stopping[0], f"{act.stopping[1]}: stopped at step {r['steps']} with a checkpoint"
-                              ) if act.stopping is not None else (JobState.CANCELLED, "stopped")
+                state, why, then, _ = act.stopping or (JobState.CANCELLED, "stopped", "", 0.0)
+                if act.stopping is not None:
+                    why = f"{why}: stopped at step {r['steps']} with a checkpoint{then}"
                 self.store.transition(job_id, state, why, step=r["steps"], metrics=metrics)
             else:
                 self.store.transition(job_id, JobState.SUCCEEDED, "finished", step=r["steps"], metrics=metrics)

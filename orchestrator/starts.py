@@ -49,7 +49,7 @@ class Active:
     abort: tuple | None = None             # (state, reason) once a start is cancelled or past its deadline
     bundles: tuple = ()                    # what it asked for: counted as held until its gang is placed
     first_progress: tuple | None = None    # (time, step) of this attempt's first progress: its step rate
-    stopping: tuple | None = None          # (state, why, when) once asked to checkpoint and stop: cancel --checkpoint,
+    stopping: tuple | None = None          # (state, why, then, when) once asked to checkpoint and stop: cancel --checkpoint,
                                            # or its time limit
 
     @property

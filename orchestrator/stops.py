@@ -41,18 +41,21 @@ class JobStops:
             if rec.cancel_requested and not (rec.cancel_checkpoint and checkpointed):
                 self._kill(job_id, act, JobState.CANCELLED, rec.cancel_reason)
             elif act.stopping is not None:
-                state, why, since = act.stopping
-                if time.time() - since > self.cluster.preemption.stop_timeout_s:
-                    self._kill(job_id, act, state, f"{why}: did not stop within "
-                                                   f"{self.cluster.preemption.stop_timeout_s:g} s and was killed")
+                state, why, then, since = act.stopping
+                limit = self.cluster.preemption.stop_timeout_s
+                if time.time() - since > limit:
+                    self._kill(job_id, act, state, f"{why}: did not stop within {limit:g} s and was killed{then}")
             elif rec.cancel_requested:
                 self._checkpoint_and_stop(job_id, act, JobState.CANCELLED, rec.cancel_reason)
             elif checkpointed and (over := self._time_limit_spent(rec)) is not None:
-                self._checkpoint_and_stop(job_id, act, JobState.FAILED, over)
+                self._checkpoint_and_stop(job_id, act, JobState.FAILED, over,
+                                          f"; `switchyard requeue {job_id} --set resources.time_limit_s=SECONDS` "
+                                          "continues it")
 
-    def _checkpoint_and_stop(self, job_id: str, act: Active, state: JobState, why: str) -> None:
-        """Ask the ranks to finish the step, save a checkpoint and return; _watch_running then records ``state``."""
-        act.stopping = (state, why, time.time())
+    def _checkpoint_and_stop(self, job_id: str, act: Active, state: JobState, why: str, then: str = "") -> None:
+        """Ask the ranks to finish the step, save a checkpoint and return; _watch_running then records ``state``
+        with ``why``, the step, and ``then`` (what to do next)."""
+        act.stopping = (state, why, then, time.time())
         act.run.group.stop()
         log.info("stopping %s at its next step boundary, with a checkpoint: %s", job_id, why)
 
@@ -71,5 +74,4 @@ class JobStops:
         used = sum((end or now) - start for start, end in rec.run_intervals)
         if used < min(limits):
             return None
-        return (f"time limit of {min(limits):g} s reached (resources.time_limit_s); `switchyard requeue {rec.id} "
-                "--set resources.time_limit_s=SECONDS` continues it")
+        return f"time limit of {min(limits):g} s reached (resources.time_limit_s)"

@@ -151,8 +151,8 @@ def test_a_job_past_its_time_limit_saves_a_checkpoint_and_fails_saying_how_to_co
     wait_for(lambda: store.get(job).terminal, timeout=120, what="the time limit")
     rec = store.get(job)
     assert rec.state == JobState.FAILED and rec.restarts == 0, rec.reason
-    assert rec.reason == (f"time limit of 3 s reached (resources.time_limit_s); `switchyard requeue {job} --set "
-                          f"resources.time_limit_s=SECONDS` continues it: stopped at step {rec.step} with a checkpoint")
+    assert rec.reason == (f"time limit of 3 s reached (resources.time_limit_s): stopped at step {rec.step} with a "
+                          f"checkpoint; `switchyard requeue {job} --set resources.time_limit_s=SECONDS` continues it")
     running = sum(end - start for start, end in rec.run_intervals)
     assert 3 <= running < 3 + 30, running  # stopped at a tick and step boundary soon after, not 5000 steps on
     assert latest_checkpoint(Storage(cfg.storage), rec.run_dir).step == rec.step > 0
