@@ -142,6 +142,10 @@ def test_cluster_page_shows_nodes_and_the_controller(live, browser):
     shot(page, "cluster")
     page.click("#nav a[data-page='jobs']")
     page.wait_for_selector(f"#jobs a[href='#/job/{live['train']}']")
+    # A page of the store at a time (GET /jobs?limit=200&page=1), never the whole store.
+    assert page.inner_text("#jobs-page") == "jobs 1–2 of 2, the newest first"
+    assert page.is_disabled("#jobs-newer") and page.is_disabled("#jobs-older")
+    assert "/ 100,000" in page.inner_text(f"#jobs tr:has(a[href='#/job/{live['train']}'])")
     page.fill("#filter", "big")
     page.wait_for_selector(f"#jobs a[href='#/job/{live['train']}']", state="detached")
     assert page.is_visible(f"#jobs a[href='#/job/{live['waiting']}']")
@@ -234,6 +238,35 @@ def test_cancel_from_the_page_only_for_your_own_job(live, browser):
     assert rec.reason == f"cancelled by alice: stopped at step {rec.step} with a checkpoint", rec.reason
     assert "with a checkpoint" in alice.inner_text("#history") and alice.is_visible("#requeue")
     alice.close()
+
+
+def test_the_jobs_page_reads_the_store_a_page_at_a_time(tmp_path, browser):
+    """205 jobs: the newest 200 on the first page, the oldest 5 one click away (no controller needed)."""
+    from orchestrator.api import serve_in_thread
+
+    cfg = ClusterConfig.model_validate({"storage": str(tmp_path / "runs"), "job_store": str(tmp_path / "jobs.db")})
+    store = JobStore(cfg.job_store)
+    token = store.create_token("dana")
+    ids = [store.submit(f"j{i}", "train", {}, 0, {"workers": 1, "cpus_per_worker": 1}, 0,
+                        run_dir_for=lambda j: str(tmp_path / "runs" / j), owner="dana").id for i in range(205)]
+    srv = serve_in_thread(cfg, "127.0.0.1:0")
+    try:
+        page = sign_in(browser, srv.url, token)
+        page.goto(f"{srv.url}/dashboard/#/jobs")
+        page.wait_for_selector("#jobs-page:has-text('of 205')")
+        assert page.inner_text("#jobs-page") == "jobs 1–200 of 205, the newest first"
+        assert page.locator("#jobs tbody tr").count() == 200 and page.is_visible(f"#jobs a[href='#/job/{ids[-1]}']")
+        assert page.is_disabled("#jobs-newer") and not page.is_visible(f"#jobs a[href='#/job/{ids[0]}']")
+        page.click("#jobs-older")
+        page.wait_for_selector(f"#jobs a[href='#/job/{ids[0]}']")
+        assert page.inner_text("#jobs-page") == "jobs 201–205 of 205, the newest first"
+        assert page.locator("#jobs tbody tr").count() == 5 and page.is_disabled("#jobs-older")
+        page.click("#jobs-newer")
+        page.wait_for_selector(f"#jobs a[href='#/job/{ids[-1]}']")
+        shot(page, "jobs-pages")
+        page.close()
+    finally:
+        srv.stop()
 
 
 def test_pipeline_and_sweep_pages(tmp_path, browser):

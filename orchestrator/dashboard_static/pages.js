@@ -74,23 +74,40 @@ async function queuePage() {
 
 // ------------------------------------------------------------------ jobs
 
+const JOBS_PER_PAGE = 200;  // the store is read a page at a time (GET /jobs?limit=&page=), never whole
+
 async function jobsPage() {
   const gen = app.gen;
-  const filter = h("input", {id: "filter", placeholder: "filter by id, name, owner, state"});
+  const filter = h("input", {id: "filter", placeholder: "filter this page by id, name, owner, state"});
+  const newer = h("button", {id: "jobs-newer", type: "button"}, "‹ newer");
+  const older = h("button", {id: "jobs-older", type: "button"}, "older ›");
+  const where = h("span", {id: "jobs-page", class: "muted"});
   const root = h("div", {});
-  show(h("h1", {}, "Jobs"), h("div", {class: "toolbar"}, filter), root);
-  let jobs = [];
+  show(h("h1", {}, "Jobs"), h("div", {class: "toolbar"}, filter, " ", newer, " ", older, " ", where), root);
+  let got = {jobs: [], total: 0, page: 1, limit: JOBS_PER_PAGE}, page = 1;
   const draw = () => {
     const f = filter.value.trim().toLowerCase();
-    const rows = jobs.slice().reverse().filter(j => !f || [j.id, j.name, j.owner, j.state, j.kind]
+    const rows = got.jobs.slice().reverse().filter(j => !f || [j.id, j.name, j.owner, j.state, j.kind]
       .some(v => String(v || "").toLowerCase().includes(f)));
+    const first = (got.page - 1) * got.limit;
+    where.textContent = got.total ? `jobs ${fmt(first + 1)}–${fmt(first + got.jobs.length)} of ${fmt(got.total)}, ` +
+      "the newest first" : "no jobs yet";
+    newer.disabled = got.page <= 1;
+    older.disabled = first + got.jobs.length >= got.total;
     root.replaceChildren(card(null, table(["job", "name", "kind", "state", "priority", "owner", "step", "submitted"],
       rows.map(j => tr([j.kind === "pipeline" ? h("a", {href: `#/pipeline/${j.id}`}, j.id) : jobLink(j.id), j.name,
-        j.kind, stateBadge(j.state), fmt(j.priority), j.owner || "–", fmt(j.step), when(j.submitted_at)])),
+        j.kind, stateBadge(j.state), fmt(j.priority), j.owner || "–",
+        fmt(j.step) + (j.steps_total ? ` / ${fmt(j.steps_total)}` : ""), when(j.submitted_at)])),
       {id: "jobs"})));
   };
   filter.addEventListener("input", draw);
-  const load = async () => { jobs = await api("/jobs"); if (alive(gen)) draw(); };
+  const load = async () => {
+    const want = page;
+    const answer = await api(`/jobs?limit=${JOBS_PER_PAGE}&page=${want}`);
+    if (alive(gen) && want === page) { got = answer; draw(); }
+  };
+  newer.addEventListener("click", () => { page = Math.max(1, page - 1); load(); });
+  older.addEventListener("click", () => { page += 1; load(); });
   await load();
   every(5000, load);
 }
