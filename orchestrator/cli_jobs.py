@@ -298,9 +298,8 @@ def cmd_list(args) -> int:
           f"{'AGE':>6}  WHY")
     for r in sorted(rows, key=lambda r: r["submitted_at"]):
         why = list_why(r)
-        step = f"{r['step'] or 0}" + (f"/{r['steps_total']}" if r.get("steps_total") else "")
         print(f"{r['id']:<20} {_clip(r['name'], w):<{w}} {(r.get('owner') or '-')[:10]:<10} {r['state']:<11} "
-              f"{r['priority']:>4} {step:>13} {r['restarts']:>8} {_age(r['submitted_at']):>6}  {why}")
+              f"{r['priority']:>4} {step_text(r):>13} {r['restarts']:>8} {_age(r['submitted_at']):>6}  {why}")
     if total > len(rows):
         newest = (args.page - 1) * args.limit
         print(f"page {args.page}: jobs {newest + 1}-{newest + len(rows)} of {total}, newest first by page; "
@@ -354,9 +353,10 @@ def job_status(store, job_id: str, storage=None) -> dict:
 def progress(rec) -> dict:
     """``steps_total`` of a training job, ``run_s`` (its time running, all attempts), its ``time_limit_s``, and
     while it runs ``eta_s``: its steps left at this attempt's rate."""
+    from orchestrator.job_records import TRAINING_KINDS
     from specs.job import validate_spec
 
-    if rec.kind not in ("train", "sweep-run", "pipeline-stage"):
+    if rec.kind not in TRAINING_KINDS:
         return {}
     try:
         total = validate_spec(rec.spec, source=rec.id).total_steps
@@ -364,10 +364,13 @@ def progress(rec) -> dict:
         return {}
     rate = (rec.metrics or {}).get("steps_per_s")
     running = rec.state.value == "RUNNING" and isinstance(rate, (int, float)) and rate > 0
-    now = time.time()
     return {"steps_total": total, "eta_s": max(0, total - rec.step) / rate if running else None,
-            "time_limit_s": (rec.spec.get("resources") or {}).get("time_limit_s"),
-            "run_s": sum((end or now) - start for start, end in rec.run_intervals)}
+            "time_limit_s": (rec.spec.get("resources") or {}).get("time_limit_s"), "run_s": rec.run_seconds()}
+
+
+def step_text(job: dict) -> str:
+    """'244/2000': a job's step out of its total (``progress``), or the step alone when the total is unknown."""
+    return f"{job.get('step') or 0}" + (f"/{job['steps_total']}" if job.get("steps_total") else "")
 
 
 def span(s: float) -> str:
@@ -440,8 +443,7 @@ def cmd_status(args) -> int:
             print(f"reason: {out['reason']}")
     elif args.job:
         m = out.get("metrics") or {}
-        of = f"/{out['steps_total']}" if out.get("steps_total") else ""
-        print(f"{out['id']}  {out['name']}  {out['state']}  priority {out['priority']}  step {out['step']}{of}  "
+        print(f"{out['id']}  {out['name']}  {out['state']}  priority {out['priority']}  step {step_text(out)}  "
               f"restarts {out['restarts']}  owner {out.get('owner') or '-'} ({out.get('team') or '-'})")
         if out.get("eta_s") is not None:
             done = 100.0 * out["step"] / max(1, out["steps_total"])
@@ -487,9 +489,8 @@ def cmd_status(args) -> int:
         print(f"running: {len(out['running'])}  queued: {len(out['queued'])}")
         for r in out["running"] + out["queued"][:QUEUED_SHOWN]:
             why = pending_line(r)
-            of = f"/{r['steps_total']}" if r.get("steps_total") else ""
             left = f", about {span(r['eta_s'])} left" if r.get("eta_s") is not None else ""
-            print(f"  {r['id']} {r['name']} {r['state']} prio {r['priority']} step {r['step']}{of}{left}"
+            print(f"  {r['id']} {r['name']} {r['state']} prio {r['priority']} step {step_text(r)}{left}"
                   + (f"  {why}" if why else ""))
         if len(out["queued"]) > QUEUED_SHOWN:
             print(f"  ... and {len(out['queued']) - QUEUED_SHOWN} more queued (`switchyard list` pages through all)")

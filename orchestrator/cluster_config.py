@@ -121,9 +121,6 @@ class ApiConfig(_Section):
     """File the CLI reads its bearer token from when the variable is unset."""
 
 
-_STATES = ("QUEUED", "STARTING", "RUNNING", "RESTARTING", "PREEMPTED", "SUCCEEDED", "FAILED", "CANCELLED")
-
-
 class WebhookConfig(_Section):
     """A URL the controller posts job state changes to (orchestrator/notify.py)."""
 
@@ -139,9 +136,12 @@ class WebhookConfig(_Section):
     @field_validator("states")
     @classmethod
     def _known_states(cls, v: list[str]) -> list[str]:
-        bad = [s for s in v if s.upper() not in _STATES]
+        from orchestrator.job_records import JobState
+
+        states = [s.value for s in JobState]
+        bad = [s for s in v if s.upper() not in states]
         if bad:
-            raise ValueError(f"{bad[0]!r} is not a job state; give some of {', '.join(_STATES)}")
+            raise ValueError(f"{bad[0]!r} is not a job state; give some of {', '.join(states)}")
         return [s.upper() for s in v]
 
 

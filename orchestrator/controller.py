@@ -46,6 +46,7 @@ from orchestrator.queue_view import EXACT_POSITIONS, QueueView
 from orchestrator.starts import WARM_MAX, Active, GangStarts
 from orchestrator.stops import JobStops
 from specs.errors import UsageError
+from orchestrator.job_records import TRAINING_KINDS
 from orchestrator.job_store import JobState, JobStore
 from orchestrator.notify import Notifier
 from workers.pool import WarmPool
@@ -66,7 +67,6 @@ def _log_to_stderr() -> None:
 
 CONTROLLER_NAME = "switchyard-controller"
 TICK_S = 0.2  # a tick costs what changed (queue_view.py); a submit waits half a tick on average
-TRAINING_KINDS = ("train", "sweep-run", "pipeline-stage")
 FAIR_SHARE_HORIZON = 30  # half-lives of run history that fair share reads
 DOWN_STOP_S = 20.0  # at `switchyard down`, running jobs get this long to checkpoint and stop (stop_controller waits 30)
 VACATED_GRACE_S = 15.0  # a preempted gang's room counts as spoken for this long (Ray's free view lags its removal)

@@ -28,6 +28,7 @@ from __future__ import annotations
 import sys
 
 from orchestrator.cli_jobs import _cluster, _controller_alive, _remote, _store, authorize, find_job, local_user
+from orchestrator.job_records import effective_time_limit
 from orchestrator.job_store import IllegalTransitionError, JobState
 from specs.errors import UsageError
 
@@ -86,15 +87,11 @@ def requeue_job(cluster, store, rec, by: str, overrides: list[str] | tuple[str, 
 
 def _check_time_left(cluster, rec, spec) -> None:
     """UsageError when the job has already run for all of its time limit: it would stop again at once."""
-    import time
-
     cap = cluster.workers.max_time_limit_s
-    limits = [t for t in (spec.resources.time_limit_s, cap) if t is not None]
-    now = time.time()
-    used = sum((end or now) - start for start, end in rec.run_intervals)
-    if limits and used >= min(limits):
+    limit, used = effective_time_limit(spec.resources.time_limit_s, cap), rec.run_seconds()
+    if limit is not None and used >= limit:
         most = f" (at most {cap:g}, workers.max_time_limit_s)" if cap is not None else ""
-        raise UsageError(f"requeue: {rec.id} has run {used:.0f} s, all of its time limit of {min(limits):g} s; "
+        raise UsageError(f"requeue: {rec.id} has run {used:.0f} s, all of its time limit of {limit:g} s; "
                          f"give it more with --set resources.time_limit_s=SECONDS{most}")
 
 

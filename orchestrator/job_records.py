@@ -10,6 +10,7 @@ import json
 import math
 import re
 import sqlite3
+import time
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
@@ -113,6 +114,13 @@ LEGAL_TRANSITIONS: dict[JobState, frozenset[JobState]] = {
 
 # Workers are only meaningful while ranks exist; leaving these states clears them.
 _HAS_WORKERS = frozenset({JobState.STARTING, JobState.RUNNING, JobState.PREEMPTED})
+
+
+def effective_time_limit(*limits: float | None) -> float | None:
+    """The time limit that applies of a job's ``resources.time_limit_s`` and cluster.yaml's cap: the shorter
+    of those given, None when neither is."""
+    given = [t for t in limits if t is not None]
+    return min(given) if given else None
 
 
 # ---------------------------------------------------------------------- names and paths
@@ -226,6 +234,8 @@ class TokenInfo:
                 "expires_at": self.expires_at}
 
 
+TRAINING_KINDS = ("train", "sweep-run", "pipeline-stage")
+"""Job kinds that hold workers and train (pipelines and sweeps are records of their stages and runs)."""
 TOKEN_ID_CHARS = 12
 CANCEL_CHECKPOINT = 2
 """``jobs.cancel_requested`` of a cancel that saves a checkpoint first (1: stop at once)."""
@@ -339,6 +349,11 @@ class JobRecord:
     def run_intervals(self) -> list[tuple[float, float | None]]:
         """(start, end) of every stretch in RUNNING or PREEMPTED (still stopping), end None while it lasts."""
         return _run_intervals(self.history)
+
+    def run_seconds(self, now: float | None = None) -> float:
+        """Time spent RUNNING (or PREEMPTED, still stopping) over all attempts, up to ``now`` for a live stretch."""
+        now = time.time() if now is None else now
+        return sum((end or now) - start for start, end in self.run_intervals)
 
     @property
     def running_since(self) -> float | None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import time
 
+from orchestrator.job_records import effective_time_limit
 from orchestrator.job_store import JobState
 from orchestrator.starts import Active
 
@@ -66,12 +67,8 @@ class JobStops:
 
     def _time_limit_spent(self, rec) -> str | None:
         """The reason to stop ``rec`` when its time running (all attempts) is past its limit, else None."""
-        limits = [t for t in ((rec.spec.get("resources") or {}).get("time_limit_s"),
-                              self.cluster.workers.max_time_limit_s) if t is not None]
-        if not limits:
+        limit = effective_time_limit((rec.spec.get("resources") or {}).get("time_limit_s"),
+                                     self.cluster.workers.max_time_limit_s)
+        if limit is None or rec.run_seconds() < limit:
             return None
-        now = time.time()
-        used = sum((end or now) - start for start, end in rec.run_intervals)
-        if used < min(limits):
-            return None
-        return f"time limit of {min(limits):g} s reached (resources.time_limit_s)"
+        return f"time limit of {limit:g} s reached (resources.time_limit_s)"
