@@ -18,6 +18,7 @@ import sys
 import time
 
 from orchestrator import json_output
+from orchestrator.packing import span
 from specs.errors import UsageError
 
 HEARTBEAT_STALE_S = 15.0
@@ -235,7 +236,18 @@ def pending_line(job: dict) -> str:
     line = f"#{p.get('position')}, " + (reason if said else f"waiting for {p.get('waiting_for')}: {reason}")
     if p.get("preempted_by"):
         line += f" (preempted by {p['preempted_by']})"
+    if starts := starts_text(p):
+        line += f" ({starts})"
     return line
+
+
+def starts_text(pending: dict, now: float | None = None) -> str:
+    """'starts within about 12m' for the head of the queue, when the time limits of the jobs in its way tell
+    (the scheduler's ``starts_by``); '' otherwise."""
+    if not pending.get("starts_by"):
+        return ""
+    left = pending["starts_by"] - (time.time() if now is None else now)
+    return f"starts within about {span(left)}" if left > 0 else "should start at any moment"
 
 
 QUEUED_SHOWN = 20  # the cluster `status` lists the queue's head; --json and `list` have every job
@@ -371,12 +383,6 @@ def progress(rec) -> dict:
 def step_text(job: dict) -> str:
     """'244/2000': a job's step out of its total (``progress``), or the step alone when the total is unknown."""
     return f"{job.get('step') or 0}" + (f"/{job['steps_total']}" if job.get("steps_total") else "")
-
-
-def span(s: float) -> str:
-    """A duration for people (a job's time left, a token's lifetime): 45s, 90m, 12h, 30d."""
-    return f"{s:.0f}s" if s < 120 else f"{s / 60:.0f}m" if s < 7200 else f"{s / 3600:.0f}h" if s < 172800 \
-        else f"{s / 86400:.0f}d"
 
 
 def _eval_line(e: dict, best: bool) -> str:

@@ -46,7 +46,7 @@ from orchestrator.queue_view import EXACT_POSITIONS, QueueView
 from orchestrator.starts import WARM_MAX, Active, GangStarts
 from orchestrator.stops import JobStops
 from specs.errors import UsageError
-from orchestrator.job_records import TRAINING_KINDS
+from orchestrator.job_records import TRAINING_KINDS, effective_time_limit
 from orchestrator.job_store import JobState, JobStore
 from orchestrator.notify import Notifier
 from workers.pool import WarmPool
@@ -70,6 +70,9 @@ TICK_S = 0.2  # a tick costs what changed (queue_view.py); a submit waits half a
 FAIR_SHARE_HORIZON = 30  # half-lives of run history that fair share reads
 DOWN_STOP_S = 20.0  # at `switchyard down`, running jobs get this long to checkpoint and stop (stop_controller waits 30)
 VACATED_GRACE_S = 15.0  # a preempted gang's room counts as spoken for this long (Ray's free view lags its removal)
+START_ALLOWANCE_S = 120.0
+"""What a start is counted to take when the scheduler works out when a job with a time limit ends (its time
+limit counts from RUNNING): see ``_ends_by`` and ``QueueView``."""
 
 
 class Controller(GangStarts, JobStops, CheckpointEvaluations, ParentJobs):
@@ -95,7 +98,10 @@ class Controller(GangStarts, JobStops, CheckpointEvaluations, ParentJobs):
         self._stop = threading.Event()
         self._wake = threading.Event()  # set when a start ends or a gang returns: tick now, not at the next beat
         self._shares: tuple[float, dict[str, float]] = (0.0, {})  # (computed at, team -> usage / weight)
-        self.queue = QueueView(TRAINING_KINDS)  # the queue, read incrementally from the store (queue_view.py)
+        # The queue, read incrementally from the store (queue_view.py); a queued job's time limit bounds how long
+        # it holds its workers once started, with a start and a stop (scheduler.py: backfill behind an aged head).
+        self.queue = QueueView(TRAINING_KINDS, self.cluster.workers.max_time_limit_s,
+                               START_ALLOWANCE_S + self.cluster.preemption.stop_timeout_s)
         self._compacted_at = 0.0  # when the job store's retention policy last ran
         self._vacated: dict[str, tuple[float, sched.RunningJob]] = {}  # preempted job -> (when, what it held)
         p = self.cluster.preemption
@@ -314,7 +320,8 @@ class Controller(GangStarts, JobStops, CheckpointEvaluations, ParentJobs):
         """A preempted job has stopped (or is killed): free its gang and queue it to resume."""
         progress = act.run.group.progress(timeout_s=1.0) if act.run.group is not None else {}
         held = self._as_running(job_id, act, self.store.get(job_id))
-        self._vacated[job_id] = (time.time(), sched.RunningJob(**{**held.__dict__, "stopping": True}))
+        self._vacated[job_id] = (time.time(), sched.RunningJob(**{**held.__dict__, "stopping": True,
+                                                                  "ends_by": time.time() + VACATED_GRACE_S}))
         if result is not None and not killed and len(self.warm) < WARM_MAX:
             # Its ranks returned at a step boundary, healthy: the gang is warm for the preempting job (same
             # shape: it starts on it at once) and is released at the end of the tick otherwise.
@@ -395,7 +402,21 @@ class Controller(GangStarts, JobStops, CheckpointEvaluations, ParentJobs):
         nodes = tuple(i["node"] for i in infos) if len(infos) == len(bundles) else ("?",) * len(bundles)
         since = rec.running_since if rec.state == JobState.RUNNING and act.started else None
         return sched.RunningJob(job_id, rec.priority, bundles, nodes, since, rec.preemptions, rec.team,
-                                stopping=act.preempt is not None or act.stopping is not None)
+                                stopping=act.preempt is not None or act.stopping is not None,
+                                ends_by=self._ends_by(act, rec, time.time()))
+
+    def _ends_by(self, act: Active, rec, now: float) -> float | None:
+        """When a live job will have given its workers back at the latest, as the scheduler counts it: the
+        deadline of a stop under way, or what is left of its time limit, then a stop (None: no time limit)."""
+        stop = self.cluster.preemption.stop_timeout_s
+        if act.stopping is not None or act.preempt is not None:
+            return (act.stopping[3] if act.stopping is not None else act.preempt_at) + stop
+        limit = effective_time_limit((rec.spec.get("resources") or {}).get("time_limit_s"),
+                                     self.cluster.workers.max_time_limit_s)
+        if limit is None:
+            return None
+        began = now if rec.state == JobState.RUNNING and act.started else max(act.since + START_ALLOWANCE_S, now)
+        return began + max(limit - rec.run_seconds(now), 0.0) + stop
 
     def _running_jobs(self) -> list[sched.RunningJob]:
         """The jobs holding workers, as the scheduler sees them (preemption candidates, quota use).

@@ -30,6 +30,9 @@ class Wait:
     reason: str
     waiting_for: str = "capacity"
     """What it waits for: capacity, quota, dependency, backfill (held for an aged head) or preemption."""
+    starts_by: float | None = None
+    """The head of the queue only: when it can start at the latest (Unix time), from the time limits of the
+    jobs holding the room it needs; None when that is not known (a job in the way has no time limit)."""
 
 
 @dataclass(frozen=True)
@@ -87,14 +90,17 @@ class QueuedJob:
     """The owner's team: its quota and fair share apply."""
     deps: tuple[tuple[str, str], ...] = ()
     """(job id, state) of each job it must wait for (``--after``)."""
+    max_run_s: float | None = None
+    """Once started, it holds its workers at most this long (its time limit with the time a start and a
+    stop may take); None: no bound. Only a bounded job may go ahead of an aged head (see ``scheduler``)."""
 
     @classmethod
     def from_resources(cls, job_id: str, priority: int, submitted_at: float, resources: Mapping[str, Any],
                        blocked_since: float | None = None, cancel_requested: bool = False, team: str = "",
-                       deps: tuple[tuple[str, str], ...] = ()) -> QueuedJob:
+                       deps: tuple[tuple[str, str], ...] = (), max_run_s: float | None = None) -> QueuedJob:
         """Build from the job store's ``{workers, cpus_per_worker, gpus_per_worker}``."""
         return cls(job_id, priority, submitted_at, bundles_of(resources), blocked_since, cancel_requested, team,
-                   tuple(deps))
+                   tuple(deps), max_run_s)
 
     @classmethod
     def from_record(cls, record: Any, dep_states: Mapping[str, str] | None = None) -> QueuedJob:
@@ -122,3 +128,6 @@ class RunningJob:
     team: str = ""
     stopping: bool = False
     """Already told to stop for a preemption: its room is spoken for."""
+    ends_by: float | None = None
+    """When it will have given its workers back at the latest (Unix time): its time limit, or the deadline of
+    a stop under way. None: not known (no time limit)."""

@@ -150,6 +150,25 @@ def give_back(free: Mapping[str, Resources], jobs: Iterable[Any]) -> dict[str, d
     return out
 
 
+def earliest_fit(bundles: Sequence[Bundle], free: Mapping[str, Resources], jobs: Iterable[Any]) -> float | None:
+    """The earliest ``ends_by`` of ``jobs`` (``RunningJob``) at which a gang of ``bundles`` fits in ``free`` with
+    the workers of every job that has ended by then given back; None if it never does (the jobs in the way
+    have no ``ends_by``)."""
+    ending = sorted((j for j in jobs if j.ends_by is not None), key=lambda j: j.ends_by)
+    room = give_back(free, ())
+    for j in ending:
+        room = give_back(room, (j,))
+        if fits(bundles, room):
+            return j.ends_by
+    return None
+
+
+def span(s: float) -> str:
+    """A duration for people (a job's time left, a token's lifetime): 45s, 90m, 12h, 30d."""
+    return f"{s:.0f}s" if s < 120 else f"{s / 60:.0f}m" if s < 7200 else f"{s / 3600:.0f}h" if s < 172800 \
+        else f"{s / 86400:.0f}d"
+
+
 def free_summary(free: Mapping[str, Resources]) -> str:
     """'6 CPUs (at most 4 CPUs on one node)' for pending reasons."""
     cpu = sum(r.get("CPU", 0) for r in free.values())

@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from orchestrator import scheduler as sched
+from orchestrator.job_records import effective_time_limit
 
 EXACT_POSITIONS = 500
 """Pending positions up to this are rewritten as soon as they change."""
@@ -54,6 +55,7 @@ _CHUNK = 500  # ids per IN (...) query: well under SQLite's variable limit
 _COLUMNS = """id, kind, state, priority, submitted_at, resources_json, blocked_since, cancel_requested, team,
     after_json, pending_json, preempted_by, reason, started_at, rev,
     json_extract(spec_json, '$.resources.elastic') AS elastic,
+    json_extract(spec_json, '$.resources.time_limit_s') AS time_limit_s,
     (SELECT reason FROM transitions t WHERE t.job_id = jobs.id ORDER BY seq DESC LIMIT 1) AS last_transition"""
 
 
@@ -82,20 +84,26 @@ class QueueRow:
     """``resources.elastic`` in its spec: it may resume on fewer workers."""
     last_transition: str
     """The reason of its latest transition."""
+    time_limit_s: float | None
+    """``resources.time_limit_s`` in its spec."""
 
 
 def _row(r: Any) -> QueueRow:
     return QueueRow(r["id"], r["kind"], r["priority"], r["submitted_at"], json.loads(r["resources_json"]),
                     r["blocked_since"], bool(r["cancel_requested"]), r["team"], tuple(json.loads(r["after_json"])),
                     json.loads(r["pending_json"]) if r["pending_json"] else None, r["preempted_by"], r["reason"],
-                    r["started_at"] is not None, bool(r["elastic"]), r["last_transition"] or "")
+                    r["started_at"] is not None, bool(r["elastic"]), r["last_transition"] or "", r["time_limit_s"])
 
 
 class QueueView:
     """The QUEUED jobs of ``kinds`` and the states of what they wait for, updated by :meth:`refresh`."""
 
-    def __init__(self, kinds: Iterable[str]):
+    def __init__(self, kinds: Iterable[str], max_time_limit_s: float | None = None, start_and_stop_s: float = 0.0):
+        """``max_time_limit_s``: cluster.yaml's cap (and default) of a job's time limit. A queued job with a limit
+        holds its workers at most that long once started, plus ``start_and_stop_s`` (``QueuedJob.max_run_s``:
+        the whole limit, even when earlier attempts used some of it)."""
         self.kinds = frozenset(kinds)
+        self.max_time_limit_s, self.start_and_stop_s = max_time_limit_s, start_and_stop_s
         self.rev: int | None = None
         """The largest change counter seen; None before the first read."""
         self.rows: dict[str, QueueRow] = {}
@@ -162,9 +170,10 @@ class QueueView:
         self.rows[jid] = row
         (self.elastic.add if row.elastic else self.elastic.discard)(jid)
         heapq.heappush(self._due, ((row.pending or {}).get("at", 0.0), jid))
-        self._jobs[jid] = job = sched.QueuedJob.from_resources(row.id, row.priority, row.submitted_at,
-                                                               row.resources, row.blocked_since,
-                                                               row.cancel_requested, row.team)
+        limit = effective_time_limit(row.time_limit_s, self.max_time_limit_s)
+        self._jobs[jid] = job = sched.QueuedJob.from_resources(
+            row.id, row.priority, row.submitted_at, row.resources, row.blocked_since, row.cancel_requested, row.team,
+            max_run_s=None if limit is None else limit + self.start_and_stop_s)
         self._count(job, 1)
         for d in row.after:
             self._dependents.setdefault(d, set()).add(jid)
@@ -224,17 +233,21 @@ class QueueView:
         row = self.rows[job_id]
         by = row.preempted_by if row.preempted_by and row.last_transition.startswith("preempted by") else None
         old = row.pending or {}
+        starts_by = None if decision.starts_by is None else round(decision.starts_by)
         if (old.get("position") == position and old.get("reason") == decision.reason
-                and old.get("waiting_for") == decision.waiting_for and old.get("preempted_by") == by):
+                and old.get("waiting_for") == decision.waiting_for and old.get("preempted_by") == by
+                and old.get("starts_by") == starts_by):
             return  # the usual case deep in a long queue: nothing to write
         pending = {"position": position, "waiting_for": decision.waiting_for, "reason": decision.reason, "at": now}
         if by:
             pending["preempted_by"] = by
+        if starts_by is not None:
+            pending["starts_by"] = starts_by
         near = min(position, old.get("position") or position) <= EXACT_POSITIONS
         key = lambda p: (p.get("position"), p.get("waiting_for"), p.get("preempted_by"))
         if near and key(old) != key(pending):
             self._writes.setdefault(job_id, {})["pending"] = pending  # at once
-        elif key(old) != key(pending) or old.get("reason") != pending["reason"]:
+        elif key(old) != key(pending) or old.get("reason") != pending["reason"] or old.get("starts_by") != starts_by:
             at = old.get("at") or 0.0  # never written: first in line
             if now - at >= (NEAR_REFRESH_S if near else FAR_REFRESH_S):
                 self._refresh.append((at, job_id, pending))

@@ -21,7 +21,15 @@ Scheduling policy (README paragraph):
     (backfill), but only for a bounded time: once the head has waited longer
     than the backfill window (default 120 s), nothing behind it starts until it
     does, so resources drain to it and it cannot be starved by a stream of
-    small jobs. A window of 0 turns backfill off (strict priority order).
+    small jobs. A window of 0 turns this backfill off (strict priority order).
+
+    Time limits (``resources.time_limit_s``, or cluster.yaml's
+    ``workers.max_time_limit_s``) tell the scheduler when the running jobs
+    will have given their workers back at the latest, and so when the blocked
+    head can start at the latest: ``switchyard status`` shows that time.
+    While the room drains to an aged head, a job behind it may still start in
+    the free room if its own time limit ends before then, so it never delays
+    the head (EASY backfill). Jobs with no time limit, or a longer one, wait.
 
 
 How the controller drives it: call ``schedule`` each tick with the QUEUED
@@ -79,10 +87,12 @@ from orchestrator.packing import (  # noqa: F401  (re-exported)
     bundles_of,
     describe_bundles,
     describe_cluster,
+    earliest_fit,
     fits,
     free_summary,
     give_back,
     place,
+    span,
     subtract,
     units,
 )
@@ -274,6 +284,10 @@ class _Pass:
     decisions: list[Decision] = field(default_factory=list)
     head: QueuedJob | None = None
     """The first job that wanted to start but did not fit."""
+    head_by: float | None = None
+    """When ``head`` can start at the latest, from the time limits of the jobs in its way (None: not known)."""
+    started: list[RunningJob] = field(default_factory=list)
+    """This pass's starts, with when they end at the latest (``QueuedJob.max_run_s``)."""
     reserved_for: QueuedJob | None = None
     """A job that preempted others: the room they leave is its own."""
     victims_taken: set[str] = field(default_factory=set)
@@ -283,6 +297,9 @@ class _Pass:
     # one tuple (packing.bundles_of), so an identity lookup finds a shape without hashing its bundles.
     _impossible: dict[int, str | None] = field(default_factory=dict)
     _no_room: dict[int, int] = field(default_factory=dict)
+    _placed: dict[int, tuple[int, tuple[str, ...]]] = field(default_factory=dict)
+    """id(bundles) -> (free_version, nodes) of a placement found and not taken (a job behind an aged head whose
+    time limit is too long for the gap): the next job of that shape reuses it."""
     _blocked_note: dict[tuple[int, int, int], str] = field(default_factory=dict)
     _text: dict[tuple[str, int], str] = field(default_factory=dict)
     _cands: dict[int, tuple[list, list, list, list[str]]] = field(default_factory=dict)
@@ -316,31 +333,62 @@ class _Pass:
             return
         held = self._held_for() if self.head is not None or self.reserved_for is not None else None
         if held is not None:
-            self.decisions.append(Wait(job.job_id, held, "backfill"))
+            if not self._in_the_gap(job):
+                self.decisions.append(Wait(job.job_id, held, "backfill"))
             return
-        if self._no_room.get(id(job.bundles)) not in (self.free_version, _ALWAYS):
-            nodes = place(job.bundles, self.free)
-            if nodes is not None:
-                self._take(job, nodes)
-                return
-            # A gang of identical bundles is packed exactly, so once it does not fit it never will
-            # in this pass (free only shrinks); a mixed one is tried again after the next start.
-            self._no_room[id(job.bundles)] = _ALWAYS if len(set(job.bundles)) == 1 else self.free_version
+        nodes = self._place(job.bundles)
+        if nodes is not None:
+            self._take(job, nodes)
+            return
         why_not = ""
         if self.preemption is not None and self.preemption.enabled:
             why_not = self._preempt_for(job)
             if why_not is None:
                 return
+        by = None
         if self.head is None:
             self.head = job
-        self.decisions.append(Wait(job.job_id, self._capacity_reason(job.bundles, why_not)))
+            self.head_by = by = earliest_fit(job.bundles, self.free, self.running + self.started)
+        self.decisions.append(Wait(job.job_id, self._capacity_reason(job.bundles, why_not), starts_by=by))
+
+    def _place(self, bundles: tuple[Bundle, ...]) -> tuple[str, ...] | None:
+        """Where a gang of ``bundles`` fits in the free view now, or None (both kept per shape)."""
+        key = id(bundles)
+        if self._no_room.get(key) in (self.free_version, _ALWAYS):
+            return None
+        hit = self._placed.get(key)
+        if hit is not None and hit[0] == self.free_version:
+            return hit[1]
+        nodes = place(bundles, self.free)
+        if nodes is None:
+            # A gang of identical bundles is packed exactly, so once it does not fit it never will
+            # in this pass (free only shrinks); a mixed one is tried again after the next start.
+            self._no_room[key] = _ALWAYS if len(set(bundles)) == 1 else self.free_version
+        else:
+            self._placed[key] = (self.free_version, nodes)
+        return nodes
+
+    def _in_the_gap(self, job: QueuedJob) -> bool:
+        """Start ``job``, behind an aged head, if it fits now and will have ended by the time the head can
+        start (True); it then never delays the head. Never while jobs are preempted for another."""
+        if self.reserved_for is not None or self.head_by is None:
+            return False
+        nodes = self._place(job.bundles)  # first, so a pass can tell when no shape still to come fits
+        if nodes is None or job.max_run_s is None or self.now + job.max_run_s > self.head_by:
+            return False
+        self._take(job, nodes)
+        return True
 
     def frozen(self, remaining: Mapping[tuple[int, int], int]) -> bool:
         """Whether no job still to come (``remaining`` counts them by priority and shape) can start or be
         preempted for, so the state of the pass can no longer change (see :class:`Plan`)."""
-        if self.reserved_for is not None or (self.head is not None and self._held_for() is not None):
+        if self.reserved_for is not None:
             return True
-        preempting = self.preemption is not None and self.preemption.enabled
+        held = self.head is not None and self._held_for() is not None
+        if held and self.head_by is None:
+            return True
+        # Behind an aged head only jobs that fit the free room may start (in its gap), and none preempts.
+        preempting = not held and self.preemption is not None and self.preemption.enabled
 
         def open_(combo: tuple[int, int]) -> bool:
             priority, shape = combo
@@ -365,6 +413,8 @@ class _Pass:
             subtract(room, job.bundles, nodes)
         add_use(self.in_use, job.team, job.bundles)
         self.free_version += 1
+        ends = None if job.max_run_s is None else self.now + job.max_run_s
+        self.started.append(RunningJob(job.job_id, job.priority, job.bundles, nodes, None, team=job.team, ends_by=ends))
         self.decisions.append(Start(job.job_id))
 
     def _dependency(self, job: QueuedJob) -> bool:
@@ -406,9 +456,7 @@ class _Pass:
             return f"held for {self.reserved_for.job_id}: jobs are being preempted to make room for it"
         head = self.head
         if head is not None and _aged(head, self.now, self.window_s):
-            waited = self.now - head.blocked_since if head.blocked_since is not None else 0.0
-            return (f"held for {head.job_id}, which has waited {waited:.0f} s (backfill window "
-                    f"{self.window_s:g} s): free resources are reserved for it")
+            return held_reason(head, self.head_by, self.now, self.window_s)
         return None
 
     def _preempt_for(self, job: QueuedJob) -> str | None:
@@ -478,6 +526,17 @@ class _Pass:
         if need not in self._text:
             self._text[need] = describe_bundles(bundles)
         return f"waiting for resources: needs {self._text[need]}, free now: {self._text[key]}{why_not}"
+
+
+def held_reason(head: QueuedJob, head_by: float | None, now: float, window_s: float) -> str:
+    """Why a job waits behind ``head``, which has waited past the backfill window and can start by ``head_by``."""
+    waited = now - head.blocked_since if head.blocked_since is not None else 0.0
+    why = (f"held for {head.job_id}, which has waited {waited:.0f} s (backfill window {window_s:g} s): "
+           "free resources are reserved for it")
+    if head_by is not None:
+        why += (f"; it can start in about {span(max(head_by - now, 0.0))} at the latest, and only a job whose time "
+                "limit ends before then may go ahead of it (resources.time_limit_s)")
+    return why
 
 
 def _aged(head: QueuedJob, now: float, window_s: float) -> bool:

@@ -1,6 +1,7 @@
 """The scheduling pass as it was before it reused answers per job shape (issue #15): the oracle that
 tests/test_queue_scale.py compares ``scheduler.schedule`` with. Kept verbatim apart from the helpers'
-new homes, so a difference in decisions is a bug in the faster pass."""
+new homes and the time-limit backfill behind an aged head (written as plainly), so a difference in
+decisions is a bug in the faster pass."""
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
@@ -20,6 +21,8 @@ from orchestrator.scheduler import (
     Wait,
     _aged,
     _DEP_FAILED,
+    earliest_fit,
+    held_reason,
     add_use,
     choose_victims,
     describe_bundles,
@@ -65,6 +68,8 @@ def reference_schedule(queue: Iterable[QueuedJob], free_per_node: Mapping[str, R
         add_use(in_use, r.team, r.bundles)
     decisions: list[Decision] = []
     head: QueuedJob | None = None  # the first job that wanted to start but did not fit
+    head_by: float | None = None  # when it can start at the latest
+    started: list[RunningJob] = []  # this pass's starts, with when they end at the latest
     reserved_for: QueuedJob | None = None  # a job that preempted others: the room they leave is its own
     victims_taken: set[str] = set()
     for job in jobs:
@@ -99,17 +104,18 @@ def reference_schedule(queue: Iterable[QueuedJob], free_per_node: Mapping[str, R
             decisions.append(Wait(job.job_id, (
                 f"held for {reserved_for.job_id}: jobs are being preempted to make room for it"), "backfill"))
             continue
-        if head is not None and _aged(head, now, backfill_window_s):
-            waited = now - head.blocked_since if head.blocked_since is not None else 0.0
-            decisions.append(Wait(job.job_id, (
-                f"held for {head.job_id}, which has waited {waited:.0f} s (backfill window "
-                f"{backfill_window_s:g} s): free resources are reserved for it"), "backfill"))
-            continue
-        nodes = place(job.bundles, free)
+        held = head is not None and _aged(head, now, backfill_window_s)
+        in_gap = not held or head_by is not None and job.max_run_s is not None and now + job.max_run_s <= head_by
+        nodes = place(job.bundles, free) if in_gap else None
         if nodes is not None:
             subtract(free, job.bundles, nodes)
             add_use(in_use, job.team, job.bundles)
+            ends = None if job.max_run_s is None else now + job.max_run_s
+            started.append(RunningJob(job.job_id, job.priority, job.bundles, nodes, None, team=job.team, ends_by=ends))
             decisions.append(Start(job.job_id))
+            continue
+        if held:
+            decisions.append(Wait(job.job_id, held_reason(head, head_by, now, backfill_window_s), "backfill"))
             continue
         why_not = ""
         if preemption is not None and preemption.enabled:
@@ -136,10 +142,12 @@ def reference_schedule(queue: Iterable[QueuedJob], free_per_node: Mapping[str, R
             blocked = [preemption.why_not(r, now) for r in lower if preemption.why_not(r, now)]
             if blocked and fits(job.bundles, give_back(free, lower)):
                 why_not = "; not preempting: " + "; ".join(blocked[:3])
+        by = None
         if head is None:
             head = job
+            head_by = by = earliest_fit(job.bundles, free, running + started)
         decisions.append(Wait(job.job_id, (
             f"waiting for resources: needs {describe_bundles(job.bundles)}, free now: "
-            f"{free_summary(free)}{why_not}")))
+            f"{free_summary(free)}{why_not}"), starts_by=by))
     return decisions
 

@@ -273,3 +273,44 @@ def test_the_controller_posts_what_it_decides_to_cluster_yaml_s_webhooks(ray_clu
     finally:
         stop_controller(cfg.ray.namespace)
         receiver.close()
+
+
+def test_time_limits_tell_the_head_when_it_starts_and_let_a_short_job_through_the_gap(ray_cluster, storage_root,
+                                                                                      tmp_path):
+    """The controller's side of the time-limit backfill (tests/test_scheduler.py has the policy): the head of
+    the queue is told when it can start, from the running job's time limit, and behind it, with the backfill
+    window spent (0 here), only a job whose own limit ends before then starts."""
+    from orchestrator.cli_jobs import pending_line
+    from orchestrator.cluster_config import ClusterConfig
+    from orchestrator.controller import START_ALLOWANCE_S, stop_controller
+
+    cfg = ClusterConfig.model_validate({"storage": storage_root, "job_store": str(tmp_path / "jobs.db"),
+                                        "ray": {"namespace": f"easy-{tmp_path.name}"}, "workers": {"warm_pool": 0}})
+    stop_s = cfg.preemption.stop_timeout_s
+    start_controller(cfg, tick_s=0.3, backfill_window_s=0)
+    store = JobStore(cfg.job_store)
+    one = {"resources.workers": 1, "resources.torch_threads": 1, "checkpoint.every": 1000}
+    try:
+        long = submit_spec(cfg, tiny_spec(name="long", **one, **{"train.steps": 50000, "resources.cpus_per_worker": 2,
+                                                               "resources.time_limit_s": 600}), priority=0)
+        wait_for(lambda: _state(store, long) == JobState.RUNNING, what="long RUNNING")
+        big = submit_spec(cfg, tiny_spec(name="big", **one, **{"resources.cpus_per_worker": 4}), priority=0)
+        short = submit_spec(cfg, tiny_spec(name="short", **one, **{"train.steps": 3, "resources.cpus_per_worker": 2,
+                                                                 "resources.time_limit_s": 60}), priority=0)
+        unbounded = submit_spec(cfg, tiny_spec(name="unbounded", **one, **{"train.steps": 3}), priority=0)
+        wait_for(lambda: store.get(short).terminal, timeout=120, what="the short job to run in the gap")
+        assert store.get(short).state == JobState.SUCCEEDED, store.get(short).reason
+        assert 60 + START_ALLOWANCE_S + stop_s < 600 + stop_s  # why it fit: it ends before `long` must
+        wait_for(lambda: (store.get(unbounded).pending or {}).get("waiting_for") == "backfill", what="held")
+        assert _state(store, long) == JobState.RUNNING and _state(store, big) == JobState.QUEUED
+        head = store.get(big).pending
+        expected = store.get(long).running_since + 600 + stop_s  # long's limit, then the longest stop
+        assert head["position"] == 1 and abs(head["starts_by"] - expected) < 3, (head, expected)
+        assert "starts within about 1" in pending_line(store.get(big).to_status_dict())  # ~15m, minus a few s
+        # Ray's free view may lag a gang's removal by a tick (no bound then); notes are rewritten every 5 s.
+        gap = "only a job whose time limit ends before then"
+        wait_for(lambda: gap in store.get(unbounded).pending["reason"], timeout=30, what="the gap in the held note")
+        assert store.get(unbounded).pending["reason"].startswith(f"held for {big}")
+        assert _state(store, unbounded) == JobState.QUEUED
+    finally:
+        stop_controller(cfg.ray.namespace)

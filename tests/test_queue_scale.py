@@ -204,11 +204,12 @@ def _random_pass(rng: random.Random):
     queue = [sched.QueuedJob(f"q{i}", rng.choice((0, 0, 1, 5)), float(rng.randint(0, 50)), rng.choice(shapes),
                              rng.choice((None, 0.0, 990.0)), rng.random() < 0.03, rng.choice(("a", "b", "c")),
                              tuple((f"d{k}", rng.choice(("SUCCEEDED", "RUNNING", "FAILED")))
-                                   for k in range(rng.random() < 0.1)))
+                                   for k in range(rng.random() < 0.1)),
+                             rng.choice((None, None, 5.0, 50.0, 400.0, 2000.0)))
              for i in range(rng.randint(1, 60))]
     running = [sched.RunningJob(f"r{i}", rng.choice((0, 1, 3)), b, tuple(rng.choice(sorted(nodes)) for _ in b),
                                 rng.choice((None, 500.0, 990.0)), rng.randint(0, 3), rng.choice(("a", "b")),
-                                rng.random() < 0.1)
+                                rng.random() < 0.1, rng.choice((None, 1010.0, 1100.0, 1500.0)))
                for i, b in enumerate(rng.choice(shapes[:12]) for _ in range(rng.randint(0, 8)))]
     return queue, free, nodes, running
 

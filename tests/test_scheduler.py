@@ -18,6 +18,7 @@ from orchestrator.scheduler import (
     Restart,
     Start,
     Wait,
+    earliest_fit,
     fits,
     on_failure,
     place,
@@ -132,6 +133,59 @@ def test_jobs_ahead_of_the_head_still_start():
          job("small", cpus=1, submitted_at=3)]
     d = by_id(schedule(q, nodes(2), nodes(4), now=NOW))
     assert d["first"] == Start("first") and isinstance(d["big"], Wait) and isinstance(d["small"], Wait)
+
+
+# ---------------------------------------------------------------------- time limits: the head's start, EASY backfill
+
+
+def limited(job_id: str, max_run_s: float | None, cpus: float = 1, submitted_at: float = 2.0) -> QueuedJob:
+    return QueuedJob(job_id, 0, submitted_at, (Bundle(cpus),), max_run_s=max_run_s)
+
+
+def holding(job_id: str, cpus: float, ends_in: float | None, node: str = "n0") -> RunningJob:
+    return RunningJob(job_id, 0, (Bundle(cpus),), (node,), NOW - 100, ends_by=None if ends_in is None else NOW + ends_in)
+
+
+def test_the_head_is_told_when_the_jobs_in_its_way_reach_their_time_limits():
+    # 4 CPUs, 1 free; the head needs 3: r1 (1 CPU, ends in 60 s) is not enough, r2 (2 CPUs, 600 s) is.
+    running = [holding("r1", 1, 60), holding("r2", 2, 600)]
+    head = job("big", cpus=3, submitted_at=1)
+    d = by_id(schedule([head], nodes(1), nodes(4), now=NOW, running=running))
+    assert d["big"].starts_by == NOW + 600
+    # A job in the way with no time limit: nobody can say.
+    running[1] = holding("r2", 2, None)
+    assert schedule([head], nodes(1), nodes(4), now=NOW, running=running)[0].starts_by is None
+    # Only the head gets an estimate.
+    q = [head, job("big2", cpus=3, submitted_at=2)]
+    assert [w.starts_by for w in schedule(q, nodes(1), nodes(4), now=NOW, running=[holding("r", 3, 60)])] \
+        == [NOW + 60, None]
+
+
+def test_behind_an_aged_head_only_jobs_that_end_before_it_can_start_go_ahead():
+    running = [holding("r", 2, 600)]  # the head can start in 600 s at the latest
+    q = [job("big", cpus=4, submitted_at=1, blocked_since=NOW - 500), limited("short", 300),
+         limited("long", 900, submitted_at=3), limited("unbounded", None, submitted_at=4),
+         limited("short-but-too-big", 300, cpus=2, submitted_at=5)]
+    d = by_id(schedule(q, nodes(2), nodes(4), now=NOW, backfill_window_s=120, running=running))
+    assert d["short"] == Start("short")  # done by NOW + 300: the head is not delayed
+    for j in ("long", "unbounded", "short-but-too-big"):  # the last: "short" took one of the two free CPUs
+        assert isinstance(d[j], Wait) and d[j].waiting_for == "backfill"
+    assert "can start in about 10m at the latest" in d["long"].reason and "resources.time_limit_s" in d["long"].reason
+    # With no bound on the head's start, an aged head holds everything, as before.
+    d = by_id(schedule(q, nodes(2), nodes(4), now=NOW, backfill_window_s=120, running=[holding("r", 2, None)]))
+    assert started(d.values()) == [] and "at the latest" not in d["short"].reason
+    # A backfill window of 0 still lets a job that cannot delay the head through.
+    d = by_id(schedule(q, nodes(2), nodes(4), now=NOW, backfill_window_s=0, running=running))
+    assert started(d.values()) == ["short"]
+
+
+def test_earliest_fit_gives_back_the_jobs_in_the_order_they_end():
+    free = nodes(0, 1)
+    jobs = [holding("a", 2, 300, "n0"), holding("b", 1, 100, "n1"), holding("c", 1, None, "n1")]
+    assert earliest_fit((Bundle(2),), free, jobs) == NOW + 100  # n1: 1 free + b's 1
+    assert earliest_fit((Bundle(3),), free, jobs) is None  # n1 tops out at 2 without c; n0 holds 2
+    assert earliest_fit((Bundle(2),) * 2, free, jobs) == NOW + 300
+    assert earliest_fit((Bundle(1),), free, []) is None  # nothing ends: a gang that fits now is not asked about
 
 
 # ---------------------------------------------------------------------- impossible, cancelled, edge cases
@@ -287,6 +341,57 @@ def test_schedule_invariants(snap):
             if head.blocked_since is not None and NOW - head.blocked_since >= window:
                 assert not started(live[k + 1:])
             break
+
+
+@st.composite
+def limited_snapshots(draw):
+    total = {f"n{i}": {"CPU": c, "GPU": 0} for i, c in enumerate(draw(st.lists(st.integers(1, 6), min_size=1,
+                                                                              max_size=3)))}
+    free = {n: {"CPU": draw(st.integers(0, r["CPU"])), "GPU": 0} for n, r in total.items()}
+    held = {n: total[n]["CPU"] - free[n]["CPU"] for n in total}
+    running = []
+    for n, cpus in held.items():  # what is not free is held by running jobs, 1 or 2 CPUs each
+        while cpus > 0:
+            c = min(cpus, draw(st.integers(1, 2)))
+            ends = draw(st.none() | st.sampled_from([NOW + 60, NOW + 300, NOW + 900]))
+            running.append(RunningJob(f"r{len(running)}", 0, (Bundle(c),), (n,), NOW - 100, ends_by=ends))
+            cpus -= c
+    q = [QueuedJob(f"j{i}", 0, float(i), (Bundle(draw(st.integers(1, 3))),) * draw(st.integers(1, 3)),
+                   draw(st.sampled_from([None, NOW - 500])),
+                   max_run_s=draw(st.none() | st.sampled_from([30.0, 200.0, 600.0, 2000.0])))
+         for i in range(draw(st.integers(1, 7)))]
+    return q, free, total, running
+
+
+@settings(max_examples=300, deadline=None)
+@given(limited_snapshots())
+def test_what_starts_behind_an_aged_head_never_delays_it_past_its_estimate(snap):
+    q, free, total, running = snap
+    decisions = [d for d in schedule(q, free, total, now=NOW, backfill_window_s=120.0, running=running)
+                 if not isinstance(d, Fail)]
+    jobs = {j.job_id: j for j in q}
+    heads = [k for k, d in enumerate(decisions) if isinstance(d, Wait)]
+    if not heads:
+        return
+    k = heads[0]
+    head, by = jobs[decisions[k].job_id], decisions[k].starts_by
+    behind = started(decisions[k + 1:])
+    if by is None:
+        if head.blocked_since is not None:
+            assert not behind  # an aged head with no estimate holds everything
+        return
+    if head.blocked_since is not None:
+        assert all(jobs[j].max_run_s is not None and NOW + jobs[j].max_run_s <= by for j in behind)
+    # At `by`, the head fits in what is free once the jobs that end by then are gone, minus what this pass
+    # started that may still run then.
+    room = {n: dict(r) for n, r in free.items()}
+    for r in running:
+        if r.ends_by is not None and r.ends_by <= by:
+            room[r.nodes[0]]["CPU"] += r.bundles[0].cpus
+    still = [b for j in started(decisions) if jobs[j].max_run_s is None or NOW + jobs[j].max_run_s > by
+             for b in jobs[j].bundles]
+    if head.blocked_since is not None or not behind:  # before aging, backfill may delay the head (bounded)
+        assert exact_fits(list(head.bundles) + still, room)
 
 
 # ---------------------------------------------------------------------- preemption

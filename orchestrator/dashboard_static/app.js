@@ -43,7 +43,7 @@ const pct = v => (v === undefined || v === null) ? "–" : `${(100 * v).toFixed(
 const when = ts => ts ? new Date(ts * 1000).toLocaleString() : "–";
 const clock = ts => ts ? new Date(ts * 1000).toLocaleTimeString() : "–";
 const short = s => s ? String(s).slice(0, 12) : "–";
-// A duration for people, as the CLI writes it (cli_jobs.span): 45s, 90m, 12h, 30d.
+// A duration for people, as the CLI writes it (packing.span): 45s, 90m, 12h, 30d.
 const span = s => s < 120 ? `${Math.round(s)}s` : s < 7200 ? `${Math.round(s / 60)}m` :
   s < 172800 ? `${Math.round(s / 3600)}h` : `${Math.round(s / 86400)}d`;
 
@@ -67,9 +67,17 @@ const tr = (cells, attrs) => h("tr", attrs || {}, cells.map(c => c instanceof No
                                                                             : h("td", {}, c)));
 const card = (title, ...kids) => h("section", {class: "card"}, title ? h("h2", {}, title) : null, ...kids);
 
+// The head's start as the time limits of the jobs in its way give it (cli_jobs.starts_text).
+function startsText(p) {
+  if (!p || !p.starts_by) return "";
+  const left = p.starts_by - Date.now() / 1000;
+  return left > 0 ? `starts within about ${span(left)}` : "should start at any moment";
+}
+
 function pendingText(p) {
   if (!p) return "";
-  return `waiting for ${p.waiting_for || "?"}: ${p.reason || ""}`;
+  const starts = startsText(p);
+  return `waiting for ${p.waiting_for || "?"}: ${p.reason || ""}` + (starts ? ` (${starts})` : "");
 }
 
 class AuthError extends Error {}

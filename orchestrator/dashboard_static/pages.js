@@ -59,7 +59,8 @@ async function queuePage() {
         q.queued.map((r, i) => tr([fmt((r.pending || {}).position || i + 1), jobLink(r.id), r.name, fmt(r.priority),
           `${r.owner || "–"}${r.team ? ` (${r.team})` : ""}`,
           (r.pending || {}).waiting_for || "–",
-          h("td", {class: "wrap pending-reason"}, (r.pending || {}).reason || "not looked at yet"),
+          h("td", {class: "wrap pending-reason"}, ((r.pending || {}).reason || "not looked at yet")
+            + (startsText(r.pending) ? ` (${startsText(r.pending)})` : "")),
           r.preempted_by ? jobLink(r.preempted_by) : "–"], {"data-job": r.id})), {id: "queued"})),
       card("Running", table(["job", "name", "state", "priority", "owner", "step", "restarts", "preemptions"],
         q.running.map(r => tr([jobLink(r.id), r.name, stateBadge(r.state), fmt(r.priority), r.owner || "–",
