@@ -150,16 +150,29 @@ def give_back(free: Mapping[str, Resources], jobs: Iterable[Any]) -> dict[str, d
     return out
 
 
-def earliest_fit(bundles: Sequence[Bundle], free: Mapping[str, Resources], jobs: Iterable[Any]) -> float | None:
-    """The earliest ``ends_by`` of ``jobs`` (``RunningJob``) at which a gang of ``bundles`` fits in ``free`` with
-    the workers of every job that has ended by then given back; None if it never does (the jobs in the way
-    have no ``ends_by``)."""
-    ending = sorted((j for j in jobs if j.ends_by is not None), key=lambda j: j.ends_by)
-    room = give_back(free, ())
-    for j in ending:
-        room = give_back(room, (j,))
+def earliest_fit(bundles: Sequence[Bundle], total: Mapping[str, Resources], jobs: Iterable[Any],
+                 now: float) -> float | None:
+    """When a gang of ``bundles`` fits at the latest, counting only what ``jobs`` (``RunningJob``: bundles,
+    nodes, ``ends_by``) hold of the nodes' ``total``: ``now`` if it fits beside them, else the earliest
+    ``ends_by`` by which enough of them have ended; None if that never happens (those in the way have no
+    ``ends_by``). Short-lived holders that are not jobs (checkpoint evaluations, warm workers given back on
+    demand) are not counted. A job whose nodes are not known yet (still being placed) is counted where
+    :func:`place` would put it."""
+    room = {n: {"CPU": float(r.get("CPU", 0)), "GPU": float(r.get("GPU", 0))} for n, r in total.items()}
+    held = []  # (ends_by, bundles, nodes) of each job, as placed in ``room``
+    for j in jobs:
+        nodes = tuple(j.nodes) if all(n in room for n in j.nodes) else place(j.bundles, room)
+        if nodes is not None:
+            subtract(room, j.bundles, nodes)
+            held.append((j.ends_by, j.bundles, nodes))
+    if fits(bundles, room):
+        return now
+    for ends_by, held_bundles, nodes in sorted((h for h in held if h[0] is not None), key=lambda h: h[0]):
+        for b, node in zip(held_bundles, nodes):
+            room[node] = {"CPU": (units(room[node]["CPU"]) + units(b.cpus)) / _UNITS,
+                          "GPU": (units(room[node]["GPU"]) + units(b.gpus)) / _UNITS}
         if fits(bundles, room):
-            return j.ends_by
+            return ends_by
     return None
 
 

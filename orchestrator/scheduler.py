@@ -348,7 +348,7 @@ class _Pass:
         by = None
         if self.head is None:
             self.head = job
-            self.head_by = by = earliest_fit(job.bundles, self.free, self.running + self.started)
+            self.head_by = by = earliest_fit(job.bundles, self.total, self.running + self.started, self.now)
         self.decisions.append(Wait(job.job_id, self._capacity_reason(job.bundles, why_not), starts_by=by))
 
     def _place(self, bundles: tuple[Bundle, ...]) -> tuple[str, ...] | None:
@@ -533,8 +533,10 @@ def held_reason(head: QueuedJob, head_by: float | None, now: float, window_s: fl
     waited = now - head.blocked_since if head.blocked_since is not None else 0.0
     why = (f"held for {head.job_id}, which has waited {waited:.0f} s (backfill window {window_s:g} s): "
            "free resources are reserved for it")
-    if head_by is not None:
-        why += (f"; it can start in about {span(max(head_by - now, 0.0))} at the latest, and only a job whose time "
+    if head_by is not None and head_by - now < 1.0:
+        why += "; only short-lived holders (checkpoint evaluations, idle warm workers) are in its way"
+    elif head_by is not None:
+        why += (f"; it can start in about {span(head_by - now)} at the latest, and only a job whose time "
                 "limit ends before then may go ahead of it (resources.time_limit_s)")
     return why
 

@@ -145,7 +145,7 @@ def reference_schedule(queue: Iterable[QueuedJob], free_per_node: Mapping[str, R
         by = None
         if head is None:
             head = job
-            head_by = by = earliest_fit(job.bundles, free, running + started)
+            head_by = by = earliest_fit(job.bundles, total_per_node, running + started, now)
         decisions.append(Wait(job.job_id, (
             f"waiting for resources: needs {describe_bundles(job.bundles)}, free now: "
             f"{free_summary(free)}{why_not}"), starts_by=by))

@@ -64,8 +64,10 @@ def live(ray_cluster, storage_root, tmp_path_factory, browser):
 
     url = ray.get(handle.ping.remote())["api"]
     # Trains until cancelled: 2 of the head's 4 CPUs; a checkpoint (and its evaluation) every 10 steps.
+    # Its day's time limit tells the queue when the waiting job below can start at the latest.
     train = submit_spec(cfg, tiny_spec(name="live", **{"train.steps": 100000, "checkpoint.every": 10,
-                                                       "checkpoint.keep": 2}), priority=0, owner="alice")
+                                                       "checkpoint.keep": 2, "resources.time_limit_s": 86400}),
+                        priority=0, owner="alice")
     wait_for(lambda: store.get(train).state == JobState.RUNNING, timeout=300, what="the job RUNNING")
     # Needs all 4 CPUs: waits for capacity behind the running job.
     waiting = submit_spec(cfg, tiny_spec(name="big", **{"resources.workers": 2, "resources.cpus_per_worker": 2,
@@ -161,6 +163,7 @@ def test_queue_shows_why_a_job_waits(live, browser):
     reason = live["store"].get(live["waiting"]).pending
     cells = page.inner_text(row)
     assert reason["waiting_for"] in cells and reason["reason"][:30] in cells and "alice" in cells
+    page.wait_for_selector(f"{row} td.pending-reason:has-text('(starts within about 24h)')")  # a day's limit + a stop
     assert page.is_visible(f"#running tr[data-job='{live['train']}']")
     shot(page, "queue")
     page.close()

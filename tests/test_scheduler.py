@@ -180,12 +180,15 @@ def test_behind_an_aged_head_only_jobs_that_end_before_it_can_start_go_ahead():
 
 
 def test_earliest_fit_gives_back_the_jobs_in_the_order_they_end():
-    free = nodes(0, 1)
+    total = nodes(2, 3)
     jobs = [holding("a", 2, 300, "n0"), holding("b", 1, 100, "n1"), holding("c", 1, None, "n1")]
-    assert earliest_fit((Bundle(2),), free, jobs) == NOW + 100  # n1: 1 free + b's 1
-    assert earliest_fit((Bundle(3),), free, jobs) is None  # n1 tops out at 2 without c; n0 holds 2
-    assert earliest_fit((Bundle(2),) * 2, free, jobs) == NOW + 300
-    assert earliest_fit((Bundle(1),), free, []) is None  # nothing ends: a gang that fits now is not asked about
+    assert earliest_fit((Bundle(2),), total, jobs, NOW) == NOW + 100  # n1: b's 1 CPU back beside its free one
+    assert earliest_fit((Bundle(1),), total, jobs, NOW) == NOW  # fits beside them: only non-jobs are in the way
+    assert earliest_fit((Bundle(2),) * 2, total, jobs, NOW) == NOW + 300
+    assert earliest_fit((Bundle(2),) * 2, total, jobs[1:] + [holding("d", 2, None, "n0")], NOW) is None
+    # A job still being placed (its nodes unknown) is counted where it would go.
+    placing = RunningJob("p", 0, (Bundle(2),), ("?",), None, ends_by=NOW + 50)
+    assert earliest_fit((Bundle(2),) * 2, total, [placing], NOW) == NOW + 50
 
 
 # ---------------------------------------------------------------------- impossible, cancelled, edge cases
