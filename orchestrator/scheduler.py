@@ -371,7 +371,7 @@ class _Pass:
     def _in_the_gap(self, job: QueuedJob) -> bool:
         """Start ``job``, behind an aged head, if it fits now and will have ended by the time the head can
         start (True); it then never delays the head. Never while jobs are preempted for another."""
-        if self.reserved_for is not None or self.head_by is None:
+        if self.reserved_for is not None or self.head_by is None or self.head_by <= self.now:
             return False
         nodes = self._place(job.bundles)  # first, so a pass can tell when no shape still to come fits
         if nodes is None or job.max_run_s is None or self.now + job.max_run_s > self.head_by:
@@ -385,8 +385,8 @@ class _Pass:
         if self.reserved_for is not None:
             return True
         held = self.head is not None and self._held_for() is not None
-        if held and self.head_by is None:
-            return True
+        if held and (self.head_by is None or self.head_by <= self.now):
+            return True  # no gap: nothing behind the head may start
         # Behind an aged head only jobs that fit the free room may start (in its gap), and none preempts.
         preempting = not held and self.preemption is not None and self.preemption.enabled
 
