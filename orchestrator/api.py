@@ -197,7 +197,7 @@ class Api:
         out = {"controller": {"pid": info.pid if info else None,
                               "alive": info is not None and time.time() - info.heartbeat < HEARTBEAT_STALE_S,
                               "heartbeat": info.heartbeat if info else None},
-               **queue_and_running(self.store),
+               **queue_and_running(self.store, self.cluster.workers.max_time_limit_s),
                "teams": {n: t.model_dump() for n, t in self.cluster.teams.items()},
                "preemption": self.cluster.preemption.model_dump()}
         try:  # inside the controller Ray is connected; elsewhere (tests) the nodes are left out
@@ -225,7 +225,8 @@ class Api:
         from orchestrator.cli_jobs import progress
 
         recs, total = await self._run(lambda: self.store.page(states, limit=limit, page=page, owner=owner))
-        return _json({"jobs": [{**r.to_status_dict(), **progress(r)} for r in recs], "total": total, "page": page,
+        cap = self.cluster.workers.max_time_limit_s
+        return _json({"jobs": [{**r.to_status_dict(), **progress(r, cap)} for r in recs], "total": total, "page": page,
                       "limit": limit})
 
     async def job(self, request):
@@ -234,7 +235,7 @@ class Api:
     def _status(self, key: str) -> dict:
         from orchestrator.cli_jobs import job_status
 
-        return job_status(self.store, key, self.storage)
+        return job_status(self.store, key, self.storage, self.cluster.workers.max_time_limit_s)
 
     async def submit(self, request):
         body = await self._body(request)

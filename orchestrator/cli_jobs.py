@@ -297,7 +297,8 @@ def cmd_list(args) -> int:
         rows, total = got["jobs"], got["total"]
     else:
         recs, total = _store(_cluster(args)).page(states, limit=args.limit, page=args.page, owner=args.owner)
-        rows = [{**r.to_status_dict(), **progress(r)} for r in recs]
+        cap = _cluster(args).workers.max_time_limit_s
+        rows = [{**r.to_status_dict(), **progress(r, cap)} for r in recs]
     if args.json:
         print(json_output.dumps(rows))
         return 0
@@ -334,14 +335,14 @@ def find_job(store, key: str):
         return rec
 
 
-def job_status(store, job_id: str, storage=None) -> dict:
+def job_status(store, job_id: str, storage=None, cap: float | None = None) -> dict:
     rec = find_job(store, job_id)
     if rec.kind == "pipeline" and storage is not None:
         from orchestrator.instructgpt import pipeline_status
 
         return pipeline_status(store, storage, rec)
     out = rec.to_status_dict()
-    out.update(progress(rec))
+    out.update(progress(rec, cap))
     if storage is not None and rec.run_dir:
         from workers import phases
 
@@ -362,10 +363,11 @@ def job_status(store, job_id: str, storage=None) -> dict:
     return out
 
 
-def progress(rec) -> dict:
-    """``steps_total`` of a training job, ``run_s`` (its time running, all attempts), its ``time_limit_s``, and
-    while it runs ``eta_s``: its steps left at this attempt's rate."""
-    from orchestrator.job_records import TRAINING_KINDS
+def progress(rec, cap: float | None = None) -> dict:
+    """``steps_total`` of a training job, ``run_s`` (its time running, all attempts), the ``time_limit_s`` that
+    applies (its own or ``cap``, cluster.yaml's ``workers.max_time_limit_s``), and while it runs ``eta_s``: its
+    steps left at this attempt's rate, and ``limit_left_s``: its time limit left."""
+    from orchestrator.job_records import TRAINING_KINDS, effective_time_limit
     from specs.job import validate_spec
 
     if rec.kind not in TRAINING_KINDS:
@@ -376,8 +378,21 @@ def progress(rec) -> dict:
         return {}
     rate = (rec.metrics or {}).get("steps_per_s")
     running = rec.state.value == "RUNNING" and isinstance(rate, (int, float)) and rate > 0
+    limit, used = effective_time_limit((rec.spec.get("resources") or {}).get("time_limit_s"), cap), rec.run_seconds()
     return {"steps_total": total, "eta_s": max(0, total - rec.step) / rate if running else None,
-            "time_limit_s": (rec.spec.get("resources") or {}).get("time_limit_s"), "run_s": rec.run_seconds()}
+            "time_limit_s": limit, "run_s": used,
+            "limit_left_s": max(0.0, limit - used) if running and limit is not None else None}
+
+
+def left_text(job: dict) -> str:
+    """'about 12m left', and when the time limit comes first ', its time limit stops it in about 4m'; '' when
+    the job is not running."""
+    if job.get("eta_s") is None:
+        return ""
+    text = f"about {span(job['eta_s'])} left"
+    if job.get("limit_left_s") is not None and job["limit_left_s"] < job["eta_s"]:
+        text += f", its time limit stops it in about {span(job['limit_left_s'])}"
+    return text
 
 
 def step_text(job: dict) -> str:
@@ -410,11 +425,11 @@ def cluster_status(cluster, store) -> dict:
         ray.shutdown()
     except UsageError as err:
         out["address"], out["nodes"], out["error"] = None, [], str(err)
-    out.update(queue_and_running(store))
+    out.update(queue_and_running(store, cluster.workers.max_time_limit_s))
     return out
 
 
-def queue_and_running(store) -> dict:
+def queue_and_running(store, cap: float | None = None) -> dict:
     """The cluster view's jobs: ``queued`` in queue order with why each waits, and ``running`` (live, holding
     workers) with their step of the total and time left; for `status` on the head and the API's /cluster."""
     from orchestrator.job_store import JobState
@@ -424,7 +439,7 @@ def queue_and_running(store) -> dict:
     queued = sorted(store.list([JobState.QUEUED]),
                     key=lambda r: ((r.pending or {}).get("position") or 1 << 30, r.submitted_at))
     running = store.list([JobState.STARTING, JobState.RUNNING, JobState.RESTARTING, JobState.PREEMPTED])
-    return {"queued": [brief(r) for r in queued], "running": [{**brief(r), **progress(r)} for r in running]}
+    return {"queued": [brief(r) for r in queued], "running": [{**brief(r), **progress(r, cap)} for r in running]}
 
 
 def cmd_status(args) -> int:
@@ -435,7 +450,8 @@ def cmd_status(args) -> int:
     elif args.job:
         from data.storage import Storage
 
-        out = job_status(_store(cluster), args.job, Storage(cluster.storage, dict(cluster.storage_options)))
+        out = job_status(_store(cluster), args.job, Storage(cluster.storage, dict(cluster.storage_options)),
+                         cluster.workers.max_time_limit_s)
     else:
         out = cluster_status(cluster, _store(cluster))
     if args.json:
@@ -453,9 +469,10 @@ def cmd_status(args) -> int:
               f"restarts {out['restarts']}  owner {out.get('owner') or '-'} ({out.get('team') or '-'})")
         if out.get("eta_s") is not None:
             done = 100.0 * out["step"] / max(1, out["steps_total"])
-            print(f"progress: {done:.0f}%, {m['steps_per_s']:.3g} steps/s, about {span(out['eta_s'])} left")
+            print(f"progress: {done:.0f}%, {m['steps_per_s']:.3g} steps/s, {left_text(out)}")
         if out.get("time_limit_s"):
-            print(f"time limit: {span(out['time_limit_s'])}, {span(out['run_s'])} used (resources.time_limit_s)")
+            print(f"time limit: {span(out['time_limit_s'])}, {span(out['run_s'])} used (resources.time_limit_s, "
+                  "or cluster.yaml's workers.max_time_limit_s)")
         print(f"run_dir: {out['run_dir']}")
         if pending_line(out):
             print(f"queued: {pending_line(out)}")
@@ -495,7 +512,7 @@ def cmd_status(args) -> int:
         print(f"running: {len(out['running'])}  queued: {len(out['queued'])}")
         for r in out["running"] + out["queued"][:QUEUED_SHOWN]:
             why = pending_line(r)
-            left = f", about {span(r['eta_s'])} left" if r.get("eta_s") is not None else ""
+            left = f", {left_text(r)}" if r.get("eta_s") is not None else ""
             print(f"  {r['id']} {r['name']} {r['state']} prio {r['priority']} step {step_text(r)}{left}"
                   + (f"  {why}" if why else ""))
         if len(out["queued"]) > QUEUED_SHOWN:

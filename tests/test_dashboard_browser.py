@@ -6,6 +6,7 @@ Screenshots go to build/test-artifacts/dashboard/ (or $SWITCHYARD_TEST_ARTIFACTS
 say which is missing. Every wait is for a state the page must reach; nothing here measures time.
 """
 import os
+import re
 import shutil
 
 import pytest
@@ -64,9 +65,10 @@ def live(ray_cluster, storage_root, tmp_path_factory, browser):
 
     url = ray.get(handle.ping.remote())["api"]
     # Trains until cancelled: 2 of the head's 4 CPUs; a checkpoint (and its evaluation) every 10 steps.
-    # Its day's time limit tells the queue when the waiting job below can start at the latest.
+    # Its hour's time limit tells the queue when the waiting job below can start at the latest, and comes before
+    # its 100,000 steps do.
     train = submit_spec(cfg, tiny_spec(name="live", **{"train.steps": 100000, "checkpoint.every": 10,
-                                                       "checkpoint.keep": 2, "resources.time_limit_s": 86400}),
+                                                       "checkpoint.keep": 2, "resources.time_limit_s": 3600}),
                         priority=0, owner="alice")
     wait_for(lambda: store.get(train).state == JobState.RUNNING, timeout=300, what="the job RUNNING")
     # Needs all 4 CPUs: waits for capacity behind the running job.
@@ -163,7 +165,8 @@ def test_queue_shows_why_a_job_waits(live, browser):
     reason = live["store"].get(live["waiting"]).pending
     cells = page.inner_text(row)
     assert reason["waiting_for"] in cells and reason["reason"][:30] in cells and "alice" in cells
-    page.wait_for_selector(f"{row} td.pending-reason:has-text('(starts within about 24h)')")  # a day's limit + a stop
+    page.wait_for_selector(f"{row} td.pending-reason:has-text('(starts within about ')")
+    assert re.search(r"\(starts within about (5\d|6[0-5])m\)", page.inner_text(row))  # 3600 s + a 300 s stop
     assert page.is_visible(f"#running tr[data-job='{live['train']}']")
     shot(page, "queue")
     page.close()
@@ -181,6 +184,7 @@ def test_job_page_curves_grow_while_it_trains(live, browser):
     assert "RUNNING" in page.inner_text("#job-head") and page.is_enabled("#cancel")
     assert "null" not in page.inner_text("#job-head") and page.input_value("#priority-input") == "0"
     page.wait_for_selector("#job-eta:has-text('about ')")  # how far it is, and its time left at this rate
+    page.wait_for_selector("#job-limit-left:has-text('its time limit stops it in about ')")  # 1 h, before that
     assert "/ 100,000" in page.inner_text("#job-head")
     assert page.locator("#timeline rect.segment[data-state='RUNNING']").count() >= 1
     assert page.locator("#workers tbody tr").count() == 2

@@ -123,7 +123,10 @@ async function jobPage(id) {
         h("div", {}, h("span", {}, "step"), h("b", {id: "job-step"}, fmt(job.step)),
           job.steps_total ? ` / ${fmt(job.steps_total)}` : ""),
         job.eta_s !== null && job.eta_s !== undefined ? h("div", {}, h("span", {}, "time left"),
-          h("b", {id: "job-eta"}, `about ${span(job.eta_s)}`)) : null,
+          h("b", {id: "job-eta"}, `about ${span(job.eta_s)}`),
+          job.limit_left_s !== null && job.limit_left_s !== undefined && job.limit_left_s < job.eta_s
+            ? h("span", {id: "job-limit-left"}, `, its time limit stops it in about ${span(job.limit_left_s)}`)
+            : null) : null,
         h("div", {}, h("span", {}, "restarts"), `${fmt(job.restarts)} / ${fmt(job.max_restarts)}`),
         h("div", {}, h("span", {}, "preemptions"), fmt(job.preemptions),
           job.preempted_by ? [" by ", jobLink(job.preempted_by)] : ""),
