@@ -231,9 +231,21 @@ def run_job(spec: JobSpec, cluster, resume_dir: str | None = None, log=print) ->
     summary: dict = {}
     bar = None
     restore_sigterm = _sigterm_as_interrupt()
+    limit, out_of_time = spec.resources.time_limit_s, None
     try:
         job.start(resume=resume_dir is not None)
+        running_since = time.time()  # the time limit counts from here, as the controller's does from RUNNING
+        stop_by = None
         while not job.done(timeout_s=0.5):
+            if limit is not None and out_of_time is None and time.time() - running_since >= limit:
+                out_of_time = f"time limit of {limit:g} s reached (resources.time_limit_s)"
+                log(f"\n{out_of_time}: the workers finish the step and save a checkpoint")
+                job.group.stop()
+                stop_by = time.time() + cluster.preemption.stop_timeout_s
+            if stop_by is not None and time.time() > stop_by:
+                raise _StopOverdue(f"{out_of_time}: the workers did not stop within "
+                                   f"{cluster.preemption.stop_timeout_s:g} s (preemption.stop_timeout_s) and were "
+                                   f"killed; `switchyard run --resume {run_dir}` continues from the last checkpoint")
             p = job.group.progress(timeout_s=2.0)
             if bar is None and p.get("step") is not None and p["step"] > (p.get("start_step") or 0):
                 stop_watch.set()
@@ -248,7 +260,10 @@ def run_job(spec: JobSpec, cluster, resume_dir: str | None = None, log=print) ->
         if bar is not None:
             bar.n = summary["steps"]
             bar.refresh()
-        state = "SUCCEEDED" if not summary["stopped"] else "CANCELLED"
+        state = "SUCCEEDED" if not summary["stopped"] else "FAILED" if out_of_time else "CANCELLED"
+        if out_of_time and summary["stopped"]:
+            log(f"{out_of_time}: stopped at step {summary.get('steps')} with a checkpoint; "
+                f"`switchyard run --resume {run_dir}` continues it (with --set resources.time_limit_s=SECONDS for more)")
     except KeyboardInterrupt:
         log("\ninterrupted: stopping the workers; the last complete checkpoint stays usable "
             f"(resume with: switchyard run --resume {run_dir})")
@@ -260,6 +275,9 @@ def run_job(spec: JobSpec, cluster, resume_dir: str | None = None, log=print) ->
             except Exception:
                 pass
         state = "CANCELLED"
+    except _StopOverdue as err:
+        log(str(err))
+        state = "FAILED"
     except PlacementTimeout as err:
         raise UsageError(str(err)) from None
     except ray.exceptions.RayActorError as err:
@@ -281,6 +299,10 @@ def run_job(spec: JobSpec, cluster, resume_dir: str | None = None, log=print) ->
     return {"id": job_id, "state": state, "run_dir": run_dir, "steps": summary.get("steps"),
             "first_loss": summary.get("first_loss"), "final_loss": summary.get("final_loss"),
             "tokens_per_s": summary.get("tokens_per_s"), "final_eval": summary.get("final_eval")}
+
+
+class _StopOverdue(Exception):
+    """A run's ranks, asked to stop at its time limit, did not within ``preemption.stop_timeout_s``."""
 
 
 def _sigterm_as_interrupt():

@@ -8,7 +8,8 @@ and ``active``). Each tick, for every job it runs:
   return; ``_watch_running`` then records CANCELLED, naming the step;
 - a job whose time running, summed over its attempts, reaches ``resources.time_limit_s`` (or cluster.yaml's
   ``workers.max_time_limit_s``) is stopped the same way and FAILS, saying how to continue it
-  (``switchyard requeue JOB --set resources.time_limit_s=...``); ``switchyard run`` has no limit;
+  (``switchyard requeue JOB --set resources.time_limit_s=...``); ``switchyard run`` keeps a spec's own limit
+  for its one run (``runner.run_job``);
 - ranks asked to stop that have not after ``preemption.stop_timeout_s`` are killed, and a plain cancel
   meanwhile kills them at once.
 """

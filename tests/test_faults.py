@@ -239,3 +239,25 @@ def test_storage_full_or_read_only_mid_run_fails_the_job_and_keeps_the_checkpoin
         _all_intact(st, run_dir)
     finally:
         subprocess.run(["umount", "-l", ckpts])
+
+
+def test_switchyard_run_stops_at_its_time_limit_with_a_checkpoint_and_resumes_there(ray_cluster, cluster_cfg):
+    """`switchyard run` keeps resources.time_limit_s as the controller does: the ranks finish the step, save a
+    checkpoint and stop; the run is FAILED, saying how to continue, and `--resume` continues at that step."""
+    from orchestrator.runner import resume_spec
+
+    spec = tiny_spec(**{"train.steps": 5000, "checkpoint.every": 1000, "resources.workers": 1,
+                        "resources.time_limit_s": 3})
+    lines: list[str] = []
+    out = run_job(spec, cluster_cfg, log=lambda *a, **k: lines.append(" ".join(map(str, a))))
+    assert out["state"] == "FAILED" and 0 < out["steps"] < 5000, out
+    run_dir, st = out["run_dir"], Storage(cluster_cfg.storage)
+    assert ck.latest_checkpoint(st, run_dir).step == out["steps"]
+    assert any(line == (f"time limit of 3 s reached (resources.time_limit_s): stopped at step {out['steps']} with a "
+                        f"checkpoint; `switchyard run --resume {run_dir}` continues it (with --set "
+                        "resources.time_limit_s=SECONDS for more)") for line in lines), lines
+    end = out["steps"] + 3
+    more = resume_spec(st, run_dir, ["resources.time_limit_s=600", f"train.steps={end}"])
+    resumed = run_job(more, cluster_cfg, resume_dir=run_dir, log=lambda *a, **k: None)
+    assert resumed["state"] == "SUCCEEDED" and resumed["steps"] == end, resumed
+    assert f"(step {out['steps']}, position" in _rank_log(run_dir)
