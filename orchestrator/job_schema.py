@@ -10,7 +10,7 @@ import json
 import math
 from typing import Any
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 # ---------------------------------------------------------------------- schema
 
@@ -126,6 +126,15 @@ END;
 _MIGRATE_V3 = """
 ALTER TABLE jobs ADD COLUMN cancelled_by TEXT;
 ALTER TABLE tokens ADD COLUMN expires_at REAL;
+"""
+
+# v4 -> v5: the last transition the webhooks looked at, so a controller started after `switchyard down` sends
+# what changed while none ran (orchestrator/notify.py).
+_MIGRATE_V4 = """
+CREATE TABLE IF NOT EXISTS webhook_cursor (
+    id  INTEGER PRIMARY KEY CHECK (id = 0),  -- singleton row
+    seq INTEGER NOT NULL
+);
 """
 
 # Fields callers may set through update() and transition(): name -> (column, is_json).

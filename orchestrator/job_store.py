@@ -73,6 +73,7 @@ from orchestrator.job_schema import (  # noqa: F401
     _MIGRATE_V1,
     _MIGRATE_V2,
     _MIGRATE_V3,
+    _MIGRATE_V4,
     _SCHEMA,
     SCHEMA_VERSION,
     _check_int,
@@ -193,7 +194,7 @@ class JobStore(JobQueries, JobTokens):
                     f"(v{SCHEMA_VERSION}); upgrade Switchyard"
                 )
             steps = {0: _SCHEMA + _MIGRATE_V2, 1: _MIGRATE_V1 + _MIGRATE_V2, 2: _MIGRATE_V2}.get(version, "")
-            steps += _MIGRATE_V3 if version < 4 else ""
+            steps += (_MIGRATE_V3 if version < 4 else "") + (_MIGRATE_V4 if version < 5 else "")
             statement = ""
             for line in steps.splitlines(keepends=True):  # whole statements, a trigger's body included
                 statement += line
@@ -564,6 +565,17 @@ class JobStore(JobQueries, JobTokens):
         was not the recorded one."""
         with self._write() as conn:
             return conn.execute("DELETE FROM controller WHERE id = 0 AND pid = ?", (pid,)).rowcount == 1
+
+    def webhook_cursor(self) -> int | None:
+        """The last transition (``seq``) the controller's webhooks looked at, kept across controllers; None if
+        none has yet."""
+        with self._read() as conn:
+            row = conn.execute("SELECT seq FROM webhook_cursor WHERE id = 0").fetchone()
+        return row["seq"] if row else None
+
+    def set_webhook_cursor(self, seq: int) -> None:
+        with self._write() as conn:
+            conn.execute("INSERT OR REPLACE INTO webhook_cursor (id, seq) VALUES (0, ?)", (_check_int(seq, "seq", 0),))
 
     def controller(self) -> ControllerInfo | None:
         """The recorded controller, or None if none ever registered."""

@@ -16,9 +16,12 @@ carries ``text`` (one line, which Slack and Mattermost incoming webhooks show
 as the message) and the change as data: ``job`` (id, name, kind, owner, team,
 parent_id, run_dir, step), ``from``, ``to``, ``reason`` and ``ts``.
 
-A controller sends what changed after it started and, when the one before
-it died (Ray restarts it), what changed since that one's last tick; after a
-`switchyard down`, changes made while no controller ran are not sent.
+The last transition looked at is kept in the job store (``webhook_cursor``),
+so a controller sends what changed while none ran: after a `switchyard down`
+(a queued job cancelled from the CLI meanwhile), and when the one before it
+died (Ray restarts it), what changed after that one's last tick. Only the
+last ``REPLAY_S`` (a day) of such changes is sent; older ones are skipped.
+A store that never had webhooks before starts from what changes next.
 """
 from __future__ import annotations
 
@@ -32,6 +35,8 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
+REPLAY_S = 86400.0
+"""Changes made while no controller ran are sent when they are at most this old."""
 BATCH = 1000      # transitions read per tick at most (a backlog drains over the next ticks)
 TIMEOUT_S = 10.0  # per try of one POST
 RETRY_S = (1.0, 2.0)  # waits before the second and third try of a POST
@@ -65,8 +70,8 @@ class Notifier:
         self.hooks = list(hooks)
         self.store = store
         self.since = since
-        """The first poll sends what changed after this time (the last tick of a controller that died); None:
-        only what changes after the first poll."""
+        """With no cursor in the store (a store from before it kept one), the first poll sends what changed after
+        this time (the last tick of a controller that died); None: only what changes after the first poll."""
         self.seq: int | None = None
         """The last transition looked at; None until the first poll."""
         self._post = post or _post
@@ -86,12 +91,10 @@ class Notifier:
             return 0
 
     def _poll(self) -> int:
+        first = self.seq is None
+        if first:
+            self.seq = self._start_seq()
         with self.store._read() as conn:
-            if self.seq is None:
-                where, args = ("WHERE ts <= ?", (self.since,)) if self.since is not None else ("", ())
-                self.seq = conn.execute(f"SELECT COALESCE(MAX(seq), 0) FROM transitions {where}", args).fetchone()[0]
-                if self.since is None:
-                    return 0
             rows = conn.execute(f"SELECT {_COLUMNS} FROM transitions t JOIN jobs j ON j.id = t.job_id "
                                 "WHERE t.seq > ? ORDER BY t.seq LIMIT ?", (self.seq, BATCH)).fetchall()
         queued = 0
@@ -100,7 +103,21 @@ class Notifier:
             for hook in self.hooks:
                 if wanted(hook, row):
                     queued += self._enqueue(hook.url, payload(row))
+        if rows or first:
+            self.store.set_webhook_cursor(self.seq)
         return queued
+
+    def _start_seq(self) -> int:
+        """Where the first poll starts: the store's cursor (no older than REPLAY_S), else after ``since``, else
+        after the newest transition (only what changes from now on)."""
+        cursor = self.store.webhook_cursor()
+        with self.store._read() as conn:
+            at_most = lambda ts: conn.execute(  # noqa: E731  the newest transition written by then
+                "SELECT COALESCE(MAX(seq), 0) FROM transitions" + ("" if ts is None else " WHERE ts <= ?"),
+                () if ts is None else (ts,)).fetchone()[0]
+            if cursor is not None:
+                return max(cursor, at_most(time.time() - REPLAY_S))
+            return at_most(self.since)
 
     def _enqueue(self, url: str, body: dict) -> int:
         if url not in self._queues:

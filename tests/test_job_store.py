@@ -344,20 +344,23 @@ def test_a_cancel_names_who_asked(store):
     assert submit(store).cancel_reason == "cancelled by user"  # no one named (an older Switchyard's cancel)
 
 
-def test_v3_store_is_migrated_and_keeps_its_jobs(tmp_path):
+def test_v3_and_v4_stores_are_migrated_and_keep_their_jobs(tmp_path):
     path = tmp_path / "v3.db"
     store = JobStore(path)
     rec = submit(store, owner="carol")
     conn = sqlite3.connect(path)
     conn.executescript("ALTER TABLE jobs DROP COLUMN cancelled_by; ALTER TABLE tokens DROP COLUMN expires_at; "
-                       "PRAGMA user_version = 3;")
+                       "DROP TABLE webhook_cursor; PRAGMA user_version = 3;")
     conn.close()
     store = JobStore(path)
     assert store.get(rec.id).owner == "carol" and store.get(rec.id).cancelled_by is None
     assert store.request_cancel(rec.id, by="dana").reason == "cancelled by dana"
     assert store.check_token(store.create_token("erin", expires_in_s=60)) == ("erin", False)
+    assert store.webhook_cursor() is None
+    store.set_webhook_cursor(7)
+    assert store.webhook_cursor() == 7
     conn = sqlite3.connect(path)
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == 4
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == 5
     conn.close()
 
 

@@ -117,6 +117,28 @@ def test_after_a_controller_died_its_successor_sends_what_changed_since_its_last
     assert [b["job"]["name"] for _, _, b in receiver.wait(1)] == ["new"]
 
 
+def test_a_controller_started_after_a_down_sends_what_changed_while_none_ran(tmp_path, receiver, monkeypatch):
+    from orchestrator import notify
+
+    cfg = ClusterConfig.model_validate({"job_store": str(tmp_path / "jobs.db"),
+                                        "webhooks": [{"url": f"{receiver.url}/h", "states": ["CANCELLED"]}]})
+    store = JobStore(cfg.job_store)
+    res = {"workers": 1, "cpus_per_worker": 1}
+    before, during, stale = (store.submit(n, "train", {}, 0, res, 0, run_dir_for=lambda j: f"/r/{j}").id
+                             for n in ("before", "during", "stale"))
+    store.request_cancel(before)  # before any controller: a store that never had webhooks starts from now
+    up = Notifier(cfg.webhooks, store)
+    assert up.poll() == 0 and store.webhook_cursor() == up.seq
+    store.request_cancel(during)  # after `switchyard down`: no controller runs
+    again = Notifier(cfg.webhooks, store)  # the next `switchyard up`: no predecessor died, so no `since`
+    assert again.poll() == 1 and again.drain(10.0)
+    assert [b["job"]["name"] for _, _, b in receiver.wait(1)] == ["during"]
+    store.request_cancel(stale)
+    monkeypatch.setattr(notify, "REPLAY_S", 0.05)  # a down longer than the replay window
+    time.sleep(0.1)
+    assert Notifier(cfg.webhooks, store).poll() == 0  # too old to be news
+
+
 def test_a_bad_webhook_in_cluster_yaml_is_one_line(tmp_path):
     for hook, said in (("{url: ftp://x}", "webhooks.0.url"), ("{url: 'http://x', states: [DONE]}", "'DONE' is not"),
                        ("{url: 'http://x', color: red}", "webhooks.0.color")):
