@@ -10,7 +10,9 @@ every high-priority job looks for victims and says why it found none).
 
 The tick is the controller's scheduling path without Ray (``QueueView``,
 ``scheduler.plan_tick``, the Wait notes written back in one transaction,
-starts moved to STARTING in the store). The baseline is the tick's store
+starts moved to STARTING in the store, and every 10 s the start-time
+estimates of the first 20 waiting jobs, whose extra cost is also reported on
+its own). The baseline is the tick's store
 traffic the way the controller had it before issue #15 (every queued job
 loaded in full with ``store.list([QUEUED])``, then read again for each
 decision) around today's full scheduling pass. Between measured ticks the
@@ -140,6 +142,7 @@ def tick(store: JobStore, view: QueueView, running: dict[str, sched.RunningJob],
     plan = sched.plan_tick(jobs, free_of(running), NODES, now=now, backfill_window_s=window,
                            running=running.values(), preemption=POLICY, quotas=QUOTAS, shares=shares,
                            exact=EXACT_POSITIONS, ordered=True, counts=view.counts)
+    view.estimate(plan, running.values(), NODES, now)  # as the controller: every 10 s
     starts = 0
     for d in plan.decisions:
         if isinstance(d, sched.Start):
@@ -209,7 +212,10 @@ def measure(store: JobStore, mix: Mix, running: dict, n_ticks: int, rng: random.
         cpu.append(c)
         starts += did["starts"]
     idle_s, idle_cpu, _ = timed(tick, store, view, running, now + 5 + n_ticks, shares)
-    base_s, base_cpu, n_decisions = timed(baseline_tick, store, running, now + 6 + n_ticks)
+    view._estimated_at = -1e18  # the next tick plays the queue forward: its extra cost, on its own
+    est_s, est_cpu, _ = timed(tick, store, view, running, now + 6 + n_ticks, shares)
+    est_cpu -= idle_cpu
+    base_s, base_cpu, n_decisions = timed(baseline_tick, store, running, now + 7 + n_ticks)
     get_s, get_cpu, _ = timed(lambda: [store.get(mix.ids[-1]) for _ in range(50)])
     skipped = n_decisions - min(n_decisions, 2000)  # the gets the capped loop left out, at the measured rate
     base_s, base_cpu = base_s + skipped * get_s / 50, base_cpu + skipped * get_cpu / 50
@@ -224,6 +230,7 @@ def measure(store: JobStore, mix: Mix, running: dict, n_ticks: int, rng: random.
     return {"queued": len(view.rows), "jobs": total,
             "changed_tick_cpu_s": cpu, "changed_tick_wall_s": wall, "changed_tick_cpu_max_s": max(cpu),
             "changed_tick_wall_max_s": max(wall), "idle_tick_cpu_s": idle_cpu, "idle_tick_wall_s": idle_s,
+            "estimate_cpu_s": est_cpu, "estimated": sum(v is not None for v in view.starts.values()),
             "first_tick_cpu_s": first_cpu, "first_tick_wall_s": first_s,
             "annotating_ticks": len(annotating), "annotating_tick_cpu_max_s": max(annotating),
             "baseline_tick_cpu_s": base_cpu, "baseline_tick_wall_s": base_s, "speedup_cpu": base_cpu / max(cpu),

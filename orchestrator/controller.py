@@ -474,6 +474,7 @@ class Controller(GangStarts, JobStops, CheckpointEvaluations, ParentJobs):
         if self.warm and any(isinstance(d, sched.Preempt) for d in decisions):
             self._release_warm()  # idle warm gangs go before anyone's running job does
             return
+        self.queue.estimate(plan, running, total, now)  # start times for the first waiting jobs, every 10 s
         for decision in decisions:
             if isinstance(decision, sched.Start):  # the Starts of one pass fit together: start them all
                 self._start(decision.job_id)

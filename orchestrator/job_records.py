@@ -333,8 +333,8 @@ class JobRecord:
     """The job that preempted it last."""
     pending: dict[str, Any] | None = None
     """Why a QUEUED job is not running, as the controller last saw it:
-    {position, waiting_for: capacity|quota|dependency|backfill|preemption, reason, at}, and for the head of the
-    queue ``starts_by`` when the time limits of the jobs in its way tell when it can start."""
+    {position, waiting_for: capacity|quota|dependency|backfill|preemption, reason, at}, and for the first jobs
+    waiting for room ``starts_by`` when the time limits of the jobs ahead tell when it can start."""
     cancelled_by: str | None = None
     """Who asked for the cancel (the API token's user, or the local user on the head); None if no one
     did, or the cancel came from an older Switchyard."""

@@ -566,17 +566,6 @@ class JobStore(JobQueries, JobTokens):
         with self._write() as conn:
             return conn.execute("DELETE FROM controller WHERE id = 0 AND pid = ?", (pid,)).rowcount == 1
 
-    def webhook_cursor(self) -> int | None:
-        """The last transition (``seq``) the controller's webhooks looked at, kept across controllers; None if
-        none has yet."""
-        with self._read() as conn:
-            row = conn.execute("SELECT seq FROM webhook_cursor WHERE id = 0").fetchone()
-        return row["seq"] if row else None
-
-    def set_webhook_cursor(self, seq: int) -> None:
-        with self._write() as conn:
-            conn.execute("INSERT OR REPLACE INTO webhook_cursor (id, seq) VALUES (0, ?)", (_check_int(seq, "seq", 0),))
-
     def controller(self) -> ControllerInfo | None:
         """The recorded controller, or None if none ever registered."""
         with self._read() as conn:

@@ -63,6 +63,19 @@ def wanted(hook: Any, row: Any) -> bool:
             and (hook.runs or row["parent_id"] is None))
 
 
+def webhook_cursor(store) -> int | None:
+    """The last transition (``seq``) the webhooks looked at, kept in the store across controllers; None if
+    none has yet."""
+    with store._read() as conn:
+        row = conn.execute("SELECT seq FROM webhook_cursor WHERE id = 0").fetchone()
+    return row["seq"] if row else None
+
+
+def _set_cursor(store, seq: int) -> None:
+    with store._write() as conn:
+        conn.execute("INSERT OR REPLACE INTO webhook_cursor (id, seq) VALUES (0, ?)", (int(seq),))
+
+
 class Notifier:
     """Reads new transitions from the job store and posts the wanted ones to each webhook."""
 
@@ -104,13 +117,13 @@ class Notifier:
                 if wanted(hook, row):
                     queued += self._enqueue(hook.url, payload(row))
         if rows or first:
-            self.store.set_webhook_cursor(self.seq)
+            _set_cursor(self.store, self.seq)
         return queued
 
     def _start_seq(self) -> int:
         """Where the first poll starts: the store's cursor (no older than REPLAY_S), else after ``since``, else
         after the newest transition (only what changes from now on)."""
-        cursor = self.store.webhook_cursor()
+        cursor = webhook_cursor(self.store)
         with self.store._read() as conn:
             at_most = lambda ts: conn.execute(  # noqa: E731  the newest transition written by then
                 "SELECT COALESCE(MAX(seq), 0) FROM transitions" + ("" if ts is None else " WHERE ts <= ?"),

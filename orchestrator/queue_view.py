@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from orchestrator import scheduler as sched
+from orchestrator.estimates import ESTIMATE_EVERY_S, ESTIMATED, start_estimates
 from orchestrator.job_records import effective_time_limit
 
 EXACT_POSITIONS = 500
@@ -124,6 +125,9 @@ class QueueView:
         self._order_shares: tuple | None = None  # the shares _order was sorted for
         self._writes: dict[str, dict[str, Any]] = {}  # job id -> fields to write at flush
         self._refresh: list[tuple[float, str, dict[str, Any]]] = []  # (last written, job id, pending): rate-limited
+        self.starts: dict[str, float | None] = {}
+        """When the first waiting jobs can start (:meth:`estimate`); their pending notes carry it."""
+        self._estimated_at = -ESTIMATE_EVERY_S
 
     # -------------------------------------------------------------- reading
 
@@ -224,6 +228,18 @@ class QueueView:
 
     # -------------------------------------------------------------- writing back
 
+    def estimate(self, plan: sched.Plan, holders: Iterable[sched.RunningJob], total: Mapping[str, Any],
+                 now: float) -> None:
+        """Every ESTIMATE_EVERY_S, play the queue forward for the first ESTIMATED jobs waiting for room
+        (``orchestrator/estimates.py``), with ``holders`` and this tick's starts keeping theirs."""
+        if now - self._estimated_at < ESTIMATE_EVERY_S:
+            return
+        self._estimated_at = now
+        waits = [d.job_id for d in plan.decisions
+                 if isinstance(d, sched.Wait) and d.waiting_for in ("capacity", "backfill") and d.job_id in self._jobs]
+        self.starts = start_estimates((self._jobs[j] for j in waits[:ESTIMATED]), total,
+                                      [*holders, *plan.started], now, ESTIMATED)
+
     def note_blocked(self, job_id: str, now: float) -> None:
         """The scheduler told ``job_id`` to wait for the first time: its backfill aging clock starts now."""
         self._writes.setdefault(job_id, {})["blocked_since"] = now
@@ -233,7 +249,8 @@ class QueueView:
         row = self.rows[job_id]
         by = row.preempted_by if row.preempted_by and row.last_transition.startswith("preempted by") else None
         old = row.pending or {}
-        starts_by = None if decision.starts_by is None else round(decision.starts_by)
+        starts_by = decision.starts_by if decision.starts_by is not None else self.starts.get(job_id)
+        starts_by = None if starts_by is None else round(starts_by)
         if (old.get("position") == position and old.get("reason") == decision.reason
                 and old.get("waiting_for") == decision.waiting_for and old.get("preempted_by") == by
                 and old.get("starts_by") == starts_by):

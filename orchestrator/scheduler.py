@@ -231,6 +231,11 @@ class Plan:
                 self._uncounted.append(i)
                 taken += 1
 
+    @property
+    def started(self) -> list[RunningJob]:
+        """This pass's starts, with when they end at the latest."""
+        return self._pass.started if self._pass is not None else []
+
     def decide(self, index: int) -> Decision:
         """Decide the rest job at queue ``index`` (no effect on the pass: its state is frozen) and record it."""
         assert self._pass is not None and index >= self.cut

@@ -283,6 +283,7 @@ def test_time_limits_tell_the_head_when_it_starts_and_let_a_short_job_through_th
     from orchestrator.cli_jobs import pending_line
     from orchestrator.cluster_config import ClusterConfig
     from orchestrator.controller import START_ALLOWANCE_S, stop_controller
+    from orchestrator.estimates import GRAIN_S
 
     cfg = ClusterConfig.model_validate({"storage": storage_root, "job_store": str(tmp_path / "jobs.db"),
                                         "ray": {"namespace": f"easy-{tmp_path.name}"}, "workers": {"warm_pool": 0}})
@@ -294,7 +295,8 @@ def test_time_limits_tell_the_head_when_it_starts_and_let_a_short_job_through_th
         long = submit_spec(cfg, tiny_spec(name="long", **one, **{"train.steps": 50000, "resources.cpus_per_worker": 2,
                                                                "resources.time_limit_s": 600}), priority=0)
         wait_for(lambda: _state(store, long) == JobState.RUNNING, what="long RUNNING")
-        big = submit_spec(cfg, tiny_spec(name="big", **one, **{"resources.cpus_per_worker": 4}), priority=0)
+        big = submit_spec(cfg, tiny_spec(name="big", **one, **{"resources.cpus_per_worker": 4,
+                                                               "resources.time_limit_s": 300}), priority=0)
         short = submit_spec(cfg, tiny_spec(name="short", **one, **{"train.steps": 3, "resources.cpus_per_worker": 2,
                                                                  "resources.time_limit_s": 60}), priority=0)
         unbounded = submit_spec(cfg, tiny_spec(name="unbounded", **one, **{"train.steps": 3}), priority=0)
@@ -312,5 +314,10 @@ def test_time_limits_tell_the_head_when_it_starts_and_let_a_short_job_through_th
         wait_for(lambda: gap in store.get(unbounded).pending["reason"], timeout=30, what="the gap in the held note")
         assert store.get(unbounded).pending["reason"].startswith(f"held for {big}")
         assert _state(store, unbounded) == JobState.QUEUED
+        # Further back, the queue played forward (orchestrator/estimates.py): `unbounded` fits beside `long`
+        # now, but would keep the room `big` needs, so it starts when `big`'s limit (and a start and a stop) ends.
+        wait_for(lambda: store.get(unbounded).pending.get("starts_by"), timeout=30, what="an estimate further back")
+        after_big = expected + 300 + START_ALLOWANCE_S + stop_s
+        assert after_big <= store.get(unbounded).pending["starts_by"] <= after_big + 2 * GRAIN_S + 3
     finally:
         stop_controller(cfg.ray.namespace)

@@ -356,9 +356,11 @@ def test_v3_and_v4_stores_are_migrated_and_keep_their_jobs(tmp_path):
     assert store.get(rec.id).owner == "carol" and store.get(rec.id).cancelled_by is None
     assert store.request_cancel(rec.id, by="dana").reason == "cancelled by dana"
     assert store.check_token(store.create_token("erin", expires_in_s=60)) == ("erin", False)
-    assert store.webhook_cursor() is None
-    store.set_webhook_cursor(7)
-    assert store.webhook_cursor() == 7
+    from orchestrator.notify import _set_cursor, webhook_cursor
+
+    assert webhook_cursor(store) is None
+    _set_cursor(store, 7)
+    assert webhook_cursor(store) == 7
     conn = sqlite3.connect(path)
     assert conn.execute("PRAGMA user_version").fetchone()[0] == 5
     conn.close()

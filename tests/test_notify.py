@@ -119,6 +119,7 @@ def test_after_a_controller_died_its_successor_sends_what_changed_since_its_last
 
 def test_a_controller_started_after_a_down_sends_what_changed_while_none_ran(tmp_path, receiver, monkeypatch):
     from orchestrator import notify
+    from orchestrator.notify import webhook_cursor
 
     cfg = ClusterConfig.model_validate({"job_store": str(tmp_path / "jobs.db"),
                                         "webhooks": [{"url": f"{receiver.url}/h", "states": ["CANCELLED"]}]})
@@ -128,7 +129,7 @@ def test_a_controller_started_after_a_down_sends_what_changed_while_none_ran(tmp
                              for n in ("before", "during", "stale"))
     store.request_cancel(before)  # before any controller: a store that never had webhooks starts from now
     up = Notifier(cfg.webhooks, store)
-    assert up.poll() == 0 and store.webhook_cursor() == up.seq
+    assert up.poll() == 0 and webhook_cursor(store) == up.seq
     store.request_cancel(during)  # after `switchyard down`: no controller runs
     again = Notifier(cfg.webhooks, store)  # the next `switchyard up`: no predecessor died, so no `since`
     assert again.poll() == 1 and again.drain(10.0)

@@ -67,7 +67,7 @@ const tr = (cells, attrs) => h("tr", attrs || {}, cells.map(c => c instanceof No
                                                                             : h("td", {}, c)));
 const card = (title, ...kids) => h("section", {class: "card"}, title ? h("h2", {}, title) : null, ...kids);
 
-// The head's start as the time limits of the jobs in its way give it (cli_jobs.starts_text).
+// When one of the queue's first jobs starts, as the time limits ahead give it (job_text.starts_text).
 function startsText(p) {
   if (!p || !p.starts_by) return "";
   const left = p.starts_by - Date.now() / 1000;
