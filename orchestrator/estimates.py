@@ -44,7 +44,7 @@ def _up(t: float, now: float) -> float:
 class _Plan:
     """The room on every node over time: ``times[k]`` starts segment k, which lasts until ``times[k + 1]`` (the
     last one forever); ``cpu[k][i]`` and ``gpu[k][i]`` are what node ``nodes[i]`` has free then, in Ray's
-    fixed-point units (plain lists of ints: a plan is searched a few thousand times per estimate)."""
+    fixed-point units (lists of ints, cheap to split and take from; each search turns them into arrays)."""
 
     def __init__(self, total: Mapping[str, Resources], now: float):
         self.nodes = sorted(total)
