@@ -327,7 +327,7 @@ def progress(rec, cap: float | None = None) -> dict:
     """``steps_total`` of a training job, ``run_s`` (its time running, all attempts), the ``time_limit_s`` that
     applies (its own or ``cap``, cluster.yaml's ``workers.max_time_limit_s``), and while it runs ``eta_s``: its
     steps left at this attempt's rate, and ``limit_left_s``: its time limit left."""
-    from orchestrator.job_records import TRAINING_KINDS, effective_time_limit
+    from orchestrator.job_records import TRAINING_KINDS
     from specs.job import validate_spec
 
     if rec.kind not in TRAINING_KINDS:
@@ -338,7 +338,7 @@ def progress(rec, cap: float | None = None) -> dict:
         return {}
     rate = (rec.metrics or {}).get("steps_per_s")
     running = rec.state.value == "RUNNING" and isinstance(rate, (int, float)) and rate > 0
-    limit, used = effective_time_limit((rec.spec.get("resources") or {}).get("time_limit_s"), cap), rec.run_seconds()
+    limit, used = rec.time_limit(cap), rec.run_seconds()
     return {"steps_total": total, "eta_s": max(0, total - rec.step) / rate if running else None,
             "time_limit_s": limit, "run_s": used,
             "limit_left_s": max(0.0, limit - used) if running and limit is not None else None}
@@ -456,7 +456,7 @@ def cmd_status(args) -> int:
         print(f"running: {len(out['running'])}  queued: {len(out['queued'])}")
         for r in out["running"] + out["queued"][:QUEUED_SHOWN]:
             why = pending_line(r)
-            left = f", {left_text(r)}" if r.get("eta_s") is not None else ""
+            left = f", {t}" if (t := left_text(r)) else ""
             print(f"  {r['id']} {r['name']} {r['state']} prio {r['priority']} step {step_text(r)}{left}"
                   + (f"  {why}" if why else ""))
         if len(out["queued"]) > QUEUED_SHOWN:

@@ -46,7 +46,7 @@ from orchestrator.queue_view import EXACT_POSITIONS, QueueView
 from orchestrator.starts import WARM_MAX, Active, GangStarts
 from orchestrator.stops import JobStops
 from specs.errors import UsageError
-from orchestrator.job_records import TRAINING_KINDS, effective_time_limit
+from orchestrator.job_records import TRAINING_KINDS
 from orchestrator.job_store import JobState, JobStore
 from orchestrator.notify import Notifier
 from workers.pool import WarmPool
@@ -411,8 +411,7 @@ class Controller(GangStarts, JobStops, CheckpointEvaluations, ParentJobs):
         stop = self.cluster.preemption.stop_timeout_s
         if act.stopping is not None or act.preempt is not None:
             return (act.stopping[3] if act.stopping is not None else act.preempt_at) + stop
-        limit = effective_time_limit((rec.spec.get("resources") or {}).get("time_limit_s"),
-                                     self.cluster.workers.max_time_limit_s)
+        limit = rec.time_limit(self.cluster.workers.max_time_limit_s)
         if limit is None:
             return None
         began = now if rec.state == JobState.RUNNING and act.started else max(act.since + START_ALLOWANCE_S, now)

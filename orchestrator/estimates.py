@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from orchestrator.packing import Bundle, Resources, place, units
+from orchestrator.packing import _UNITS, Bundle, Resources, place, units
 
 ESTIMATED = 20
 """How many waiting jobs, from the head back, get a start time."""
@@ -73,14 +73,16 @@ class _Plan:
                 self.cpu[seg][i] -= c
                 self.gpu[seg][i] -= g
 
-    def free_at(self, k: int) -> dict[str, dict[str, float]]:
-        return {n: {"CPU": self.cpu[k][i] / 10_000, "GPU": self.gpu[k][i] / 10_000} for i, n in enumerate(self.nodes)}
+    def free(self, cpu: Sequence[int], gpu: Sequence[int]) -> dict[str, dict[str, float]]:
+        """One row of the plan as a free view for :func:`place`."""
+        return {n: {"CPU": cpu[i] / _UNITS, "GPU": gpu[i] / _UNITS} for i, n in enumerate(self.nodes)}
 
     def earliest(self, bundles: Sequence[Bundle], length: float | None,
                  not_before: float) -> tuple[float, tuple[str, ...]] | None:
         """The first segment start from ``not_before`` on at which ``bundles`` fit, on the same nodes, for
-        ``length`` (None: forever), and the nodes; None if there is none. Every start is tried at once: the room of each window (from
-        segment k up to the one its run ends in, or the last, which lasts forever) is a range minimum."""
+        ``length`` (None: forever), and the nodes; None if there is none. Every start is tried at once: the room
+        of each window (from segment k up to the one its run ends in, or the last, which lasts forever) is a
+        range minimum."""
         times = np.asarray(self.times)
         n = len(times)
         ends = np.full(n, n) if length is None else np.searchsorted(times, times + length, side="left")
@@ -96,8 +98,7 @@ class _Plan:
             nodes = [node for node, fit in zip(self.nodes, per_node[k]) for _ in range(int(fit))]
             return float(times[k]), tuple(nodes[:want])
         for k in range(int(np.searchsorted(times, not_before, side="left")), n):
-            room = {node: {"CPU": cpu[k, i] / 10_000, "GPU": gpu[k, i] / 10_000} for i, node in enumerate(self.nodes)}
-            nodes = place(bundles, room)
+            nodes = place(bundles, self.free(cpu[k], gpu[k]))
             if nodes is not None:
                 return float(times[k]), nodes
         return None
@@ -132,23 +133,23 @@ def start_estimates(waiting: Iterable[Any], total: Mapping[str, Resources], hold
     for h in holders:
         nodes = tuple(h.nodes)
         if not all(n in total for n in nodes):
-            nodes = place(h.bundles, plan.free_at(0))
+            nodes = place(h.bundles, plan.free(plan.cpu[0], plan.gpu[0]))
             if nodes is None:
                 continue
         plan.hold(h.bundles, nodes, now, None if h.ends_by is None else _up(h.ends_by, now))
     out: dict[str, float | None] = {}
-    latest = now  # the latest start of a job ahead
+    latest, stuck = now, False  # the latest start of a job ahead; whether one ahead has none
     for job in waiting:
         if len(out) >= limit:
             break
-        if out and list(out.values())[-1] is None:
+        if stuck:
             out[job.job_id] = None  # behind a job with no start time, as the scheduler holds it
             continue
         length = None if job.max_run_s is None else math.ceil(job.max_run_s / GRAIN_S) * GRAIN_S
         # Only a job with a time limit goes ahead of one before it (the scheduler's backfill rule).
         found = plan.earliest(job.bundles, length, now if length is not None else latest)
         if found is None:
-            out[job.job_id] = None
+            out[job.job_id], stuck = None, True
             continue
         start, nodes = found
         plan.hold(job.bundles, nodes, start, None if length is None else start + length)

@@ -351,6 +351,11 @@ class JobRecord:
         """(start, end) of every stretch in RUNNING or PREEMPTED (still stopping), end None while it lasts."""
         return _run_intervals(self.history)
 
+    def time_limit(self, cap: float | None) -> float | None:
+        """The time limit that applies to it: its ``resources.time_limit_s``, or cluster.yaml's ``cap``
+        (``workers.max_time_limit_s``), the shorter of the two; None when neither is set."""
+        return effective_time_limit((self.spec.get("resources") or {}).get("time_limit_s"), cap)
+
     def run_seconds(self, now: float | None = None) -> float:
         """Time spent RUNNING (or PREEMPTED, still stopping) over all attempts, up to ``now`` for a live stretch."""
         now = time.time() if now is None else now

@@ -143,11 +143,16 @@ def give_back(free: Mapping[str, Resources], jobs: Iterable[Any]) -> dict[str, d
     """``free`` with the workers of ``jobs`` (``RunningJob``: bundles and their nodes) given back to their nodes."""
     out = {n: {"CPU": float(r.get("CPU", 0)), "GPU": float(r.get("GPU", 0))} for n, r in free.items()}
     for j in jobs:
-        for b, node in zip(j.bundles, j.nodes):
-            room = out.setdefault(node, {"CPU": 0.0, "GPU": 0.0})
-            room["CPU"] = (units(room["CPU"]) + units(b.cpus)) / _UNITS
-            room["GPU"] = (units(room["GPU"]) + units(b.gpus)) / _UNITS
+        _add(out, j.bundles, j.nodes)
     return out
+
+
+def _add(free: dict[str, dict[str, float]], bundles: Sequence[Bundle], nodes: Sequence[str]) -> None:
+    """Give ``bundles`` placed on ``nodes`` back to ``free``, in place (the reverse of :func:`subtract`)."""
+    for b, node in zip(bundles, nodes):
+        room = free.setdefault(node, {"CPU": 0.0, "GPU": 0.0})
+        room["CPU"] = (units(room["CPU"]) + units(b.cpus)) / _UNITS
+        room["GPU"] = (units(room["GPU"]) + units(b.gpus)) / _UNITS
 
 
 def earliest_fit(bundles: Sequence[Bundle], total: Mapping[str, Resources], jobs: Iterable[Any],
@@ -168,9 +173,7 @@ def earliest_fit(bundles: Sequence[Bundle], total: Mapping[str, Resources], jobs
     if fits(bundles, room):
         return now
     for ends_by, held_bundles, nodes in sorted((h for h in held if h[0] is not None), key=lambda h: h[0]):
-        for b, node in zip(held_bundles, nodes):
-            room[node] = {"CPU": (units(room[node]["CPU"]) + units(b.cpus)) / _UNITS,
-                          "GPU": (units(room[node]["GPU"]) + units(b.gpus)) / _UNITS}
+        _add(room, held_bundles, nodes)
         if fits(bundles, room):
             return ends_by
     return None

@@ -238,7 +238,7 @@ class QueueView:
         waits = [d.job_id for d in plan.decisions
                  if isinstance(d, sched.Wait) and d.waiting_for in ("capacity", "backfill") and d.job_id in self._jobs]
         self.starts = start_estimates((self._jobs[j] for j in waits[:ESTIMATED]), total,
-                                      [*holders, *plan.started], now, ESTIMATED)
+                                      [*holders, *plan.started], now)
 
     def note_blocked(self, job_id: str, now: float) -> None:
         """The scheduler told ``job_id`` to wait for the first time: its backfill aging clock starts now."""

@@ -18,7 +18,6 @@ from __future__ import annotations
 import logging
 import time
 
-from orchestrator.job_records import effective_time_limit
 from orchestrator.job_store import JobState
 from orchestrator.starts import Active
 
@@ -68,8 +67,7 @@ class JobStops:
 
     def _time_limit_spent(self, rec) -> str | None:
         """The reason to stop ``rec`` when its time running (all attempts) is past its limit, else None."""
-        limit = effective_time_limit((rec.spec.get("resources") or {}).get("time_limit_s"),
-                                     self.cluster.workers.max_time_limit_s)
+        limit = rec.time_limit(self.cluster.workers.max_time_limit_s)
         if limit is None or rec.run_seconds() < limit:
             return None
         return f"time limit of {limit:g} s reached (resources.time_limit_s)"
